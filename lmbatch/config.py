@@ -1,0 +1,196 @@
+"""The typed schema of every config group.
+
+The YAML files under conf/ are the user-facing surface; these dataclasses are registered in
+Hydra's ConfigStore so that a wrong type or an unknown key fails when the config is composed,
+and each `__post_init__` checks values when `OmegaConf.to_object` builds the job config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message says which key and why."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class InputConfig:
+    path: str = "builtin://sample_prompts"
+    """Parquet file, directory, glob or URI (s3://...). `builtin://sample_prompts` is the bundled set."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text."""
+    id_column: str = "id"
+    """Column that identifies a row; copied to every output row."""
+    keep_columns: Optional[list[str]] = None
+    """Input columns copied to the output besides the id; null keeps them all, [] keeps none."""
+    template: Optional[str] = None
+    """Optional prompt template with `{column}` placeholders filled from the row."""
+    on_too_long: str = "error"
+    """A prompt longer than the model's context minus max_new_tokens: `error` row or `truncate` from the left."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "input.path must be set")
+        _require(self.on_too_long in ("error", "truncate"),
+                 f"input.on_too_long must be 'error' or 'truncate', got {self.on_too_long!r}")
+
+
+@dataclass
+class OutputConfig:
+    path: str = "${hydra:runtime.output_dir}/output"
+    """Directory (or URI) that receives the Parquet parts, `_manifest.json`, `_metrics.json`, `_SUCCESS`."""
+    mode: str = "resume"
+    """`resume`: continue this job's partial output (a finished one is a no-op); `overwrite`: start afresh."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "output.path must be set")
+        _require(self.mode in ("resume", "overwrite"),
+                 f"output.mode must be 'resume' or 'overwrite', got {self.mode!r}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin://tiny-llama"
+    """Hugging Face hub id or local directory; `builtin://tiny-llama` / `builtin://tiny-gpt2` build offline."""
+    dtype: str = "auto"
+    """`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`."""
+    device_map: Optional[str] = None
+    """Passed to from_pretrained; `auto` spreads one replica over its `cluster.gpus_per_replica` GPUs."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel (`sdpa`, `flash_attention_2`, `eager`); null lets transformers choose."""
+    trust_remote_code: bool = False
+    """Allow model repositories that ship their own code."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "model.path must be set")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+                 f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 32
+    """Upper bound on generated tokens per row."""
+    max_length: Optional[int] = None
+    """Optional cap on prompt + generated tokens (the classic `max_length`); the tighter bound wins."""
+    do_sample: bool = False
+    """Sample (true) or decode greedily (false)."""
+    temperature: float = 1.0
+    """Softmax temperature when sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 disables it."""
+    top_k: int = 50
+    """Sample among the k most likely tokens; 0 disables it."""
+    repetition_penalty: float = 1.0
+    """Penalty > 1 discourages repeated tokens; 1 disables it."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation of a row ends at the first one, which is cut from the text."""
+    seed: int = 0
+    """Seed for sampling; the same seed, config and input give the same output on a rerun."""
+    num_return_sequences: int = 1
+    """Samples per prompt; above 1 each sample is its own output row with `sample_index`."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(self.max_length is None or self.max_length >= 2,
+                 f"generation.max_length must be >= 2 or null, got {self.max_length}")
+        _require(self.temperature > 0 and math.isfinite(self.temperature),
+                 f"generation.temperature must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, f"generation.top_k must be >= 0, got {self.top_k}")
+        _require(self.repetition_penalty > 0,
+                 f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _require(all(isinstance(s, str) and s for s in self.stop),
+                 "generation.stop must be a list of non-empty strings")
+        _require(self.num_return_sequences >= 1,
+                 f"generation.num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        _require(self.num_return_sequences == 1 or self.do_sample,
+                 "generation.num_return_sequences > 1 needs generation.do_sample=true "
+                 "(greedy decoding would repeat the same text)")
+
+
+@dataclass
+class BatchingConfig:
+    strategy: str = "bucketed"
+    """`bucketed`: order a window by length and cut token-budget micro-batches; `fixed`: input order, fixed size."""
+    max_batch_tokens: int = 16384
+    """Budget for one micro-batch: rows x (longest prompt + max_new_tokens), padding included."""
+    max_batch_rows: int = 64
+    """Row cap for one bucketed micro-batch."""
+    min_padding_efficiency: float = 0.8
+    """A bucketed micro-batch closes before real / padded prompt tokens would drop below this."""
+    fixed_batch_size: int = 16
+    """Rows per micro-batch with strategy=fixed."""
+    chunk_rows: int = 1024
+    """Rows in one unit of work: read, bucketed, generated and committed as one output file together.
+    Small inputs are cut finer so that every replica gets work."""
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in ("bucketed", "fixed"),
+                 f"batching.strategy must be 'bucketed' or 'fixed', got {self.strategy!r}")
+        for key in ("max_batch_tokens", "max_batch_rows", "fixed_batch_size", "chunk_rows"):
+            _require(getattr(self, key) >= 1, f"batching.{key} must be >= 1, got {getattr(self, key)}")
+        _require(0 <= self.min_padding_efficiency <= 1,
+                 f"batching.min_padding_efficiency must be in [0, 1], got {self.min_padding_efficiency}")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    """Ray cluster to attach to; null uses RAY_ADDRESS when set, else starts a local Ray."""
+    num_replicas: int = 2
+    """Model replicas (Ray actors), each holding one copy of the model."""
+    gpus_per_replica: float = 0
+    """GPUs reserved per replica; 0 runs on CPU."""
+    cpus_per_replica: float = 0.5
+    """CPUs reserved per replica. Leave room for Ray's readers: a pool holding every CPU deadlocks."""
+    torch_threads: Optional[int] = None
+    """Torch intra-op threads per replica; null means max(1, round(cpus_per_replica))."""
+    prepare_cpus: float = 0.25
+    """CPUs reserved by each read+prepare task."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_replicas >= 1, f"cluster.num_replicas must be >= 1, got {self.num_replicas}")
+        _require(self.gpus_per_replica >= 0, f"cluster.gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        _require(self.cpus_per_replica > 0, f"cluster.cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        _require(self.prepare_cpus > 0, f"cluster.prepare_cpus must be > 0, got {self.prepare_cpus}")
+        _require(self.torch_threads is None or self.torch_threads >= 1,
+                 f"cluster.torch_threads must be >= 1 or null, got {self.torch_threads}")
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, round(self.cpus_per_replica))
+
+
+@dataclass
+class JobConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine: str = "hf"
+    """`hf`: transformers generate; `echo`: no model, a fixed text (measures the pipeline alone)."""
+    dry_run: bool = False
+    """Validate input and config, print the token-length histogram and the plan; generate nothing."""
+
+    def __post_init__(self) -> None:
+        _require(self.engine in ("hf", "echo"), f"engine must be 'hf' or 'echo', got {self.engine!r}")
+
+
+def register_configs() -> None:
+    """Register the schema so `defaults: [generate_schema, ...]` type-checks every key."""
+    ConfigStore.instance().store(name="generate_schema", node=JobConfig)
+
+
+register_configs()
