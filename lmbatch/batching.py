@@ -1,0 +1,100 @@
+"""The micro-batch planner: pure Python, no Ray, no torch.
+
+Given the prompt length and output budget of each row in a window, decide which rows run
+together. `bucketed` orders the window by (prompt length, max_new_tokens) so that rows padded
+to a common length are nearly equal and rows that finish together run together, then cuts
+micro-batches whose padded size stays under a token budget. `fixed` is the naive baseline:
+input order, a fixed number of rows per batch.
+
+Rows with different group keys (e.g. different sampling parameters) never share a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Optional, Sequence
+
+
+def padded_size(rows: int, longest_prompt: int, max_new_tokens: int) -> int:
+    """Tokens a micro-batch computes: every row is padded to the longest prompt plus the longest output."""
+    return rows * (longest_prompt + max_new_tokens)
+
+
+def plan_micro_batches(
+    prompt_lengths: Sequence[int],
+    max_new_tokens: Sequence[int],
+    *,
+    strategy: str = "bucketed",
+    max_batch_tokens: int = 16384,
+    max_batch_rows: int = 64,
+    fixed_batch_size: int = 16,
+    min_padding_efficiency: float = 0.0,
+    group_keys: Optional[Sequence[Hashable]] = None,
+) -> list[list[int]]:
+    """Return micro-batches as lists of row indices; every index appears exactly once.
+
+    A single row larger than the budget still gets a batch of its own: the budget shapes
+    batches, it never drops rows. With min_padding_efficiency > 0 a bucketed batch also closes
+    before real prompt tokens / padded prompt tokens would fall below it.
+    """
+    n = len(prompt_lengths)
+    if len(max_new_tokens) != n or (group_keys is not None and len(group_keys) != n):
+        raise ValueError("prompt_lengths, max_new_tokens and group_keys must have the same length")
+    keys = group_keys if group_keys is not None else [0] * n
+    if strategy == "fixed":
+        return _fixed(n, keys, fixed_batch_size)
+    if strategy == "bucketed":
+        return _bucketed(prompt_lengths, max_new_tokens, keys, max_batch_tokens, max_batch_rows,
+                         min_padding_efficiency)
+    raise ValueError(f"unknown batching strategy {strategy!r}")
+
+
+def _fixed(n: int, keys: Sequence[Hashable], size: int) -> list[list[int]]:
+    batches: list[list[int]] = []
+    for i in range(n):
+        if batches and len(batches[-1]) < size and keys[batches[-1][0]] == keys[i]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _bucketed(
+    lengths: Sequence[int],
+    new_tokens: Sequence[int],
+    keys: Sequence[Hashable],
+    budget: int,
+    max_rows: int,
+    min_efficiency: float,
+) -> list[list[int]]:
+    # Group keys are arbitrary hashables: order groups by first appearance, not by value.
+    group_rank: dict[Hashable, int] = {}
+    for k in keys:
+        group_rank.setdefault(k, len(group_rank))
+    order = sorted(range(len(lengths)), key=lambda i: (group_rank[keys[i]], lengths[i], new_tokens[i], i))
+
+    batches: list[list[int]] = []
+    longest = most_new = real = 0
+    for i in order:
+        if batches:
+            current = batches[-1]
+            rows, new_longest = len(current) + 1, max(longest, lengths[i])
+            fits = (
+                keys[current[0]] == keys[i]
+                and rows <= max_rows
+                and padded_size(rows, new_longest, max(most_new, new_tokens[i])) <= budget
+                and real + lengths[i] >= min_efficiency * rows * new_longest
+            )
+            if fits:
+                current.append(i)
+                longest, most_new, real = new_longest, max(most_new, new_tokens[i]), real + lengths[i]
+                continue
+        batches.append([i])
+        longest, most_new, real = lengths[i], new_tokens[i], lengths[i]
+    return batches
+
+
+def padding_efficiency(batches: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> float:
+    """Real prompt tokens / padded prompt tokens computed for the plan (1.0 means no padding)."""
+    real = sum(prompt_lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(prompt_lengths[i] for i in b) for b in batches if b)
+    return real / padded if padded else 1.0

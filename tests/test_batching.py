@@ -1,0 +1,65 @@
+"""The pure planner: every row exactly once, budget and caps respected, ordering by length."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmbatch.batching import padded_size, padding_efficiency, plan_micro_batches
+
+
+def test_bucketed_orders_by_length_and_respects_budget():
+    lengths = [50, 3, 20, 4, 49, 21]
+    batches = plan_micro_batches(lengths, [10] * 6, max_batch_tokens=100, max_batch_rows=8)
+    # lengths 3, 4, 20 fit: 3 x (20 + 10) = 90; adding 21 would be 4 x 31 = 124 > 100; 21 + 49 -> 118
+    assert batches == [[1, 3, 2], [5], [4], [0]]
+    assert plan_micro_batches(lengths, [10] * 6, max_batch_tokens=10**6, max_batch_rows=2) == [[1, 3], [2, 5], [4, 0]]
+
+
+def test_fixed_keeps_input_order():
+    assert plan_micro_batches([5, 1, 9, 2, 7], [4] * 5, strategy="fixed", fixed_batch_size=2) == [[0, 1], [2, 3], [4]]
+
+
+def test_oversized_row_gets_its_own_batch():
+    assert plan_micro_batches([10, 5000, 12], [8] * 3, max_batch_tokens=100) == [[0, 2], [1]]
+
+
+def test_groups_never_share_a_batch():
+    batches = plan_micro_batches([5, 5, 5, 5], [4] * 4, group_keys=["a", "b", "a", "b"])
+    assert sorted(map(sorted, batches)) == [[0, 2], [1, 3]]
+    fixed = plan_micro_batches([5] * 4, [4] * 4, strategy="fixed", fixed_batch_size=4, group_keys=["a", "a", "b", "a"])
+    assert fixed == [[0, 1], [2], [3]]
+
+
+def test_min_padding_efficiency_closes_batches():
+    lengths = [10, 11, 40, 41]
+    assert plan_micro_batches(lengths, [1] * 4, min_padding_efficiency=0.9) == [[0, 1], [2, 3]]
+    assert plan_micro_batches(lengths, [1] * 4, min_padding_efficiency=0.0) == [[0, 1, 2, 3]]
+
+
+def test_padding_efficiency():
+    assert padding_efficiency([[0, 1]], [2, 4]) == 6 / 8
+    assert padding_efficiency([], []) == 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(1, 600), st.integers(1, 64), st.sampled_from("abc")), max_size=120),
+    budget=st.integers(1, 20000),
+    max_rows=st.integers(1, 70),
+    strategy=st.sampled_from(["bucketed", "fixed"]),
+    fixed=st.integers(1, 40),
+    min_eff=st.floats(0, 1),
+)
+def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff):
+    lengths, new, keys = ([r[i] for r in rows] for i in range(3))
+    batches = plan_micro_batches(lengths, new, strategy=strategy, max_batch_tokens=budget, max_batch_rows=max_rows,
+                                 fixed_batch_size=fixed, min_padding_efficiency=min_eff, group_keys=keys)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(rows)))  # every row exactly once
+    for b in batches:
+        assert b and len({keys[i] for i in b}) == 1
+        if strategy == "fixed":
+            assert len(b) <= fixed and b == sorted(b)
+        elif len(b) > 1:  # a lone oversized row is allowed; a shared batch must fit
+            assert len(b) <= max_rows
+            assert padded_size(len(b), max(lengths[i] for i in b), max(new[i] for i in b)) <= budget
+            assert sum(lengths[i] for i in b) >= min_eff * len(b) * max(lengths[i] for i in b) - 1e-9
