@@ -1,0 +1,125 @@
+"""Built-in tiny models that work offline, and resolving `model.path`.
+
+`builtin://tiny-llama` (rotary positions) and `builtin://tiny-gpt2` (learned absolute positions)
+are random-init models built deterministically from a config plus a byte-level BPE tokenizer
+trained on a fixed corpus, saved with `save_pretrained` into a cache directory on first use,
+and then loaded like any other model through `from_pretrained`. They produce nonsense, quickly:
+they exist so that the whole job runs, and is tested, without a download.
+
+    python -m lmbatch.models tiny-gpt2 /tmp/tiny-gpt2    # write one to a directory of your choice
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+BUILTIN = "builtin://"
+_VERSION = "v1"  # bump when the recipe changes, so cached copies are rebuilt
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+ARCHITECTURES = ("tiny-llama", "tiny-gpt2")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMBATCH_CACHE", Path.home() / ".cache" / "lmbatch"))
+
+
+def resolve_model_path(path: str) -> str:
+    """A local directory or hub id passes through; `builtin://NAME` is built once and cached."""
+    if not path.startswith(BUILTIN):
+        return path
+    name = path[len(BUILTIN):]
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown built-in model {path!r}; choose one of "
+                         + ", ".join(BUILTIN + a for a in ARCHITECTURES))
+    target = cache_dir() / "models" / f"{name}-{_VERSION}"
+    if not (target / "config.json").exists():
+        _build_atomically(target, name)
+    return str(target)
+
+
+def _build_atomically(target: Path, name: str) -> None:
+    # Parallel jobs may race to build the same model: each builds privately, one rename wins.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_tiny_model(scratch, name)
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _corpus() -> list[str]:
+    from lmbatch.samples import sample_sentences
+
+    return sample_sentences()
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer (any text encodes, no unknown tokens) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_std: float = 0.2,
+                     max_positions: int = 2048):
+    """Build a random-init model and its tokenizer with `save_pretrained` into `out_dir`.
+
+    init_std is well above the usual 0.02 on purpose: near-flat logits let float rounding flip
+    an argmax between padded and unpadded runs, and the tests compare greedy outputs exactly.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tokenizer = build_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if name == "tiny-llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=max_positions, initializer_range=init_std, **ids)
+    elif name == "tiny-gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_positions,
+                            initializer_range=init_std, **ids)
+    else:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {ARCHITECTURES}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ARCHITECTURES:
+        sys.exit(f"usage: python -m lmbatch.models {{{'|'.join(ARCHITECTURES)}}} OUT_DIR")
+    print(build_tiny_model(sys.argv[2], sys.argv[1]))
