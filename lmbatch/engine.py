@@ -1,0 +1,293 @@
+"""One model replica: load once, generate planned micro-batches, decode.
+
+`HFEngine` runs transformers' `generate` on left-padded micro-batches planned by
+`lmbatch.batching`. A micro-batch that raises (an out-of-memory error, or a row that breaks
+the model) is split in halves and retried, down to single rows, so one bad row becomes one
+error row and its neighbours still succeed. `EchoEngine` loads no model: it returns a fixed
+text, so the rest of the pipeline can be measured alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from lmbatch.batching import plan_micro_batches
+from lmbatch.config import BatchingConfig, ModelConfig
+
+log = logging.getLogger("lmbatch.engine")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that must be equal for rows to share one `generate` call."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    num_return_sequences: int = 1
+
+
+@dataclass
+class Request:
+    key: int
+    """Caller's handle for the row (its position in the chunk)."""
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    """Sampling seed of this row (derived from the job seed and the row's id)."""
+
+
+@dataclass
+class Completion:
+    key: int
+    sample_index: int
+    text: Optional[str]
+    num_generated_tokens: int
+    finish_reason: str  # stop | length | error
+    error: Optional[str] = None
+
+
+@dataclass
+class EngineStats:
+    """Counters for the efficiency figures of the benchmark and the run summary."""
+
+    micro_batches: int = 0
+    prompt_tokens: int = 0
+    padded_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_slots: int = 0
+    """rows x decode steps computed; generated_tokens / decode_slots is the decode slot efficiency."""
+    split_retries: int = 0
+
+
+def row_seed(seed: int, *parts: object) -> int:
+    """A stable seed per row: reruns of the same job draw the same samples."""
+    return zlib.crc32(":".join(map(str, (seed, *parts))).encode())
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+class PerRowSampler(LogitsProcessor):
+    """Sample each sequence from its own seeded generator, as a logits processor.
+
+    transformers samples a whole batch from one global random stream, so a row's draws would
+    depend on its batch neighbours. Here every (row, sample) has a generator seeded from the
+    row's id: its text is the same however rows are chunked, batched or spread over replicas.
+    The chosen token is returned as the only finite score, and generate decodes greedily.
+    """
+
+    def __init__(self, params: SamplingParams, seeds: list[int], device):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(params.temperature)]
+        if params.top_k:
+            self.warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(params.top_p))
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        picked = torch.full_like(scores, float("-inf"))
+        return picked.scatter_(1, chosen.unsqueeze(1), 0.0)
+
+
+class StopStrings(StoppingCriteria):
+    """End a row once its newest tokens hold a stop string, so no decode steps are wasted past it.
+
+    transformers' own `stop_strings` matches on vocabulary strings and was seen to stop rows of a
+    byte-level tokenizer that never produced the string. Decoding a short tail of each row is
+    exact for every tokenizer; the final cut is made on the whole decoded text in `_finish`.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int):
+        self.tokenizer, self.stops, self.start = tokenizer, stops, prompt_length
+        self.window = max(map(len, stops)) + 4  # a token holds >= 1 character, bar a few partial bytes
+
+    def __call__(self, input_ids, scores, **kwargs):
+        tails = input_ids[:, max(self.start, input_ids.shape[1] - self.window):].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+class HFEngine:
+    def __init__(self, model_path: str, model: ModelConfig, batching: BatchingConfig,
+                 device: Optional[str] = None, threads: Optional[int] = None):
+        from transformers import AutoModelForCausalLM
+
+        from lmbatch.prepare import load_tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = model.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=model.trust_remote_code)
+        if model.attn_implementation:
+            kwargs["attn_implementation"] = model.attn_implementation
+        if model.device_map:
+            kwargs["device_map"] = model.device_map
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        if not model.device_map:
+            self.model.to(self.device)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(model_path, model.trust_remote_code)
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = self.tokenizer.pad_token_id
+        self.batching = batching
+        self.stats = EngineStats()
+
+    # -- planning ---------------------------------------------------------------------------
+    def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
+        b = self.batching
+        batches = plan_micro_batches(
+            [len(r.prompt_ids) for r in requests],
+            [r.max_new_tokens for r in requests],
+            strategy=b.strategy, max_batch_tokens=b.max_batch_tokens,
+            max_batch_rows=b.max_batch_rows, fixed_batch_size=b.fixed_batch_size,
+            min_padding_efficiency=b.min_padding_efficiency,
+            group_keys=[r.params for r in requests],
+        )
+        return [[requests[i] for i in batch] for batch in batches]
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        completions: list[Completion] = []
+        for batch in self.plan(requests):
+            completions.extend(self._generate_isolating(batch))
+        return completions
+
+    # -- failure isolation ------------------------------------------------------------------
+    def _generate_isolating(self, batch: list[Request]) -> list[Completion]:
+        try:
+            return self._generate_batch(batch)
+        except Exception as error:  # noqa: BLE001 - any failure is isolated to the rows causing it
+            oom = _is_oom(error)
+            if oom:
+                self._free_memory()
+            if len(batch) == 1:
+                kind = "out of memory" if oom else f"generation failed: {type(error).__name__}"
+                log.warning("row %s: %s: %s", batch[0].key, kind, error)
+                message = f"{kind}: {error}".strip()[:500]
+                n = batch[0].params.num_return_sequences
+                return [Completion(batch[0].key, s, None, 0, "error", message) for s in range(n)]
+            log.warning("micro-batch of %d rows failed (%s%s); retrying in halves", len(batch),
+                        "out of memory: " if oom else "", type(error).__name__)
+            self.stats.split_retries += 1
+            half = len(batch) // 2
+            return self._generate_isolating(batch[:half]) + self._generate_isolating(batch[half:])
+
+    def _free_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- one micro-batch --------------------------------------------------------------------
+    def _generate_batch(self, batch: list[Request]) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        params = batch[0].params
+        longest = max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding: every prompt ends where generation starts
+            input_ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            attention_mask[i, longest - len(r.prompt_ids):] = 1
+
+        n = params.num_return_sequences
+        if n > 1:  # one sequence per (row, sample), so that each gets its own random stream
+            input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        # Decoding is greedy over scores that the sampler (if any) has already reduced to its draw.
+        config = GenerationConfig(
+            max_new_tokens=max(r.max_new_tokens for r in batch),
+            do_sample=False, temperature=None, top_p=None, top_k=None,
+            repetition_penalty=params.repetition_penalty,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+        )
+        device = self.model.device
+        processors = [PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device)] \
+            if params.do_sample else []
+        criteria = [StopStrings(self.tokenizer, params.stop, longest)] if params.stop else []
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                generation_config=config, logits_processor=processors, stopping_criteria=criteria,
+            )
+        new_tokens = out[:, longest:].tolist()
+
+        completions = []
+        for i, r in enumerate(batch):
+            for s in range(n):
+                completions.append(self._finish(r, s, new_tokens[i * n + s][: r.max_new_tokens]))
+        self._count(batch, len(new_tokens[0]) if new_tokens else 0, completions)
+        return completions
+
+    def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:
+        """Cut at EOS or the first stop string; tell `stop` from `length`; count true tokens."""
+        for n, t in enumerate(tokens):
+            if t in self.eos_ids:
+                return Completion(r.key, sample, self._decode(tokens[:n]), n + 1, "stop")
+        text = self._decode(tokens)
+        hits = sorted((text.find(s), s) for s in r.params.stop if s in text)
+        if hits:
+            cut, stop = hits[0]
+            return Completion(r.key, sample, text[:cut], self._tokens_until(tokens, stop), "stop")
+        # Without EOS or a stop string only the token limit ends a row.
+        return Completion(r.key, sample, text, len(tokens), "length")
+
+    def _tokens_until(self, tokens: list[int], stop: str) -> int:
+        """Fewest tokens whose text holds the stop string: the tokens generated until it was complete."""
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if stop in self._decode(tokens[:mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _count(self, batch: list[Request], steps: int, completions: list[Completion]) -> None:
+        s = self.stats
+        n = batch[0].params.num_return_sequences
+        s.micro_batches += 1
+        s.prompt_tokens += sum(len(r.prompt_ids) for r in batch)
+        s.padded_prompt_tokens += len(batch) * max(len(r.prompt_ids) for r in batch)
+        s.generated_tokens += sum(c.num_generated_tokens for c in completions)
+        s.decode_slots += len(batch) * n * steps
+
+
+class EchoEngine:
+    """No model: every row 'generates' one fixed token of text. Measures the pipeline alone."""
+
+    TEXT = "ok"
+
+    def __init__(self, batching: BatchingConfig):
+        self.batching = batching
+        self.stats = EngineStats()
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+        self.stats.generated_tokens += sum(r.params.num_return_sequences for r in requests)
+        return [Completion(r.key, s, self.TEXT, 1, "stop")
+                for r in requests for s in range(r.params.num_return_sequences)]

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models built locally, Parquet inputs, composed configs, a loopback Ray.
+
+Nothing here downloads: models are random-init from a config, saved with save_pretrained and
+loaded back through from_pretrained, exactly like a user's local model directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# Workers inherit the environment of the Ray that the tests start, so set it before any init.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """One built-in model cache per test session, shared with Ray workers through the environment."""
+    path = tmp_path_factory.mktemp("lmbatch-cache")
+    os.environ["LMBATCH_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    from lmbatch.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    from lmbatch.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "tiny-gpt2"))
+
+
+def varied_prompts(n: int, seed: int = 0, max_words: int = 300) -> list[str]:
+    """Prompts from one word to several hundred tokens, in shuffled order."""
+    from lmbatch.samples import WORDS
+
+    rng = random.Random(seed)
+    lengths = [1, 2, 3, max_words] + [int(rng.lognormvariate(2.5, 1.2)) + 1 for _ in range(n - 4)]
+    rng.shuffle(lengths)
+    return [" ".join(rng.choice(WORDS) for _ in range(min(k, max_words))) for k in lengths]
+
+
+def write_prompts(path: Path, prompts: list, ids: list | None = None, **extra_columns) -> Path:
+    ids = list(range(len(prompts))) if ids is None else ids
+    table = pa.table({"id": ids, "prompt": pa.array(prompts, pa.string()), **extra_columns})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def compose(*overrides: str):
+    """Compose the real primary config with overrides, as `python jobs/generate.py ...` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="generate", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray bound to loopback, shared by one test module and shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()

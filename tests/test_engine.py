@@ -1,0 +1,89 @@
+"""The engine against the correctness oracle: model.generate on each prompt alone.
+
+Runs in-process (no Ray) on both a rotary (Llama) and a learned-position (GPT-2) tiny model,
+in float32: batched left-padded greedy output must equal unbatched output token for token.
+"""
+
+import pytest
+import torch
+
+from conftest import varied_prompts
+from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.engine import HFEngine, Request, SamplingParams
+
+
+def make_engine(path, **batching):
+    return HFEngine(path, ModelConfig(path=path, dtype="float32"), BatchingConfig(**batching), device="cpu")
+
+
+def alone(engine, request):
+    """The oracle: this prompt alone, no padding, plain model.generate."""
+    out = engine.model.generate(torch.tensor([request.prompt_ids]), max_new_tokens=request.max_new_tokens,
+                                do_sample=False, pad_token_id=engine.pad_id)
+    return out[0, len(request.prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
+def model_path(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("strategy", ["bucketed", "fixed"])
+def test_greedy_batched_equals_each_prompt_alone(model_path, strategy):
+    engine = make_engine(model_path, strategy=strategy, max_batch_tokens=8192, fixed_batch_size=8)
+    prompts = varied_prompts(36, seed=1)
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 1 + (7 * i) % 20) for i, p in enumerate(prompts)]
+    lengths = [len(r.prompt_ids) for r in requests]
+    assert min(lengths) == 1 and max(lengths) >= 300  # 1 to several hundred tokens
+
+    completions = {c.key: c for c in engine.generate(requests)}
+    assert engine.stats.micro_batches > 1 and len(completions) == len(requests)
+    for r in requests:
+        expected = engine._finish(r, 0, alone(engine, r))
+        got = completions[r.key]
+        assert (got.text, got.num_generated_tokens, got.finish_reason) == (
+            expected.text, expected.num_generated_tokens, expected.finish_reason), f"row {r.key}"
+        assert got.finish_reason in ("stop", "length")
+        if got.finish_reason == "length":
+            assert got.num_generated_tokens == r.max_new_tokens
+
+
+def test_finish_reasons_and_stop_strings(tiny_llama):
+    engine = make_engine(tiny_llama)
+    runs = [engine.generate([Request(0, engine.tokenizer(p)["input_ids"], 24)])[0] for p in varied_prompts(8)]
+    assert {r.finish_reason for r in runs} <= {"stop", "length"}
+    ids, full = next((engine.tokenizer(p)["input_ids"], r) for p, r in zip(varied_prompts(8), runs)
+                     if r.finish_reason == "length" and len(r.text) > 10)
+    assert full.num_generated_tokens == 24
+    # A plain-letters string the model is known to produce mid-output.
+    at = next(i for i in range(4, len(full.text) - 3) if full.text[i:i + 3].isalpha() and full.text[i:i + 3].isascii())
+    stop = full.text[at:at + 3]
+    cut = engine.generate([Request(0, ids, 24, SamplingParams(stop=(stop,)))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert 1 <= cut.num_generated_tokens < 24
+    # The counted tokens are exactly those that produced the text up to and including the stop string.
+    tokens = alone(engine, Request(0, ids, 24))[: cut.num_generated_tokens]
+    assert stop in engine._decode(tokens) and stop not in engine._decode(tokens[:-1])
+
+
+def test_eos_ends_a_row_with_stop(tiny_llama):
+    engine = make_engine(tiny_llama)
+    eos = next(iter(engine.eos_ids))
+    r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
+    assert engine._finish(r, 0, [11, 12, eos, engine.pad_id]).__dict__ == dict(
+        key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop", error=None)
+
+
+def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
+    engine = make_engine(tiny_llama)
+    params = SamplingParams(do_sample=True, temperature=0.9, num_return_sequences=3)
+    reqs = [Request(i, engine.tokenizer(p)["input_ids"], 12, params, seed=100 + i) for i, p in enumerate(varied_prompts(6))]
+    first, second = engine.generate(reqs), engine.generate(reqs)
+    assert [(c.key, c.sample_index, c.text) for c in first] == [(c.key, c.sample_index, c.text) for c in second]
+    assert sorted((c.key, c.sample_index) for c in first) == [(i, s) for i in range(6) for s in range(3)]
+    assert len({c.text for c in first if c.key == 0}) > 1  # samples of one prompt differ
+    # Each row draws from its own seeded stream: the same samples alone as in a batch.
+    for r in reqs[:3]:
+        alone_ = [(c.sample_index, c.text) for c in engine.generate([r])]
+        assert alone_ == [(c.sample_index, c.text) for c in first if c.key == r.key]
