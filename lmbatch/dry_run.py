@@ -1,0 +1,55 @@
+"""`dry_run=true`: validate, then show what the job would do, without loading a model or starting Ray."""
+
+from __future__ import annotations
+
+import math
+
+from lmbatch.batching import padding_efficiency, plan_micro_batches
+from lmbatch.prepare import ERROR, MAX_NEW, NUM_PROMPT_TOKENS, prepare_chunk
+
+SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
+
+
+def histogram(lengths: list[int]) -> list[tuple[str, int]]:
+    """Counts per power-of-two bucket of token length: 1, 2-3, 4-7, ..."""
+    counts: dict[int, int] = {}
+    for n in lengths:
+        b = int(math.log2(n)) if n > 0 else 0
+        counts[b] = counts.get(b, 0) + 1
+    return [(f"{2 ** b}-{2 ** (b + 1) - 1}", counts[b]) for b in sorted(counts)]
+
+
+def dry_run(plan) -> dict:
+    job, b = plan.job, plan.job.batching
+    lengths, errors, batches, rows_seen = [], 0, 0, 0
+    real = padded = 0
+    for chunk in plan.pending:
+        if rows_seen >= SAMPLE_ROWS:
+            break
+        table = prepare_chunk(chunk, plan.settings).to_pydict()
+        ok = [i for i, e in enumerate(table[ERROR]) if e is None]
+        errors += len(table[ERROR]) - len(ok)
+        chunk_lengths = [table[NUM_PROMPT_TOKENS][i] for i in ok]
+        plan_ = plan_micro_batches(chunk_lengths, [table[MAX_NEW][i] for i in ok], strategy=b.strategy,
+                                   max_batch_tokens=b.max_batch_tokens, max_batch_rows=b.max_batch_rows,
+                                   fixed_batch_size=b.fixed_batch_size,
+                                   min_padding_efficiency=b.min_padding_efficiency)
+        batches += len(plan_)
+        real += sum(chunk_lengths)
+        padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0
+        lengths += chunk_lengths
+        rows_seen += chunk.num_rows
+
+    print(f"lmbatch dry run: {plan.inputs.num_rows:,} rows in {len(plan.inputs.files)} files, "
+          f"{len(plan.chunks)} chunks of <= {plan.chunk_rows} rows, {len(plan.pending)} to generate")
+    print(f"sampled {rows_seen:,} rows: {errors} would be error rows")
+    print("prompt tokens   rows")
+    peak = max((c for _, c in histogram(lengths)), default=1)
+    for label, count in histogram(lengths):
+        print(f"  {label:>11}  {count:>6}  {'#' * max(1, round(40 * count / peak))}")
+    efficiency = real / padded if padded else 1.0
+    print(f"planned micro-batches ({b.strategy}): {batches} for the sampled rows, "
+          f"{rows_seen / max(batches, 1):.1f} rows each on average, prefill padding efficiency {efficiency:.3f}")
+    print("no model was loaded for generation and nothing was written")
+    return {"output": plan.output.uri, "dry_run": True, "sampled_rows": rows_seen, "error_rows": errors,
+            "micro_batches": batches, "padding_efficiency": efficiency, "histogram": histogram(lengths)}

@@ -1,0 +1,191 @@
+"""Input side: find the Parquet files, validate them up front, cut them into chunks, read a chunk.
+
+Everything here runs before any model loads, from Parquet footers alone, so a bad job
+(missing path, corrupt file, missing column) stops with one readable `JobError`.
+A chunk is a row range of one file: the unit that is read, generated and committed together.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+from dataclasses import dataclass
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class JobError(Exception):
+    """The job cannot run as configured; the message is meant for the user, without a traceback."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    """Path inside its filesystem (no scheme)."""
+    num_rows: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    """Stable name, e.g. `00003-000002048`: input file index and first row; names the output part."""
+    file: str
+    start: int
+    stop: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class InputPlan:
+    uri: str
+    files: list[InputFile]
+    schema: pa.Schema
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or URI; credentials and endpoint come from the environment."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise JobError(f"cannot open {uri}: {e}") from None
+
+
+def with_scheme(uri: str, path: str) -> str:
+    """Give a filesystem path back the scheme of the URI it came from (s3://bucket/x)."""
+    return f"{uri.split('://', 1)[0]}://{path}" if "://" in uri else path
+
+
+def _is_data_file(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(("_", ".")) and base.endswith((".parquet", ".parq", ".pq"))
+
+
+def discover_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """The Parquet files named by a file, a directory (searched recursively) or a glob."""
+    fs, path = resolve_filesystem(uri)
+    if any(c in path for c in "*?["):
+        base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0] or "/"
+        infos = _list(fs, base, uri)
+        found = [i for i in infos if i.is_file and fnmatch.fnmatch(i.path, path)]
+        if not found:
+            raise JobError(f"input.path {uri} matches no files")
+        return fs, found
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise JobError(f"input.path {uri} does not exist")
+    if info.type == pafs.FileType.File:
+        return fs, [info]
+    infos = _list(fs, path, uri)
+    found = [i for i in infos if i.is_file and _is_data_file(i.path)]
+    if not found:
+        if any(i.is_file for i in infos):
+            raise JobError(f"input.path {uri} holds no Parquet files (*.parquet)")
+        raise JobError(f"input.path {uri} is an empty directory")
+    return fs, found
+
+
+def _list(fs: pafs.FileSystem, base: str, uri: str) -> list[pafs.FileInfo]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (FileNotFoundError, OSError) as e:
+        raise JobError(f"cannot list input.path {uri}: {e}") from None
+    return sorted(infos, key=lambda i: i.path)
+
+
+def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
+    """Read every footer; check the required columns exist with the right kind of type.
+
+    `required` maps column name -> "string" (must hold text) or "any". Files must agree on
+    the type of every column that is read, so that output parts share one schema.
+    """
+    fs, infos = discover_files(uri)
+    files, schema = [], None
+    for info in infos:
+        name = with_scheme(uri, info.path)
+        try:
+            with fs.open_input_file(info.path) as f:
+                meta = pq.ParquetFile(f).metadata
+                file_schema = meta.schema.to_arrow_schema()
+        except Exception as e:  # any footer failure means the file is unusable
+            raise JobError(f"input file {name} is not a readable Parquet file: {e}") from None
+        for column, kind in required.items():
+            if column not in file_schema.names:
+                raise JobError(f"input file {name} has no column {column!r} "
+                               f"(columns: {', '.join(file_schema.names)})")
+            col_type = file_schema.field(column).type
+            if kind == "string" and not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+                raise JobError(f"column {column!r} in {name} must hold strings, found {col_type}")
+        if schema is None:
+            schema = file_schema
+        elif not file_schema.equals(schema):
+            raise JobError(f"input file {name} has schema {_describe(file_schema)}, "
+                           f"but earlier files have {_describe(schema)}")
+        files.append(InputFile(path=info.path, num_rows=meta.num_rows, size=info.size))
+    if sum(f.num_rows for f in files) == 0:
+        raise JobError(f"input.path {uri} holds no rows")
+    return InputPlan(uri=uri, files=files, schema=schema)
+
+
+def _describe(schema: pa.Schema) -> str:
+    return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
+
+
+def plan_chunks(files: list[InputFile], chunk_rows: int) -> list[Chunk]:
+    """Cut every file into row ranges of at most chunk_rows; ids are stable for a given chunk_rows."""
+    chunks = []
+    for index, f in enumerate(files):
+        for start in range(0, f.num_rows, chunk_rows):
+            stop = min(start + chunk_rows, f.num_rows)
+            chunks.append(Chunk(id=f"{index:05d}-{start:09d}", file=f.path, start=start, stop=stop))
+    return chunks
+
+
+def choose_chunk_rows(total_rows: int, configured: int, num_replicas: int) -> int:
+    """Small inputs are cut finer so that every replica gets several chunks to work on."""
+    per_replica_share = -(-total_rows // (4 * num_replicas))
+    return max(1, min(configured, per_replica_share))
+
+
+def read_chunk(uri: str, chunk: Chunk, columns: list[str]) -> pa.Table:
+    """Read rows [start, stop) of one file, only the given columns."""
+    meta = _open_parquet(uri, chunk.file).metadata
+    groups, first_row, offset = [], None, 0
+    for g in range(meta.num_row_groups):
+        rows = meta.row_group(g).num_rows
+        if offset < chunk.stop and offset + rows > chunk.start:
+            groups.append(g)
+            first_row = offset if first_row is None else first_row
+        offset += rows
+    table = _read_row_groups(uri, chunk.file, tuple(groups), tuple(columns))
+    return table.slice(chunk.start - first_row, chunk.num_rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_parquet(uri: str, path: str) -> pq.ParquetFile:
+    fs, _ = resolve_filesystem(uri)
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
+# Consecutive chunks of one large row group often come to the same worker: keep the last read.
+@functools.lru_cache(maxsize=1)
+def _read_row_groups(uri: str, path: str, groups: tuple, columns: tuple) -> pa.Table:
+    return _open_parquet(uri, path).read_row_groups(list(groups), columns=list(columns))
+
+
+def is_inside(inner: str, outer: str) -> bool:
+    """Whether path `inner` equals `outer` or lies below it (same scheme, normalised)."""
+    a, b = inner.rstrip("/"), outer.rstrip("/")
+    return a == b or a.startswith(b + "/")
+

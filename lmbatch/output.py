@@ -1,0 +1,121 @@
+"""Output side: the commit protocol that makes output exactly-once and resumable.
+
+Layout of an output directory:
+    _lmbatch_job.json       written first: the job's fingerprint and chunk size
+    part-<chunk>.parquet    one per chunk, written atomically (temp name + rename on local disks;
+                            a single PUT on object stores), so a part is either whole or absent
+    _manifest.json, _metrics.json
+    _SUCCESS                written last
+
+A part's existence is the only progress record, so there is no window between "data written"
+and "progress recorded" in which a crash could duplicate rows: a rerun skips exactly the chunks
+whose parts exist and regenerates the others under the same names. Resume bookkeeping on the
+driver is one set of chunk ids: O(rows / chunk_rows), independent of row count within a chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from lmbatch.io import JobError, resolve_filesystem
+
+STATE_FILE = "_lmbatch_job.json"
+MANIFEST = "_manifest.json"
+METRICS = "_metrics.json"
+SUCCESS = "_SUCCESS"
+PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
+
+
+def part_name(chunk_id: str) -> str:
+    return f"{PART_PREFIX}{chunk_id}{PART_SUFFIX}"
+
+
+@dataclass
+class OutputState:
+    """What an output directory already holds for this job."""
+
+    finished: bool = False
+    done_chunks: set[str] = field(default_factory=set)
+    chunk_rows: Optional[int] = None
+    """Chunk size recorded by the first run, reused so that resumed chunk ids line up."""
+    fresh: bool = True
+    """Nothing of this job is there yet (or it is to be overwritten)."""
+
+
+class OutputDir:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.path = resolve_filesystem(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def _file(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def _names(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return [i.base_name for i in infos]
+
+    def inspect(self, fingerprint: str, mode: str) -> OutputState:
+        """Decide between fresh start, resume and no-op; refuse to touch anything not ours."""
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.NotFound:
+            return OutputState()
+        if info.type != pafs.FileType.Directory:
+            raise JobError(f"output.path {self.uri} exists and is not a directory")
+        names = self._names()
+        if not names:
+            return OutputState()
+        if STATE_FILE not in names:
+            raise JobError(f"output.path {self.uri} is not empty and holds no lmbatch output; "
+                           "choose another output.path (lmbatch never deletes what it did not write)")
+        if mode == "overwrite":
+            return OutputState()
+        state = json.loads(self._read_text(STATE_FILE))
+        if state.get("fingerprint") != fingerprint:
+            raise JobError(f"output.path {self.uri} holds the output of a different job "
+                           f"(other input or generation settings); use output.mode=overwrite to replace it, "
+                           "or choose another output.path")
+        done = {n[len(PART_PREFIX):-len(PART_SUFFIX)] for n in names
+                if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)}
+        return OutputState(finished=SUCCESS in names, done_chunks=done,
+                           chunk_rows=state["chunk_rows"], fresh=False)
+
+    def begin(self, state: OutputState, fingerprint: str, chunk_rows: int) -> None:
+        """Clear an overwritten job, create the directory, record the job (before any part)."""
+        if state.fresh and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
+            self.fs.delete_dir_contents(self.path)
+        self.fs.create_dir(self.path, recursive=True)
+        for name in self._names():  # leftovers of parts that were being written when a run died
+            if name.endswith(".tmp"):
+                self.fs.delete_file(self._file(name))
+        if state.fresh:
+            self._write_text(STATE_FILE, json.dumps({"fingerprint": fingerprint, "chunk_rows": chunk_rows}))
+
+    def write_part(self, chunk_id: str, table: pa.Table) -> None:
+        final = self._file(part_name(chunk_id))
+        if not self.local:  # an object store PUT is atomic: the object appears whole or not at all
+            pq.write_table(table, final, filesystem=self.fs)
+            return
+        scratch = self._file(f".{part_name(chunk_id)}.{uuid.uuid4().hex}.tmp")
+        pq.write_table(table, scratch, filesystem=self.fs)
+        self.fs.move(scratch, final)  # rename: atomic, and a retried chunk replaces its own part
+
+    def commit(self, manifest: dict, metrics: dict) -> None:
+        self._write_text(MANIFEST, json.dumps(manifest, indent=2, default=str))
+        self._write_text(METRICS, json.dumps(metrics, indent=2, default=str))
+        self._write_text(SUCCESS, "")
+
+    def _write_text(self, name: str, text: str) -> None:
+        with self.fs.open_output_stream(self._file(name)) as f:
+            f.write(text.encode())
+
+    def _read_text(self, name: str) -> str:
+        with self.fs.open_input_stream(self._file(name)) as f:
+            return f.read().decode()

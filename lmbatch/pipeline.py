@@ -1,0 +1,271 @@
+"""The job: plan everything up front, then read -> prepare -> replica pool -> commit with Ray Data.
+
+    plan_job   inputs, model and output are checked before Ray starts or any model loads;
+               the input is cut into chunks and the chunks already committed are skipped
+    Ray Data   one block per pending chunk -> prepare (CPU tasks) -> Replica actors, which
+               generate and write each chunk's part, returning one summary row per chunk
+    commit     every planned part is checked (rows exactly once), then _manifest.json,
+               _metrics.json and, last, _SUCCESS
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import lmbatch
+from lmbatch import io
+from lmbatch.config import ConfigError, JobConfig
+from lmbatch.io import Chunk, InputPlan, JobError
+from lmbatch.output import OutputDir, OutputState, part_name
+from lmbatch.prepare import PrepareSettings, load_tokenizer, prepare_chunk, template_fields
+from lmbatch.replica import Replica, output_columns
+from lmbatch.report import Progress, format_summary
+
+log = logging.getLogger("lmbatch")
+
+
+@dataclass
+class JobPlan:
+    job: JobConfig
+    inputs: InputPlan
+    settings: PrepareSettings
+    output: OutputDir
+    state: OutputState
+    fingerprint: str
+    chunk_rows: int
+    chunks: list[Chunk]
+
+    @property
+    def pending(self) -> list[Chunk]:
+        return [c for c in self.chunks if c.id not in self.state.done_chunks]
+
+    @property
+    def rows_per_input_row(self) -> int:
+        return self.job.generation.num_return_sequences
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """Hydra's DictConfig -> the validated dataclass (runs every __post_init__ check)."""
+    if isinstance(cfg, JobConfig):
+        return cfg
+    try:
+        node = cfg if OmegaConf.get_type(cfg) is JobConfig else OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+# -- planning: everything that can fail does so here, before Ray or a model ---------------------
+def resolve_input_uri(path: str) -> str:
+    from lmbatch.models import BUILTIN
+    from lmbatch.samples import builtin_input_path
+
+    if path.startswith(BUILTIN):
+        try:
+            return builtin_input_path(path[len(BUILTIN):])
+        except ValueError as e:
+            raise JobError(f"input.path {path}: {e}") from None
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
+    """(model path as workers should see it, context length); fails early on a missing model."""
+    from transformers import AutoConfig
+
+    from lmbatch.models import BUILTIN, resolve_model_path
+
+    path = job.model.path
+    if not path.startswith(BUILTIN):
+        expanded = os.path.expanduser(path)
+        if os.path.exists(expanded):
+            path = os.path.abspath(expanded)
+        elif expanded.startswith(("/", ".")):
+            raise JobError(f"model.path {job.model.path} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=job.model.trust_remote_code)
+        load_tokenizer(path, job.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
+        raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    return path, limit
+
+
+def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
+    i = job.input
+    keep = inputs.schema.names if i.keep_columns is None else i.keep_columns
+    columns = list(dict.fromkeys([i.id_column, *keep]))
+    clash = set(columns) & {f.name for f in output_columns(2)}
+    if clash:
+        raise JobError(f"input columns {sorted(clash)} clash with output columns; "
+                       "rename them or leave them out with input.keep_columns")
+    return columns
+
+
+def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
+    """What makes two runs the same job: the input files and everything that shapes a row's output."""
+    identity = {
+        "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
+        "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k != "path"},
+        "model": dataclasses.asdict(job.model),
+        "generation": dataclasses.asdict(job.generation),
+        "engine": job.engine,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_job(job: JobConfig) -> JobPlan:
+    i = job.input
+    input_uri = resolve_input_uri(i.path)
+    output_uri = job.output.path if "://" in job.output.path else os.path.abspath(job.output.path)
+    if io.is_inside(output_uri, input_uri) or io.is_inside(input_uri, output_uri):
+        raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
+    keep = i.keep_columns or []
+    required = {i.prompt_column: "string", i.id_column: "any", **{c: "any" for c in keep + template_fields(i.template)}}
+    inputs = io.inspect_inputs(input_uri, required)
+    passthrough = _passthrough_columns(job, inputs)
+    model_path, context_limit = check_model(job)
+
+    output = OutputDir(output_uri)
+    fingerprint = _fingerprint(job, inputs)
+    state = output.inspect(fingerprint, job.output.mode)
+    chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, job.batching.chunk_rows,
+                                                          job.cluster.num_replicas)
+    settings = PrepareSettings(
+        input_uri=input_uri, prompt_column=i.prompt_column, passthrough_columns=tuple(passthrough),
+        tokenizer_path=model_path, max_new_tokens=job.generation.max_new_tokens,
+        max_length=job.generation.max_length, context_limit=context_limit, on_too_long=i.on_too_long,
+        template=i.template, trust_remote_code=job.model.trust_remote_code,
+    )
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
+    return JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows,
+                   io.plan_chunks(inputs.files, chunk_rows))
+
+
+# -- execution ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ray_session(job: JobConfig):
+    """Attach to `cluster.address` / RAY_ADDRESS, or start a local Ray bound to loopback."""
+    import ray
+
+    if ray.is_initialized():  # the caller (a test, a notebook) owns Ray
+        yield
+        return
+    address = job.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to the home directory
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table:
+    return pa.concat_tables([prepare_chunk(Chunk(**d), settings) for d in descriptors.to_pylist()])
+
+
+def build_dataset(plan: JobPlan):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # lmbatch prints its own
+    job, pending = plan.job, plan.pending
+    # One block per chunk: every replica gets work and a chunk never spans two replicas.
+    ds = ray.data.from_items([dataclasses.asdict(c) for c in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(_prepare_batch, fn_kwargs={"settings": plan.settings}, batch_size=1,
+                        batch_format="pyarrow", num_cpus=job.cluster.prepare_cpus)
+    return ds.map_batches(
+        Replica,
+        fn_constructor_kwargs=dict(job=job, output_uri=plan.output.uri,
+                                   passthrough_columns=list(plan.settings.passthrough_columns)),
+        batch_size=None, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=min(job.cluster.num_replicas, len(pending))),
+        num_cpus=job.cluster.cpus_per_replica, num_gpus=job.cluster.gpus_per_replica or None,
+    )
+
+
+def count_committed(plan: JobPlan) -> dict:
+    """Check that every planned chunk has its part with exactly its rows; count ok and error rows."""
+    ok = error = 0
+    fs, n = plan.output.fs, plan.rows_per_input_row
+    for chunk in plan.chunks:
+        path = f"{plan.output.path}/{part_name(chunk.id)}"
+        try:
+            reasons = pq.read_table(path, columns=["finish_reason"], filesystem=fs)["finish_reason"]
+        except FileNotFoundError:
+            raise RuntimeError(f"part for chunk {chunk.id} is missing after the run") from None
+        if len(reasons) != chunk.num_rows * n:
+            raise RuntimeError(f"part for chunk {chunk.id} holds {len(reasons)} rows, expected {chunk.num_rows * n}")
+        errors = reasons.to_pylist().count("error")
+        ok, error = ok + len(reasons) - errors, error + errors
+    return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": len(plan.chunks)}
+
+
+def manifest(plan: JobPlan, totals: dict) -> dict:
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "lmbatch_version": lmbatch.__version__,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "fingerprint": plan.fingerprint,
+        "input": {"uri": plan.inputs.uri, "rows": plan.inputs.num_rows,
+                  "files": [{"path": io.with_scheme(plan.inputs.uri, f.path), "rows": f.num_rows, "bytes": f.size}
+                            for f in plan.inputs.files]},
+        "output": {"uri": plan.output.uri, "chunk_rows": plan.chunk_rows, **totals},
+        "config": dataclasses.asdict(plan.job),
+        "versions": {"lmbatch": lmbatch.__version__, "ray": ray.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "pyarrow": pa.__version__},
+    }
+
+
+def run(cfg: DictConfig | JobConfig) -> dict:
+    """Run a job to a committed output; return its totals and metrics."""
+    job = to_job_config(cfg)
+    plan = plan_job(job)
+    uri = plan.output.uri
+    if plan.state.finished:
+        print(f"lmbatch: {uri} already holds this job, finished (_SUCCESS); nothing to do. "
+              "Use output.mode=overwrite to run it again.")
+        return {"output": uri, "already_finished": True}
+    if job.dry_run:
+        from lmbatch.dry_run import dry_run
+
+        return dry_run(plan)
+
+    pending = plan.pending
+    total_rows = plan.inputs.num_rows * plan.rows_per_input_row
+    done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in pending)) * plan.rows_per_input_row
+    if not plan.state.fresh:
+        print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
+    plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
+    progress = Progress(total_rows, done_rows)
+    if pending:
+        with ray_session(job):
+            for batch in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.add(batch.to_pylist())
+    progress.print_line(final=True)
+
+    totals = count_committed(plan)
+    metrics = progress.metrics()
+    plan.output.commit(manifest(plan, totals), {**totals, **metrics})
+    print(f"lmbatch: wrote {totals['rows']:,} rows in {totals['parts']} parts to {uri}\n"
+          + format_summary(metrics, totals))
+    return {"output": uri, "already_finished": False, **totals, "metrics": metrics}

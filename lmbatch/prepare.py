@@ -1,0 +1,140 @@
+"""Per-row preparation, run in Ray CPU tasks: validate, render the prompt, tokenize, count.
+
+A bad row is never raised: it is marked with a readable `_error` and still travels to the
+output, so every input row is accounted for.
+"""
+
+from __future__ import annotations
+
+import functools
+import string
+from dataclasses import dataclass
+from typing import Optional
+
+import pyarrow as pa
+
+from lmbatch.io import Chunk, read_chunk
+
+# Columns the prepare step adds; the replica consumes them and the writer drops the underscored ones.
+CHUNK, CHUNK_ROWS, ROW = "_chunk", "_chunk_rows", "_row"
+PROMPT_IDS, MAX_NEW, ERROR = "_prompt_ids", "_max_new_tokens", "_error"
+NUM_PROMPT_TOKENS = "num_prompt_tokens"
+
+
+class RowError(ValueError):
+    """This row cannot be generated; the message goes to the output's `error` column."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    input_uri: str
+    prompt_column: str
+    passthrough_columns: tuple[str, ...]
+    """Input columns copied to the output (the id column first)."""
+    tokenizer_path: str
+    max_new_tokens: int
+    max_length: Optional[int] = None
+    context_limit: Optional[int] = None
+    """Positions the model supports; a prompt plus its new tokens must fit."""
+    on_too_long: str = "error"
+    template: Optional[str] = None
+    trust_remote_code: bool = False
+
+    @property
+    def read_columns(self) -> list[str]:
+        needed = [self.prompt_column, *self.passthrough_columns, *template_fields(self.template)]
+        return list(dict.fromkeys(needed))
+
+
+def template_fields(template: Optional[str]) -> list[str]:
+    """Column names used by `{column}` placeholders."""
+    if not template:
+        return []
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """One tokenizer per worker process: Ray reuses workers, so this loads once, not per chunk."""
+    from transformers import AutoTokenizer
+
+    from lmbatch.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def render_prompt(row: dict, s: PrepareSettings) -> str:
+    value = row.get(s.prompt_column)
+    if value is None:
+        raise RowError(f"null prompt: column {s.prompt_column!r} is null")
+    if not isinstance(value, str):
+        raise RowError(f"not a string: column {s.prompt_column!r} holds {type(value).__name__}")
+    text = value
+    if s.template:
+        try:
+            text = s.template.format_map(row)
+        except (KeyError, IndexError, ValueError) as e:
+            raise RowError(f"template: input.template cannot be filled from this row: {e!r}") from None
+    if not text.strip():
+        raise RowError(f"empty prompt: column {s.prompt_column!r} is empty or whitespace")
+    return text
+
+
+def fit_to_context(ids: list[int], s: PrepareSettings) -> tuple[list[int], int]:
+    """Apply max_length, the model's context and on_too_long; return (prompt ids, max new tokens)."""
+    max_new = s.max_new_tokens
+    if s.max_length is not None:
+        max_new = min(max_new, s.max_length - len(ids))
+        if max_new < 1:
+            raise RowError(f"too long: prompt has {len(ids)} tokens, leaving none under generation.max_length={s.max_length}")
+    if s.context_limit is not None and len(ids) + max_new > s.context_limit:
+        room = s.context_limit - max_new
+        if s.on_too_long == "truncate" and room >= 1:
+            ids = ids[-room:]  # keep the end of the prompt: that is what the model continues
+        else:
+            raise RowError(f"too long: prompt has {len(ids)} tokens; with max_new_tokens={max_new} it exceeds the "
+                           f"model's context of {s.context_limit} (input.on_too_long=truncate keeps the end)")
+    return ids, max_new
+
+
+def prepare_chunk(chunk: Chunk, s: PrepareSettings) -> pa.Table:
+    """Read one chunk and add the columns the replica needs; one output row per input row."""
+    table = read_chunk(s.input_uri, chunk, s.read_columns)
+    rows = table.to_pylist()
+    texts: dict[int, str] = {}
+    errors: list[Optional[str]] = [None] * len(rows)
+    for i, row in enumerate(rows):
+        try:
+            texts[i] = render_prompt(row, s)
+        except RowError as e:
+            errors[i] = str(e)
+
+    tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code)
+    encoded = tokenizer(list(texts.values()))["input_ids"] if texts else []
+    prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
+    counts: list[Optional[int]] = [None] * len(rows)
+    max_new: list[int] = [0] * len(rows)
+    for i, ids in zip(texts, encoded):
+        counts[i] = len(ids)  # the true count, before any truncation
+        try:
+            prompt_ids[i], max_new[i] = fit_to_context(ids, s)
+        except RowError as e:
+            errors[i] = str(e)
+
+    out = table.select(list(s.passthrough_columns))
+    extra = {
+        CHUNK: pa.array([chunk.id] * len(rows), pa.string()),
+        CHUNK_ROWS: pa.array([chunk.num_rows] * len(rows), pa.int64()),
+        ROW: pa.array(range(len(rows)), pa.int64()),
+        PROMPT_IDS: pa.array(prompt_ids, pa.list_(pa.int32())),
+        NUM_PROMPT_TOKENS: pa.array(counts, pa.int64()),
+        MAX_NEW: pa.array(max_new, pa.int64()),
+        ERROR: pa.array(errors, pa.string()),
+    }
+    for name, column in extra.items():
+        out = out.append_column(name, column)
+    return out

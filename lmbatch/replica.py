@@ -1,0 +1,153 @@
+"""The Ray actor that holds one model replica and turns prepared chunks into committed parts.
+
+Each call receives whole prepared chunks (rows tagged with their chunk id and position),
+generates them, puts every row back in input order under an index that fails loudly on a
+missing or duplicated row, writes the chunk's part atomically and returns one summary row
+per chunk for the driver's progress and metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import socket
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lmbatch import prepare as P
+from lmbatch.config import JobConfig
+from lmbatch.engine import Completion, EchoEngine, HFEngine, Request, SamplingParams, row_seed
+from lmbatch.output import OutputDir
+
+GENERATED_COLUMNS = pa.schema([
+    ("generated_text", pa.string()),
+    ("num_prompt_tokens", pa.int64()),
+    ("num_generated_tokens", pa.int64()),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),
+])
+SAMPLE_INDEX = pa.field("sample_index", pa.int64())
+
+
+def output_columns(num_return_sequences: int) -> list[pa.Field]:
+    """The columns lmbatch adds to every output row, after the kept input columns."""
+    fields = list(GENERATED_COLUMNS)
+    return fields + [SAMPLE_INDEX] if num_return_sequences > 1 else fields
+
+
+def sampling_params(job: JobConfig) -> SamplingParams:
+    g = job.generation
+    return SamplingParams(do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                          repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
+                          num_return_sequences=g.num_return_sequences)
+
+
+def load_engine(job: JobConfig, device: str | None = None):
+    if job.engine == "echo":
+        return EchoEngine(job.batching)
+    from lmbatch.models import resolve_model_path
+
+    return HFEngine(resolve_model_path(job.model.path), job.model, job.batching,
+                    device=device, threads=job.cluster.threads)
+
+
+def error_kind(message: str) -> str:
+    """Error messages start with their kind: 'too long: prompt has ...' -> 'too long'."""
+    return message.split(":", 1)[0]
+
+
+class Replica:
+    def __init__(self, job: JobConfig, output_uri: str, passthrough_columns: list[str]):
+        import ray
+
+        logging.basicConfig(level=logging.INFO)
+        device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+        self.engine = load_engine(job, device)
+        self.output = OutputDir(output_uri)
+        self.params = sampling_params(job)
+        self.seed = job.generation.seed
+        self.passthrough = passthrough_columns
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        summaries = []
+        for chunk_id in pc.unique(batch[P.CHUNK]).to_pylist():
+            rows = batch.filter(pc.equal(batch[P.CHUNK], chunk_id))
+            expected = rows[P.CHUNK_ROWS][0].as_py()
+            if rows.num_rows != expected:  # Ray split a chunk across calls: never write part of one
+                raise RuntimeError(f"chunk {chunk_id} arrived with {rows.num_rows} of {expected} rows")
+            started = time.perf_counter()
+            before = dict(vars(self.engine.stats))
+            table = self.generate_chunk(chunk_id, rows)
+            self.output.write_part(chunk_id, table)
+            summaries.append(self._summary(chunk_id, table, before, time.perf_counter() - started))
+        return pa.Table.from_pylist(summaries)
+
+    def generate_chunk(self, chunk_id: str, rows: pa.Table) -> pa.Table:
+        """Generate every valid row of a chunk; return the output rows in input order."""
+        rows = rows.sort_by(P.ROW)
+        positions = rows[P.ROW].to_pylist()
+        if positions != list(range(len(positions))):
+            raise RuntimeError(f"chunk {chunk_id}: row positions are not 0..{len(positions) - 1}")
+        errors = rows[P.ERROR].to_pylist()
+        # Seeds come from the row's id, not its position: samples do not depend on chunking.
+        seeds = [row_seed(self.seed, row_id) for row_id in rows[self.passthrough[0]].to_pylist()]
+        requests = [
+            Request(key=i, prompt_ids=ids, max_new_tokens=m, params=self.params, seed=seed)
+            for i, (ids, m, err, seed) in enumerate(
+                zip(rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), errors, seeds))
+            if err is None
+        ]
+        by_row = self._index(self.engine.generate(requests), {r.key for r in requests}, chunk_id)
+
+        n = self.params.num_return_sequences
+        done: list[Completion] = []
+        for i, err in enumerate(errors):
+            for s in range(n):
+                done.append(Completion(i, s, None, 0, "error", err) if err is not None else by_row[(i, s)])
+        out = rows.select(self.passthrough).take(pa.array([c.key for c in done], pa.int64()))
+        prompt_tokens = rows[P.NUM_PROMPT_TOKENS].to_pylist()
+        values = {
+            "generated_text": [c.text for c in done],
+            "num_prompt_tokens": [prompt_tokens[c.key] for c in done],
+            "num_generated_tokens": [c.num_generated_tokens for c in done],
+            "finish_reason": [c.finish_reason for c in done],
+            "error": [c.error for c in done],
+            "sample_index": [c.sample_index for c in done],
+        }
+        for f in output_columns(n):
+            out = out.append_column(f, pa.array(values[f.name], f.type))
+        return out
+
+    def _index(self, completions: list[Completion], keys: set[int], chunk_id: str) -> dict:
+        """Key completions by (row, sample); any missing or duplicated one is a bug, so fail loudly."""
+        n = self.params.num_return_sequences
+        index = {}
+        for c in completions:
+            if (c.key, c.sample_index) in index:
+                raise RuntimeError(f"chunk {chunk_id}: row {c.key} sample {c.sample_index} generated twice")
+            index[(c.key, c.sample_index)] = c
+        missing = {(k, s) for k in keys for s in range(n)} - index.keys()
+        if missing or len(index) != len(keys) * n:
+            raise RuntimeError(f"chunk {chunk_id}: completions missing for {sorted(missing)[:5]} "
+                               f"or unexpected ones present")
+        return index
+
+    def _summary(self, chunk_id: str, table: pa.Table, before: dict, seconds: float) -> dict:
+        stats = vars(self.engine.stats)
+        reasons = table["finish_reason"].to_pylist()
+        kinds = collections.Counter(error_kind(e) for e in table["error"].to_pylist() if e is not None)
+        return {
+            "chunk": chunk_id,
+            "replica": self.name,
+            "rows": table.num_rows,
+            "errors": reasons.count("error"),
+            "error_kinds": json.dumps(dict(kinds)),  # JSON: the set of kinds varies per chunk
+            "seconds": seconds,
+            **{k: stats[k] - before[k] for k in ("prompt_tokens", "padded_prompt_tokens", "generated_tokens",
+                                                 "decode_slots", "split_retries")},
+        }
