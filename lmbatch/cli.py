@@ -1,0 +1,31 @@
+"""The `lmbatch` console script: the same job as `python jobs/generate.py`, configs from the package."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from lmbatch.config import ConfigError
+from lmbatch.io import JobError
+
+
+def run_cli(cfg: DictConfig) -> None:
+    """Run the job; a bad job or config ends with one readable line and exit status 2."""
+    from lmbatch.pipeline import run
+
+    try:
+        run(cfg)
+    except (JobError, ConfigError) as e:
+        print(f"lmbatch: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(config_path="pkg://lmbatch.conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_cli(cfg)
+
+
+if __name__ == "__main__":
+    main()

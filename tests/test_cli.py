@@ -1,0 +1,75 @@
+"""The commands users type: `python jobs/generate.py`, the `lmbatch` console script, the README's examples."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, write_prompts
+
+
+def run_cli(args, cwd, timeout=300, entry=None):
+    command = entry or [sys.executable, str(REPO / "jobs" / "generate.py")]
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.slow
+def test_default_job_runs_offline_with_no_arguments(tmp_path):
+    done = run_cli([], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("lmbatch: wrote"))
+    out = line.rsplit(" to ", 1)[1]
+    assert "300 rows" in line and out.startswith(str(tmp_path / "runs"))
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    assert pq.read_table(out).num_rows == 300
+    assert "rows ok / error" in done.stdout and "generated tokens/s" in done.stdout
+    run_dir = os.path.dirname(out)
+    assert os.path.exists(os.path.join(run_dir, "generate.log"))  # Hydra's log of the run
+
+
+@pytest.mark.slow
+def test_console_script_runs_the_classic_gpt2_example(tmp_path, tiny_gpt2):
+    """README: the transformers example (5 samples at temperature 0.7, max length 50) on a local GPT-2 directory."""
+    lmbatch = shutil.which("lmbatch", path=os.path.dirname(sys.executable))
+    done = run_cli(["experiment=gpt2_samples", f"model.path={tiny_gpt2}", f"output.path={tmp_path / 'out'}"],
+                   cwd=tmp_path, entry=[lmbatch])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert [r["sample_index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert {r["prompt"] for r in rows} == {"I love computer programming because"}
+    assert all(r["num_prompt_tokens"] + r["num_generated_tokens"] <= 50 for r in rows)
+    assert len({r["generated_text"] for r in rows}) > 1
+
+
+def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
+    write_prompts(tmp_path / "in.parquet", ["short one", "a much longer prompt " * 20, None])
+    done = run_cli([f"input.path={tmp_path / 'in.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true"],
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "prompt tokens" in done.stdout and "planned micro-batches" in done.stdout
+    assert "1 would be error rows" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_job_exits_with_one_readable_line(tmp_path):
+    done = run_cli([f"input.path={tmp_path / 'missing.parquet'}", f"output.path={tmp_path / 'out'}"], cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"lmbatch: error: input.path {tmp_path / 'missing.parquet'} does not exist"
+    assert "Traceback" not in done.stderr
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    """Installed without -e, lmbatch finds its configs inside the package (lmbatch/conf)."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("lmbatch-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
+    assert shipped and {f"lmbatch/conf/{p}" for p in shipped} <= names
+    assert "lmbatch/cli.py" in names

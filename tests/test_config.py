@@ -1,0 +1,74 @@
+"""Every shipped config composes and validates; bad keys, types and values fail with a clear message."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF, compose
+from lmbatch.config import ConfigError, JobConfig
+from lmbatch.pipeline import to_job_config
+
+GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF.iterdir()) if group.is_dir() and group.name != "__pycache__"
+                 for f in sorted(group.glob("*.yaml"))]
+
+
+def test_every_group_option_is_found():
+    assert {g for g, _ in GROUP_OPTIONS} == {"model", "generation", "batching", "cluster", "experiment"}
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_shipped_config_composes_and_validates(group, option, tmp_path):
+    cfg = compose(f"{group}={option}", f"output.path={tmp_path}")
+    job = to_job_config(cfg)
+    assert isinstance(job, JobConfig)
+
+
+def test_contract_keys_exist(tmp_path):
+    job = to_job_config(compose(f"output.path={tmp_path}"))
+    for key in ["input.path", "input.prompt_column", "input.id_column", "output.path", "model.path",
+                "generation.max_new_tokens", "generation.do_sample", "generation.temperature", "generation.top_p",
+                "generation.seed", "generation.num_return_sequences", "batching.strategy",
+                "batching.max_batch_tokens", "cluster.num_replicas", "cluster.gpus_per_replica"]:
+        section, name = key.split(".")
+        assert hasattr(getattr(job, section), name), key
+    assert (job.input.prompt_column, job.input.id_column) == ("prompt", "id")
+
+
+def test_experiment_is_the_classic_gpt2_example(tmp_path):
+    g = to_job_config(compose("experiment=gpt2_samples", f"output.path={tmp_path}")).generation
+    assert (g.do_sample, g.temperature, g.num_return_sequences, g.max_length) == (True, 0.7, 5, 50)
+
+
+def test_unknown_key_fails():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("generation.temprature=0.5")
+    assert "temprature" in str(e.value.__cause__ or e.value)
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("generation.max_new_tokens=lots")
+    assert isinstance(e.value.__cause__, ValidationError)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("generation.max_new_tokens=-3", "max_new_tokens must be >= 1"),
+    ("generation.top_p=0", "top_p must be in (0, 1]"),
+    ("generation.top_p=1.5", "top_p must be in (0, 1]"),
+    ("generation.temperature=0", "temperature must be > 0"),
+    ("generation.num_return_sequences=3", "needs generation.do_sample=true"),
+    ("batching.strategy=random", "batching.strategy must be"),
+    ("batching.max_batch_tokens=0", "max_batch_tokens must be >= 1"),
+    ("cluster.num_replicas=0", "num_replicas must be >= 1"),
+    ("output.mode=append", "output.mode must be"),
+    ("input.on_too_long=skip", "on_too_long must be"),
+    ("model.dtype=int8", "model.dtype must be"),
+])
+def test_invalid_values_fail_with_the_key_named(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        to_job_config(compose(override, f"output.path={tmp_path}"))
+
+
+def test_missing_interpolation_is_a_config_error():
+    with pytest.raises(ConfigError):
+        to_job_config(compose("output.path=${oc.env:LMBATCH_SURELY_UNSET_VARIABLE}"))

@@ -1,0 +1,120 @@
+"""The whole job on a real local Ray (127.0.0.1) with two replicas."""
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import compose, varied_prompts, write_prompts
+from lmbatch.pipeline import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    rng = random.Random(7)
+    prompts = varied_prompts(70, seed=3, max_words=200)
+    ids = rng.sample(range(10_000, 99_999), len(prompts))  # not sorted: order must come from the input
+    return write_prompts(tmp_path_factory.mktemp("in") / "prompts.parquet", prompts, ids,
+                         topic=[rng.choice("abc") for _ in prompts], weight=[rng.random() for _ in prompts])
+
+
+def run_job(out, prompts_file, model, *overrides):
+    return run(compose(f"input.path={prompts_file}", f"output.path={out}", f"model.path={model}",
+                       "cluster.num_replicas=2", "generation.max_new_tokens=12", *overrides))
+
+
+def oracle(model_path, prompt, max_new_tokens):
+    """model.generate on the prompt alone, decoded the way the job decodes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = oracle.models.setdefault(model_path, AutoModelForCausalLM.from_pretrained(model_path))
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id)]
+    return tok.decode(new, skip_special_tokens=True)
+
+
+oracle.models = {}
+
+
+def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
+    out = tmp_path / "out"
+    result = run_job(out, prompts_file, tiny_llama)
+    source = pq.read_table(prompts_file)
+    table = pq.read_table(out)
+
+    assert (out / "_SUCCESS").exists() and result["rows"] == table.num_rows == source.num_rows
+    assert table["id"].to_pylist() == source["id"].to_pylist()  # every id once, in input order
+    assert table.column_names == ["id", "prompt", "topic", "weight", "generated_text", "num_prompt_tokens",
+                                  "num_generated_tokens", "finish_reason", "error"]
+    assert table.schema.field("generated_text").type == pa.string()
+    assert table.schema.field("num_prompt_tokens").type == pa.int64()
+    assert table["topic"].to_pylist() == source["topic"].to_pylist()
+    assert set(table["finish_reason"].to_pylist()) <= {"stop", "length"}
+    assert table["error"].null_count == table.num_rows
+    assert len(result["metrics"]["replicas"]) == 2  # both replicas did work
+
+    with torch.inference_mode():
+        for row in table.to_pylist()[:40]:
+            assert row["generated_text"] == oracle(tiny_llama, row["prompt"], 12), row["id"]
+            assert row["num_generated_tokens"] <= 12
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["output"]["rows_ok"] == 70 and manifest["input"]["rows"] == 70
+    assert manifest["config"]["model"]["path"] == tiny_llama
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["rows_this_run"] == 70 and metrics["generated_tokens"] == sum(table["num_generated_tokens"].to_pylist())
+
+    again = run_job(out, prompts_file, tiny_llama)  # a finished job is a no-op
+    assert again["already_finished"] and pq.read_table(out).equals(table)
+
+
+def test_keep_columns_and_fixed_strategy_give_the_same_greedy_text(local_ray, tmp_path, prompts_file, tiny_gpt2):
+    bucketed = run_job(tmp_path / "b", prompts_file, tiny_gpt2, "input.keep_columns=[topic]")
+    fixed = run_job(tmp_path / "f", prompts_file, tiny_gpt2, "input.keep_columns=[]", "batching=fixed")
+    b, f = pq.read_table(tmp_path / "b"), pq.read_table(tmp_path / "f")
+    assert b.column_names[:2] == ["id", "topic"] and "prompt" not in b.column_names
+    assert f.column_names[0] == "id" and "topic" not in f.column_names
+    assert b["generated_text"].to_pylist() == f["generated_text"].to_pylist()
+    assert bucketed["metrics"]["padding_efficiency"] > fixed["metrics"]["padding_efficiency"]
+
+
+def test_seeded_sampling_is_reproducible_with_samples_per_prompt(local_ray, tmp_path, prompts_file, tiny_llama):
+    overrides = ["generation=sampling", "generation.num_return_sequences=3", "generation.max_new_tokens=8"]
+    run_job(tmp_path / "one", prompts_file, tiny_llama, *overrides)
+    # Another layout: one replica, other chunks, other micro-batches; the same samples.
+    run_job(tmp_path / "two", prompts_file, tiny_llama, *overrides, "cluster.num_replicas=1", "batching=fixed")
+    one, two = pq.read_table(tmp_path / "one"), pq.read_table(tmp_path / "two")
+    assert one.num_rows == 3 * 70 and one.equals(two)
+    rows = one.select(["id", "sample_index"]).to_pylist()
+    ids = pq.read_table(prompts_file)["id"].to_pylist()
+    assert rows == [{"id": i, "sample_index": s} for i in ids for s in range(3)]
+    assert len(set(one["generated_text"].to_pylist())) > 70  # samples differ
+
+    other_seed = run_job(tmp_path / "three", prompts_file, tiny_llama, *overrides, "generation.seed=1")
+    assert other_seed["rows"] == 210
+    assert pq.read_table(tmp_path / "three")["generated_text"] != one["generated_text"]
+
+
+def test_stop_strings_cut_the_text(local_ray, tmp_path, prompts_file, tiny_llama):
+    run_job(tmp_path / "full", prompts_file, tiny_llama)
+    run_job(tmp_path / "cut", prompts_file, tiny_llama, "generation.stop=[e,XYZ]")
+    full, cut = pq.read_table(tmp_path / "full").to_pylist(), pq.read_table(tmp_path / "cut").to_pylist()
+    stopped = 0
+    for f, c in zip(full, cut):
+        assert "e" not in c["generated_text"]
+        if "e" in f["generated_text"]:
+            stopped += 1
+            assert c["generated_text"] == f["generated_text"].split("e")[0]
+            assert c["finish_reason"] == "stop" and c["num_generated_tokens"] <= f["num_generated_tokens"]
+        else:
+            assert (c["generated_text"], c["finish_reason"]) == (f["generated_text"], f["finish_reason"])
+    assert stopped >= 10
