@@ -37,9 +37,13 @@ class InputConfig:
     """Optional prompt template with `{column}` placeholders filled from the row."""
     on_too_long: str = "error"
     """A prompt longer than the model's context minus max_new_tokens: `error` row or `truncate` from the left."""
+    on_duplicate_id: str = "report"
+    """Rows repeating an earlier id: `report` (keep, count, warn), `error` (error rows), `ignore` (no check)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "input.path must be set")
+        _require(self.on_duplicate_id in ("report", "error", "ignore"),
+                 f"input.on_duplicate_id must be 'report', 'error' or 'ignore', got {self.on_duplicate_id!r}")
         _require(self.on_too_long in ("error", "truncate"),
                  f"input.on_too_long must be 'error' or 'truncate', got {self.on_too_long!r}")
 

@@ -26,7 +26,7 @@ def dry_run(plan) -> dict:
     for chunk in plan.pending:
         if rows_seen >= SAMPLE_ROWS:
             break
-        table = prepare_chunk(chunk, plan.settings).to_pydict()
+        table = prepare_chunk(chunk, plan.settings, plan.error_duplicates(chunk.id)).to_pydict()
         ok = [i for i, e in enumerate(table[ERROR]) if e is None]
         errors += len(table[ERROR]) - len(ok)
         chunk_lengths = [table[NUM_PROMPT_TOKENS][i] for i in ok]
@@ -42,7 +42,8 @@ def dry_run(plan) -> dict:
 
     print(f"lmbatch dry run: {plan.inputs.num_rows:,} rows in {len(plan.inputs.files)} files, "
           f"{len(plan.chunks)} chunks of <= {plan.chunk_rows} rows, {len(plan.pending)} to generate")
-    print(f"sampled {rows_seen:,} rows: {errors} would be error rows")
+    print(f"sampled {rows_seen:,} rows: {errors} would be error rows; "
+          f"{plan.num_duplicate_rows} rows in the input repeat an earlier id")
     print("prompt tokens   rows")
     peak = max((c for _, c in histogram(lengths)), default=1)
     for label, count in histogram(lengths):

@@ -47,6 +47,16 @@ class JobPlan:
     fingerprint: str
     chunk_rows: int
     chunks: list[Chunk]
+    duplicate_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """Chunk id -> positions of rows repeating an earlier id (empty with on_duplicate_id=ignore)."""
+
+    @property
+    def num_duplicate_rows(self) -> int:
+        return sum(map(len, self.duplicate_rows.values()))
+
+    def error_duplicates(self, chunk_id: str) -> list[int]:
+        """Rows of a chunk to write as `duplicate id` error rows (only with on_duplicate_id=error)."""
+        return self.duplicate_rows.get(chunk_id, []) if self.job.input.on_duplicate_id == "error" else []
 
     @property
     def pending(self) -> list[Chunk]:
@@ -151,8 +161,20 @@ def plan_job(job: JobConfig) -> JobPlan:
         template=i.template, trust_remote_code=job.model.trust_remote_code,
     )
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
-    return JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows,
-                   io.plan_chunks(inputs.files, chunk_rows))
+    chunks = io.plan_chunks(inputs.files, chunk_rows)
+    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks)
+    if i.on_duplicate_id != "ignore" and not state.finished:
+        plan.duplicate_rows = _duplicates_by_chunk(chunks, io.find_duplicate_ids(input_uri, inputs.files, i.id_column))
+    return plan
+
+
+def _duplicates_by_chunk(chunks: list[Chunk], by_file: dict[int, list[int]]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for c in chunks:
+        rows = [r - c.start for r in by_file.get(c.file_index, []) if c.start <= r < c.stop]
+        if rows:
+            found[c.id] = rows
+    return found
 
 
 # -- execution ---------------------------------------------------------------------------------
@@ -177,7 +199,11 @@ def ray_session(job: JobConfig):
 
 
 def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table:
-    return pa.concat_tables([prepare_chunk(Chunk(**d), settings) for d in descriptors.to_pylist()])
+    tables = []
+    for d in descriptors.to_pylist():
+        duplicates = d.pop("duplicate_rows")
+        tables.append(prepare_chunk(Chunk(**d), settings, duplicates))
+    return pa.concat_tables(tables)
 
 
 def build_dataset(plan: JobPlan):
@@ -187,7 +213,8 @@ def build_dataset(plan: JobPlan):
     ray.data.DataContext.get_current().enable_progress_bars = False  # lmbatch prints its own
     job, pending = plan.job, plan.pending
     # One block per chunk: every replica gets work and a chunk never spans two replicas.
-    ds = ray.data.from_items([dataclasses.asdict(c) for c in pending], override_num_blocks=len(pending))
+    items = [{**dataclasses.asdict(c), "duplicate_rows": plan.error_duplicates(c.id)} for c in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_prepare_batch, fn_kwargs={"settings": plan.settings}, batch_size=1,
                         batch_format="pyarrow", num_cpus=job.cluster.prepare_cpus)
     return ds.map_batches(
@@ -230,6 +257,7 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
                   "files": [{"path": io.with_scheme(plan.inputs.uri, f.path), "rows": f.num_rows, "bytes": f.size}
                             for f in plan.inputs.files]},
         "output": {"uri": plan.output.uri, "chunk_rows": plan.chunk_rows, **totals},
+        "duplicate_id_rows": plan.num_duplicate_rows,
         "config": dataclasses.asdict(plan.job),
         "versions": {"lmbatch": lmbatch.__version__, "ray": ray.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "pyarrow": pa.__version__},
@@ -253,6 +281,10 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     pending = plan.pending
     total_rows = plan.inputs.num_rows * plan.rows_per_input_row
     done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in pending)) * plan.rows_per_input_row
+    if plan.num_duplicate_rows:
+        kept = "kept" if job.input.on_duplicate_id == "report" else "written as error rows"
+        print(f"lmbatch: warning: {plan.num_duplicate_rows} rows repeat an earlier {job.input.id_column!r} "
+              f"value; they are {kept} (input.on_duplicate_id={job.input.on_duplicate_id})")
     if not plan.state.fresh:
         print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
@@ -265,7 +297,7 @@ def run(cfg: DictConfig | JobConfig) -> dict:
 
     totals = count_committed(plan)
     metrics = progress.metrics()
-    plan.output.commit(manifest(plan, totals), {**totals, **metrics})
+    plan.output.commit(manifest(plan, totals), {**totals, "duplicate_id_rows": plan.num_duplicate_rows, **metrics})
     print(f"lmbatch: wrote {totals['rows']:,} rows in {totals['parts']} parts to {uri}\n"
           + format_summary(metrics, totals))
     return {"output": uri, "already_finished": False, **totals, "metrics": metrics}

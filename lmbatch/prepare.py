@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import string
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import pyarrow as pa
 
@@ -101,14 +101,23 @@ def fit_to_context(ids: list[int], s: PrepareSettings) -> tuple[list[int], int]:
     return ids, max_new
 
 
-def prepare_chunk(chunk: Chunk, s: PrepareSettings) -> pa.Table:
-    """Read one chunk and add the columns the replica needs; one output row per input row."""
+def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int] = ()) -> pa.Table:
+    """Read one chunk and add the columns the replica needs; one output row per input row.
+
+    duplicate_rows: positions in the chunk whose id appeared earlier in the input (error rows).
+    """
     table = read_chunk(s.input_uri, chunk, s.read_columns)
     rows = table.to_pylist()
+    id_column = s.passthrough_columns[0]
+    duplicates = set(duplicate_rows)
     texts: dict[int, str] = {}
     errors: list[Optional[str]] = [None] * len(rows)
     for i, row in enumerate(rows):
         try:
+            if row[id_column] is None:
+                raise RowError(f"null id: column {id_column!r} is null")
+            if i in duplicates:
+                raise RowError(f"duplicate id: {row[id_column]!r} appeared earlier in the input")
             texts[i] = render_prompt(row, s)
         except RowError as e:
             errors[i] = str(e)

@@ -19,6 +19,9 @@ CONF = REPO / "conf"
 
 # Workers inherit the environment of the Ray that the tests start, so set it before any init.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray rewrites 127.0.0.1 in an address to the machine's outward IP; this (despite its name) makes
+# every Ray the tests start or attach to stay on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -87,3 +87,4 @@ def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
     for r in reqs[:3]:
         alone_ = [(c.sample_index, c.text) for c in engine.generate([r])]
         assert alone_ == [(c.sample_index, c.text) for c in first if c.key == r.key]
+

@@ -1,0 +1,370 @@
+"""Nothing lost: bad rows, bad jobs, a killed replica, a lost node, out-of-memory, a killed driver, resume.
+
+Every fault is real: processes are killed by pid with SIGKILL, a node of a simulated two-node
+Ray cluster (ray.cluster_utils.Cluster on 127.0.0.1) is removed, an out-of-memory error is
+raised inside the model's forward. After each, the output is checked row by row against the
+input. The module ends by printing one figure line: kinds of bad input tried, faults injected,
+rows lost, rows duplicated.
+"""
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import REPO, compose, varied_prompts, write_prompts
+from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.engine import HFEngine, Request
+from lmbatch.io import JobError
+from lmbatch.pipeline import plan_job, to_job_config
+
+TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
+
+
+def account(out, input_ids, samples=1):
+    """Rows lost and duplicated in a finished output, compared id by id with the input."""
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    table = pq.read_table(out)
+    key = ["id", "sample_index"] if samples > 1 else ["id"]
+    got = collections.Counter(tuple(r.values()) for r in table.select(key).to_pylist())
+    expected = collections.Counter((i, s) if samples > 1 else (i,) for i in input_ids for s in range(samples))
+    lost, duplicated = sum((expected - got).values()), sum((got - expected).values())
+    TALLY["lost"] += lost
+    TALLY["duplicated"] += duplicated
+    return lost, duplicated
+
+
+def job_command(*overrides):
+    return [sys.executable, str(REPO / "jobs" / "generate.py"), *overrides]
+
+
+def start_job(tmp_path, *overrides, env=None):
+    return subprocess.Popen(job_command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def finish(proc, timeout=400):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def parts(out):
+    return sorted(p for p in os.listdir(out) if p.startswith("part-")) if os.path.isdir(out) else []
+
+
+def wait_for_parts(out, count, proc, timeout=180):
+    deadline = time.time() + timeout
+    while len(parts(out)) < count:
+        assert proc.poll() is None, "the job ended before the fault could be injected"
+        assert time.time() < deadline, "no progress"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def long_input(tmp_path_factory):
+    """Enough chunks (8 rows each) that faults land mid-job."""
+    path = write_prompts(tmp_path_factory.mktemp("in") / "prompts.parquet", varied_prompts(400, seed=5, max_words=60),
+                         ids=[f"row-{i:04d}" for i in range(400)])
+    return path, [f"row-{i:04d}" for i in range(400)]
+
+
+def slow_job(path, out, *extra):
+    return [f"input.path={path}", f"output.path={out}", "batching.chunk_rows=8", "generation.max_new_tokens=24",
+            "cluster.num_replicas=2", *extra]
+
+
+# -- bad rows ------------------------------------------------------------------------------------
+def test_bad_rows_become_error_rows_and_neighbours_succeed(tmp_path):
+    prompts = ["fine prompt", None, "", "   \n\t", "word " * 3000, "also fine", "dup", "last fine one"]
+    ids = [1, 2, 3, 4, 5, 6, 1, None]
+    path = write_prompts(tmp_path / "in.parquet", prompts, ids)
+    out = tmp_path / "out"
+    finish(start_job(tmp_path, f"input.path={path}", f"output.path={out}", "input.on_duplicate_id=error",
+                     "generation.max_new_tokens=4", "cluster.num_replicas=1"))
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == ids
+    errors = [r["error"] and r["error"].split(":")[0] for r in rows]
+    assert errors == [None, "null prompt", "empty prompt", "empty prompt", "too long", None, "duplicate id", "null id"]
+    for r in rows:
+        assert (r["finish_reason"] == "error") == (r["error"] is not None)
+        assert (r["generated_text"] is None) == (r["error"] is not None)
+    assert rows[4]["num_prompt_tokens"] > 2048  # the true count, though the row was not generated
+    TALLY["bad_input_kinds"].update(e for e in errors if e)
+    assert account(out, ids) == (0, 0)
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["errors_by_kind"] == {"null prompt": 1, "empty prompt": 2, "too long": 1, "duplicate id": 1,
+                                         "null id": 1}
+    assert metrics["duplicate_id_rows"] == 1
+
+
+def test_too_long_prompts_can_be_truncated_from_the_left(tmp_path):
+    path = write_prompts(tmp_path / "in.parquet", ["word " * 3000, "short"])
+    out = tmp_path / "out"
+    finish(start_job(tmp_path, f"input.path={path}", f"output.path={out}", "input.on_too_long=truncate",
+                     "generation.max_new_tokens=4", "cluster.num_replicas=1"))
+    rows = pq.read_table(out).to_pylist()
+    assert [r["error"] for r in rows] == [None, None]
+    assert rows[0]["num_prompt_tokens"] > 2048 and rows[0]["num_generated_tokens"] >= 1
+    TALLY["bad_input_kinds"].add("too long (truncate)")
+
+
+# -- bad jobs: stop before any model loads, one message, nothing touched -------------------------
+def corrupt(d):
+    (d / "bad.parquet").write_bytes(b"PAR1 this is not really parquet PAR1")
+    return d / "bad.parquet"
+
+
+def truncated(d):
+    path = write_prompts(d / "cut.parquet", ["a", "b"])
+    path.write_bytes(path.read_bytes()[:-30])
+    return path
+
+
+def empty_directory(d):
+    (d / "empty").mkdir()
+    return d / "empty"
+
+
+def no_parquet_files(d):
+    (d / "csv").mkdir()
+    (d / "csv" / "a.csv").write_text("id,prompt\n1,hello\n")
+    return d / "csv"
+
+
+def integer_prompts(d):
+    pq.write_table(pa.table({"id": [1], "prompt": [5]}), d / "int.parquet")
+    return d / "int.parquet"
+
+
+def mismatched_files(d):
+    write_prompts(d / "mix" / "a.parquet", ["a"])
+    write_prompts(d / "mix" / "b.parquet", ["b"], ids=["x"])  # string ids where a.parquet has integers
+    return d / "mix"
+
+
+def one_prompt(d):
+    return write_prompts(d / "in.parquet", ["a"])
+
+
+BAD_JOBS = {
+    "missing input": (lambda d: d / "nope.parquet", [], "does not exist"),
+    "empty directory": (empty_directory, [], "is an empty directory"),
+    "no parquet files": (no_parquet_files, [], "holds no Parquet files"),
+    "corrupt file": (corrupt, [], "is not a readable Parquet file"),
+    "truncated file": (truncated, [], "is not a readable Parquet file"),
+    "no rows": (lambda d: write_prompts(d / "zero.parquet", []), [], "holds no rows"),
+    "prompt column missing": (one_prompt, ["input.prompt_column=text"], "has no column 'text'"),
+    "id column missing": (one_prompt, ["input.id_column=key"], "has no column 'key'"),
+    "wrong column type": (integer_prompts, [], "must hold strings, found int64"),
+    "mismatched files": (mismatched_files, [], "but earlier files have"),
+    "model path missing": (one_prompt, ["model.path=/no/such/model"], "model.path /no/such/model does not exist"),
+    "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_JOBS)
+def test_a_bad_job_stops_before_any_model_loads(kind, tmp_path):
+    make_input, overrides, message = BAD_JOBS[kind]
+    source = make_input(tmp_path)
+    with pytest.raises(JobError, match=message):
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", *overrides)))
+    assert not (tmp_path / "out").exists()
+    TALLY["bad_input_kinds"].add(kind)
+
+
+def snapshot(directory):
+    return {p: (os.stat(os.path.join(directory, p)).st_mtime_ns, os.path.getsize(os.path.join(directory, p)))
+            for p in os.listdir(directory)}
+
+
+def test_output_clashes_stop_the_job_and_touch_nothing(tmp_path):
+    data = tmp_path / "data"
+    source = write_prompts(data / "in.parquet", ["a", "b", "c"])
+    cases = {"output equal to input": data, "output inside input": data / "out"}
+    for kind, out in cases.items():
+        with pytest.raises(JobError, match="overlaps input.path"):
+            plan_job(to_job_config(compose(f"input.path={data}", f"output.path={out}")))
+        TALLY["bad_input_kinds"].add(kind)
+    assert sorted(os.listdir(data)) == ["in.parquet"]
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("not ours")
+    for mode in ("resume", "overwrite"):
+        with pytest.raises(JobError, match="holds no lmbatch output"):
+            plan_job(to_job_config(compose(f"input.path={source}", f"output.path={foreign}", f"output.mode={mode}")))
+    assert (foreign / "precious.txt").read_text() == "not ours"
+    TALLY["bad_input_kinds"].add("output holds other data")
+
+    # A different job's output (finished, or partial) is refused unless output.mode=overwrite.
+    out = tmp_path / "out"
+    finish(start_job(tmp_path, f"input.path={source}", f"output.path={out}", "generation.max_new_tokens=3",
+                     "cluster.num_replicas=1"))
+    before = snapshot(out)
+    with pytest.raises(JobError, match="holds the output of a different job"):
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}", "generation.max_new_tokens=5")))
+    os.remove(out / "_SUCCESS")
+    partial = snapshot(out)
+    with pytest.raises(JobError, match="holds the output of a different job"):
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}", "generation.temperature=0.5")))
+    assert snapshot(out) == partial and set(before) - set(partial) == {"_SUCCESS"}
+    TALLY["bad_input_kinds"].update(["output holds another finished job", "output holds another partial job"])
+
+    done = subprocess.run(job_command(f"input.path={source}", f"output.path={out}", "generation.max_new_tokens=5",
+                                      "output.mode=overwrite", "cluster.num_replicas=1"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert account(out, [0, 1, 2]) == (0, 0)
+
+
+# -- faults during the run ------------------------------------------------------------------------
+def replica_pids(root_pid):
+    found = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "Replica" in " ".join(p.cmdline()) or "Replica" in p.name():
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_killed_replica_is_replaced_and_nothing_is_lost(tmp_path, long_input):
+    path, ids = long_input
+    out = tmp_path / "out"
+    proc = start_job(tmp_path, *slow_job(path, out))
+    wait_for_parts(out, 3, proc)
+    victims = replica_pids(proc.pid)
+    assert len(victims) == 2
+    os.kill(victims[0], signal.SIGKILL)
+    TALLY["faults"] += 1
+    killed_at = len(parts(out))
+    finish(proc)
+    assert killed_at < 50
+    assert account(out, ids) == (0, 0)
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert len(metrics["replicas"]) == 3  # two replicas plus the one that replaced the killed one
+
+
+def test_a_lost_node_is_survived(tmp_path, long_input):
+    from ray.cluster_utils import Cluster
+
+    path, ids = long_input
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    try:
+        out = tmp_path / "out"
+        proc = start_job(tmp_path, *slow_job(path, out, "cluster.cpus_per_replica=0.25", "cluster.prepare_cpus=0.2"),
+                         env={"RAY_ADDRESS": cluster.address})
+        wait_for_parts(out, 3, proc)
+        cluster.remove_node(worker, allow_graceful=False)  # SIGKILLs the node's raylet and every worker on it
+        TALLY["faults"] += 1
+        finish(proc)
+        assert account(out, ids) == (0, 0)
+    finally:
+        cluster.shutdown()
+
+
+def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_llama, caplog):
+    """An injected torch.OutOfMemoryError for batches above 3 rows: halved until they fit, output unchanged."""
+    engine = HFEngine(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
+                      device="cpu")
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(12, max_words=20))]
+    expected = {c.key: c.text for c in engine.generate(requests)}
+    assert engine.stats.micro_batches == 1
+    forward = engine.model.forward
+
+    def forward_with_small_memory(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return forward(*args, **kwargs)
+
+    engine.model.forward = forward_with_small_memory
+    with caplog.at_level("WARNING", logger="lmbatch.engine"):
+        got = engine.generate(requests)
+    TALLY["faults"] += 1
+    assert {c.key: c.text for c in got} == expected and all(c.error is None for c in got)
+    assert engine.stats.split_retries == 3  # 12 -> 6 + 6 -> 3 + 3 + 3 + 3
+    assert any("out of memory" in r.getMessage() for r in caplog.records)
+
+
+def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
+    engine = HFEngine(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
+                      device="cpu")
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 5) for i, p in enumerate(varied_prompts(10, max_words=20))]
+    poison = 7  # a token id only the bad row carries
+    requests[4].prompt_ids = requests[4].prompt_ids + [poison]
+    expected = {c.key: c.text for c in engine.generate([r for r in requests if r.key != 4])}
+    forward = engine.model.forward
+
+    def forward_failing_on_poison(*args, **kwargs):
+        if (kwargs["input_ids"] == poison).any():
+            raise ValueError("index out of range in self")
+        return forward(*args, **kwargs)
+
+    engine.model.forward = forward_failing_on_poison
+    got = {c.key: c for c in engine.generate(requests)}
+    TALLY["faults"] += 1
+    TALLY["bad_input_kinds"].add("row that breaks generation")
+    assert got[4].finish_reason == "error" and got[4].text is None
+    assert got[4].error == "generation failed: ValueError: index out of range in self"
+    assert {k: c.text for k, c in got.items() if k != 4} == expected
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_input):
+    path, ids = long_input
+    out = tmp_path / "out"
+    proc = start_job(tmp_path, *slow_job(path, out))
+    wait_for_parts(out, 5, proc)
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    TALLY["faults"] += 1
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(ray_processes, timeout=30)
+    for p in alive:  # the dead driver's own Ray: ours to stop, by pid
+        p.kill()
+    committed = {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns) for p in parts(out)}
+    assert 5 <= len(committed) < 50 and not (out / "_SUCCESS").exists()
+    (out / ".part-00000-000000399.parquet.dead.tmp").write_bytes(b"half a part")  # a write cut short
+
+    log = finish(start_job(tmp_path, *slow_job(path, out)))
+    assert f"{len(committed)} of 50 chunks already committed" in log
+    assert account(out, ids) == (0, 0)
+    for p, stamp in committed.items():  # committed parts were not rewritten
+        assert (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns) == stamp
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["chunks_this_run"] == 50 - len(committed)
+    assert metrics["rows_skipped_as_done"] == 8 * len(committed)
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+    # The worst moment: every part written, the commit not yet. A rerun generates nothing, commits.
+    for name in ("_SUCCESS", "_manifest.json", "_metrics.json"):
+        os.remove(out / name)
+    log = finish(start_job(tmp_path, *slow_job(path, out)))
+    assert "50 of 50 chunks already committed" in log
+    assert json.loads((out / "_metrics.json").read_text())["chunks_this_run"] == 0
+    assert account(out, ids) == (0, 0)
+
+    log = finish(start_job(tmp_path, *slow_job(path, out)))
+    assert "already holds this job, finished" in log
+
+
+def test_reliability_figures(capsys):
+    """The figure line (run last in this module): nothing lost, nothing duplicated."""
+    line = (f"reliability: {len(TALLY['bad_input_kinds'])} kinds of bad input tried, {TALLY['faults']} faults "
+            f"injected, {TALLY['lost']} rows lost, {TALLY['duplicated']} rows duplicated")
+    with capsys.disabled():
+        print("\n" + line)
+    assert TALLY["lost"] == 0 and TALLY["duplicated"] == 0
