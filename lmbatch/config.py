@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A config value is invalid; the message says which key and why."""
 
 
+PER_ROW_PARAMETERS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_p", "top_k",
+                      "repetition_penalty", "stop", "seed")
+"""Generation settings a row may override through input.param_columns."""
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -37,11 +42,16 @@ class InputConfig:
     """Optional prompt template with `{column}` placeholders filled from the row."""
     on_too_long: str = "error"
     """A prompt longer than the model's context minus max_new_tokens: `error` row or `truncate` from the left."""
+    param_columns: list[str] = field(default_factory=list)
+    """Columns that override generation settings for their row (see PER_ROW_PARAMETERS); null cells keep the config."""
     on_duplicate_id: str = "report"
     """Rows repeating an earlier id: `report` (keep, count, warn), `error` (error rows), `ignore` (no check)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "input.path must be set")
+        unknown = set(self.param_columns) - set(PER_ROW_PARAMETERS)
+        _require(not unknown, f"input.param_columns may only name {', '.join(PER_ROW_PARAMETERS)}; "
+                              f"got {sorted(unknown)}")
         _require(self.on_duplicate_id in ("report", "error", "ignore"),
                  f"input.on_duplicate_id must be 'report', 'error' or 'ignore', got {self.on_duplicate_id!r}")
         _require(self.on_too_long in ("error", "truncate"),

@@ -144,7 +144,8 @@ def plan_job(job: JobConfig) -> JobPlan:
     if io.is_inside(output_uri, input_uri) or io.is_inside(input_uri, output_uri):
         raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
     keep = i.keep_columns or []
-    required = {i.prompt_column: "string", i.id_column: "any", **{c: "any" for c in keep + template_fields(i.template)}}
+    required = {i.prompt_column: "string", i.id_column: "any",
+                **{c: "any" for c in keep + i.param_columns + template_fields(i.template)}}
     inputs = io.inspect_inputs(input_uri, required)
     passthrough = _passthrough_columns(job, inputs)
     model_path, context_limit = check_model(job)
@@ -156,8 +157,8 @@ def plan_job(job: JobConfig) -> JobPlan:
                                                           job.cluster.num_replicas)
     settings = PrepareSettings(
         input_uri=input_uri, prompt_column=i.prompt_column, passthrough_columns=tuple(passthrough),
-        tokenizer_path=model_path, max_new_tokens=job.generation.max_new_tokens,
-        max_length=job.generation.max_length, context_limit=context_limit, on_too_long=i.on_too_long,
+        tokenizer_path=model_path, generation=job.generation, param_columns=tuple(i.param_columns),
+        context_limit=context_limit, on_too_long=i.on_too_long,
         template=i.template, trust_remote_code=job.model.trust_remote_code,
     )
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))

@@ -6,18 +6,21 @@ output, so every input row is accounted for.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import string
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyarrow as pa
 
+from lmbatch.config import ConfigError, GenerationOptions
 from lmbatch.io import Chunk, read_chunk
 
 # Columns the prepare step adds; the replica consumes them and the writer drops the underscored ones.
 CHUNK, CHUNK_ROWS, ROW = "_chunk", "_chunk_rows", "_row"
-PROMPT_IDS, MAX_NEW, ERROR = "_prompt_ids", "_max_new_tokens", "_error"
+PROMPT_IDS, MAX_NEW, ERROR, PARAMS = "_prompt_ids", "_max_new_tokens", "_error", "_params"
 NUM_PROMPT_TOKENS = "num_prompt_tokens"
 
 
@@ -32,8 +35,9 @@ class PrepareSettings:
     passthrough_columns: tuple[str, ...]
     """Input columns copied to the output (the id column first)."""
     tokenizer_path: str
-    max_new_tokens: int
-    max_length: Optional[int] = None
+    generation: GenerationOptions
+    """The job's generation settings; param_columns override them per row."""
+    param_columns: tuple[str, ...] = ()
     context_limit: Optional[int] = None
     """Positions the model supports; a prompt plus its new tokens must fit."""
     on_too_long: str = "error"
@@ -42,7 +46,7 @@ class PrepareSettings:
 
     @property
     def read_columns(self) -> list[str]:
-        needed = [self.prompt_column, *self.passthrough_columns, *template_fields(self.template)]
+        needed = [self.prompt_column, *self.passthrough_columns, *self.param_columns, *template_fields(self.template)]
         return list(dict.fromkeys(needed))
 
 
@@ -84,13 +88,26 @@ def render_prompt(row: dict, s: PrepareSettings) -> str:
     return text
 
 
-def fit_to_context(ids: list[int], s: PrepareSettings) -> tuple[list[int], int]:
+def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Optional[dict]]:
+    """The row's generation settings: the job's, overridden by its non-null parameter columns."""
+    overrides = {c: row[c] for c in s.param_columns if row.get(c) is not None}
+    if not overrides:
+        return s.generation, None
+    if isinstance(overrides.get("stop"), str):  # one stop string in a plain string column
+        overrides["stop"] = [overrides["stop"]]
+    try:
+        return dataclasses.replace(s.generation, **overrides), overrides
+    except (ConfigError, TypeError, ValueError) as e:  # TypeError: e.g. a string where a number belongs
+        raise RowError(f"invalid parameter: {str(e).replace('generation.', '')}") from None
+
+
+def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions) -> tuple[list[int], int]:
     """Apply max_length, the model's context and on_too_long; return (prompt ids, max new tokens)."""
-    max_new = s.max_new_tokens
-    if s.max_length is not None:
-        max_new = min(max_new, s.max_length - len(ids))
+    max_new = g.max_new_tokens
+    if g.max_length is not None:
+        max_new = min(max_new, g.max_length - len(ids))
         if max_new < 1:
-            raise RowError(f"too long: prompt has {len(ids)} tokens, leaving none under generation.max_length={s.max_length}")
+            raise RowError(f"too long: prompt has {len(ids)} tokens, leaving none under max_length={g.max_length}")
     if s.context_limit is not None and len(ids) + max_new > s.context_limit:
         room = s.context_limit - max_new
         if s.on_too_long == "truncate" and room >= 1:
@@ -112,12 +129,16 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     duplicates = set(duplicate_rows)
     texts: dict[int, str] = {}
     errors: list[Optional[str]] = [None] * len(rows)
+    settings: list[GenerationOptions] = [s.generation] * len(rows)
+    overrides: list[Optional[str]] = [None] * len(rows)
     for i, row in enumerate(rows):
         try:
             if row[id_column] is None:
                 raise RowError(f"null id: column {id_column!r} is null")
             if i in duplicates:
                 raise RowError(f"duplicate id: {row[id_column]!r} appeared earlier in the input")
+            settings[i], changed = row_generation(row, s)
+            overrides[i] = json.dumps(changed) if changed else None
             texts[i] = render_prompt(row, s)
         except RowError as e:
             errors[i] = str(e)
@@ -130,7 +151,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     for i, ids in zip(texts, encoded):
         counts[i] = len(ids)  # the true count, before any truncation
         try:
-            prompt_ids[i], max_new[i] = fit_to_context(ids, s)
+            prompt_ids[i], max_new[i] = fit_to_context(ids, s, settings[i])
         except RowError as e:
             errors[i] = str(e)
 
@@ -143,6 +164,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
         NUM_PROMPT_TOKENS: pa.array(counts, pa.int64()),
         MAX_NEW: pa.array(max_new, pa.int64()),
         ERROR: pa.array(errors, pa.string()),
+        PARAMS: pa.array(overrides, pa.string()),
     }
     for name, column in extra.items():
         out = out.append_column(name, column)

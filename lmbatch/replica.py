@@ -9,6 +9,7 @@ per chunk for the driver's progress and metrics.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmbatch import prepare as P
-from lmbatch.config import JobConfig
+from lmbatch.config import GenerationOptions, JobConfig
 from lmbatch.engine import Completion, EchoEngine, HFEngine, Request, SamplingParams, row_seed
 from lmbatch.output import OutputDir
 
@@ -39,8 +40,7 @@ def output_columns(num_return_sequences: int) -> list[pa.Field]:
     return fields + [SAMPLE_INDEX] if num_return_sequences > 1 else fields
 
 
-def sampling_params(job: JobConfig) -> SamplingParams:
-    g = job.generation
+def sampling_params(g: GenerationOptions) -> SamplingParams:
     return SamplingParams(do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                           repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
                           num_return_sequences=g.num_return_sequences)
@@ -68,8 +68,8 @@ class Replica:
         device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.engine = load_engine(job, device)
         self.output = OutputDir(output_uri)
-        self.params = sampling_params(job)
-        self.seed = job.generation.seed
+        self.generation = job.generation
+        self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -94,14 +94,17 @@ class Replica:
         if positions != list(range(len(positions))):
             raise RuntimeError(f"chunk {chunk_id}: row positions are not 0..{len(positions) - 1}")
         errors = rows[P.ERROR].to_pylist()
-        # Seeds come from the row's id, not its position: samples do not depend on chunking.
-        seeds = [row_seed(self.seed, row_id) for row_id in rows[self.passthrough[0]].to_pylist()]
-        requests = [
-            Request(key=i, prompt_ids=ids, max_new_tokens=m, params=self.params, seed=seed)
-            for i, (ids, m, err, seed) in enumerate(
-                zip(rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), errors, seeds))
-            if err is None
-        ]
+        requests = []
+        for i, (ids, max_new, err, row_id, overrides) in enumerate(zip(
+                rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), errors,
+                rows[self.passthrough[0]].to_pylist(), rows[P.PARAMS].to_pylist())):
+            if err is not None:
+                continue
+            g = dataclasses.replace(self.generation, **json.loads(overrides)) if overrides else self.generation
+            params = sampling_params(g) if overrides else self.params
+            # The seed comes from the row's id, not its position: samples do not depend on chunking.
+            requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
+                                    seed=row_seed(g.seed, row_id)))
         by_row = self._index(self.engine.generate(requests), {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences

@@ -118,3 +118,25 @@ def test_stop_strings_cut_the_text(local_ray, tmp_path, prompts_file, tiny_llama
         else:
             assert (c["generated_text"], c["finish_reason"]) == (f["generated_text"], f["finish_reason"])
     assert stopped >= 10
+
+
+def test_per_row_parameters_override_the_config(local_ray, tmp_path, tiny_llama):
+    prompts = varied_prompts(6, seed=11, max_words=30)
+    path = write_prompts(tmp_path / "in.parquet", prompts,
+                         max_new_tokens=pa.array([3, None, 7, 2, 5, 4], pa.int64()),
+                         temperature=pa.array([None, None, None, -1.0, None, 0.5]),
+                         do_sample=pa.array([None, None, None, True, None, True]),
+                         stop=pa.array([None, None, None, None, "e", None]))
+    out = tmp_path / "out"
+    run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "generation.max_new_tokens=6",
+                "input.param_columns=[max_new_tokens,temperature,do_sample,stop]", "cluster.num_replicas=1"))
+    rows = pq.read_table(out).to_pylist()
+    assert [r["num_generated_tokens"] <= m for r, m in zip(rows, [3, 6, 7, 2, 5, 4])] == [True] * 6
+    assert rows[0]["finish_reason"] != "length" or rows[0]["num_generated_tokens"] == 3
+    assert rows[2]["finish_reason"] != "length" or rows[2]["num_generated_tokens"] == 7
+    assert rows[3]["finish_reason"] == "error" and rows[3]["error"].startswith("invalid parameter: temperature")
+    assert "e" not in rows[4]["generated_text"]
+    assert rows[0]["generated_text"] == oracle(tiny_llama, prompts[0], 3)
+    assert rows[1]["generated_text"] == oracle(tiny_llama, prompts[1], 6)
+    assert not any(r["error"] for i, r in enumerate(rows) if i != 3)
+    assert "temperature" in rows[0] and "max_new_tokens" in rows[0]  # parameter columns are kept like any other
