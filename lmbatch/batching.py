@@ -1,9 +1,11 @@
 """The micro-batch planner: pure Python, no Ray, no torch.
 
 Given the prompt length and output budget of each row in a window, decide which rows run
-together. `bucketed` orders the window by (prompt length, max_new_tokens) so that rows padded
-to a common length are nearly equal and rows that finish together run together, then cuts
-micro-batches whose padded size stays under a token budget. `fixed` is the naive baseline:
+together. `bucketed` orders the window by prompt length band (lengths within a factor of
+1 / min_padding_efficiency share a band), then by max_new_tokens, so that rows padded to a common
+length are nearly equal and rows that finish together run together; then it cuts micro-batches
+whose padded size stays under a token budget and whose prefill padding and decode slots stay
+efficient. `fixed` is the naive baseline:
 input order, a fixed number of rows per batch.
 
 Rows with different group keys (e.g. different sampling parameters) never share a batch.
@@ -11,6 +13,7 @@ Rows with different group keys (e.g. different sampling parameters) never share 
 
 from __future__ import annotations
 
+import math
 from typing import Hashable, Optional, Sequence
 
 
@@ -28,13 +31,16 @@ def plan_micro_batches(
     max_batch_rows: int = 64,
     fixed_batch_size: int = 16,
     min_padding_efficiency: float = 0.0,
+    min_decode_efficiency: float = 0.0,
     group_keys: Optional[Sequence[Hashable]] = None,
 ) -> list[list[int]]:
     """Return micro-batches as lists of row indices; every index appears exactly once.
 
     A single row larger than the budget still gets a batch of its own: the budget shapes
-    batches, it never drops rows. With min_padding_efficiency > 0 a bucketed batch also closes
-    before real prompt tokens / padded prompt tokens would fall below it.
+    batches, it never drops rows. A bucketed batch also closes before real prompt tokens / padded
+    prompt tokens would fall below min_padding_efficiency, or before the rows' max_new_tokens /
+    (rows x the largest max_new_tokens), the share of decode slots that can do useful work,
+    would fall below min_decode_efficiency.
     """
     n = len(prompt_lengths)
     if len(max_new_tokens) != n or (group_keys is not None and len(group_keys) != n):
@@ -44,7 +50,7 @@ def plan_micro_batches(
         return _fixed(n, keys, fixed_batch_size)
     if strategy == "bucketed":
         return _bucketed(prompt_lengths, max_new_tokens, keys, max_batch_tokens, max_batch_rows,
-                         min_padding_efficiency)
+                         min_padding_efficiency, min_decode_efficiency)
     raise ValueError(f"unknown batching strategy {strategy!r}")
 
 
@@ -64,32 +70,39 @@ def _bucketed(
     keys: Sequence[Hashable],
     budget: int,
     max_rows: int,
-    min_efficiency: float,
+    min_padding: float,
+    min_decode: float,
 ) -> list[list[int]]:
     # Group keys are arbitrary hashables: order groups by first appearance, not by value.
     group_rank: dict[Hashable, int] = {}
     for k in keys:
         group_rank.setdefault(k, len(group_rank))
-    order = sorted(range(len(lengths)), key=lambda i: (group_rank[keys[i]], lengths[i], new_tokens[i], i))
+    band = math.log(1 / min_padding) if 0 < min_padding < 1 else None
+
+    def order_key(i: int):
+        length_band = int(math.log(max(lengths[i], 1)) / band) if band else 0
+        return group_rank[keys[i]], length_band, new_tokens[i], lengths[i], i
 
     batches: list[list[int]] = []
-    longest = most_new = real = 0
-    for i in order:
+    longest = most_new = real = useful = 0
+    for i in sorted(range(len(lengths)), key=order_key):
         if batches:
             current = batches[-1]
-            rows, new_longest = len(current) + 1, max(longest, lengths[i])
+            rows, new_longest, new_most = len(current) + 1, max(longest, lengths[i]), max(most_new, new_tokens[i])
             fits = (
                 keys[current[0]] == keys[i]
                 and rows <= max_rows
-                and padded_size(rows, new_longest, max(most_new, new_tokens[i])) <= budget
-                and real + lengths[i] >= min_efficiency * rows * new_longest
+                and padded_size(rows, new_longest, new_most) <= budget
+                and real + lengths[i] >= min_padding * rows * new_longest
+                and useful + new_tokens[i] >= min_decode * rows * new_most
             )
             if fits:
                 current.append(i)
-                longest, most_new, real = new_longest, max(most_new, new_tokens[i]), real + lengths[i]
+                longest, most_new = new_longest, new_most
+                real, useful = real + lengths[i], useful + new_tokens[i]
                 continue
         batches.append([i])
-        longest, most_new, real = lengths[i], new_tokens[i], lengths[i]
+        longest, most_new, real, useful = lengths[i], new_tokens[i], lengths[i], new_tokens[i]
     return batches
 
 

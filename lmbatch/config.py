@@ -142,6 +142,8 @@ class BatchingConfig:
     """Row cap for one bucketed micro-batch."""
     min_padding_efficiency: float = 0.8
     """A bucketed micro-batch closes before real / padded prompt tokens would drop below this."""
+    min_decode_efficiency: float = 0.8
+    """...or before sum(max_new_tokens) / (rows x largest max_new_tokens) would drop below this."""
     fixed_batch_size: int = 16
     """Rows per micro-batch with strategy=fixed."""
     chunk_rows: int = 1024
@@ -153,8 +155,8 @@ class BatchingConfig:
                  f"batching.strategy must be 'bucketed' or 'fixed', got {self.strategy!r}")
         for key in ("max_batch_tokens", "max_batch_rows", "fixed_batch_size", "chunk_rows"):
             _require(getattr(self, key) >= 1, f"batching.{key} must be >= 1, got {getattr(self, key)}")
-        _require(0 <= self.min_padding_efficiency <= 1,
-                 f"batching.min_padding_efficiency must be in [0, 1], got {self.min_padding_efficiency}")
+        for key in ("min_padding_efficiency", "min_decode_efficiency"):
+            _require(0 <= getattr(self, key) <= 1, f"batching.{key} must be in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass

@@ -33,7 +33,8 @@ def dry_run(plan) -> dict:
         plan_ = plan_micro_batches(chunk_lengths, [table[MAX_NEW][i] for i in ok], strategy=b.strategy,
                                    max_batch_tokens=b.max_batch_tokens, max_batch_rows=b.max_batch_rows,
                                    fixed_batch_size=b.fixed_batch_size,
-                                   min_padding_efficiency=b.min_padding_efficiency)
+                                   min_padding_efficiency=b.min_padding_efficiency,
+                                   min_decode_efficiency=b.min_decode_efficiency)
         batches += len(plan_)
         real += sum(chunk_lengths)
         padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0

@@ -67,6 +67,8 @@ class EngineStats:
     generated_tokens: int = 0
     decode_slots: int = 0
     """rows x decode steps computed; generated_tokens / decode_slots is the decode slot efficiency."""
+    decode_steps: int = 0
+    """Forward passes of decoding; decode_slots / decode_steps is the average batch per step."""
     split_retries: int = 0
 
 
@@ -126,28 +128,9 @@ class StopStrings(StoppingCriteria):
 
 
 class HFEngine:
-    def __init__(self, model_path: str, model: ModelConfig, batching: BatchingConfig,
-                 device: Optional[str] = None, threads: Optional[int] = None):
-        from transformers import AutoModelForCausalLM
-
-        from lmbatch.prepare import load_tokenizer
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = model.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=model.trust_remote_code)
-        if model.attn_implementation:
-            kwargs["attn_implementation"] = model.attn_implementation
-        if model.device_map:
-            kwargs["device_map"] = model.device_map
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-        if not model.device_map:
-            self.model.to(self.device)
-        self.model.eval()
-        self.tokenizer = load_tokenizer(model_path, model.trust_remote_code)
+    def __init__(self, model, tokenizer, batching: BatchingConfig):
+        """Wrap a loaded model and its (left-padding) tokenizer; `HFEngine.load` loads them."""
+        self.model, self.tokenizer = model, tokenizer
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -155,6 +138,30 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id
         self.batching = batching
         self.stats = EngineStats()
+
+    @classmethod
+    def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
+             device: Optional[str] = None, threads: Optional[int] = None) -> "HFEngine":
+        """Load once per replica: on `device` (default: CUDA when there is one), in the configured dtype."""
+        from transformers import AutoModelForCausalLM
+
+        from lmbatch.prepare import load_tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = model.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=model.trust_remote_code)
+        if model.attn_implementation:
+            kwargs["attn_implementation"] = model.attn_implementation
+        if model.device_map:
+            kwargs["device_map"] = model.device_map
+        loaded = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        if not model.device_map:
+            loaded.to(device)
+        return cls(loaded.eval(), load_tokenizer(model_path, model.trust_remote_code), batching)
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
@@ -164,7 +171,7 @@ class HFEngine:
             [r.max_new_tokens for r in requests],
             strategy=b.strategy, max_batch_tokens=b.max_batch_tokens,
             max_batch_rows=b.max_batch_rows, fixed_batch_size=b.fixed_batch_size,
-            min_padding_efficiency=b.min_padding_efficiency,
+            min_padding_efficiency=b.min_padding_efficiency, min_decode_efficiency=b.min_decode_efficiency,
             group_keys=[r.params for r in requests],
         )
         return [[requests[i] for i in batch] for batch in batches]
@@ -275,6 +282,7 @@ class HFEngine:
         s.padded_prompt_tokens += len(batch) * max(len(r.prompt_ids) for r in batch)
         s.generated_tokens += sum(c.num_generated_tokens for c in completions)
         s.decode_slots += len(batch) * n * steps
+        s.decode_steps += steps
 
 
 class EchoEngine:

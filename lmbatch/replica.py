@@ -51,8 +51,8 @@ def load_engine(job: JobConfig, device: str | None = None):
         return EchoEngine(job.batching)
     from lmbatch.models import resolve_model_path
 
-    return HFEngine(resolve_model_path(job.model.path), job.model, job.batching,
-                    device=device, threads=job.cluster.threads)
+    return HFEngine.load(resolve_model_path(job.model.path), job.model, job.batching,
+                         device=device, threads=job.cluster.threads)
 
 
 def error_kind(message: str) -> str:
@@ -72,6 +72,7 @@ class Replica:
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.ready_at = time.time()  # wall clock: the driver reports start-up (Ray, model load) apart
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
@@ -151,6 +152,7 @@ class Replica:
             "errors": reasons.count("error"),
             "error_kinds": json.dumps(dict(kinds)),  # JSON: the set of kinds varies per chunk
             "seconds": seconds,
+            "ready_at": self.ready_at,
             **{k: stats[k] - before[k] for k in ("prompt_tokens", "padded_prompt_tokens", "generated_tokens",
                                                  "decode_slots", "split_retries")},
         }

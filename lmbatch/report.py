@@ -19,6 +19,8 @@ class Progress:
         self.every_s, self.stream = every_s, stream
         self.tty = stream.isatty()
         self.started = time.perf_counter()
+        self.started_wall = time.time()
+        self.first_ready: Optional[float] = None
         self.last_print = 0.0
         self.sums: collections.Counter = collections.Counter()
         self.error_kinds: collections.Counter = collections.Counter()
@@ -28,6 +30,7 @@ class Progress:
     def add(self, summaries: list[dict]) -> None:
         for s in summaries:
             self.chunks += 1
+            self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
             for key in ("rows", "errors", "prompt_tokens", "padded_prompt_tokens", "generated_tokens",
                         "decode_slots", "split_retries"):
                 self.sums[key] += s[key]
@@ -64,6 +67,7 @@ class Progress:
             "prompt_tokens": s["prompt_tokens"],
             "generated_tokens": s["generated_tokens"],
             "wall_seconds": round(wall, 3),
+            "startup_seconds": round(self.first_ready - self.started_wall, 3) if self.first_ready else None,
             "rows_per_s": round(s["rows"] / wall, 3) if wall else None,
             "generated_tokens_per_s": round(s["generated_tokens"] / wall, 3) if wall else None,
             "padding_efficiency": _ratio(s["prompt_tokens"], s["padded_prompt_tokens"]),

@@ -35,6 +35,12 @@ def test_min_padding_efficiency_closes_batches():
     assert plan_micro_batches(lengths, [1] * 4, min_padding_efficiency=0.0) == [[0, 1, 2, 3]]
 
 
+def test_rows_that_finish_together_run_together():
+    # Same prompt length band; max_new_tokens 4 and 60 alternate: sorted by budget, cut where slots would idle.
+    batches = plan_micro_batches([20] * 6, [4, 60, 4, 60, 4, 60], min_padding_efficiency=0.8, min_decode_efficiency=0.8)
+    assert batches == [[0, 2, 4], [1, 3, 5]]
+
+
 def test_padding_efficiency():
     assert padding_efficiency([[0, 1]], [2, 4]) == 6 / 8
     assert padding_efficiency([], []) == 1.0
@@ -48,11 +54,13 @@ def test_padding_efficiency():
     strategy=st.sampled_from(["bucketed", "fixed"]),
     fixed=st.integers(1, 40),
     min_eff=st.floats(0, 1),
+    min_decode=st.floats(0, 1),
 )
-def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff):
+def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff, min_decode):
     lengths, new, keys = ([r[i] for r in rows] for i in range(3))
     batches = plan_micro_batches(lengths, new, strategy=strategy, max_batch_tokens=budget, max_batch_rows=max_rows,
-                                 fixed_batch_size=fixed, min_padding_efficiency=min_eff, group_keys=keys)
+                                 fixed_batch_size=fixed, min_padding_efficiency=min_eff,
+                                 min_decode_efficiency=min_decode, group_keys=keys)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(rows)))  # every row exactly once
     for b in batches:
@@ -63,3 +71,4 @@ def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff):
             assert len(b) <= max_rows
             assert padded_size(len(b), max(lengths[i] for i in b), max(new[i] for i in b)) <= budget
             assert sum(lengths[i] for i in b) >= min_eff * len(b) * max(lengths[i] for i in b) - 1e-9
+            assert sum(new[i] for i in b) >= min_decode * len(b) * max(new[i] for i in b) - 1e-9

@@ -13,7 +13,7 @@ from lmbatch.engine import HFEngine, Request, SamplingParams
 
 
 def make_engine(path, **batching):
-    return HFEngine(path, ModelConfig(path=path, dtype="float32"), BatchingConfig(**batching), device="cpu")
+    return HFEngine.load(path, ModelConfig(path=path, dtype="float32"), BatchingConfig(**batching), device="cpu")
 
 
 def alone(engine, request):

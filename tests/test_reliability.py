@@ -278,7 +278,7 @@ def test_a_lost_node_is_survived(tmp_path, long_input):
 
 def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_llama, caplog):
     """An injected torch.OutOfMemoryError for batches above 3 rows: halved until they fit, output unchanged."""
-    engine = HFEngine(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
+    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
                       device="cpu")
     requests = [Request(i, engine.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(12, max_words=20))]
     expected = {c.key: c.text for c in engine.generate(requests)}
@@ -300,7 +300,7 @@ def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_llama, caplog):
 
 
 def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
-    engine = HFEngine(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
+    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
                       device="cpu")
     requests = [Request(i, engine.tokenizer(p)["input_ids"], 5) for i, p in enumerate(varied_prompts(10, max_words=20))]
     poison = 7  # a token id only the bad row carries

@@ -1,0 +1,415 @@
+"""Side-by-side throughput benchmark: the lmbatch engine against what users would use instead.
+
+All variants run on the same deterministic prompts, interleaved (A B C ... A B C ...) so that
+drift on the machine hits all alike, and are reported as ratios to the naive baseline:
+
+    bucketed     lmbatch engine, length-bucketed micro-batches, in-process
+    fixed        the same engine, input order, fixed batch size (the baseline)
+    pipeline     transformers pipeline("text-generation", batch_size=B)
+    continuous   transformers continuous batching (per-row max_new_tokens, explicitly sized cache)
+    ray_job      the whole lmbatch job end to end (Parquet in, Ray Data, Parquet out)
+
+Greedy outputs of fixed, continuous and ray_job are compared row for row with bucketed's (the
+count of differing rows is reported; see `compare`). The pipeline cannot take a max_new_tokens
+per row, so it generates the longest for every row; it is timed, not compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import psutil
+from hydra.core.config_store import ConfigStore
+
+VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job")
+
+
+@dataclass
+class BenchmarkConfig:
+    model: str = "tiny"
+    """Model preset (random init from a config): tiny, small, gpt2_small, qwen2_5_0_5b."""
+    num_prompts: int = 64
+    """Prompts in the workload."""
+    min_prompt_tokens: int = 4
+    max_prompt_tokens: int = 1024
+    """Prompt lengths are log-normal (heavy-tailed like real traffic), clipped to [min, max]."""
+    median_prompt_tokens: int = 48
+    """Median of the log-normal prompt length."""
+    min_new_tokens: int = 4
+    max_new_tokens: int = 64
+    """Per-row max_new_tokens are drawn uniformly from [min, max]: real batch requests differ."""
+    seed: int = 0
+    """Seed of the synthetic workload and the model's random weights."""
+    repeats: int = 1
+    """Interleaved rounds over the variants; each variant reports its best round."""
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """Which variants to run (the first of bucketed/fixed present is the ratio baseline: fixed if present)."""
+    dtype: str = "auto"
+    """float32 on CPU, bfloat16 on GPU with auto."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    threads: Optional[int] = None
+    """Torch threads for in-process variants; null = all cores."""
+    max_batch_tokens: int = 16384
+    max_batch_rows: int = 64
+    min_padding_efficiency: float = 0.8
+    min_decode_efficiency: float = 0.8
+    """Bucketed planner settings (as in conf/batching)."""
+    fixed_batch_size: int = 16
+    """Batch size of the fixed baseline and of the transformers pipeline."""
+    cb_page_size: int = 64
+    cb_num_blocks: int = 512
+    cb_max_batch_tokens: int = 2048
+    """Continuous batching cache: num_blocks x page_size tokens of KV cache, sized explicitly."""
+    ray_replicas: int = 2
+    ray_cpus_per_replica: float = 0.5
+    """The end-to-end job's replica pool."""
+    memory_bandwidth_gb_s: Optional[float] = None
+    """Accelerator memory bandwidth (H200: 4800); when set, decode throughput is compared with its limit."""
+    output_dir: str = "${hydra:runtime.output_dir}"
+    """Where results.json and results.md go."""
+
+
+ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
+
+
+# -- workload ------------------------------------------------------------------------------------
+def build_model(preset: str, out_dir: Path, seed: int) -> str:
+    """Random-init model of a preset shape, saved and later loaded through from_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    from lmbatch.models import build_tiny_model, build_tokenizer
+
+    if preset == "tiny":
+        return str(build_tiny_model(out_dir, "tiny-llama", seed=seed))
+    tokenizer = build_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    shapes = {
+        # compute-heavy on a CPU yet quick enough to measure there
+        "small": lambda: LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                                     initializer_range=0.2, **ids),
+        "gpt2_small": lambda: GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=2048,
+                                         initializer_range=0.2, **ids),
+        "qwen2_5_0_5b": lambda: Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                            num_attention_heads=14, num_key_value_heads=2,
+                                            max_position_embeddings=32768, tie_word_embeddings=True,
+                                            initializer_range=0.2, **{**ids, "vocab_size": 151936}),
+    }
+    if preset not in shapes:
+        raise ValueError(f"unknown model preset {preset!r}; choose tiny or one of {sorted(shapes)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(shapes[preset](), dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def build_workload(cfg: BenchmarkConfig, tokenizer) -> tuple[list[str], list[list[int]], list[int]]:
+    """(texts, their token ids, per-row max_new_tokens), deterministic for the seed."""
+    rng = random.Random(cfg.seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    texts, ids, new = [], [], []
+    for _ in range(cfg.num_prompts):
+        n = int(rng.lognormvariate(math.log(cfg.median_prompt_tokens), 1.0))
+        n = min(cfg.max_prompt_tokens, max(cfg.min_prompt_tokens, n))
+        text = tokenizer.decode([rng.choice(vocab) for _ in range(n)])
+        encoded = tokenizer(text)["input_ids"][: cfg.max_prompt_tokens]
+        texts.append(tokenizer.decode(encoded))
+        ids.append(tokenizer(texts[-1])["input_ids"])
+        new.append(rng.randint(cfg.min_new_tokens, cfg.max_new_tokens))
+    return texts, ids, new
+
+
+# -- measuring -----------------------------------------------------------------------------------
+class PeakRSS:
+    """Peak resident memory of this process and its children (Ray workers) while a variant runs."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def __enter__(self):
+        self.peak = self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._sample())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+@dataclass
+class Result:
+    variant: str
+    seconds: float
+    texts: list[str]
+    generated_tokens: int
+    prompt_tokens: int
+    padded_prompt_tokens: int
+    decode_slots: int
+    decode_steps: int = 0
+    peak_rss: int = 0
+    startup_seconds: Optional[float] = None
+
+    def row(self, rows: int) -> dict:
+        s = self.seconds
+        return {
+            "variant": self.variant, "seconds": round(s, 3), "rows_per_s": round(rows / s, 3),
+            "prompt_tokens_per_s": round(self.prompt_tokens / s, 1),
+            "generated_tokens_per_s": round(self.generated_tokens / s, 1),
+            "padding_efficiency": round(self.prompt_tokens / self.padded_prompt_tokens, 4) if self.padded_prompt_tokens else None,
+            "decode_slot_efficiency": round(self.generated_tokens / self.decode_slots, 4) if self.decode_slots else None,
+            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 2),
+        }
+
+
+class Bench:
+    def __init__(self, cfg: BenchmarkConfig, model_path: str, workdir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from lmbatch.prepare import load_tokenizer
+
+        self.cfg, self.model_path, self.workdir = cfg, model_path, workdir
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
+        self.dtype = dtype
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.texts, self.ids, self.new = build_workload(cfg, self.tokenizer)
+
+    def _engine(self, strategy: str):
+        from lmbatch.config import BatchingConfig
+        from lmbatch.engine import HFEngine
+
+        c = self.cfg
+        return HFEngine(self.model, self.tokenizer, BatchingConfig(  # one loaded model serves a and b
+            strategy=strategy, max_batch_tokens=c.max_batch_tokens, max_batch_rows=c.max_batch_rows,
+            min_padding_efficiency=c.min_padding_efficiency, min_decode_efficiency=c.min_decode_efficiency,
+            fixed_batch_size=c.fixed_batch_size))
+
+    def run_engine(self, strategy: str) -> Result:
+        from lmbatch.engine import Request
+
+        engine = self._engine(strategy)
+        requests = [Request(i, ids, m) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
+        start = time.perf_counter()
+        completions = sorted(engine.generate(requests), key=lambda c: c.key)
+        seconds = time.perf_counter() - start
+        s = engine.stats
+        return Result(strategy, seconds, [c.text for c in completions], s.generated_tokens, s.prompt_tokens,
+                      s.padded_prompt_tokens, s.decode_slots, s.decode_steps)
+
+    def run_pipeline(self) -> Result:
+        import torch
+        from transformers import pipeline
+
+        b = self.cfg.fixed_batch_size
+        pipe = pipeline("text-generation", model=self.model, tokenizer=self.tokenizer, batch_size=b,
+                        device=torch.device(self.device))
+        longest = max(self.new)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outputs = pipe(self.texts, max_new_tokens=longest, do_sample=False, return_full_text=False,
+                           pad_token_id=self.tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
+        texts, generated, slots = [], 0, 0
+        for i, out in enumerate(outputs):
+            tokens = self.tokenizer(out[0]["generated_text"], add_special_tokens=False)["input_ids"]
+            texts.append(self.tokenizer.decode(tokens[: self.new[i]]))  # what this row asked for
+            generated += min(len(tokens), self.new[i])
+        for start_row in range(0, len(self.ids), b):  # input-order batches, each run to the longest budget
+            batch = self.ids[start_row:start_row + b]
+            slots += len(batch) * longest
+        padded = sum(len(self.ids[i:i + b]) * max(map(len, self.ids[i:i + b])) for i in range(0, len(self.ids), b))
+        return Result("pipeline", seconds, texts, generated, sum(map(len, self.ids)), padded, slots)
+
+    def run_continuous(self) -> Result:
+        import torch
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        c = self.cfg
+        config = GenerationConfig(max_new_tokens=max(self.new), do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        cache = ContinuousBatchingConfig(num_blocks=c.cb_num_blocks, page_size=c.cb_page_size,
+                                         max_batch_tokens=c.cb_max_batch_tokens)
+        results = {}
+        start = time.perf_counter()
+        with torch.inference_mode(), self.model.continuous_batching_context_manager(
+                generation_config=config, continuous_batching_config=cache, block=True, timeout=30) as manager:
+            ids = [manager.add_request(p, max_new_tokens=m) for p, m in zip(self.ids, self.new)]
+            while len(results) < len(ids):
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    results[r.request_id] = r
+        seconds = time.perf_counter() - start
+        eos = self.tokenizer.eos_token_id
+        texts, generated = [], 0
+        for rid in ids:
+            tokens = list(results[rid].generated_tokens)
+            generated += len(tokens)
+            texts.append(self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens,
+                                               skip_special_tokens=True))
+        total = sum(map(len, self.ids))
+        return Result("continuous", seconds, texts, generated, total, total, generated)  # packed: no padding
+
+    def run_ray_job(self) -> Result:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from lmbatch.config import BatchingConfig, ClusterConfig, GenerationOptions, InputConfig, JobConfig, ModelConfig, OutputConfig
+        from lmbatch.pipeline import run
+
+        c = self.cfg
+        source = self.workdir / "prompts.parquet"
+        if not source.exists():
+            pq.write_table(pa.table({"id": list(range(len(self.texts))), "prompt": self.texts,
+                                     "max_new_tokens": self.new}), source)
+        out = Path(tempfile.mkdtemp(prefix="ray-job-", dir=self.workdir))
+        job = JobConfig(
+            input=InputConfig(path=str(source), param_columns=["max_new_tokens"], keep_columns=[],
+                              on_duplicate_id="ignore"),
+            output=OutputConfig(path=str(out / "output")),
+            model=ModelConfig(path=self.model_path, dtype=self.dtype),
+            generation=GenerationOptions(max_new_tokens=max(self.new)),
+            batching=BatchingConfig(max_batch_tokens=c.max_batch_tokens, max_batch_rows=c.max_batch_rows,
+                                    min_padding_efficiency=c.min_padding_efficiency,
+                                    min_decode_efficiency=c.min_decode_efficiency),
+            cluster=ClusterConfig(num_replicas=c.ray_replicas, cpus_per_replica=c.ray_cpus_per_replica,
+                                  gpus_per_replica=1 if self.device == "cuda" else 0),
+        )
+        start = time.perf_counter()
+        summary = run(job)
+        seconds = time.perf_counter() - start
+        table = pq.read_table(out / "output", columns=["generated_text"])
+        m = summary["metrics"]
+        padded = round(m["prompt_tokens"] / m["padding_efficiency"]) if m["padding_efficiency"] else 0
+        slots = round(m["generated_tokens"] / m["decode_slot_efficiency"]) if m["decode_slot_efficiency"] else 0
+        return Result("ray_job", seconds, table["generated_text"].to_pylist(), m["generated_tokens"],
+                      m["prompt_tokens"], padded, slots, startup_seconds=m.get("startup_seconds"))
+
+    def run(self, variant: str) -> Result:
+        runner = {"bucketed": lambda: self.run_engine("bucketed"), "fixed": lambda: self.run_engine("fixed"),
+                  "pipeline": self.run_pipeline, "continuous": self.run_continuous, "ray_job": self.run_ray_job}
+        with PeakRSS() as rss:
+            result = runner[variant]()
+        result.peak_rss = rss.peak
+        return result
+
+
+def compare(results: dict[str, Result]) -> dict[str, int]:
+    """Rows whose greedy text differs from the bucketed engine's, per variant (0: identical).
+
+    With float32 a handful can differ on random-weight models where the top two logits tie to
+    within ~1e-5: padding changes the rounding, and such a row goes either way.
+    """
+    reference = results.get("bucketed") or next(iter(results.values()))
+    return {name: sum(a != b for a, b in zip(r.texts, reference.texts)) for name, r in results.items()}
+
+
+def markdown(rows: list[dict], baseline: str, header: str) -> str:
+    columns = ["variant", "seconds", "rows_per_s", "generated_tokens_per_s", "prompt_tokens_per_s",
+               "padding_efficiency", "decode_slot_efficiency", "peak_rss_mb", f"x_{baseline}", "rows_differing"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bandwidth_note(result: Result, model, bandwidth_gb_s: float) -> str:
+    """Decode is memory-bound: every step reads all weights once, for all rows of the step.
+
+    limit tokens/s = bandwidth / weight bytes x average rows per step (KV-cache reads ignored,
+    so the limit is optimistic and the ratio conservative).
+    """
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows_per_step = result.decode_slots / result.decode_steps
+    limit = bandwidth_gb_s * 1e9 / weight_bytes * rows_per_step
+    measured = result.generated_tokens / result.seconds
+    return (f"Memory-bandwidth limit for decode = bandwidth / weight bytes x rows per step = "
+            f"{bandwidth_gb_s:,.0f} GB/s / {weight_bytes / 1e9:.3f} GB x {rows_per_step:.1f} = {limit:,.0f} tokens/s; "
+            f"measured {measured:,.0f} generated tokens/s (prefill included) = {measured / limit:.3f} of the limit.")
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict:
+    unknown = set(cfg.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="lmbatch-bench-"))
+    model_path = build_model(cfg.model, workdir / "model", cfg.seed)
+    bench = Bench(cfg, model_path, workdir)
+
+    best: dict[str, Result] = {}
+    for round_ in range(cfg.repeats):  # interleaved: every variant once per round
+        for variant in cfg.variants:
+            result = bench.run(variant)
+            print(f"[benchmark] round {round_ + 1}: {variant:<10} {result.seconds:8.2f}s "
+                  f"{result.generated_tokens / result.seconds:10.1f} gen tok/s", flush=True)
+            if variant not in best or result.seconds < best[variant].seconds:
+                best[variant] = result
+
+    rows_n = len(bench.texts)
+    notes = []
+    if "ray_job" in best and "bucketed" in best and best["ray_job"].startup_seconds is not None:
+        ray = best["ray_job"]
+        steady = best["bucketed"].seconds / max(ray.seconds - ray.startup_seconds, 1e-9)
+        notes.append(f"Ray Data job vs in-process bucketed engine: {best['bucketed'].seconds / ray.seconds:.3f}x "
+                     f"end to end, {steady:.3f}x with its start-up ({ray.startup_seconds:.1f}s: Ray, replicas, "
+                     "model loads) excluded.")
+    if cfg.memory_bandwidth_gb_s and "bucketed" in best and best["bucketed"].decode_steps:
+        notes.append(bandwidth_note(best["bucketed"], bench.model, cfg.memory_bandwidth_gb_s))
+    baseline = "fixed" if "fixed" in best else cfg.variants[0]
+    same = compare({k: v for k, v in best.items() if k != "pipeline"})
+    rows = []
+    for variant in cfg.variants:
+        row = best[variant].row(rows_n)
+        row[f"x_{baseline}"] = round(best[baseline].seconds / best[variant].seconds, 3)
+        row["rows_differing"] = same.get(variant)
+        rows.append(row)
+    machine = (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, device {bench.device}, "
+               f"{bench.dtype}")
+    header = (f"Benchmark: model preset `{cfg.model}`, {rows_n} prompts ({sum(map(len, bench.ids)):,} prompt tokens, "
+              f"{cfg.min_prompt_tokens}-{cfg.max_prompt_tokens} log-normal), max_new_tokens {cfg.min_new_tokens}-"
+              f"{cfg.max_new_tokens} per row; {machine}; best of {cfg.repeats} interleaved rounds.")
+    report = {"config": dataclasses.asdict(cfg), "machine": machine, "baseline": baseline, "results": rows,
+              "greedy_rows_differing_from_bucketed": same, "notes": notes}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown(rows, baseline, header) + "".join(f"\n{n}\n" for n in notes)
+    (out_dir / "results.md").write_text(table)
+    print(table)
+    print(f"benchmark results in {out_dir}")
+    return report
