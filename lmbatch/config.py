@@ -40,6 +40,12 @@ class InputConfig:
     """Input columns copied to the output besides the id; null keeps them all, [] keeps none."""
     template: Optional[str] = None
     """Optional prompt template with `{column}` placeholders filled from the row."""
+    messages_column: Optional[str] = None
+    """Column of chat messages (a list of {role, content}) used instead of prompt_column."""
+    system_prompt: Optional[str] = None
+    """System message put before each row's messages (implies the chat template)."""
+    apply_chat_template: bool = False
+    """Render plain prompts as one user message with the tokenizer's chat template."""
     on_too_long: str = "error"
     """A prompt longer than the model's context minus max_new_tokens: `error` row or `truncate` from the left."""
     param_columns: list[str] = field(default_factory=list)
@@ -47,8 +53,19 @@ class InputConfig:
     on_duplicate_id: str = "report"
     """Rows repeating an earlier id: `report` (keep, count, warn), `error` (error rows), `ignore` (no check)."""
 
+    @property
+    def chat(self) -> bool:
+        """Whether prompts go through the tokenizer's chat template."""
+        return bool(self.messages_column or self.system_prompt or self.apply_chat_template)
+
+    @property
+    def text_column(self) -> str:
+        return self.messages_column or self.prompt_column
+
     def __post_init__(self) -> None:
         _require(bool(self.path), "input.path must be set")
+        _require(not (self.messages_column and self.template),
+                 "input.template fills plain prompts; it cannot be combined with input.messages_column")
         unknown = set(self.param_columns) - set(PER_ROW_PARAMETERS)
         _require(not unknown, f"input.param_columns may only name {', '.join(PER_ROW_PARAMETERS)}; "
                               f"got {sorted(unknown)}")

@@ -109,7 +109,8 @@ def _list(fs: pafs.FileSystem, base: str, uri: str) -> list[pafs.FileInfo]:
 def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
     """Read every footer; check the required columns exist with the right kind of type.
 
-    `required` maps column name -> "string" (must hold text) or "any". Files must agree on
+    `required` maps column name -> "string" (must hold text), "messages" (a list of
+    {role, content} structs) or "any". Files must agree on
     the type of every column that is read, so that output parts share one schema.
     """
     fs, infos = discover_files(uri)
@@ -129,6 +130,9 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
             col_type = file_schema.field(column).type
             if kind == "string" and not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
                 raise JobError(f"column {column!r} in {name} must hold strings, found {col_type}")
+            if kind == "messages" and not (pa.types.is_list(col_type) or pa.types.is_large_list(col_type)):
+                raise JobError(f"column {column!r} in {name} must hold lists of {{role, content}} messages, "
+                               f"found {col_type}")
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema):

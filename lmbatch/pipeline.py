@@ -106,9 +106,12 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
             raise JobError(f"model.path {job.model.path} does not exist")
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=job.model.trust_remote_code)
-        load_tokenizer(path, job.model.trust_remote_code)
+        tokenizer = load_tokenizer(path, job.model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
         raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
+    if job.input.chat and not tokenizer.chat_template:
+        raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
+                       "input.system_prompt and input.apply_chat_template need")
     text_config = getattr(config, "get_text_config", lambda: config)()
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     return path, limit
@@ -144,7 +147,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     if io.is_inside(output_uri, input_uri) or io.is_inside(input_uri, output_uri):
         raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
     keep = i.keep_columns or []
-    required = {i.prompt_column: "string", i.id_column: "any",
+    required = {i.text_column: "messages" if i.messages_column else "string", i.id_column: "any",
                 **{c: "any" for c in keep + i.param_columns + template_fields(i.template)}}
     inputs = io.inspect_inputs(input_uri, required)
     passthrough = _passthrough_columns(job, inputs)
@@ -156,10 +159,11 @@ def plan_job(job: JobConfig) -> JobPlan:
     chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, job.batching.chunk_rows,
                                                           job.cluster.num_replicas)
     settings = PrepareSettings(
-        input_uri=input_uri, prompt_column=i.prompt_column, passthrough_columns=tuple(passthrough),
+        input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
         tokenizer_path=model_path, generation=job.generation, param_columns=tuple(i.param_columns),
         context_limit=context_limit, on_too_long=i.on_too_long,
-        template=i.template, trust_remote_code=job.model.trust_remote_code,
+        template=i.template, chat=i.chat, system_prompt=i.system_prompt,
+        trust_remote_code=job.model.trust_remote_code,
     )
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
     chunks = io.plan_chunks(inputs.files, chunk_rows)

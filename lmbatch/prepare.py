@@ -42,6 +42,9 @@ class PrepareSettings:
     """Positions the model supports; a prompt plus its new tokens must fit."""
     on_too_long: str = "error"
     template: Optional[str] = None
+    chat: bool = False
+    """Render with the tokenizer's chat template (then no extra special tokens are added)."""
+    system_prompt: Optional[str] = None
     trust_remote_code: bool = False
 
     @property
@@ -71,21 +74,40 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def render_prompt(row: dict, s: PrepareSettings) -> str:
+def render_prompt(row: dict, s: PrepareSettings, tokenizer) -> str:
+    """The text the model continues: the prompt, templated, or the chat-rendered messages."""
     value = row.get(s.prompt_column)
     if value is None:
         raise RowError(f"null prompt: column {s.prompt_column!r} is null")
-    if not isinstance(value, str):
+    if isinstance(value, list):
+        messages = _messages(value, s.prompt_column)
+    elif not isinstance(value, str):
         raise RowError(f"not a string: column {s.prompt_column!r} holds {type(value).__name__}")
-    text = value
-    if s.template:
-        try:
-            text = s.template.format_map(row)
-        except (KeyError, IndexError, ValueError) as e:
-            raise RowError(f"template: input.template cannot be filled from this row: {e!r}") from None
-    if not text.strip():
-        raise RowError(f"empty prompt: column {s.prompt_column!r} is empty or whitespace")
-    return text
+    else:
+        text = value
+        if s.template:
+            try:
+                text = s.template.format_map(row)
+            except (KeyError, IndexError, ValueError) as e:
+                raise RowError(f"template: input.template cannot be filled from this row: {e!r}") from None
+        if not text.strip():
+            raise RowError(f"empty prompt: column {s.prompt_column!r} is empty or whitespace")
+        if not s.chat:
+            return text
+        messages = [{"role": "user", "content": text}]
+    if s.system_prompt:
+        messages = [{"role": "system", "content": s.system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _messages(value: list, column: str) -> list[dict]:
+    """Validate a chat: a non-empty list of {role, content} with string values."""
+    if not value:
+        raise RowError(f"empty prompt: column {column!r} holds no messages")
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise RowError(f"bad messages: column {column!r} needs a list of {{role, content}} strings, got {m!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Optional[dict]]:
@@ -127,6 +149,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     rows = table.to_pylist()
     id_column = s.passthrough_columns[0]
     duplicates = set(duplicate_rows)
+    tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code)
     texts: dict[int, str] = {}
     errors: list[Optional[str]] = [None] * len(rows)
     settings: list[GenerationOptions] = [s.generation] * len(rows)
@@ -139,12 +162,12 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
                 raise RowError(f"duplicate id: {row[id_column]!r} appeared earlier in the input")
             settings[i], changed = row_generation(row, s)
             overrides[i] = json.dumps(changed) if changed else None
-            texts[i] = render_prompt(row, s)
+            texts[i] = render_prompt(row, s, tokenizer)
         except RowError as e:
             errors[i] = str(e)
 
-    tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code)
-    encoded = tokenizer(list(texts.values()))["input_ids"] if texts else []
+    # A chat template already holds the special tokens the model expects.
+    encoded = tokenizer(list(texts.values()), add_special_tokens=not s.chat)["input_ids"] if texts else []
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)

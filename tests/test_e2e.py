@@ -28,13 +28,13 @@ def run_job(out, prompts_file, model, *overrides):
                        "cluster.num_replicas=2", "generation.max_new_tokens=12", *overrides))
 
 
-def oracle(model_path, prompt, max_new_tokens):
+def oracle(model_path, prompt, max_new_tokens, add_special_tokens=True):
     """model.generate on the prompt alone, decoded the way the job decodes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = oracle.models.setdefault(model_path, AutoModelForCausalLM.from_pretrained(model_path))
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     new = out[0, ids.shape[1]:].tolist()
     if tok.eos_token_id in new:
@@ -140,3 +140,36 @@ def test_per_row_parameters_override_the_config(local_ray, tmp_path, tiny_llama)
     assert rows[1]["generated_text"] == oracle(tiny_llama, prompts[1], 6)
     assert not any(r["error"] for i, r in enumerate(rows) if i != 3)
     assert "temperature" in rows[0] and "max_new_tokens" in rows[0]  # parameter columns are kept like any other
+
+
+def chat_oracle(model_path, messages, max_new_tokens):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return oracle(model_path, text, max_new_tokens, add_special_tokens=False)
+
+
+def test_chat_messages_and_system_prompt_use_the_chat_template(local_ray, tmp_path, tiny_llama):
+    chats = [
+        [{"role": "user", "content": "Explain the data table"}],
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+         {"role": "user", "content": "summarize the report"}],
+        [],  # no messages: an error row
+    ]
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "messages": chats}), path)
+    out = tmp_path / "out"
+    run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "input.messages_column=messages",
+                "input.system_prompt=You are terse.", "generation.max_new_tokens=8", "cluster.num_replicas=1"))
+    rows = pq.read_table(out).to_pylist()
+    system = [{"role": "system", "content": "You are terse."}]
+    for row, chat in zip(rows[:2], chats):
+        assert row["generated_text"] == chat_oracle(tiny_llama, system + chat, 8)
+    assert rows[2]["error"].startswith("empty prompt")
+
+    plain = write_prompts(tmp_path / "plain.parquet", ["Explain the data table"])
+    run(compose(f"input.path={plain}", f"output.path={tmp_path / 'plain'}", f"model.path={tiny_llama}",
+                "input.apply_chat_template=true", "generation.max_new_tokens=8", "cluster.num_replicas=1"))
+    row = pq.read_table(tmp_path / "plain").to_pylist()[0]
+    assert row["generated_text"] == chat_oracle(tiny_llama, chats[0], 8)

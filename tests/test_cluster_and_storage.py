@@ -1,0 +1,140 @@
+"""Data-team and cluster set-ups with the real thing: an S3-compatible server, `ray job submit` to a
+`ray start` cluster, Hydra multirun sweeps, and the KubeRay manifest's entrypoint."""
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, compose, write_prompts
+from lmbatch.pipeline import to_job_config
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process we started and everything it started (its own session), by process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_job(*args, cwd, env=None, timeout=400):
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_kuberay_manifest_entrypoint_is_a_valid_job():
+    manifest = yaml.safe_load((REPO / "jobs" / "kuberay-rayjob.yaml").read_text())
+    assert manifest["kind"] == "RayJob" and manifest["apiVersion"].startswith("ray.io/")
+    command = shlex.split(manifest["spec"]["entrypoint"])
+    assert command[:2] == ["python", "jobs/generate.py"] and (REPO / command[1]).exists()
+    job = to_job_config(compose(*command[2:]))  # every override exists in the schema and validates
+    assert job.cluster.gpus_per_replica == 1 and job.input.path.startswith("s3://")
+    workers = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in workers)
+    assert gpus == job.cluster.num_replicas * job.cluster.gpus_per_replica
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """A real S3-compatible server (moto) on 127.0.0.1 with one bucket; credentials via the standard variables."""
+    port = free_port()
+    server = subprocess.Popen([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="lmbatch-test")
+        yield pafs.FileSystem.from_uri("s3://lmbatch-test/")[0]
+    finally:
+        stop_group(server)
+
+
+@pytest.mark.slow
+def test_input_and_output_on_s3(s3, tmp_path):
+    source = write_prompts(tmp_path / "in.parquet", ["first prompt", "second prompt", "third"])
+    pq.write_table(pq.read_table(source), "lmbatch-test/prompts/part-0.parquet", filesystem=s3)
+    out = "s3://lmbatch-test/generations/run-1"
+    log = run_job("input.path=s3://lmbatch-test/prompts/", f"output.path={out}", "generation.max_new_tokens=4",
+                  "cluster.num_replicas=1", cwd=tmp_path)
+    assert f"to {out}" in log
+    names = {i.base_name for i in s3.get_file_info(pafs.FileSelector("lmbatch-test/generations/run-1"))}
+    assert {"_SUCCESS", "_manifest.json", "_metrics.json", "_lmbatch_job.json"} <= names
+    table = pq.read_table("lmbatch-test/generations/run-1", filesystem=s3)
+    assert table["id"].to_pylist() == [0, 1, 2] and table["error"].null_count == 3
+    again = run_job("input.path=s3://lmbatch-test/prompts/", f"output.path={out}", "generation.max_new_tokens=4",
+                    cwd=tmp_path)
+    assert "already holds this job, finished" in again
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_distinct_outputs(tmp_path):
+    source = write_prompts(tmp_path / "in.parquet", ["a prompt to sample from", "another one"])
+    run_job("-m", "generation=sampling", "generation.temperature=0.2,5.0", f"input.path={source}",
+            "generation.max_new_tokens=6", "cluster.num_replicas=1", cwd=tmp_path, timeout=600)
+    outputs = sorted(tmp_path.glob("runs/multirun/*/*/*/output"))
+    assert [p.parent.name for p in outputs] == ["0", "1"]
+    cold, hot = (pq.read_table(p)["generated_text"].to_pylist() for p in outputs)
+    assert all((p / "_SUCCESS").exists() for p in outputs) and cold != hot
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_started_cluster(tmp_path):
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             "--num-cpus=2", "--include-dashboard=true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", timeout=120)
+        source = write_prompts(tmp_path / "in.parquet", ["submitted as a Ray job", "second row"])
+        out = tmp_path / "out"
+        done = subprocess.run(
+            [os.path.join(BIN, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+             str(REPO), "--", "python", "jobs/generate.py", f"input.path={source}", f"output.path={out}",
+             "generation.max_new_tokens=4", "cluster.num_replicas=1", f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout
+        assert (out / "_SUCCESS").exists() and pq.read_table(out).num_rows == 2
+    finally:
+        stop_group(head)
