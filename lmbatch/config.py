@@ -81,9 +81,13 @@ class OutputConfig:
     """Directory (or URI) that receives the Parquet parts, `_manifest.json`, `_metrics.json`, `_SUCCESS`."""
     mode: str = "resume"
     """`resume`: continue this job's partial output (a finished one is a no-op); `overwrite`: start afresh."""
+    max_rows_per_file: Optional[int] = None
+    """Cap on rows per output part (each chunk is one part, so this caps batching.chunk_rows too)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "output.path must be set")
+        _require(self.max_rows_per_file is None or self.max_rows_per_file >= 1,
+                 f"output.max_rows_per_file must be >= 1 or null, got {self.max_rows_per_file}")
         _require(self.mode in ("resume", "overwrite"),
                  f"output.mode must be 'resume' or 'overwrite', got {self.mode!r}")
 

@@ -156,8 +156,10 @@ def plan_job(job: JobConfig) -> JobPlan:
     output = OutputDir(output_uri)
     fingerprint = _fingerprint(job, inputs)
     state = output.inspect(fingerprint, job.output.mode)
-    chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, job.batching.chunk_rows,
-                                                          job.cluster.num_replicas)
+    configured = job.batching.chunk_rows
+    if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
+        configured = min(configured, max(1, job.output.max_rows_per_file // job.generation.num_return_sequences))
+    chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, configured, job.cluster.num_replicas)
     settings = PrepareSettings(
         input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
         tokenizer_path=model_path, generation=job.generation, param_columns=tuple(i.param_columns),
@@ -196,7 +198,8 @@ def ray_session(job: JobConfig):
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to the home directory
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        # "local": a fresh Ray of our own, never a `ray start` cluster that happens to run here.
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         yield
     finally:

@@ -80,6 +80,7 @@ def local_ray():
     """A real local Ray bound to loopback, shared by one test module and shut down after it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
     yield
     ray.shutdown()

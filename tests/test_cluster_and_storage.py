@@ -3,10 +3,12 @@
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -119,7 +121,11 @@ def test_multirun_sweep_writes_distinct_outputs(tmp_path):
 @pytest.mark.slow
 def test_ray_job_submit_to_a_started_cluster(tmp_path):
     port, dashboard = free_port(), free_port()
+    # Its own temp dir: `ray start` records itself there, where no other Ray in the tests looks.
+    # (A short path: Ray's socket paths under it must stay within the OS limit.)
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     head = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--temp-dir={temp_dir}",
                              f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                              "--num-cpus=2", "--include-dashboard=true"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -138,3 +144,4 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path):
         assert (out / "_SUCCESS").exists() and pq.read_table(out).num_rows == 2
     finally:
         stop_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)

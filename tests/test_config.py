@@ -2,7 +2,7 @@
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
 from conftest import CONF, compose
 from lmbatch.config import ConfigError, JobConfig

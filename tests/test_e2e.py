@@ -173,3 +173,20 @@ def test_chat_messages_and_system_prompt_use_the_chat_template(local_ray, tmp_pa
                 "input.apply_chat_template=true", "generation.max_new_tokens=8", "cluster.num_replicas=1"))
     row = pq.read_table(tmp_path / "plain").to_pylist()[0]
     assert row["generated_text"] == chat_oracle(tiny_llama, chats[0], 8)
+
+
+def test_output_files_are_bounded_and_read_back_with_duckdb(local_ray, tmp_path, prompts_file, tiny_llama):
+    import duckdb
+
+    out = tmp_path / "out"
+    run_job(out, prompts_file, tiny_llama, "output.max_rows_per_file=16", "generation.max_new_tokens=3")
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) >= 5 and all(pq.read_metadata(p).num_rows <= 16 for p in parts)
+    con = duckdb.connect()
+    got = con.execute(f"select count(*), count(distinct id), sum(num_generated_tokens), "
+                      f"count(*) filter (where finish_reason = 'error') from read_parquet('{out}/part-*.parquet')").fetchone()
+    table = pq.read_table(out)
+    assert got == (70, 70, sum(table["num_generated_tokens"].to_pylist()), 0)
+    schema = {name: str(t) for name, t, *_ in con.execute(
+        f"describe select * from read_parquet('{out}/part-*.parquet')").fetchall()}
+    assert schema["generated_text"] == "VARCHAR" and schema["num_prompt_tokens"] == "BIGINT"
