@@ -8,7 +8,9 @@ from conftest import CONF, compose
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.pipeline import to_job_config
 
-GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF.iterdir()) if group.is_dir() and group.name != "__pycache__"
+BENCHMARK_GROUPS = {"preset"}  # options of conf/benchmark.yaml, composed below
+GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF.iterdir())
+                 if group.is_dir() and group.name not in {"__pycache__", *BENCHMARK_GROUPS}
                  for f in sorted(group.glob("*.yaml"))]
 
 
@@ -21,6 +23,21 @@ def test_every_shipped_config_composes_and_validates(group, option, tmp_path):
     cfg = compose(f"{group}={option}", f"output.path={tmp_path}")
     job = to_job_config(cfg)
     assert isinstance(job, JobConfig)
+
+
+@pytest.mark.parametrize("config,overrides", [
+    ("benchmark", []), ("benchmark", ["preset=cpu"]), ("benchmark", ["preset=gpu"]), ("scale", []),
+])
+def test_benchmark_configs_compose_and_validate(config, overrides, tmp_path):
+    import lmbatch.benchmark  # noqa: F401 - registers the schemas
+    import lmbatch.scale  # noqa: F401
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name=config, overrides=[*overrides, f"{'work_dir' if config == 'scale' else 'output_dir'}={tmp_path}"])
+    assert OmegaConf.to_object(cfg)
 
 
 def test_contract_keys_exist(tmp_path):

@@ -249,11 +249,15 @@ def test_a_killed_replica_is_replaced_and_nothing_is_lost(tmp_path, long_input):
     os.kill(victims[0], signal.SIGKILL)
     TALLY["faults"] += 1
     killed_at = len(parts(out))
+    replacement = None
+    deadline = time.time() + 120
+    while replacement is None and proc.poll() is None and time.time() < deadline:
+        replacement = next((p for p in replica_pids(proc.pid) if p not in victims), None)
+        time.sleep(0.1)
     finish(proc)
     assert killed_at < 50
+    assert replacement is not None, "no replica process replaced the killed one"
     assert account(out, ids) == (0, 0)
-    metrics = json.loads((out / "_metrics.json").read_text())
-    assert len(metrics["replicas"]) == 3  # two replicas plus the one that replaced the killed one
 
 
 def test_a_lost_node_is_survived(tmp_path, long_input):
