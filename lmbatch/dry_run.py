@@ -20,7 +20,7 @@ def histogram(lengths: list[int]) -> list[tuple[str, int]]:
 
 
 def dry_run(plan) -> dict:
-    job, b = plan.job, plan.job.batching
+    b = plan.job.batching
     lengths, errors, batches, rows_seen = [], 0, 0, 0
     real = padded = 0
     for chunk in plan.pending:

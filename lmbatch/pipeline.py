@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -33,9 +32,6 @@ from lmbatch.output import OutputDir, OutputState, part_name
 from lmbatch.prepare import PrepareSettings, load_tokenizer, prepare_chunk, template_fields
 from lmbatch.replica import Replica, output_columns
 from lmbatch.report import Progress, format_summary
-
-log = logging.getLogger("lmbatch")
-
 
 @dataclass
 class JobPlan:

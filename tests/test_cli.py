@@ -1,6 +1,5 @@
 """The commands users type: `python jobs/generate.py`, the `lmbatch` console script, the README's examples."""
 
-import json
 import os
 import shutil
 import subprocess
