@@ -83,6 +83,8 @@ class OutputConfig:
     """`resume`: continue this job's partial output (a finished one is a no-op); `overwrite`: start afresh."""
     max_rows_per_file: Optional[int] = None
     """Cap on rows per output part (each chunk is one part, so this caps batching.chunk_rows too)."""
+    partition_by: Optional[str] = None
+    """Input column to partition the output by, Hive style: `COLUMN=value/part-*.parquet`."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "output.path must be set")

@@ -7,6 +7,10 @@ Layout of an output directory:
     _manifest.json, _metrics.json
     _SUCCESS                written last
 
+With `output.partition_by=COLUMN` a chunk writes one part per value, Hive style
+(`COLUMN=value/part-<chunk>.parquet`, the column itself moves into the path), and then a marker
+`_chunks/<chunk>`: the marker, written last, is what records the chunk as done.
+
 A part's existence is the only progress record, so there is no window between "data written"
 and "progress recorded" in which a crash could duplicate rows: a rerun skips exactly the chunks
 whose parts exist and regenerates the others under the same names. Resume bookkeeping on the
@@ -16,11 +20,13 @@ driver is one set of chunk ids: O(rows / chunk_rows), independent of row count w
 from __future__ import annotations
 
 import json
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -49,9 +55,17 @@ class OutputState:
     """Nothing of this job is there yet (or it is to be overwritten)."""
 
 
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+CHUNK_MARKERS = "_chunks"
+
+
+def partition_dir(column: str, value) -> str:
+    return f"{column}={HIVE_NULL if value is None else urllib.parse.quote(str(value), safe='')}"
+
+
 class OutputDir:
-    def __init__(self, uri: str):
-        self.uri = uri
+    def __init__(self, uri: str, partition_by: Optional[str] = None):
+        self.uri, self.partition_by = uri, partition_by
         self.fs, self.path = resolve_filesystem(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
@@ -82,8 +96,11 @@ class OutputDir:
             raise JobError(f"output.path {self.uri} holds the output of a different job "
                            f"(other input or generation settings); use output.mode=overwrite to replace it, "
                            "or choose another output.path")
-        done = {n[len(PART_PREFIX):-len(PART_SUFFIX)] for n in names
-                if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)}
+        if self.partition_by:
+            done = {i.base_name for i in self._list(CHUNK_MARKERS)}
+        else:
+            done = {n[len(PART_PREFIX):-len(PART_SUFFIX)] for n in names
+                    if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)}
         return OutputState(finished=SUCCESS in names, done_chunks=done,
                            chunk_rows=state["chunk_rows"], fresh=False)
 
@@ -92,20 +109,48 @@ class OutputDir:
         if state.fresh and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
             self.fs.delete_dir_contents(self.path)
         self.fs.create_dir(self.path, recursive=True)
-        for name in self._names():  # leftovers of parts that were being written when a run died
-            if name.endswith(".tmp"):
-                self.fs.delete_file(self._file(name))
+        for info in self._list(""):  # leftovers of parts that were being written when a run died
+            if info.base_name.endswith(".tmp"):
+                self.fs.delete_file(info.path)
         if state.fresh:
             self._write_text(STATE_FILE, json.dumps({"fingerprint": fingerprint, "chunk_rows": chunk_rows}))
 
     def write_part(self, chunk_id: str, table: pa.Table) -> None:
-        final = self._file(part_name(chunk_id))
+        if not self.partition_by:
+            self._write_table(part_name(chunk_id), table)
+            return
+        column = table[self.partition_by]
+        for value in pc.unique(column).to_pylist():
+            rows = table.filter(pc.is_null(column) if value is None else pc.equal(column, value))
+            self._write_table(f"{partition_dir(self.partition_by, value)}/{part_name(chunk_id)}",
+                              rows.drop_columns([self.partition_by]))
+        self.fs.create_dir(self._file(CHUNK_MARKERS), recursive=True)
+        self._write_text(f"{CHUNK_MARKERS}/{chunk_id}", "")  # last: the chunk is whole
+
+    def part_files(self) -> dict[str, list[str]]:
+        """Chunk id -> paths of its parts (one, or one per partition value)."""
+        found: dict[str, list[str]] = {}
+        for info in self._list(""):
+            name = info.base_name
+            if info.is_file and name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX):
+                found.setdefault(name[len(PART_PREFIX):-len(PART_SUFFIX)], []).append(info.path)
+        return found
+
+    def _write_table(self, name: str, table: pa.Table) -> None:
+        final = self._file(name)
+        if "/" in name:
+            self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         if not self.local:  # an object store PUT is atomic: the object appears whole or not at all
             pq.write_table(table, final, filesystem=self.fs)
             return
-        scratch = self._file(f".{part_name(chunk_id)}.{uuid.uuid4().hex}.tmp")
+        folder, base = final.rsplit("/", 1)
+        scratch = f"{folder}/.{base}.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, scratch, filesystem=self.fs)
         self.fs.move(scratch, final)  # rename: atomic, and a retried chunk replaces its own part
+
+    def _list(self, sub: str) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self._file(sub) if sub else self.path, recursive=True, allow_not_found=True)
+        return self.fs.get_file_info(selector)
 
     def commit(self, manifest: dict, metrics: dict) -> None:
         self._write_text(MANIFEST, json.dumps(manifest, indent=2, default=str))

@@ -28,7 +28,7 @@ import lmbatch
 from lmbatch import io
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
-from lmbatch.output import OutputDir, OutputState, part_name
+from lmbatch.output import OutputDir, OutputState
 from lmbatch.prepare import PrepareSettings, load_tokenizer, prepare_chunk, template_fields
 from lmbatch.replica import Replica, output_columns
 from lmbatch.report import Progress, format_summary
@@ -132,6 +132,7 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         "model": dataclasses.asdict(job.model),
         "generation": dataclasses.asdict(job.generation),
         "engine": job.engine,
+        "partition_by": job.output.partition_by,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -149,7 +150,10 @@ def plan_job(job: JobConfig) -> JobPlan:
     passthrough = _passthrough_columns(job, inputs)
     model_path, context_limit = check_model(job)
 
-    output = OutputDir(output_uri)
+    partition_by = job.output.partition_by
+    if partition_by and (partition_by not in passthrough or partition_by == i.id_column):
+        raise JobError(f"output.partition_by={partition_by!r} must name a kept input column other than the id")
+    output = OutputDir(output_uri, partition_by)
     fingerprint = _fingerprint(job, inputs)
     state = output.inspect(fingerprint, job.output.mode)
     configured = job.batching.chunk_rows
@@ -224,7 +228,8 @@ def build_dataset(plan: JobPlan):
     return ds.map_batches(
         Replica,
         fn_constructor_kwargs=dict(job=job, output_uri=plan.output.uri,
-                                   passthrough_columns=list(plan.settings.passthrough_columns)),
+                                   passthrough_columns=list(plan.settings.passthrough_columns),
+                                   partition_by=plan.output.partition_by),
         batch_size=None, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=min(job.cluster.num_replicas, len(pending))),
         num_cpus=job.cluster.cpus_per_replica, num_gpus=job.cluster.gpus_per_replica or None,
@@ -235,17 +240,17 @@ def count_committed(plan: JobPlan) -> dict:
     """Check that every planned chunk has its part with exactly its rows; count ok and error rows."""
     ok = error = 0
     fs, n = plan.output.fs, plan.rows_per_input_row
+    files = plan.output.part_files()
     for chunk in plan.chunks:
-        path = f"{plan.output.path}/{part_name(chunk.id)}"
-        try:
-            reasons = pq.read_table(path, columns=["finish_reason"], filesystem=fs)["finish_reason"]
-        except FileNotFoundError:
-            raise RuntimeError(f"part for chunk {chunk.id} is missing after the run") from None
+        if chunk.id not in files:
+            raise RuntimeError(f"part for chunk {chunk.id} is missing after the run")
+        reasons = [r for path in files[chunk.id]
+                   for r in pq.read_table(path, columns=["finish_reason"], filesystem=fs)["finish_reason"].to_pylist()]
         if len(reasons) != chunk.num_rows * n:
-            raise RuntimeError(f"part for chunk {chunk.id} holds {len(reasons)} rows, expected {chunk.num_rows * n}")
-        errors = reasons.to_pylist().count("error")
+            raise RuntimeError(f"parts of chunk {chunk.id} hold {len(reasons)} rows, expected {chunk.num_rows * n}")
+        errors = reasons.count("error")
         ok, error = ok + len(reasons) - errors, error + errors
-    return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": len(plan.chunks)}
+    return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": sum(map(len, files.values()))}
 
 
 def manifest(plan: JobPlan, totals: dict) -> dict:

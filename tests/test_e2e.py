@@ -190,3 +190,31 @@ def test_output_files_are_bounded_and_read_back_with_duckdb(local_ray, tmp_path,
     schema = {name: str(t) for name, t, *_ in con.execute(
         f"describe select * from read_parquet('{out}/part-*.parquet')").fetchall()}
     assert schema["generated_text"] == "VARCHAR" and schema["num_prompt_tokens"] == "BIGINT"
+
+
+def test_output_partitioned_by_an_input_column(local_ray, tmp_path, prompts_file, tiny_llama):
+    import duckdb
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "out"
+    result = run_job(out, prompts_file, tiny_llama, "output.partition_by=topic", "generation.max_new_tokens=3")
+    source = pq.read_table(prompts_file)
+    assert sorted(p.name for p in out.glob("topic=*")) == ["topic=a", "topic=b", "topic=c"]
+    table = ds.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert sorted(table["id"].to_pylist()) == sorted(source["id"].to_pylist()) and result["rows"] == 70
+    by_id = {r["id"]: r["topic"] for r in table.select(["id", "topic"]).to_pylist()}
+    assert by_id == dict(zip(source["id"].to_pylist(), source["topic"].to_pylist()))
+    counted = duckdb.connect().execute(
+        f"select topic, count(*) from read_parquet('{out}/*/*.parquet', hive_partitioning = true) group by topic "
+        "order by topic").fetchall()
+    assert counted == sorted(__import__("collections").Counter(source["topic"].to_pylist()).items())
+    assert run_job(out, prompts_file, tiny_llama, "output.partition_by=topic",
+                   "generation.max_new_tokens=3")["already_finished"]
+
+    # A chunk without its marker (the run died before writing it) is regenerated, in place.
+    marker = sorted((out / "_chunks").iterdir())[0]
+    marker.unlink()
+    (out / "_SUCCESS").unlink()
+    again = run_job(out, prompts_file, tiny_llama, "output.partition_by=topic", "generation.max_new_tokens=3")
+    assert again["metrics"]["chunks_this_run"] == 1 and again["rows"] == 70
+    assert ds.dataset(out, format="parquet", partitioning="hive").to_table().equals(table)

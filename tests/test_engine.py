@@ -88,3 +88,13 @@ def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
         alone_ = [(c.sample_index, c.text) for c in engine.generate([r])]
         assert alone_ == [(c.sample_index, c.text) for c in first if c.key == r.key]
 
+
+
+def test_device_map_auto_loads_through_accelerate(tiny_llama):
+    """model.device_map=auto (how a replica spans its GPUs) loads and generates the same text; here on the CPU."""
+    plain = make_engine(tiny_llama)
+    mapped = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama, dtype="float32", device_map="auto"),
+                           BatchingConfig(), device="cpu")
+    assert str(mapped.model.device) == "cpu"  # (without accelerate installed, device_map raises)
+    requests = [Request(i, plain.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(5, max_words=20))]
+    assert [c.text for c in mapped.generate(requests)] == [c.text for c in plain.generate(requests)]
