@@ -55,13 +55,26 @@ class InputPlan:
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or URI; credentials and endpoint come from the environment."""
+    """(filesystem, path) for a local path or URI; credentials and endpoint come from the environment.
+
+    pyarrow's own filesystems first (local, s3, gs, hdfs, ...); any other scheme that an installed
+    fsspec implementation knows (az:// with adlfs, ...) is wrapped for pyarrow.
+    """
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass  # not a scheme pyarrow knows: try fsspec
+    except OSError as e:
         raise JobError(f"cannot open {uri}: {e}") from None
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as e:
+        raise JobError(f"cannot open {uri}: neither pyarrow nor fsspec has a filesystem for it ({e})") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def with_scheme(uri: str, path: str) -> str:
