@@ -96,11 +96,8 @@ class OutputDir:
             raise JobError(f"output.path {self.uri} holds the output of a different job "
                            f"(other input or generation settings); use output.mode=overwrite to replace it, "
                            "or choose another output.path")
-        if self.partition_by:
-            done = {i.base_name for i in self._list(CHUNK_MARKERS)}
-        else:
-            done = {n[len(PART_PREFIX):-len(PART_SUFFIX)] for n in names
-                    if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)}
+        # Partitioned chunks are done once their marker exists; a plain chunk once its part does.
+        done = {i.base_name for i in self._list(CHUNK_MARKERS)} if self.partition_by else set(self.part_files())
         return OutputState(finished=SUCCESS in names, done_chunks=done,
                            chunk_rows=state["chunk_rows"], fresh=False)
 
