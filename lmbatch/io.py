@@ -2,7 +2,8 @@
 
 Everything here runs before any model loads, from Parquet footers alone, so a bad job
 (missing path, corrupt file, missing column) stops with one readable `JobError`.
-A chunk is a row range of one file: the unit that is read, generated and committed together.
+A chunk is a row range of the input taken as one sequence of files (so many small files share
+a chunk and a huge file is cut into several): the unit that is read, generated and committed together.
 """
 
 from __future__ import annotations
@@ -30,17 +31,32 @@ class InputFile:
 
 
 @dataclass(frozen=True)
-class Chunk:
-    id: str
-    """Stable name, e.g. `00003-000002048`: input file index and first row; names the output part."""
+class Piece:
+    """Rows [start, stop) of one input file."""
     file: str
     file_index: int
     start: int
     stop: int
 
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    """Stable name, e.g. `00003-000002048`: file index and row where the chunk begins; names the output part."""
+    start: int
+    stop: int
+    """Rows [start, stop) of the whole input (files in order)."""
+    pieces: tuple[Piece, ...]
+    """The file row ranges that make up the chunk, in order."""
+
     @property
     def num_rows(self) -> int:
         return self.stop - self.start
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Chunk":
+        """Inverse of dataclasses.asdict (chunks travel to Ray tasks as plain rows)."""
+        return cls(d["id"], d["start"], d["stop"], tuple(Piece(**p) for p in d["pieces"]))
 
 
 @dataclass
@@ -162,13 +178,29 @@ def _describe(schema: pa.Schema) -> str:
 
 
 def plan_chunks(files: list[InputFile], chunk_rows: int) -> list[Chunk]:
-    """Cut every file into row ranges of at most chunk_rows; ids are stable for a given chunk_rows."""
-    chunks = []
+    """Cut the input, files taken in order, into chunks of chunk_rows rows (the last may be shorter).
+
+    Small files are packed together and large ones split, so chunks (and output parts) have an even
+    size whatever the file layout; ids are stable for given files and chunk_rows.
+    """
+    chunks, pieces, chunk_start, position = [], [], 0, 0
     for index, f in enumerate(files):
-        for start in range(0, f.num_rows, chunk_rows):
-            stop = min(start + chunk_rows, f.num_rows)
-            chunks.append(Chunk(id=f"{index:05d}-{start:09d}", file=f.path, file_index=index, start=start, stop=stop))
+        row = 0
+        while row < f.num_rows:
+            take = min(f.num_rows - row, chunk_start + chunk_rows - position)
+            pieces.append(Piece(f.path, index, row, row + take))
+            row, position = row + take, position + take
+            if position - chunk_start == chunk_rows:
+                chunks.append(_chunk(chunk_start, position, pieces))
+                pieces, chunk_start = [], position
+    if pieces:
+        chunks.append(_chunk(chunk_start, position, pieces))
     return chunks
+
+
+def _chunk(start: int, stop: int, pieces: list[Piece]) -> Chunk:
+    first = pieces[0]
+    return Chunk(f"{first.file_index:05d}-{first.start:09d}", start, stop, tuple(pieces))
 
 
 def choose_chunk_rows(total_rows: int, configured: int, num_replicas: int) -> int:
@@ -178,17 +210,23 @@ def choose_chunk_rows(total_rows: int, configured: int, num_replicas: int) -> in
 
 
 def read_chunk(uri: str, chunk: Chunk, columns: list[str]) -> pa.Table:
-    """Read rows [start, stop) of one file, only the given columns."""
-    meta = _open_parquet(uri, chunk.file).metadata
+    """Read a chunk's rows, only the given columns."""
+    tables = [_read_piece(uri, p, tuple(columns)) for p in chunk.pieces]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
+
+
+def _read_piece(uri: str, piece: Piece, columns: tuple) -> pa.Table:
+    """Rows [start, stop) of one file: only the row groups that hold them are read."""
+    meta = _open_parquet(uri, piece.file).metadata
     groups, first_row, offset = [], None, 0
     for g in range(meta.num_row_groups):
         rows = meta.row_group(g).num_rows
-        if offset < chunk.stop and offset + rows > chunk.start:
+        if offset < piece.stop and offset + rows > piece.start:
             groups.append(g)
             first_row = offset if first_row is None else first_row
         offset += rows
-    table = _read_row_groups(uri, chunk.file, tuple(groups), tuple(columns))
-    return table.slice(chunk.start - first_row, chunk.num_rows)
+    table = _read_row_groups(uri, piece.file, tuple(groups), columns)
+    return table.slice(piece.start - first_row, piece.stop - piece.start)
 
 
 @functools.lru_cache(maxsize=8)
@@ -203,17 +241,15 @@ def _read_row_groups(uri: str, path: str, groups: tuple, columns: tuple) -> pa.T
     return _open_parquet(uri, path).read_row_groups(list(groups), columns=list(columns))
 
 
-def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> dict[int, list[int]]:
-    """Rows whose id appeared earlier in the input, as {file index: [row numbers]}.
+def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> list[int]:
+    """Rows whose id appeared earlier in the input, as sorted positions in the whole input.
 
     Streams the id column one row group at a time and keeps a 64-bit hash and a position per
     row (16 bytes; 160 MB for 10M rows), released when the check ends. Null ids are skipped.
     """
     fs, _ = resolve_filesystem(uri)
     hashes, positions, offset = [], [], 0
-    file_starts = []
     for f in files:
-        file_starts.append(offset)
         with fs.open_input_file(f.path) as handle:
             parquet = pq.ParquetFile(handle)
             for g in range(parquet.metadata.num_row_groups):
@@ -227,11 +263,7 @@ def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> dict
     order = np.argsort(flat, kind="stable")  # stable: an id's first occurrence sorts first
     repeats = np.zeros(len(flat), dtype=bool)
     repeats[1:] = flat[order[1:]] == flat[order[:-1]]
-    found: dict[int, list[int]] = {}
-    for position in np.sort(where[order[repeats]]).tolist():
-        index = int(np.searchsorted(file_starts, position, side="right")) - 1
-        found.setdefault(index, []).append(position - file_starts[index])
-    return found
+    return np.sort(where[order[repeats]]).tolist()
 
 
 def is_inside(inner: str, outer: str) -> bool:

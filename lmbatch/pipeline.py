@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -133,6 +134,7 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         "generation": dataclasses.asdict(job.generation),
         "engine": job.engine,
         "partition_by": job.output.partition_by,
+        "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -175,12 +177,13 @@ def plan_job(job: JobConfig) -> JobPlan:
     return plan
 
 
-def _duplicates_by_chunk(chunks: list[Chunk], by_file: dict[int, list[int]]) -> dict[str, list[int]]:
+def _duplicates_by_chunk(chunks: list[Chunk], positions: list[int]) -> dict[str, list[int]]:
+    """Input positions (sorted) -> {chunk id: positions within the chunk}."""
     found: dict[str, list[int]] = {}
     for c in chunks:
-        rows = [r - c.start for r in by_file.get(c.file_index, []) if c.start <= r < c.stop]
+        rows = positions[bisect.bisect_left(positions, c.start):bisect.bisect_left(positions, c.stop)]
         if rows:
-            found[c.id] = rows
+            found[c.id] = [r - c.start for r in rows]
     return found
 
 
@@ -210,7 +213,7 @@ def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table
     tables = []
     for d in descriptors.to_pylist():
         duplicates = d.pop("duplicate_rows")
-        tables.append(prepare_chunk(Chunk(**d), settings, duplicates))
+        tables.append(prepare_chunk(Chunk.from_dict(d), settings, duplicates))
     return pa.concat_tables(tables)
 
 
@@ -266,6 +269,8 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
                   "files": [{"path": io.with_scheme(plan.inputs.uri, f.path), "rows": f.num_rows, "bytes": f.size}
                             for f in plan.inputs.files]},
         "output": {"uri": plan.output.uri, "chunk_rows": plan.chunk_rows, **totals},
+        # part -> the input rows it holds, as [file index, first row, stop row] ranges
+        "parts": {c.id: [[p.file_index, p.start, p.stop] for p in c.pieces] for c in plan.chunks},
         "duplicate_id_rows": plan.num_duplicate_rows,
         "config": dataclasses.asdict(plan.job),
         "versions": {"lmbatch": lmbatch.__version__, "ray": ray.__version__, "torch": torch.__version__,

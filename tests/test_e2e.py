@@ -45,7 +45,19 @@ def oracle(model_path, prompt, max_new_tokens, add_special_tokens=True):
 oracle.models = {}
 
 
-def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
+@pytest.fixture
+def replicas_start_together():
+    """Dispatch only once the whole pool is up, so that a replica loading a few seconds late
+    still gets work (on 2 loaded cores the first could otherwise finish these tiny chunks alone)."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+    yield
+    context.wait_for_min_actors_s = before
+
+
+def test_generate_end_to_end(local_ray, replicas_start_together, tmp_path, prompts_file, tiny_llama):
     out = tmp_path / "out"
     result = run_job(out, prompts_file, tiny_llama)
     source = pq.read_table(prompts_file)
@@ -218,3 +230,36 @@ def test_output_partitioned_by_an_input_column(local_ray, tmp_path, prompts_file
     again = run_job(out, prompts_file, tiny_llama, "output.partition_by=topic", "generation.max_new_tokens=3")
     assert again["metrics"]["chunks_this_run"] == 1 and again["rows"] == 70
     assert ds.dataset(out, format="parquet", partitioning="hive").to_table().equals(table)
+
+
+def test_many_small_files_are_packed_into_even_parts(local_ray, tmp_path, tiny_llama):
+    """40 files of 1-5 rows: parts of chunk_rows rows spanning files, in input order, and the
+    manifest says which input rows each part holds."""
+    rng = random.Random(5)
+    sizes = [rng.randint(1, 5) for _ in range(40)]
+    total = sum(sizes)
+    ids = list(range(total - 1)) + [7]  # the last row repeats an id of the first file
+    prompts = varied_prompts(total, seed=11, max_words=20)
+    files, start = [], 0
+    for i, n in enumerate(sizes):
+        files.append(write_prompts(tmp_path / "in" / f"f{i:03d}.parquet", prompts[start:start + n],
+                                   ids[start:start + n]))
+        start += n
+    out = tmp_path / "out"
+    result = run(compose(f"input.path={tmp_path / 'in'}", f"output.path={out}", f"model.path={tiny_llama}",
+                         "cluster.num_replicas=2", "generation.max_new_tokens=2", "batching.chunk_rows=16",
+                         "input.on_duplicate_id=error"))
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    chunk_rows = manifest["output"]["chunk_rows"]
+    parts = sorted(out.glob("part-*.parquet"))
+    assert result["rows"] == total and len(parts) == -(-total // chunk_rows) < len(files)
+    tables = [pq.read_table(p) for p in parts]
+    assert [t.num_rows for t in tables[:-1]] == [chunk_rows] * (len(parts) - 1)
+    assert [i for t in tables for i in t["id"].to_pylist()] == ids  # name order is input order
+    for path, table in zip(parts, tables):
+        ranges = manifest["parts"][path.stem.removeprefix("part-")]
+        held = [i for f, a, b in ranges for i in pq.read_table(files[f])["id"].to_pylist()[a:b]]
+        assert held == table["id"].to_pylist()
+    errors = pa.concat_tables(tables)["error"].to_pylist()
+    assert errors[:-1] == [None] * (total - 1) and errors[-1].startswith("duplicate id")

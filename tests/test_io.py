@@ -1,11 +1,13 @@
 """Input discovery and reading through filesystems other than the local disk."""
 
+import dataclasses
+
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmbatch.io import JobError, inspect_inputs, plan_chunks, read_chunk
+from lmbatch.io import Chunk, InputFile, JobError, inspect_inputs, plan_chunks, read_chunk
 
 
 def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
@@ -18,7 +20,8 @@ def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
     plan = inspect_inputs("memory://lmbatch-io-test/in", {"prompt": "string", "id": "any"})
     assert [f.num_rows for f in plan.files] == [6, 4]
     chunks = plan_chunks(plan.files, 4)
-    assert [(c.file_index, c.start, c.stop) for c in chunks] == [(0, 0, 4), (0, 4, 6), (1, 0, 4)]
+    assert [[(p.file_index, p.start, p.stop) for p in c.pieces] for c in chunks] == [
+        [(0, 0, 4)], [(0, 4, 6), (1, 0, 2)], [(1, 2, 4)]]
     got = pa.concat_tables(read_chunk(plan.uri, c, ["id", "prompt"]) for c in chunks)
     assert got.equals(table.select(["id", "prompt"]))
 
@@ -26,3 +29,17 @@ def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
 def test_an_unknown_scheme_is_a_job_error():
     with pytest.raises(JobError, match="neither pyarrow nor fsspec"):
         inspect_inputs("nosuchscheme://bucket/in", {"prompt": "string"})
+
+
+def test_chunks_pack_small_files_and_split_large_ones():
+    """Thousands of tiny files must not become thousands of tiny parts, nor a huge file one giant part."""
+    files = [InputFile(f"small-{i}", 10, 1) for i in range(1000)] + [InputFile("large", 100_000, 1)]
+    chunks = plan_chunks(files, 4096)
+    assert [c.num_rows for c in chunks[:-1]] == [4096] * (len(chunks) - 1)
+    assert sum(c.num_rows for c in chunks) == 110_000 and len(chunks) == 27
+    assert len(chunks[0].pieces) == 410 and chunks[2].pieces[-1].file == "large"
+    assert len({c.id for c in chunks}) == len(chunks)
+    # every input row lies in exactly one chunk, in input order
+    rows = [(p.file_index, r) for c in chunks for p in c.pieces for r in range(p.start, p.stop)]
+    assert rows == [(i, r) for i, f in enumerate(files) for r in range(f.num_rows)]
+    assert Chunk.from_dict(dataclasses.asdict(chunks[1])) == chunks[1]
