@@ -3,15 +3,12 @@
 `HFEngine` runs transformers' `generate` on left-padded micro-batches planned by
 `lmbatch.batching`. A micro-batch that raises (an out-of-memory error, or a row that breaks
 the model) is split in halves and retried, down to single rows, so one bad row becomes one
-error row and its neighbours still succeed. `EchoEngine` loads no model: it returns a fixed
-text, so the rest of the pipeline can be measured alone.
+error row and its neighbours still succeed. The engine without a model is `lmbatch.echo`.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -19,62 +16,9 @@ from transformers import LogitsProcessor, StoppingCriteria
 
 from lmbatch.batching import plan_micro_batches
 from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, row_seed
 
 log = logging.getLogger("lmbatch.engine")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Everything that must be equal for rows to share one `generate` call."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    num_return_sequences: int = 1
-
-
-@dataclass
-class Request:
-    key: int
-    """Caller's handle for the row (its position in the chunk)."""
-    prompt_ids: list[int]
-    max_new_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int = 0
-    """Sampling seed of this row (derived from the job seed and the row's id)."""
-
-
-@dataclass
-class Completion:
-    key: int
-    sample_index: int
-    text: Optional[str]
-    num_generated_tokens: int
-    finish_reason: str  # stop | length | error
-    error: Optional[str] = None
-
-
-@dataclass
-class EngineStats:
-    """Counters for the efficiency figures of the benchmark and the run summary."""
-
-    micro_batches: int = 0
-    prompt_tokens: int = 0
-    padded_prompt_tokens: int = 0
-    generated_tokens: int = 0
-    decode_slots: int = 0
-    """rows x decode steps computed; generated_tokens / decode_slots is the decode slot efficiency."""
-    decode_steps: int = 0
-    """Forward passes of decoding; decode_slots / decode_steps is the average batch per step."""
-    split_retries: int = 0
-
-
-def row_seed(seed: int, *parts: object) -> int:
-    """A stable seed per row: reruns of the same job draw the same samples."""
-    return zlib.crc32(":".join(map(str, (seed, *parts))).encode())
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -283,19 +227,3 @@ class HFEngine:
         s.generated_tokens += sum(c.num_generated_tokens for c in completions)
         s.decode_slots += len(batch) * n * steps
         s.decode_steps += steps
-
-
-class EchoEngine:
-    """No model: every row 'generates' one fixed token of text. Measures the pipeline alone."""
-
-    TEXT = "ok"
-
-    def __init__(self, batching: BatchingConfig):
-        self.batching = batching
-        self.stats = EngineStats()
-
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-        self.stats.generated_tokens += sum(r.params.num_return_sequences for r in requests)
-        return [Completion(r.key, s, self.TEXT, 1, "stop")
-                for r in requests for s in range(r.params.num_return_sequences)]

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from lmbatch import prepare as P
 from lmbatch.config import GenerationOptions, JobConfig
-from lmbatch.engine import Completion, EchoEngine, HFEngine, Request, SamplingParams, row_seed
+from lmbatch.interface import Completion, Request, SamplingParams, row_seed
 from lmbatch.output import OutputDir
 
 GENERATED_COLUMNS = pa.schema([
@@ -47,8 +47,11 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
 
 
 def load_engine(job: JobConfig, device: str | None = None):
-    if job.engine == "echo":
+    if job.engine == "echo":  # no torch or transformers import in this process
+        from lmbatch.echo import EchoEngine
+
         return EchoEngine(job.batching)
+    from lmbatch.engine import HFEngine
     from lmbatch.models import resolve_model_path
 
     return HFEngine.load(resolve_model_path(job.model.path), job.model, job.batching,

@@ -1,0 +1,61 @@
+"""What a replica hands an engine and gets back; free of torch, so the echo path never imports it."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that must be equal for rows to share one `generate` call."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    num_return_sequences: int = 1
+
+
+@dataclass
+class Request:
+    key: int
+    """Caller's handle for the row (its position in the chunk)."""
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    """Sampling seed of this row (derived from the job seed and the row's id)."""
+
+
+@dataclass
+class Completion:
+    key: int
+    sample_index: int
+    text: Optional[str]
+    num_generated_tokens: int
+    finish_reason: str  # stop | length | error
+    error: Optional[str] = None
+
+
+@dataclass
+class EngineStats:
+    """Counters for the efficiency figures of the benchmark and the run summary."""
+
+    micro_batches: int = 0
+    prompt_tokens: int = 0
+    padded_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_slots: int = 0
+    """rows x decode steps computed; generated_tokens / decode_slots is the decode slot efficiency."""
+    decode_steps: int = 0
+    """Forward passes of decoding; decode_slots / decode_steps is the average batch per step."""
+    split_retries: int = 0
+
+
+def row_seed(seed: int, *parts: object) -> int:
+    """A stable seed per row: reruns of the same job draw the same samples."""
+    return zlib.crc32(":".join(map(str, (seed, *parts))).encode())
