@@ -71,7 +71,25 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # as transformers' own call would set it up for `encode`
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     return tokenizer
+
+
+def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids per text: the same as `tokenizer(texts)["input_ids"]`.
+
+    A fast tokenizer is called through its Rust backend directly: transformers' per-row
+    conversion into a BatchEncoding costs as much as the tokenizing itself, and every
+    prompt of the job passes through here.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
 def render_prompt(row: dict, s: PrepareSettings, tokenizer) -> str:
@@ -167,7 +185,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
             errors[i] = str(e)
 
     # A chat template already holds the special tokens the model expects.
-    encoded = tokenizer(list(texts.values()), add_special_tokens=not s.chat)["input_ids"] if texts else []
+    encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat) if texts else []
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)
