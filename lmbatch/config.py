@@ -103,7 +103,8 @@ class ModelConfig:
     device_map: Optional[str] = None
     """Passed to from_pretrained; `auto` spreads one replica over its `cluster.gpus_per_replica` GPUs."""
     attn_implementation: Optional[str] = None
-    """Attention kernel (`sdpa`, `flash_attention_2`, `eager`); null lets transformers choose."""
+    """Attention kernel (`sdpa`, `flash_attention_2`, `eager`); null: FlashAttention-2 on GPU when the
+    flash_attn package is installed, else transformers' choice (SDPA where the model supports it)."""
     trust_remote_code: bool = False
     """Allow model repositories that ship their own code."""
 

@@ -8,6 +8,7 @@ error row and its neighbours still succeed. The engine without a model is `lmbat
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Optional, Sequence
 
@@ -19,6 +20,16 @@ from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, row_seed
 
 log = logging.getLogger("lmbatch.engine")
+
+
+def choose_attention(requested: Optional[str], device: str, dtype: str, flash_installed: bool) -> Optional[str]:
+    """The configured attention kernel; unset: FlashAttention-2 on a GPU in 16-bit when the
+    flash_attn package is installed, else None (transformers picks SDPA where the model has it)."""
+    if requested:
+        return requested
+    if flash_installed and device.startswith("cuda") and dtype in ("bfloat16", "float16"):
+        return "flash_attention_2"
+    return None
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -98,8 +109,10 @@ class HFEngine:
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=model.trust_remote_code)
-        if model.attn_implementation:
-            kwargs["attn_implementation"] = model.attn_implementation
+        attention = choose_attention(model.attn_implementation, device, dtype,
+                                     flash_installed=importlib.util.find_spec("flash_attn") is not None)
+        if attention:
+            kwargs["attn_implementation"] = attention
         if model.device_map:
             kwargs["device_map"] = model.device_map
         loaded = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import varied_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import HFEngine, Request, SamplingParams
+from lmbatch.engine import HFEngine, Request, SamplingParams, choose_attention
 
 
 def make_engine(path, **batching):
@@ -98,3 +98,15 @@ def test_device_map_auto_loads_through_accelerate(tiny_llama):
     assert str(mapped.model.device) == "cpu"  # (without accelerate installed, device_map raises)
     requests = [Request(i, plain.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(5, max_words=20))]
     assert [c.text for c in mapped.generate(requests)] == [c.text for c in plain.generate(requests)]
+
+
+@pytest.mark.parametrize("requested, device, dtype, flash, expected", [
+    (None, "cpu", "float32", True, None),                       # CPU: transformers' choice (SDPA)
+    (None, "cuda", "bfloat16", False, None),                    # no flash_attn installed: SDPA
+    (None, "cuda", "bfloat16", True, "flash_attention_2"),
+    (None, "cuda:0", "float16", True, "flash_attention_2"),
+    (None, "cuda", "float32", True, None),                      # FlashAttention needs 16-bit
+    ("eager", "cuda", "bfloat16", True, "eager"),               # the config always wins
+])
+def test_attention_kernel_choice(requested, device, dtype, flash, expected):
+    assert choose_attention(requested, device, dtype, flash_installed=flash) == expected
