@@ -1,3 +1,3 @@
 """lmbatch: batch LLM inference over Parquet with Ray Data and Hugging Face transformers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

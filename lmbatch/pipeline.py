@@ -232,7 +232,7 @@ def build_dataset(plan: JobPlan):
         Replica,
         fn_constructor_kwargs=dict(job=job, output_uri=plan.output.uri,
                                    passthrough_columns=list(plan.settings.passthrough_columns),
-                                   partition_by=plan.output.partition_by),
+                                   partition_by=plan.output.partition_by, fingerprint=plan.fingerprint),
         batch_size=None, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=min(job.cluster.num_replicas, len(pending))),
         num_cpus=job.cluster.cpus_per_replica, num_gpus=job.cluster.gpus_per_replica or None,

@@ -48,9 +48,14 @@ class PrepareSettings:
     trust_remote_code: bool = False
 
     @property
-    def read_columns(self) -> list[str]:
-        needed = [self.prompt_column, *self.passthrough_columns, *self.param_columns, *template_fields(self.template)]
+    def row_columns(self) -> list[str]:
+        """The columns each row is checked and rendered from (the id first)."""
+        needed = [self.passthrough_columns[0], self.prompt_column, *self.param_columns, *template_fields(self.template)]
         return list(dict.fromkeys(needed))
+
+    @property
+    def read_columns(self) -> list[str]:
+        return list(dict.fromkeys([*self.row_columns, *self.passthrough_columns]))
 
 
 def template_fields(template: Optional[str]) -> list[str]:
@@ -164,7 +169,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     duplicate_rows: positions in the chunk whose id appeared earlier in the input (error rows).
     """
     table = read_chunk(s.input_uri, chunk, s.read_columns)
-    rows = table.to_pylist()
+    rows = table.select(s.row_columns).to_pylist()  # kept columns stay in Arrow: they are only copied
     id_column = s.passthrough_columns[0]
     duplicates = set(duplicate_rows)
     tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code)

@@ -19,6 +19,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
+import lmbatch
 from lmbatch import prepare as P
 from lmbatch.config import GenerationOptions, JobConfig
 from lmbatch.interface import Completion, Request, SamplingParams, row_seed
@@ -65,7 +66,7 @@ def error_kind(message: str) -> str:
 
 class Replica:
     def __init__(self, job: JobConfig, output_uri: str, passthrough_columns: list[str],
-                 partition_by: str | None = None):
+                 partition_by: str | None = None, fingerprint: str = ""):
         import ray
 
         logging.basicConfig(level=logging.INFO)
@@ -75,6 +76,7 @@ class Replica:
         self.generation = job.generation
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
+        self.fingerprint = fingerprint
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.ready_at = time.time()  # wall clock: the driver reports start-up (Ray, model load) apart
 
@@ -88,7 +90,9 @@ class Replica:
             started = time.perf_counter()
             before = dict(vars(self.engine.stats))
             table = self.generate_chunk(chunk_id, rows)
-            self.output.write_part(chunk_id, table)
+            # A part found anywhere names its job (the fingerprint in _lmbatch_job.json) and chunk.
+            self.output.write_part(chunk_id, table.replace_schema_metadata(
+                {"lmbatch.version": lmbatch.__version__, "lmbatch.job": self.fingerprint, "lmbatch.chunk": chunk_id}))
             summaries.append(self._summary(chunk_id, table, before, time.perf_counter() - started))
         return pa.Table.from_pylist(summaries)
 
@@ -109,7 +113,7 @@ class Replica:
             params = sampling_params(g) if overrides else self.params
             # The seed comes from the row's id, not its position: samples do not depend on chunking.
             requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
-                                    seed=row_seed(g.seed, row_id)))
+                                    seed=row_seed(g.seed, row_id) if params.do_sample else 0))
         by_row = self._index(self.engine.generate(requests), {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences

@@ -28,6 +28,20 @@ def test_benchmark_job_compares_every_variant(tmp_path):
     assert (tmp_path / "results.md").read_text().count("\n|") >= 6
 
 
+def test_gpu_preset_runs_at_toy_size_on_cpu(tmp_path):
+    """The GPU preset (its planner settings and the bandwidth-limit report) with the tiny model on CPU."""
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=gpu", "model=tiny",
+                           "device=cpu", "dtype=float32", "num_prompts=16", "max_prompt_tokens=128",
+                           "min_new_tokens=4", "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["bucketed"]
+    note = report["notes"][0]
+    assert note.startswith("Memory-bandwidth limit for decode = bandwidth / weight bytes x rows per step = 4,800 GB/s")
+    assert float(note.rsplit("= ", 1)[1].split()[0]) > 0  # measured / limit
+
+
 def test_scale_benchmark_keeps_driver_memory_flat(tmp_path):
     """engine=echo at 5k and 25k rows: every row exactly once (checked inside), driver memory flat."""
     report = run_scale(ScaleConfig(sizes=[5_000, 25_000], rows_per_file=500, chunk_rows=2048,

@@ -257,8 +257,12 @@ def test_many_small_files_are_packed_into_even_parts(local_ray, tmp_path, tiny_l
     tables = [pq.read_table(p) for p in parts]
     assert [t.num_rows for t in tables[:-1]] == [chunk_rows] * (len(parts) - 1)
     assert [i for t in tables for i in t["id"].to_pylist()] == ids  # name order is input order
+    job = json.loads((out / "_lmbatch_job.json").read_text())["fingerprint"]
     for path, table in zip(parts, tables):
-        ranges = manifest["parts"][path.stem.removeprefix("part-")]
+        chunk = path.stem.removeprefix("part-")
+        assert table.schema.metadata[b"lmbatch.job"].decode() == job
+        assert table.schema.metadata[b"lmbatch.chunk"].decode() == chunk
+        ranges = manifest["parts"][chunk]
         held = [i for f, a, b in ranges for i in pq.read_table(files[f])["id"].to_pylist()[a:b]]
         assert held == table["id"].to_pylist()
     errors = pa.concat_tables(tables)["error"].to_pylist()
