@@ -36,8 +36,9 @@ VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job")
 
 @dataclass
 class BenchmarkConfig:
-    model: str = "tiny"
-    """Model preset (random init from a config): tiny, small, gpt2_small, qwen2_5_0_5b."""
+    model_shape: str = "tiny"
+    """Model shape, random weights from a config: tiny, small, gpt2_small, qwen2_5_0_5b (`model=` would
+    clash with the job's model config group)."""
     num_prompts: int = 64
     """Prompts in the workload."""
     min_prompt_tokens: int = 4
@@ -109,7 +110,7 @@ def build_model(preset: str, out_dir: Path, seed: int) -> str:
                                             initializer_range=0.2, **{**ids, "vocab_size": 151936}),
     }
     if preset not in shapes:
-        raise ValueError(f"unknown model preset {preset!r}; choose tiny or one of {sorted(shapes)}")
+        raise ValueError(f"unknown model_shape {preset!r}; choose tiny or one of {sorted(shapes)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(shapes[preset](), dtype=torch.float32)
     model.save_pretrained(out_dir)
@@ -360,7 +361,7 @@ def bandwidth_note(result: Result, model, bandwidth_gb_s: float) -> str:
     measured = result.generated_tokens / result.seconds
     return (f"Memory-bandwidth limit for decode = bandwidth / weight bytes x rows per step = "
             f"{bandwidth_gb_s:,.0f} GB/s / {weight_bytes / 1e9:.3f} GB x {rows_per_step:.1f} = {limit:,.0f} tokens/s; "
-            f"measured {measured:,.0f} generated tokens/s (prefill included) = {measured / limit:.3f} of the limit.")
+            f"measured {measured:,.0f} generated tokens/s (prefill included) = {measured / limit:.3g} of the limit.")
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
@@ -370,7 +371,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="lmbatch-bench-"))
-    model_path = build_model(cfg.model, workdir / "model", cfg.seed)
+    model_path = build_model(cfg.model_shape, workdir / "model", cfg.seed)
     bench = Bench(cfg, model_path, workdir)
 
     best: dict[str, Result] = {}
@@ -402,7 +403,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         rows.append(row)
     machine = (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, device {bench.device}, "
                f"{bench.dtype}")
-    header = (f"Benchmark: model preset `{cfg.model}`, {rows_n} prompts ({sum(map(len, bench.ids)):,} prompt tokens, "
+    header = (f"Benchmark: model shape `{cfg.model_shape}`, {rows_n} prompts ({sum(map(len, bench.ids)):,} prompt tokens, "
               f"{cfg.min_prompt_tokens}-{cfg.max_prompt_tokens} log-normal), max_new_tokens {cfg.min_new_tokens}-"
               f"{cfg.max_new_tokens} per row; {machine}; best of {cfg.repeats} interleaved rounds.")
     report = {"config": dataclasses.asdict(cfg), "machine": machine, "baseline": baseline, "results": rows,

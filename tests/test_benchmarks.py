@@ -30,7 +30,7 @@ def test_benchmark_job_compares_every_variant(tmp_path):
 
 def test_gpu_preset_runs_at_toy_size_on_cpu(tmp_path):
     """The GPU preset (its planner settings and the bandwidth-limit report) with the tiny model on CPU."""
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=gpu", "model=tiny",
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=gpu", "model_shape=tiny",
                            "device=cpu", "dtype=float32", "num_prompts=16", "max_prompt_tokens=128",
                            "min_new_tokens=4", "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
