@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import sys
+import threading
 import time
 from typing import Optional, TextIO
 
@@ -81,6 +82,49 @@ class Progress:
         }
 
 
+class ObjectStorePeak:
+    """Peak bytes held in Ray's object store while the job runs (`peak_mb`; None if not measurable).
+
+    Asks the raylet every `interval` seconds through Ray's memory-info call, the one behind
+    `ray memory`; it needs grpcio, which `ray[default]` installs and plain `ray[data]` does not.
+    """
+
+    def __init__(self, interval: float = 1.0):
+        self.interval, self.peak_bytes = interval, None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self):
+        try:
+            import ray
+            from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+            state = get_state_from_address(ray.get_runtime_context().gcs_address)
+            self._sample = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
+            self._sample()
+        except Exception:  # noqa: BLE001 - no grpcio, or another Ray version: the figure is optional
+            return self
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.peak_bytes = max(self.peak_bytes or 0, self._sample())
+            except Exception:  # noqa: BLE001 - Ray shutting down
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    @property
+    def peak_mb(self) -> Optional[float]:
+        return None if self.peak_bytes is None else round(self.peak_bytes / 2**20, 1)
+
+
 def _ratio(a: int, b: int) -> Optional[float]:
     return round(a / b, 4) if b else None
 
@@ -99,6 +143,8 @@ def format_summary(metrics: dict, totals: dict) -> str:
         ("decode slot efficiency", f"{metrics['decode_slot_efficiency']}"),
         ("wall time", f"{metrics['wall_seconds']:,.1f}s"),
     ]
+    if metrics.get("object_store_peak_mb") is not None:
+        rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
     for name, r in metrics["replicas"].items():
         rows.append((f"replica {name}", f"{r['rows']:,} rows, {r['generated_tokens_per_s'] or 0:,.1f} gen tok/s"))
     width = max(len(k) for k, _ in rows)

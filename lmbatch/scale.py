@@ -3,9 +3,9 @@
 For each size it writes a synthetic input (rows spread over many files), then runs
     job        the whole lmbatch job (engine=echo by default: no model, so only the pipeline is measured)
     ray_data   Ray Data alone reading and writing the same Parquet: the floor for any Ray Data job
-each as a subprocess sampled for peak RSS of the driver, of the largest worker and of the raylet
-(which holds the object store), rows/s and output file count; and checks every row came out
-exactly once.
+each as a subprocess sampled for peak RSS of the driver and of the largest worker; reports the
+job's object-store peak (from its _metrics.json), rows/s and output file count; and checks every
+row came out exactly once.
 """
 
 from __future__ import annotations
@@ -69,15 +69,11 @@ def write_input(directory: Path, rows: int, rows_per_file: int, row_group_rows: 
 
 
 class Sampler:
-    """Peak RSS of a process, of its largest worker and of the raylet, while it runs.
-
-    The raylet hosts the object store (plasma): its resident memory grows with the store pages
-    in use, so its peak stands for the object-store peak (Ray's own figure needs grpc).
-    """
+    """Peak RSS of a process and of its largest worker (Ray's own daemons left out), while it runs."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         self.process, self.interval = psutil.Process(pid), interval
-        self.driver = self.worker = self.raylet = 0
+        self.driver = self.worker = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -88,11 +84,8 @@ class Sampler:
                 self.driver = max(self.driver, self.process.memory_info().rss)
                 for child in self.process.children(recursive=True):
                     name = " ".join(child.cmdline()[:3])
-                    rss = child.memory_info().rss
-                    if "raylet" in name:
-                        self.raylet = max(self.raylet, rss)
-                    elif "gcs_server" not in name:
-                        self.worker = max(self.worker, rss)
+                    if "raylet" not in name and "gcs_server" not in name:
+                        self.worker = max(self.worker, child.memory_info().rss)
             except psutil.Error:
                 pass
 
@@ -111,8 +104,7 @@ def run_measured(command: list[str], cwd: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed:\n{output[-3000:]}")
     return {"seconds": time.perf_counter() - start, "driver_peak_rss_mb": round(sampler.driver / 2**20, 1),
-            "largest_worker_peak_rss_mb": round(sampler.worker / 2**20, 1),
-            "raylet_object_store_peak_rss_mb": round(sampler.raylet / 2**20, 1), "log": output}
+            "largest_worker_peak_rss_mb": round(sampler.worker / 2**20, 1), "log": output}
 
 
 RAY_DATA_ALONE = """
@@ -145,6 +137,7 @@ def run_scale(cfg: ScaleConfig) -> dict:
                "job_rows_per_s": round(rows / job["seconds"], 1),
                "job_seconds": round(job["seconds"], 1), "startup_seconds": metrics.get("startup_seconds"),
                "output_files": len([p for p in os.listdir(out) if p.endswith(".parquet")]),
+               "object_store_peak_mb": metrics.get("object_store_peak_mb"),
                **{k: v for k, v in job.items() if k not in ("seconds", "log")}}
         if cfg.compare_ray_data:
             alone = run_measured([sys.executable, "-c", RAY_DATA_ALONE, str(source), str(work / f"ray-out-{rows}")], work)

@@ -50,4 +50,4 @@ def test_scale_benchmark_keeps_driver_memory_flat(tmp_path):
     # 50 input files of 500 rows -> 13 parts of 2,048 rows; 5k rows are cut finer (625) for 2 replicas
     assert large["output_files"] == 13 and small["output_files"] == 8
     assert large["driver_rss_vs_smallest"] < 1.5
-    assert large["raylet_object_store_peak_rss_mb"] > 0
+    assert large["object_store_peak_mb"] > 0  # Ray's own figure: the test extras install grpcio
