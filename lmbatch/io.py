@@ -211,8 +211,7 @@ def choose_chunk_rows(total_rows: int, configured: int, num_replicas: int) -> in
 
 def read_chunk(uri: str, chunk: Chunk, columns: list[str]) -> pa.Table:
     """Read a chunk's rows, only the given columns."""
-    tables = [_read_piece(uri, p, tuple(columns)) for p in chunk.pieces]
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
+    return pa.concat_tables([_read_piece(uri, p, tuple(columns)) for p in chunk.pieces])
 
 
 def _read_piece(uri: str, piece: Piece, columns: tuple) -> pa.Table:
