@@ -105,6 +105,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = None
     """Attention kernel (`sdpa`, `flash_attention_2`, `eager`); null: FlashAttention-2 on GPU when the
     flash_attn package is installed, else transformers' choice (SDPA where the model supports it)."""
+    kv_cache: Optional[str] = None
+    """`static` (allocated once per micro-batch) or `dynamic` (grows every decode step); null: static
+    on GPU, where growing the cache cost 1.4-5x more per decode step on an H200, dynamic on CPU."""
     trust_remote_code: bool = False
     """Allow model repositories that ship their own code."""
 
@@ -112,6 +115,8 @@ class ModelConfig:
         _require(bool(self.path), "model.path must be set")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(self.kv_cache in (None, "static", "dynamic"),
+                 f"model.kv_cache must be static, dynamic or null, got {self.kv_cache!r}")
 
 
 @dataclass

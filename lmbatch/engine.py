@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +31,18 @@ def choose_attention(requested: Optional[str], device: str, dtype: str, flash_in
     if flash_installed and device.startswith("cuda") and dtype in ("bfloat16", "float16"):
         return "flash_attention_2"
     return None
+
+
+def choose_kv_cache(requested: Optional[str], device: str) -> str:
+    """The configured KV cache; unset: `static` on a GPU, `dynamic` on CPU.
+
+    On a GPU a step of a small model is bound by kernel launches and allocations, and a dynamic
+    cache reallocates every layer's keys and values at every step: measured on an H200
+    (Qwen2.5-0.5B shape, bf16), 57 vs 18 ms per step at 512 rows, 176 vs 127 ms at 1,024 rows of
+    1,024 tokens. On CPU static was no faster (tiny model: 2.2 vs 1.9 ms per step)."""
+    if requested:
+        return requested
+    return "static" if device.startswith("cuda") else "dynamic"
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -83,9 +96,10 @@ class StopStrings(StoppingCriteria):
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batching: BatchingConfig):
+    def __init__(self, model, tokenizer, batching: BatchingConfig, kv_cache: Optional[str] = None):
         """Wrap a loaded model and its (left-padding) tokenizer; `HFEngine.load` loads them."""
         self.model, self.tokenizer = model, tokenizer
+        self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -118,7 +132,7 @@ class HFEngine:
         loaded = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         if not model.device_map:
             loaded.to(device)
-        return cls(loaded.eval(), load_tokenizer(model_path, model.trust_remote_code), batching)
+        return cls(loaded.eval(), load_tokenizer(model_path, model.trust_remote_code), batching, model.kv_cache)
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
@@ -185,23 +199,31 @@ class HFEngine:
             repetition_penalty=params.repetition_penalty,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
+            # A static cache is sized to this batch (longest prompt + most new tokens, what the planner
+            # budgets). No auto-compile: every micro-batch has another shape, each would recompile.
+            cache_implementation="static" if self.kv_cache == "static" else None,
+            disable_compile=True,
         )
         device = self.model.device
         processors = [PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device)] \
             if params.do_sample else []
         criteria = [StopStrings(self.tokenizer, params.stop, longest)] if params.stop else []
+        start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                 generation_config=config, logits_processor=processors, stopping_criteria=criteria,
             )
         new_tokens = out[:, longest:].tolist()
+        steps = len(new_tokens[0]) if new_tokens else 0
+        log.debug("micro-batch of %d rows, prompts up to %d tokens, %d decode steps: %.2fs", len(batch), longest,
+                  steps, time.perf_counter() - start)
 
         completions = []
         for i, r in enumerate(batch):
             for s in range(n):
                 completions.append(self._finish(r, s, new_tokens[i * n + s][: r.max_new_tokens]))
-        self._count(batch, len(new_tokens[0]) if new_tokens else 0, completions)
+        self._count(batch, steps, completions)
         return completions
 
     def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:

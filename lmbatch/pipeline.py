@@ -130,7 +130,8 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
     identity = {
         "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
         "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k != "path"},
-        "model": dataclasses.asdict(job.model),
+        # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume)
+        "model": {k: v for k, v in dataclasses.asdict(job.model).items() if k != "kv_cache"},
         "generation": dataclasses.asdict(job.generation),
         "engine": job.engine,
         "partition_by": job.output.partition_by,

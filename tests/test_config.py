@@ -80,6 +80,7 @@ def test_wrong_type_fails():
     ("output.mode=append", "output.mode must be"),
     ("input.on_too_long=skip", "on_too_long must be"),
     ("model.dtype=int8", "model.dtype must be"),
+    ("model.kv_cache=paged", "model.kv_cache must be static, dynamic or null"),
 ])
 def test_invalid_values_fail_with_the_key_named(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

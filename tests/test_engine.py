@@ -9,11 +9,12 @@ import torch
 
 from conftest import varied_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import HFEngine, Request, SamplingParams, choose_attention
+from lmbatch.engine import HFEngine, Request, SamplingParams, choose_attention, choose_kv_cache
 
 
-def make_engine(path, **batching):
-    return HFEngine.load(path, ModelConfig(path=path, dtype="float32"), BatchingConfig(**batching), device="cpu")
+def make_engine(path, kv_cache=None, **batching):
+    return HFEngine.load(path, ModelConfig(path=path, dtype="float32", kv_cache=kv_cache), BatchingConfig(**batching),
+                         device="cpu")
 
 
 def alone(engine, request):
@@ -28,9 +29,11 @@ def model_path(request):
     return request.getfixturevalue(request.param)
 
 
-@pytest.mark.parametrize("strategy", ["bucketed", "fixed"])
-def test_greedy_batched_equals_each_prompt_alone(model_path, strategy):
-    engine = make_engine(model_path, strategy=strategy, max_batch_tokens=8192, fixed_batch_size=8)
+@pytest.mark.parametrize("strategy, kv_cache", [("bucketed", None), ("fixed", None),
+                                               ("bucketed", "static")])  # static: the GPU default
+def test_greedy_batched_equals_each_prompt_alone(model_path, strategy, kv_cache):
+    engine = make_engine(model_path, kv_cache, strategy=strategy, max_batch_tokens=8192, fixed_batch_size=8)
+    assert engine.kv_cache == (kv_cache or "dynamic")
     prompts = varied_prompts(36, seed=1)
     requests = [Request(i, engine.tokenizer(p)["input_ids"], 1 + (7 * i) % 20) for i, p in enumerate(prompts)]
     lengths = [len(r.prompt_ids) for r in requests]
@@ -110,3 +113,11 @@ def test_device_map_auto_loads_through_accelerate(tiny_llama):
 ])
 def test_attention_kernel_choice(requested, device, dtype, flash, expected):
     assert choose_attention(requested, device, dtype, flash_installed=flash) == expected
+
+
+@pytest.mark.parametrize("requested, device, expected", [
+    (None, "cpu", "dynamic"), (None, "cuda", "static"), (None, "cuda:1", "static"),
+    ("dynamic", "cuda", "dynamic"), ("static", "cpu", "static"),  # the config always wins
+])
+def test_kv_cache_choice(requested, device, expected):
+    assert choose_kv_cache(requested, device) == expected
