@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -61,6 +62,8 @@ class BenchmarkConfig:
     """cpu, cuda or auto."""
     threads: Optional[int] = None
     """Torch threads for in-process variants; null = all cores."""
+    kv_cache: Optional[str] = None
+    """The engine's KV cache (as model.kv_cache): static, dynamic; null: static on GPU, dynamic on CPU."""
     max_batch_tokens: int = 16384
     max_batch_rows: int = 64
     min_padding_efficiency: float = 0.8
@@ -77,6 +80,8 @@ class BenchmarkConfig:
     """The end-to-end job's replica pool."""
     memory_bandwidth_gb_s: Optional[float] = None
     """Accelerator memory bandwidth (H200: 4800); when set, decode throughput is compared with its limit."""
+    log_micro_batches: bool = False
+    """Log every micro-batch of the in-process engine (rows, prompt length, steps, seconds) as it ends."""
     output_dir: str = "${hydra:runtime.output_dir}"
     """Where results.json and results.md go."""
 
@@ -219,7 +224,7 @@ class Bench:
         return HFEngine(self.model, self.tokenizer, BatchingConfig(  # one loaded model serves a and b
             strategy=strategy, max_batch_tokens=c.max_batch_tokens, max_batch_rows=c.max_batch_rows,
             min_padding_efficiency=c.min_padding_efficiency, min_decode_efficiency=c.min_decode_efficiency,
-            fixed_batch_size=c.fixed_batch_size))
+            fixed_batch_size=c.fixed_batch_size), kv_cache=c.kv_cache)
 
     def run_engine(self, strategy: str) -> Result:
         from lmbatch.engine import Request
@@ -303,7 +308,7 @@ class Bench:
             input=InputConfig(path=str(source), param_columns=["max_new_tokens"], keep_columns=[],
                               on_duplicate_id="ignore"),
             output=OutputConfig(path=str(out / "output")),
-            model=ModelConfig(path=self.model_path, dtype=self.dtype),
+            model=ModelConfig(path=self.model_path, dtype=self.dtype, kv_cache=c.kv_cache),
             generation=GenerationOptions(max_new_tokens=max(self.new)),
             batching=BatchingConfig(max_batch_tokens=c.max_batch_tokens, max_batch_rows=c.max_batch_rows,
                                     min_padding_efficiency=c.min_padding_efficiency,
@@ -368,6 +373,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if cfg.log_micro_batches:
+        logging.getLogger("lmbatch.engine").setLevel(logging.DEBUG)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="lmbatch-bench-"))
