@@ -23,7 +23,6 @@ import math
 import os
 import random
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Optional
 
 import psutil
 from hydra.core.config_store import ConfigStore
+
+from lmbatch.report import PeakSampler
 
 VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job")
 
@@ -141,36 +142,15 @@ def build_workload(cfg: BenchmarkConfig, tokenizer) -> tuple[list[str], list[lis
 
 
 # -- measuring -----------------------------------------------------------------------------------
-class PeakRSS:
-    """Peak resident memory of this process and its children (Ray workers) while a variant runs."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = me.memory_info().rss
-        for child in me.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def __enter__(self):
-        self.peak = self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._sample())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
+def tree_rss(process: psutil.Process) -> int:
+    """Resident memory of a process and its children (Ray workers, Ray's daemons)."""
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # ended meanwhile
+            pass
+    return total
 
 
 @dataclass
@@ -329,7 +309,7 @@ class Bench:
     def run(self, variant: str) -> Result:
         runner = {"bucketed": lambda: self.run_engine("bucketed"), "fixed": lambda: self.run_engine("fixed"),
                   "pipeline": self.run_pipeline, "continuous": self.run_continuous, "ray_job": self.run_ray_job}
-        with PeakRSS() as rss:
+        with PeakSampler(lambda: tree_rss(psutil.Process()), interval=1.0) as rss:
             result = runner[variant]()
         result.peak_rss = rss.peak
         return result

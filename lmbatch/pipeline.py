@@ -32,7 +32,7 @@ from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.output import OutputDir, OutputState
 from lmbatch.prepare import PrepareSettings, load_tokenizer, prepare_chunk, template_fields
 from lmbatch.replica import Replica, output_columns
-from lmbatch.report import ObjectStorePeak, Progress, format_summary
+from lmbatch.report import PeakSampler, Progress, format_summary, megabytes, object_store_bytes
 
 @dataclass
 class JobPlan:
@@ -304,15 +304,16 @@ def run(cfg: DictConfig | JobConfig) -> dict:
         print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
     progress = Progress(total_rows, done_rows)
-    store = ObjectStorePeak()
-    if pending:
-        with ray_session(job), store:
+    store_peak = None
+    if pending:  # (object_store_bytes() runs once Ray is up: a with's second manager is made after the first)
+        with ray_session(job), PeakSampler(object_store_bytes(), interval=1.0) as store:
             for batch in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.add(batch.to_pylist())
+        store_peak = store.peak
     progress.print_line(final=True)
 
     totals = count_committed(plan)
-    metrics = {**progress.metrics(), "object_store_peak_mb": store.peak_mb}
+    metrics = {**progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}
     plan.output.commit(manifest(plan, totals), {**totals, "duplicate_id_rows": plan.num_duplicate_rows, **metrics})
     print(f"lmbatch: wrote {totals['rows']:,} rows in {totals['parts']} parts to {uri}\n"
           + format_summary(metrics, totals))

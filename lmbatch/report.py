@@ -11,7 +11,7 @@ import json
 import sys
 import threading
 import time
-from typing import Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 
 class Progress:
@@ -82,47 +82,65 @@ class Progress:
         }
 
 
-class ObjectStorePeak:
-    """Peak bytes held in Ray's object store while the job runs (`peak_mb`; None if not measurable).
+class PeakSampler:
+    """Calls `measure` every `interval` seconds on a thread while in a `with` block and keeps the
+    peak of what it returns (a number, or a tuple of numbers whose peaks are kept one by one).
 
-    Asks the raylet every `interval` seconds through Ray's memory-info call, the one behind
-    `ray memory`; it needs grpcio, which `ray[default]` installs and plain `ray[data]` does not.
+    Sampling costs CPU that the measured work then lacks, so intervals are seconds, not
+    milliseconds. A `measure` of None, or one that raises, leaves `peak` as far as it got.
     """
 
-    def __init__(self, interval: float = 1.0):
-        self.interval, self.peak_bytes = interval, None
+    def __init__(self, measure: Optional[Callable[[], Any]], interval: float):
+        self.measure, self.interval, self.peak = measure, interval, None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def __enter__(self):
-        try:
-            import ray
-            from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-            state = get_state_from_address(ray.get_runtime_context().gcs_address)
-            self._sample = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
-            self._sample()
-        except Exception:  # noqa: BLE001 - no grpcio, or another Ray version: the figure is optional
-            return self
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+
+    def _take(self) -> bool:
+        try:
+            value = self.measure()
+        except Exception:  # noqa: BLE001 - what is watched has gone (a process, Ray shutting down)
+            return False
+        if self.peak is None:
+            self.peak = value
+        elif isinstance(value, tuple):
+            self.peak = tuple(map(max, self.peak, value))
+        else:
+            self.peak = max(self.peak, value)
+        return True
 
     def _run(self):
-        while not self._stop.wait(self.interval):
-            try:
-                self.peak_bytes = max(self.peak_bytes or 0, self._sample())
-            except Exception:  # noqa: BLE001 - Ray shutting down
-                return
+        while not self._stop.wait(self.interval) and self._take():
+            pass
+
+    def __enter__(self):
+        if self.measure is not None and self._take():
+            self._thread.start()
+        return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        if self._thread:
+        if self._thread.is_alive():
             self._thread.join()
+            self._take()
 
-    @property
-    def peak_mb(self) -> Optional[float]:
-        return None if self.peak_bytes is None else round(self.peak_bytes / 2**20, 1)
+
+def object_store_bytes() -> Optional[Callable[[], int]]:
+    """A measure of the bytes in Ray's object store, asked of the raylet through the call behind
+    `ray memory`; None where that needs grpcio (installed by `ray[default]`, not by `ray[data]`)."""
+    try:
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        measure = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used  # noqa: E731
+        measure()
+        return measure
+    except Exception:  # noqa: BLE001 - no grpcio, or another Ray version: the figure is optional
+        return None
+
+
+def megabytes(n: Optional[int]) -> Optional[float]:
+    return None if n is None else round(n / 2**20, 1)
 
 
 def _ratio(a: int, b: int) -> Optional[float]:

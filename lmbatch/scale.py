@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from hydra.core.config_store import ConfigStore
+
+from lmbatch.report import PeakSampler, megabytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,43 +69,31 @@ def write_input(directory: Path, rows: int, rows_per_file: int, row_group_rows: 
     return directory
 
 
-class Sampler:
-    """Peak RSS of a process and of its largest worker (Ray's own daemons left out), while it runs."""
-
-    def __init__(self, pid: int, interval: float = 0.2):
-        self.process, self.interval = psutil.Process(pid), interval
-        self.driver = self.worker = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            try:
-                self.driver = max(self.driver, self.process.memory_info().rss)
-                for child in self.process.children(recursive=True):
-                    name = " ".join(child.cmdline()[:3])
-                    if "raylet" not in name and "gcs_server" not in name:
-                        self.worker = max(self.worker, child.memory_info().rss)
-            except psutil.Error:
-                pass
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
+def driver_and_largest_worker_rss(process: psutil.Process) -> tuple[int, int]:
+    """RSS of a process and of its largest child (Ray's own daemons left out)."""
+    largest = 0
+    for child in process.children(recursive=True):
+        try:
+            name = " ".join(child.cmdline()[:3])
+            if "raylet" not in name and "gcs_server" not in name:
+                largest = max(largest, child.memory_info().rss)
+        except psutil.Error:  # ended meanwhile
+            pass
+    return process.memory_info().rss, largest
 
 
 def run_measured(command: list[str], cwd: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    sampler = Sampler(proc.pid)
-    output, _ = proc.communicate()
-    sampler.stop()
+    process = psutil.Process(proc.pid)
+    with PeakSampler(lambda: driver_and_largest_worker_rss(process), interval=1.0) as rss:
+        output, _ = proc.communicate()
+    driver, worker = rss.peak or (0, 0)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed:\n{output[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "driver_peak_rss_mb": round(sampler.driver / 2**20, 1),
-            "largest_worker_peak_rss_mb": round(sampler.worker / 2**20, 1), "log": output}
+    return {"seconds": time.perf_counter() - start, "driver_peak_rss_mb": megabytes(driver),
+            "largest_worker_peak_rss_mb": megabytes(worker), "log": output}
 
 
 RAY_DATA_ALONE = """

@@ -7,11 +7,29 @@ import sys
 import pytest
 
 from conftest import REPO
+from lmbatch.report import PeakSampler
 from lmbatch.scale import ScaleConfig, run_scale
 
-pytestmark = pytest.mark.slow
+
+def test_peak_sampler_keeps_the_peak_of_each_figure():
+    """The one sampling thread behind peak RSS and the object-store peak: first and last samples
+    are taken even for work shorter than the interval; tuples keep a peak per figure."""
+    readings = iter([(1, 5), (4, 2), (3, 3)])
+    with PeakSampler(lambda: next(readings), interval=3600) as sampler:
+        pass  # shorter than one interval: the samples on entry and exit
+    assert sampler.peak == (4, 5)
+    with PeakSampler(None, interval=1) as unmeasurable:
+        pass
+    assert unmeasurable.peak is None
+
+    def gone():
+        raise ProcessLookupError
+    with PeakSampler(gone, interval=1) as failing:
+        pass
+    assert failing.peak is None
 
 
+@pytest.mark.slow
 def test_benchmark_job_compares_every_variant(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "num_prompts=24", "max_prompt_tokens=256",
                            f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -28,6 +46,7 @@ def test_benchmark_job_compares_every_variant(tmp_path):
     assert (tmp_path / "results.md").read_text().count("\n|") >= 6
 
 
+@pytest.mark.slow
 def test_gpu_preset_runs_at_toy_size_on_cpu(tmp_path):
     """The GPU preset (its planner settings and the bandwidth-limit report) with the tiny model on CPU."""
     done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=gpu", "model_shape=tiny",
@@ -42,6 +61,7 @@ def test_gpu_preset_runs_at_toy_size_on_cpu(tmp_path):
     assert float(note.rsplit("= ", 1)[1].split()[0]) > 0  # measured / limit
 
 
+@pytest.mark.slow
 def test_scale_benchmark_keeps_driver_memory_flat(tmp_path):
     """engine=echo at 5k and 25k rows: every row exactly once (checked inside), driver memory flat."""
     report = run_scale(ScaleConfig(sizes=[5_000, 25_000], rows_per_file=500, chunk_rows=2048,
