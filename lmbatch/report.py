@@ -1,7 +1,8 @@
-"""Visibility: a progress line during the run and the end-of-run summary.
+"""Visibility: a progress line during the run, the end-of-run summary, and peak sampling.
 
-Both are built from the one summary row per chunk that replicas return, so the driver holds
-counters, never rows.
+The first two are built from the one summary row per chunk that replicas return, so the driver
+holds counters, never rows. `PeakSampler` watches a figure (Ray's object-store bytes here; process
+memory in the benchmarks) on a thread and keeps its peak.
 """
 
 from __future__ import annotations
