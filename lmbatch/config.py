@@ -201,7 +201,7 @@ class ClusterConfig:
     torch_threads: Optional[int] = None
     """Torch intra-op threads per replica; null means max(1, round(cpus_per_replica))."""
     prepare_cpus: float = 0.25
-    """CPUs reserved by each read+prepare task."""
+    """CPUs reserved by each read+prepare task (at most num_replicas of them run at once)."""
 
     def __post_init__(self) -> None:
         _require(self.num_replicas >= 1, f"cluster.num_replicas must be >= 1, got {self.num_replicas}")
