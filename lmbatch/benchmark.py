@@ -31,7 +31,7 @@ from typing import Optional
 import psutil
 from hydra.core.config_store import ConfigStore
 
-from lmbatch.report import PeakSampler
+from lmbatch.report import PeakSampler, megabytes
 
 VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job")
 
@@ -174,7 +174,7 @@ class Result:
             "generated_tokens_per_s": round(self.generated_tokens / s, 1),
             "padding_efficiency": round(self.prompt_tokens / self.padded_prompt_tokens, 4) if self.padded_prompt_tokens else None,
             "decode_slot_efficiency": round(self.generated_tokens / self.decode_slots, 4) if self.decode_slots else None,
-            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "peak_rss_mb": megabytes(self.peak_rss),
             "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 2),
         }
 
