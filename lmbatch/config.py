@@ -175,7 +175,7 @@ class BatchingConfig:
     """...or before sum(max_new_tokens) / (rows x largest max_new_tokens) would drop below this."""
     fixed_batch_size: int = 16
     """Rows per micro-batch with strategy=fixed."""
-    chunk_rows: int = 1024
+    chunk_rows: int = 4096
     """Rows in one unit of work: read, bucketed, generated and committed as one output file together.
     Small inputs are cut finer so that every replica gets work."""
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmbatch.io import Chunk, InputFile, JobError, inspect_inputs, plan_chunks, read_chunk
+from lmbatch.io import Chunk, InputFile, JobError, choose_chunk_rows, inspect_inputs, plan_chunks, read_chunk
 
 
 def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
@@ -29,6 +29,20 @@ def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
 def test_an_unknown_scheme_is_a_job_error():
     with pytest.raises(JobError, match="neither pyarrow nor fsspec"):
         inspect_inputs("nosuchscheme://bucket/in", {"prompt": "string"})
+
+
+@pytest.mark.parametrize("rows, replicas, expected_rows, expected_chunks", [
+    (5_000, 2, 1_250, 4),        # small input: two chunks per replica
+    (5_000, 1, 2_500, 2),
+    (300, 2, 75, 4),
+    (3, 2, 1, 3),                # fewer rows than wanted chunks: one row each
+    (20_000, 2, 3_334, 6),       # 5 chunks of <= 4096 rows would leave one replica working alone
+    (1_000_000, 8, 4_033, 248),  # large input: the configured size, evened out over the replicas
+])
+def test_chunk_size_gives_every_replica_the_same_number_of_chunks(rows, replicas, expected_rows, expected_chunks):
+    chunk_rows = choose_chunk_rows(rows, 4096, replicas)
+    assert chunk_rows == expected_rows and -(-rows // chunk_rows) == expected_chunks
+    assert chunk_rows <= 4096
 
 
 def test_chunks_pack_small_files_and_split_large_ones():
