@@ -79,6 +79,8 @@ class BenchmarkConfig:
     ray_replicas: int = 2
     ray_cpus_per_replica: float = 0.5
     """The end-to-end job's replica pool."""
+    ray_chunk_rows: int = 4096
+    """The end-to-end job's batching.chunk_rows: the window its replicas bucket (in-process: all prompts)."""
     memory_bandwidth_gb_s: Optional[float] = None
     """Accelerator memory bandwidth (H200: 4800); when set, decode throughput is compared with its limit."""
     log_micro_batches: bool = False
@@ -292,7 +294,7 @@ class Bench:
             generation=GenerationOptions(max_new_tokens=max(self.new)),
             batching=BatchingConfig(max_batch_tokens=c.max_batch_tokens, max_batch_rows=c.max_batch_rows,
                                     min_padding_efficiency=c.min_padding_efficiency,
-                                    min_decode_efficiency=c.min_decode_efficiency),
+                                    min_decode_efficiency=c.min_decode_efficiency, chunk_rows=c.ray_chunk_rows),
             cluster=ClusterConfig(num_replicas=c.ray_replicas, cpus_per_replica=c.ray_cpus_per_replica,
                                   gpus_per_replica=1 if self.device == "cuda" else 0),
         )
