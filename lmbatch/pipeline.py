@@ -313,7 +313,10 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     store_peak = None
     if pending:  # (object_store_bytes() runs once Ray is up: a with's second manager is made after the first)
         with ray_session(job), PeakSampler(object_store_bytes(), interval=1.0) as store:
-            for batch in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+            # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
+            # progress line ran a whole chunk behind (the summaries are a few bytes anyway).
+            summaries = build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+            for batch in summaries:
                 progress.add(batch.to_pylist())
         store_peak = store.peak
     progress.print_line(final=True)

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 
 import pyarrow.parquet as pq
@@ -44,6 +45,26 @@ def test_console_script_runs_the_classic_gpt2_example(tmp_path, tiny_gpt2):
     assert {r["prompt"] for r in rows} == {"I love computer programming because"}
     assert all(r["num_prompt_tokens"] + r["num_generated_tokens"] <= 50 for r in rows)
     assert len({r["generated_text"] for r in rows}) > 1
+
+
+@pytest.mark.slow
+def test_progress_counts_a_chunk_as_soon_as_its_part_is_written(tmp_path):
+    """Two chunks on one replica: the first progress line must come before the second part exists
+    (Ray Data's block prefetch used to hold each chunk's summary back until the next chunk was done)."""
+    write_prompts(tmp_path / "in.parquet", [f"tell me a long story number {i}" for i in range(32)])
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "generate.py"), f"input.path={tmp_path / 'in.parquet'}",
+                             f"output.path={tmp_path / 'out'}", "batching.chunk_rows=16", "cluster.num_replicas=1",
+                             "generation.max_new_tokens=600"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first_progress = None
+    for line in proc.stdout:
+        if first_progress is None and line.startswith("[lmbatch] ["):
+            first_progress = time.time()
+    assert proc.wait(timeout=300) == 0
+    parts = sorted(p.stat().st_mtime for p in (tmp_path / "out").glob("part-*.parquet"))
+    assert len(parts) == 2 and first_progress is not None
+    assert first_progress < parts[1], (first_progress, parts)
 
 
 def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
