@@ -176,8 +176,9 @@ class BatchingConfig:
     fixed_batch_size: int = 16
     """Rows per micro-batch with strategy=fixed."""
     chunk_rows: int = 4096
-    """Rows in one unit of work: read, bucketed, generated and committed as one output file together.
-    Small inputs are cut finer so that every replica gets work."""
+    """Rows in one unit of work: read, bucketed, generated and committed as one output file together,
+    so also the window the planner buckets (larger: wider micro-batches, fewer decode steps).
+    Small inputs are cut finer so that every replica gets two chunks."""
 
     def __post_init__(self) -> None:
         _require(self.strategy in ("bucketed", "fixed"),
