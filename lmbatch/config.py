@@ -229,9 +229,12 @@ class JobConfig:
     """`hf`: transformers generate; `echo`: no model, a fixed text (measures the pipeline alone)."""
     dry_run: bool = False
     """Validate input and config, print the token-length histogram and the plan; generate nothing."""
+    progress_every_s: float = 5.0
+    """Seconds between progress lines (raise it for the logs of long scheduled jobs)."""
 
     def __post_init__(self) -> None:
         _require(self.engine in ("hf", "echo"), f"engine must be 'hf' or 'echo', got {self.engine!r}")
+        _require(self.progress_every_s > 0, f"progress_every_s must be > 0, got {self.progress_every_s}")
 
 
 def register_configs() -> None:

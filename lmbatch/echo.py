@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from lmbatch.config import BatchingConfig
 from lmbatch.interface import Completion, EngineStats, Request
@@ -17,8 +17,12 @@ class EchoEngine:
         self.batching = batching
         self.stats = EngineStats()
 
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+    def generate(self, requests: Sequence[Request],
+                 on_batch: Optional[Callable[[list[Completion]], None]] = None) -> list[Completion]:
         self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self.stats.generated_tokens += sum(r.params.num_return_sequences for r in requests)
-        return [Completion(r.key, s, self.TEXT, 1, "stop")
+        done = [Completion(r.key, s, self.TEXT, 1, "stop")
                 for r in requests for s in range(r.params.num_return_sequences)]
+        if on_batch:  # all rows are one "micro-batch"
+            on_batch(done)
+        return done

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
@@ -147,10 +147,15 @@ class HFEngine:
         )
         return [[requests[i] for i in batch] for batch in batches]
 
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+    def generate(self, requests: Sequence[Request],
+                 on_batch: Optional[Callable[[list[Completion]], None]] = None) -> list[Completion]:
+        """Complete every request; `on_batch` is told each micro-batch's completions as they come."""
         completions: list[Completion] = []
         for batch in self.plan(requests):
-            completions.extend(self._generate_isolating(batch))
+            done = self._generate_isolating(batch)
+            completions.extend(done)
+            if on_batch:
+                on_batch(done)
         return completions
 
     # -- failure isolation ------------------------------------------------------------------

@@ -32,7 +32,8 @@ from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.output import OutputDir, OutputState
 from lmbatch.prepare import PrepareSettings, load_tokenizer, prepare_chunk, template_fields
 from lmbatch.replica import Replica, output_columns
-from lmbatch.report import PeakSampler, Progress, format_summary, megabytes, object_store_bytes
+from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, format_summary, megabytes,
+                            object_store_bytes)
 
 @dataclass
 class JobPlan:
@@ -218,7 +219,7 @@ def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table
     return pa.concat_tables(tables)
 
 
-def build_dataset(plan: JobPlan):
+def build_dataset(plan: JobPlan, live_chunks=None):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -237,13 +238,36 @@ def build_dataset(plan: JobPlan):
         Replica,
         fn_constructor_kwargs=dict(job=job, output_uri=plan.output.uri,
                                    passthrough_columns=list(plan.settings.passthrough_columns),
-                                   partition_by=plan.output.partition_by, fingerprint=plan.fingerprint),
+                                   partition_by=plan.output.partition_by, fingerprint=plan.fingerprint,
+                                   live_chunks=live_chunks),
         batch_size=None, batch_format="pyarrow",
         # One chunk at a time per replica: a model's chunk takes seconds to minutes (its dispatch
         # ~0.1 s), and one queued behind it would be pinned there while another replica runs idle.
         compute=ActorPoolStrategy(size=min(job.cluster.num_replicas, len(pending)), max_tasks_in_flight_per_actor=1),
         num_cpus=job.cluster.cpus_per_replica, num_gpus=job.cluster.gpus_per_replica or None,
     )
+
+
+@contextlib.contextmanager
+def live_progress(progress: Progress):
+    """Yield a LiveChunks actor for replicas to report the rows done inside their chunks to (a chunk
+    can take minutes), and print the progress line with them every `progress.every_s` meanwhile."""
+    import ray
+
+    live_chunks = ray.remote(num_cpus=0)(LiveChunks).remote()
+
+    def tick():
+        try:
+            progress.update_live(ray.get(live_chunks.snapshot.remote(), timeout=10))
+        except ray.exceptions.RayError:  # the line still counts the finished chunks
+            pass
+        progress.print_line()
+
+    try:
+        with Periodic(tick, progress.every_s):
+            yield live_chunks
+    finally:
+        ray.kill(live_chunks)
 
 
 def count_committed(plan: JobPlan) -> dict:
@@ -309,13 +333,15 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     if not plan.state.fresh:
         print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
-    progress = Progress(total_rows, done_rows)
+    progress = Progress(total_rows, done_rows, every_s=job.progress_every_s)
     store_peak = None
     if pending:  # (object_store_bytes() runs once Ray is up: a with's second manager is made after the first)
-        with ray_session(job), PeakSampler(object_store_bytes(), interval=1.0) as store:
+        with ray_session(job), PeakSampler(object_store_bytes(), interval=1.0) as store, \
+                live_progress(progress) as live_chunks:
             # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
             # progress line ran a whole chunk behind (the summaries are a few bytes anyway).
-            summaries = build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+            summaries = build_dataset(plan, live_chunks).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                      prefetch_batches=0)
             for batch in summaries:
                 progress.add(batch.to_pylist())
         store_peak = store.peak

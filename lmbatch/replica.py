@@ -24,6 +24,7 @@ from lmbatch import prepare as P
 from lmbatch.config import GenerationOptions, JobConfig
 from lmbatch.interface import Completion, Request, SamplingParams, row_seed
 from lmbatch.output import OutputDir
+from lmbatch.report import LiveReporter
 
 GENERATED_COLUMNS = pa.schema([
     ("generated_text", pa.string()),
@@ -66,7 +67,7 @@ def error_kind(message: str) -> str:
 
 class Replica:
     def __init__(self, job: JobConfig, output_uri: str, passthrough_columns: list[str],
-                 partition_by: str | None = None, fingerprint: str = ""):
+                 partition_by: str | None = None, fingerprint: str = "", live_chunks=None):
         import ray
 
         logging.basicConfig(level=logging.INFO)
@@ -77,6 +78,7 @@ class Replica:
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
         self.fingerprint = fingerprint
+        self.live_chunks = live_chunks  # the driver's LiveChunks actor (None: no progress within chunks)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.ready_at = time.time()  # wall clock: the driver reports start-up (Ray, model load) apart
 
@@ -114,7 +116,8 @@ class Replica:
             # The seed comes from the row's id, not its position: samples do not depend on chunking.
             requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
                                     seed=row_seed(g.seed, row_id) if params.do_sample else 0))
-        by_row = self._index(self.engine.generate(requests), {r.key for r in requests}, chunk_id)
+        live = LiveReporter(self.live_chunks, self.name, chunk_id) if self.live_chunks is not None else None
+        by_row = self._index(self.engine.generate(requests, live), {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences
         done: list[Completion] = []

@@ -1,8 +1,10 @@
 """Visibility: a progress line during the run, the end-of-run summary, and peak sampling.
 
-The first two are built from the one summary row per chunk that replicas return, so the driver
-holds counters, never rows. `PeakSampler` watches a figure (Ray's object-store bytes here; process
-memory in the benchmarks) on a thread and keeps its peak.
+Both are built from the one summary row per chunk that replicas return, so the driver holds
+counters, never rows. A chunk can take minutes, so replicas also report the rows done so far in
+the chunk they are generating to `LiveChunks`, a small Ray actor that the driver polls for the
+progress line. `PeakSampler` watches a figure (Ray's object-store bytes here; process memory in
+the benchmarks) on a thread and keeps its peak.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable, Optional, TextIO
 
 class Progress:
     def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = 5.0, stream: TextIO = sys.stdout):
+        self.lock = threading.Lock()  # summaries come in on the main thread, live counts on a poller
         self.total_rows, self.skipped_rows = total_rows, done_rows
         self.every_s, self.stream = every_s, stream
         self.tty = stream.isatty()
@@ -28,10 +31,20 @@ class Progress:
         self.error_kinds: collections.Counter = collections.Counter()
         self.replicas: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.chunks = 0
+        self.finished: set[str] = set()
+        self.live: dict[str, tuple[int, int]] = {}
+        """Chunk -> (rows, generated tokens) done so far, for chunks still being generated."""
+        self.shown_rows = done_rows
 
     def add(self, summaries: list[dict]) -> None:
+        with self.lock:
+            self._add(summaries)
+
+    def _add(self, summaries: list[dict]) -> None:
         for s in summaries:
             self.chunks += 1
+            self.finished.add(s["chunk"])
+            self.live.pop(s["chunk"], None)
             self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
             for key in ("rows", "errors", "prompt_tokens", "padded_prompt_tokens", "generated_tokens",
                         "decode_slots", "split_retries"):
@@ -40,18 +53,33 @@ class Progress:
             replica = self.replicas[s["replica"]]
             replica.update(rows=s["rows"], generated_tokens=s["generated_tokens"], chunks=1)
             replica["seconds"] += s["seconds"]
-        if time.perf_counter() - self.last_print >= self.every_s:
-            self.print_line()
+
+    def update_live(self, reported: list[tuple[str, int, int]]) -> None:
+        """Take `LiveChunks.snapshot()`: rows and tokens done so far in chunks still running."""
+        with self.lock:
+            live: dict[str, tuple[int, int]] = {}
+            for chunk, rows, tokens in reported:
+                if chunk not in self.finished:  # a retried chunk may be reported by two replicas
+                    live[chunk] = max(live.get(chunk, (0, 0)), (rows, tokens))
+            self.live = live
 
     def print_line(self, final: bool = False) -> None:
+        with self.lock:
+            self._print_line(final)
+
+    def _print_line(self, final: bool = False) -> None:
         self.last_print = time.perf_counter()
-        done = self.skipped_rows + self.sums["rows"]
+        live_rows = sum(rows for rows, _ in self.live.values())
+        live_tokens = sum(tokens for _, tokens in self.live.values())
+        # Never backwards: a replica's report of its next chunk can replace its last one before
+        # that chunk's summary is in.
+        done = self.shown_rows = max(self.shown_rows, self.skipped_rows + self.sums["rows"] + live_rows)
         frac = done / self.total_rows if self.total_rows else 1.0
         bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
         elapsed = max(self.last_print - self.started, 1e-9)
         line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | "
-                f"{self.sums['generated_tokens'] / elapsed:,.0f} gen tok/s | {self.sums['errors']} errors | "
-                f"{elapsed:,.0f}s")
+                f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s | "
+                f"{self.sums['errors']} errors | {elapsed:,.0f}s")
         end = "\n" if final or not self.tty else ""
         self.stream.write(("\r" if self.tty else "") + line + end)
         self.stream.flush()
@@ -83,46 +111,97 @@ class Progress:
         }
 
 
-class PeakSampler:
-    """Calls `measure` every `interval` seconds on a thread while in a `with` block and keeps the
-    peak of what it returns (a number, or a tuple of numbers whose peaks are kept one by one).
+class LiveChunks:
+    """Run as a Ray actor without CPUs: the chunk each replica is generating, with its rows and
+    generated tokens so far. One entry per replica, so it stays small however long the job."""
+
+    def __init__(self):
+        self.by_replica: dict[str, tuple[str, int, int]] = {}
+
+    def report(self, replica: str, chunk: str, rows: int, generated_tokens: int) -> None:
+        self.by_replica[replica] = (chunk, rows, generated_tokens)
+
+    def snapshot(self) -> list[tuple[str, int, int]]:
+        return list(self.by_replica.values())
+
+
+class LiveReporter:
+    """A replica's per-micro-batch callback for one chunk: counts what is done and tells the
+    `LiveChunks` actor at most once per `every_s` (fire and forget: generation never waits on it)."""
+
+    def __init__(self, live_chunks, replica: str, chunk: str, every_s: float = 1.0):
+        self.live_chunks, self.replica, self.chunk, self.every_s = live_chunks, replica, chunk, every_s
+        self.rows = self.generated_tokens = 0
+        self.last = time.perf_counter()
+
+    def __call__(self, completions: list) -> None:
+        self.rows += len(completions)
+        self.generated_tokens += sum(c.num_generated_tokens for c in completions)
+        if time.perf_counter() - self.last >= self.every_s:
+            self.last = time.perf_counter()
+            self.live_chunks.report.remote(self.replica, self.chunk, self.rows, self.generated_tokens)
+
+
+class Periodic:
+    """Calls `fn` on a thread every `interval` seconds while in a `with` block. Stops early once
+    `fn` raises: what it watches has gone (a process, Ray shutting down)."""
+
+    def __init__(self, fn: Callable[[], Any], interval: float):
+        self.fn, self.interval = fn, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _call(self) -> bool:
+        try:
+            self.fn()
+            return True
+        except Exception:  # noqa: BLE001 - see the class docstring
+            return False
+
+    def _run(self):
+        while not self._stop.wait(self.interval) and self._call():
+            pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakSampler(Periodic):
+    """Calls `measure` every `interval` seconds while in a `with` block, and at its start and end,
+    and keeps the peak of what it returns (a number, or a tuple of numbers whose peaks are kept
+    one by one).
 
     Sampling costs CPU that the measured work then lacks, so intervals are seconds, not
     milliseconds. A `measure` of None, or one that raises, leaves `peak` as far as it got.
     """
 
     def __init__(self, measure: Optional[Callable[[], Any]], interval: float):
-        self.measure, self.interval, self.peak = measure, interval, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.measure, self.peak = measure, None
+        super().__init__(self._take, interval)
 
-    def _take(self) -> bool:
-        try:
-            value = self.measure()
-        except Exception:  # noqa: BLE001 - what is watched has gone (a process, Ray shutting down)
-            return False
+    def _take(self) -> None:
+        value = self.measure()
         if self.peak is None:
             self.peak = value
         elif isinstance(value, tuple):
             self.peak = tuple(map(max, self.peak, value))
         else:
             self.peak = max(self.peak, value)
-        return True
-
-    def _run(self):
-        while not self._stop.wait(self.interval) and self._take():
-            pass
 
     def __enter__(self):
-        if self.measure is not None and self._take():
-            self._thread.start()
+        if self.measure is not None and self._call():
+            super().__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
-            self._take()
+            super().__exit__(*exc)
+            self._call()
 
 
 def object_store_bytes() -> Optional[Callable[[], int]]:

@@ -48,23 +48,28 @@ def test_console_script_runs_the_classic_gpt2_example(tmp_path, tiny_gpt2):
 
 
 @pytest.mark.slow
-def test_progress_counts_a_chunk_as_soon_as_its_part_is_written(tmp_path):
-    """Two chunks on one replica: the first progress line must come before the second part exists
-    (Ray Data's block prefetch used to hold each chunk's summary back until the next chunk was done)."""
+def test_progress_moves_inside_a_chunk_and_counts_a_chunk_as_soon_as_its_part_is_written(tmp_path):
+    """Two chunks of 16 rows on one replica, in micro-batches of 2 rows: the progress line must show
+    rows of a chunk still running (replicas report each micro-batch), and the first chunk as done
+    before the second part exists (Ray Data's block prefetch once held each chunk's summary back
+    until the next chunk was done)."""
     write_prompts(tmp_path / "in.parquet", [f"tell me a long story number {i}" for i in range(32)])
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "generate.py"), f"input.path={tmp_path / 'in.parquet'}",
-                             f"output.path={tmp_path / 'out'}", "batching.chunk_rows=16", "cluster.num_replicas=1",
-                             "generation.max_new_tokens=600"],
+                             f"output.path={tmp_path / 'out'}", "batching=fixed", "batching.fixed_batch_size=2",
+                             "batching.chunk_rows=16", "cluster.num_replicas=1", "generation.max_new_tokens=600",
+                             "progress_every_s=0.5"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    first_progress = None
+    shown = []  # (time, rows done) of each progress line
     for line in proc.stdout:
-        if first_progress is None and line.startswith("[lmbatch] ["):
-            first_progress = time.time()
+        if line.startswith("[lmbatch] ["):
+            shown.append((time.time(), int(line.split("] ")[2].split("/")[0])))
     assert proc.wait(timeout=300) == 0
     parts = sorted(p.stat().st_mtime for p in (tmp_path / "out").glob("part-*.parquet"))
-    assert len(parts) == 2 and first_progress is not None
-    assert first_progress < parts[1], (first_progress, parts)
+    assert len(parts) == 2 and shown[-1][1] == 32
+    assert any(rows % 16 for _, rows in shown), shown
+    first_chunk_shown = next(t for t, rows in shown if rows >= 16)
+    assert first_chunk_shown < parts[1], (first_chunk_shown, parts)
 
 
 def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
