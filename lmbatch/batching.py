@@ -111,3 +111,10 @@ def padding_efficiency(batches: Sequence[Sequence[int]], prompt_lengths: Sequenc
     real = sum(prompt_lengths[i] for b in batches for i in b)
     padded = sum(len(b) * max(prompt_lengths[i] for i in b) for b in batches if b)
     return real / padded if padded else 1.0
+
+
+def decode_steps(batches: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> int:
+    """Decode steps the plan runs when no row stops early: each micro-batch runs to its largest
+    max_new_tokens. On a GPU a step costs about as much for one row as for hundreds, so this,
+    not the token count, is what a plan costs there."""
+    return sum(max(max_new_tokens[i] for i in b) for b in batches if b)

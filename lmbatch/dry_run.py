@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lmbatch.batching import padding_efficiency, plan_micro_batches
+from lmbatch.batching import decode_steps, padding_efficiency, plan_micro_batches
 from lmbatch.prepare import ERROR, MAX_NEW, NUM_PROMPT_TOKENS, prepare_chunk
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
@@ -21,7 +21,7 @@ def histogram(lengths: list[int]) -> list[tuple[str, int]]:
 
 def dry_run(plan) -> dict:
     b = plan.job.batching
-    lengths, errors, batches, rows_seen = [], 0, 0, 0
+    lengths, errors, batches, steps, rows_seen = [], 0, 0, 0, 0
     real = padded = 0
     for chunk in plan.pending:
         if rows_seen >= SAMPLE_ROWS:
@@ -30,12 +30,14 @@ def dry_run(plan) -> dict:
         ok = [i for i, e in enumerate(table[ERROR]) if e is None]
         errors += len(table[ERROR]) - len(ok)
         chunk_lengths = [table[NUM_PROMPT_TOKENS][i] for i in ok]
-        plan_ = plan_micro_batches(chunk_lengths, [table[MAX_NEW][i] for i in ok], strategy=b.strategy,
+        new_tokens = [table[MAX_NEW][i] for i in ok]
+        plan_ = plan_micro_batches(chunk_lengths, new_tokens, strategy=b.strategy,
                                    max_batch_tokens=b.max_batch_tokens, max_batch_rows=b.max_batch_rows,
                                    fixed_batch_size=b.fixed_batch_size,
                                    min_padding_efficiency=b.min_padding_efficiency,
                                    min_decode_efficiency=b.min_decode_efficiency)
         batches += len(plan_)
+        steps += decode_steps(plan_, new_tokens)
         real += sum(chunk_lengths)
         padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0
         lengths += chunk_lengths
@@ -52,6 +54,9 @@ def dry_run(plan) -> dict:
     efficiency = real / padded if padded else 1.0
     print(f"planned micro-batches ({b.strategy}): {batches} for the sampled rows, "
           f"{rows_seen / max(batches, 1):.1f} rows each on average, prefill padding efficiency {efficiency:.3f}")
+    # On a GPU a decode step costs about the same for one row as for hundreds: steps are the cost.
+    print(f"planned decode steps for the sampled rows: at most {steps:,} (a micro-batch runs to its largest max_new_tokens)")
     print("no model was loaded for generation and nothing was written")
     return {"output": plan.output.uri, "dry_run": True, "sampled_rows": rows_seen, "error_rows": errors,
-            "micro_batches": batches, "padding_efficiency": efficiency, "histogram": histogram(lengths)}
+            "micro_batches": batches, "decode_steps": steps, "padding_efficiency": efficiency,
+            "histogram": histogram(lengths)}

