@@ -55,7 +55,8 @@ def dry_run(plan) -> dict:
     print(f"planned micro-batches ({b.strategy}): {batches} for the sampled rows, "
           f"{rows_seen / max(batches, 1):.1f} rows each on average, prefill padding efficiency {efficiency:.3f}")
     # On a GPU a decode step costs about the same for one row as for hundreds: steps are the cost.
-    print(f"planned decode steps for the sampled rows: at most {steps:,} (a micro-batch runs to its largest max_new_tokens)")
+    print(f"planned decode steps for the sampled rows: at most {steps:,} "
+          "(a micro-batch runs to its largest max_new_tokens)")
     print("no model was loaded for generation and nothing was written")
     return {"output": plan.output.uri, "dry_run": True, "sampled_rows": rows_seen, "error_rows": errors,
             "micro_batches": batches, "decode_steps": steps, "padding_efficiency": efficiency,
