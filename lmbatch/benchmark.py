@@ -31,6 +31,7 @@ from typing import Optional
 import psutil
 from hydra.core.config_store import ConfigStore
 
+from lmbatch.config import BatchingConfig
 from lmbatch.report import PeakSampler, megabytes
 
 VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job")
@@ -65,13 +66,10 @@ class BenchmarkConfig:
     """Torch threads for in-process variants; null = all cores."""
     kv_cache: Optional[str] = None
     """The engine's KV cache (as model.kv_cache): static, dynamic; null: static on GPU, dynamic on CPU."""
-    max_batch_tokens: int = 16384
-    max_batch_rows: int = 64
-    min_padding_efficiency: float = 0.8
-    min_decode_efficiency: float = 0.8
-    """Bucketed planner settings (as in conf/batching)."""
-    fixed_batch_size: int = 16
-    """Batch size of the fixed baseline and of the transformers pipeline."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """The engine's planner, a conf/batching option as in the job (the `fixed` variant swaps in
+    strategy=fixed; its fixed_batch_size is also the transformers pipeline's batch size).
+    chunk_rows is the Ray job's window only: in process the engine plans all prompts at once."""
     cb_page_size: int = 64
     cb_num_blocks: int = 512
     cb_max_batch_tokens: int = 2048
@@ -79,8 +77,6 @@ class BenchmarkConfig:
     ray_replicas: int = 2
     ray_cpus_per_replica: float = 0.5
     """The end-to-end job's replica pool."""
-    ray_chunk_rows: int = 4096
-    """The end-to-end job's batching.chunk_rows: the window its replicas bucket (in-process: all prompts)."""
     memory_bandwidth_gb_s: Optional[float] = None
     """Accelerator memory bandwidth (H200: 4800); when set, decode throughput is compared with its limit."""
     log_micro_batches: bool = False
@@ -199,14 +195,10 @@ class Bench:
         self.texts, self.ids, self.new = build_workload(cfg, self.tokenizer)
 
     def _engine(self, strategy: str):
-        from lmbatch.config import BatchingConfig
         from lmbatch.engine import HFEngine
 
-        c = self.cfg
-        return HFEngine(self.model, self.tokenizer, BatchingConfig(  # one loaded model serves a and b
-            strategy=strategy, max_batch_tokens=c.max_batch_tokens, max_batch_rows=c.max_batch_rows,
-            min_padding_efficiency=c.min_padding_efficiency, min_decode_efficiency=c.min_decode_efficiency,
-            fixed_batch_size=c.fixed_batch_size), kv_cache=c.kv_cache)
+        batching = dataclasses.replace(self.cfg.batching, strategy=strategy)
+        return HFEngine(self.model, self.tokenizer, batching, kv_cache=self.cfg.kv_cache)  # one model serves a and b
 
     def run_engine(self, strategy: str) -> Result:
         from lmbatch.engine import Request
@@ -224,7 +216,7 @@ class Bench:
         import torch
         from transformers import pipeline
 
-        b = self.cfg.fixed_batch_size
+        b = self.cfg.batching.fixed_batch_size
         pipe = pipeline("text-generation", model=self.model, tokenizer=self.tokenizer, batch_size=b,
                         device=torch.device(self.device))
         longest = max(self.new)
@@ -277,7 +269,7 @@ class Bench:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from lmbatch.config import BatchingConfig, ClusterConfig, GenerationOptions, InputConfig, JobConfig, ModelConfig, OutputConfig
+        from lmbatch.config import ClusterConfig, GenerationOptions, InputConfig, JobConfig, ModelConfig, OutputConfig
         from lmbatch.pipeline import run
 
         c = self.cfg
@@ -292,9 +284,7 @@ class Bench:
             output=OutputConfig(path=str(out / "output")),
             model=ModelConfig(path=self.model_path, dtype=self.dtype, kv_cache=c.kv_cache),
             generation=GenerationOptions(max_new_tokens=max(self.new)),
-            batching=BatchingConfig(max_batch_tokens=c.max_batch_tokens, max_batch_rows=c.max_batch_rows,
-                                    min_padding_efficiency=c.min_padding_efficiency,
-                                    min_decode_efficiency=c.min_decode_efficiency, chunk_rows=c.ray_chunk_rows),
+            batching=dataclasses.replace(c.batching, strategy="bucketed"),
             cluster=ClusterConfig(num_replicas=c.ray_replicas, cpus_per_replica=c.ray_cpus_per_replica,
                                   gpus_per_replica=1 if self.device == "cuda" else 0),
         )
