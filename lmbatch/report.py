@@ -35,6 +35,8 @@ class Progress:
         self.live: dict[str, tuple[int, int]] = {}
         """Chunk -> (rows, generated tokens) done so far, for chunks still being generated."""
         self.shown_rows = done_rows
+        self.pace_origin: Optional[tuple[float, int]] = None
+        """(time, rows done) of the first line showing rows of this run: the time left is estimated from there."""
 
     def add(self, summaries: list[dict]) -> None:
         with self.lock:
@@ -77,9 +79,15 @@ class Progress:
         frac = done / self.total_rows if self.total_rows else 1.0
         bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
         elapsed = max(self.last_print - self.started, 1e-9)
+        # The pace since rows first came in, so that start-up (Ray, model loads) does not inflate it.
+        if self.pace_origin is None and done > self.skipped_rows:
+            self.pace_origin = (self.last_print, done)
+        t0, d0 = self.pace_origin or (self.last_print, done)
+        rate = (done - d0) / (self.last_print - t0) if self.last_print > t0 else 0.0
+        eta = f" | eta {duration((self.total_rows - done) / rate)}" if rate and done < self.total_rows else ""
         line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | "
                 f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s | "
-                f"{self.sums['errors']} errors | {elapsed:,.0f}s")
+                f"{self.sums['errors']} errors | {duration(elapsed)}{eta}")
         end = "\n" if final or not self.tty else ""
         self.stream.write(("\r" if self.tty else "") + line + end)
         self.stream.flush()
@@ -217,6 +225,16 @@ def object_store_bytes() -> Optional[Callable[[], int]]:
         return measure
     except Exception:  # noqa: BLE001 - no grpcio, or another Ray version: the figure is optional
         return None
+
+
+def duration(seconds: float) -> str:
+    """7 -> '7s', 192 -> '3m12s', 7380 -> '2h03m'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def megabytes(n: Optional[int]) -> Optional[float]:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from lmbatch.report import PeakSampler, Progress
+from lmbatch.report import PeakSampler, Progress, duration
 from lmbatch.scale import ScaleConfig, run_scale
 
 
@@ -51,6 +51,11 @@ def test_progress_counts_rows_inside_running_chunks_once():
     lines = out.getvalue().splitlines()
     assert [line.split("] ")[2].split(" rows")[0] for line in lines] == ["22/100", "31/100", "31/100"]
     assert progress.metrics()["rows_this_run"] == 20  # metrics count finished chunks only
+    assert " | eta " not in lines[0] and " | eta " in lines[1]  # the pace needs two lines with rows
+
+
+def test_durations_read_at_a_glance():
+    assert [duration(s) for s in (7, 192, 7380)] == ["7s", "3m12s", "2h03m"]
 
 
 @pytest.mark.slow
