@@ -1,0 +1,51 @@
+"""Visibility parts without Ray: the progress line's counting, durations, the peak sampler."""
+
+import io
+
+from lmbatch.report import PeakSampler, Progress, duration
+
+
+def test_peak_sampler_keeps_the_peak_of_each_figure():
+    """The one sampling thread behind peak RSS and the object-store peak: first and last samples
+    are taken even for work shorter than the interval; tuples keep a peak per figure."""
+    readings = iter([(1, 5), (4, 2), (3, 3)])
+    with PeakSampler(lambda: next(readings), interval=3600) as sampler:
+        pass  # shorter than one interval: the samples on entry and exit
+    assert sampler.peak == (4, 5)
+    with PeakSampler(None, interval=1) as unmeasurable:
+        pass
+    assert unmeasurable.peak is None
+
+    def gone():
+        raise ProcessLookupError
+    with PeakSampler(gone, interval=1) as failing:
+        pass
+    assert failing.peak is None
+
+
+def summary(chunk, rows, tokens):
+    return {"chunk": chunk, "replica": "r", "rows": rows, "errors": 0, "error_kinds": "{}", "seconds": 1.0,
+            "ready_at": 0.0, "prompt_tokens": 0, "padded_prompt_tokens": 0, "generated_tokens": tokens,
+            "decode_slots": 0, "split_retries": 0}
+
+
+def test_progress_counts_rows_inside_running_chunks_once():
+    """Rows reported from inside a running chunk count until its summary is in, then only the summary
+    does; a chunk reported by two replicas (a retry) counts once; the line never goes backwards."""
+    out = io.StringIO()
+    progress = Progress(total_rows=100, done_rows=10, stream=out)
+    progress.update_live([("a", 5, 50), ("b", 7, 70), ("b", 3, 30)])
+    progress.print_line()
+    progress.add([summary("a", 20, 200)])
+    progress.update_live([("a", 20, 200), ("c", 1, 10)])  # a's last report, after its summary
+    progress.print_line()
+    progress.update_live([("c", 0, 0)])  # its replica moved on before b's summary came in
+    progress.print_line()
+    lines = out.getvalue().splitlines()
+    assert [line.split("] ")[2].split(" rows")[0] for line in lines] == ["22/100", "31/100", "31/100"]
+    assert progress.metrics()["rows_this_run"] == 20  # metrics count finished chunks only
+    assert " | eta " not in lines[0] and " | eta " in lines[1]  # the pace needs two lines with rows
+
+
+def test_durations_read_at_a_glance():
+    assert [duration(s) for s in (7, 192, 7380)] == ["7s", "3m12s", "2h03m"]
