@@ -79,6 +79,10 @@ class BenchmarkConfig:
     """The end-to-end job's replica pool."""
     memory_bandwidth_gb_s: Optional[float] = None
     """Accelerator memory bandwidth (H200: 4800); when set, decode throughput is compared with its limit."""
+    time_limit_s: Optional[float] = None
+    """Stop the in-process engine (bucketed, fixed) after the micro-batch that crosses this many
+    seconds, and report how far it got and the time the whole run would take at that pace; null:
+    no limit. A run that must finish in a set time then reports in that time, not never."""
     log_micro_batches: bool = False
     """Log every micro-batch of the in-process engine (rows, prompt length, steps, seconds) as it ends."""
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -151,6 +155,10 @@ def tree_rss(process: psutil.Process) -> int:
     return total
 
 
+class TimeLimitReached(Exception):
+    """Raised between micro-batches once `time_limit_s` has passed."""
+
+
 @dataclass
 class Result:
     variant: str
@@ -163,9 +171,19 @@ class Result:
     decode_steps: int = 0
     peak_rss: int = 0
     startup_seconds: Optional[float] = None
+    rows_done: Optional[int] = None
+    """Rows completed, set only when the time limit stopped the run (texts of the rest are None)."""
+    projected_seconds: Optional[float] = None
+    """The whole run's time at the pace so far, by planned decode steps (when stopped)."""
+
+    @property
+    def whole_seconds(self) -> float:
+        """The time for all rows: measured, or projected when a time limit stopped the run."""
+        return self.projected_seconds or self.seconds
 
     def row(self, rows: int) -> dict:
         s = self.seconds
+        rows = rows if self.rows_done is None else self.rows_done
         return {
             "variant": self.variant, "seconds": round(s, 3), "rows_per_s": round(rows / s, 3),
             "prompt_tokens_per_s": round(self.prompt_tokens / s, 1),
@@ -174,6 +192,8 @@ class Result:
             "decode_slot_efficiency": round(self.generated_tokens / self.decode_slots, 4) if self.decode_slots else None,
             "peak_rss_mb": megabytes(self.peak_rss),
             "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 2),
+            "rows_done": rows,
+            "projected_seconds": None if self.projected_seconds is None else round(self.projected_seconds, 3),
         }
 
 
@@ -205,12 +225,32 @@ class Bench:
 
         engine = self._engine(strategy)
         requests = [Request(i, ids, m) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
+        limit = self.cfg.time_limit_s
+        planned_steps = [max(r.max_new_tokens for r in b) for b in engine.plan(requests)] if limit else []
+        texts: list[Optional[str]] = [None] * len(requests)
+        batches_done = rows_done = 0
+
+        def collect(completions):
+            nonlocal batches_done, rows_done
+            batches_done, rows_done = batches_done + 1, rows_done + len(completions)
+            for c in completions:
+                texts[c.key] = c.text
+            if limit and time.perf_counter() - start > limit:
+                raise TimeLimitReached
+
         start = time.perf_counter()
-        completions = sorted(engine.generate(requests), key=lambda c: c.key)
+        try:
+            engine.generate(requests, collect)
+        except TimeLimitReached:
+            pass
         seconds = time.perf_counter() - start
         s = engine.stats
-        return Result(strategy, seconds, [c.text for c in completions], s.generated_tokens, s.prompt_tokens,
-                      s.padded_prompt_tokens, s.decode_slots, s.decode_steps)
+        result = Result(strategy, seconds, texts, s.generated_tokens, s.prompt_tokens, s.padded_prompt_tokens,
+                        s.decode_slots, s.decode_steps)
+        if batches_done < len(planned_steps):
+            result.rows_done = rows_done
+            result.projected_seconds = seconds * sum(planned_steps) / sum(planned_steps[:batches_done])
+        return result
 
     def run_pipeline(self) -> Result:
         import torch
@@ -307,6 +347,13 @@ class Bench:
         return result
 
 
+def _faster(a: Result, b: Result) -> bool:
+    """The better of two rounds: more rows done (a time limit may stop one), then less time."""
+    def key(r: Result):
+        return (float("inf") if r.rows_done is None else r.rows_done), -r.seconds
+    return key(a) > key(b)
+
+
 def compare(results: dict[str, Result]) -> dict[str, int]:
     """Rows whose greedy text differs from the bucketed engine's, per variant (0: identical).
 
@@ -314,7 +361,8 @@ def compare(results: dict[str, Result]) -> dict[str, int]:
     within ~1e-5: padding changes the rounding, and such a row goes either way.
     """
     reference = results.get("bucketed") or next(iter(results.values()))
-    return {name: sum(a != b for a, b in zip(r.texts, reference.texts)) for name, r in results.items()}
+    return {name: sum(a != b for a, b in zip(r.texts, reference.texts) if a is not None and b is not None)
+            for name, r in results.items()}
 
 
 def markdown(rows: list[dict], baseline: str, header: str) -> str:
@@ -359,11 +407,13 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
             result = bench.run(variant)
             print(f"[benchmark] round {round_ + 1}: {variant:<10} {result.seconds:8.2f}s "
                   f"{result.generated_tokens / result.seconds:10.1f} gen tok/s", flush=True)
-            if variant not in best or result.seconds < best[variant].seconds:
+            if variant not in best or _faster(result, best[variant]):
                 best[variant] = result
 
     rows_n = len(bench.texts)
-    notes = []
+    notes = [f"{name} was stopped by time_limit_s={cfg.time_limit_s:g}: {r.rows_done:,} of {rows_n:,} rows in "
+             f"{r.seconds:.1f}s; at that pace (by planned decode steps) the whole run would take about "
+             f"{r.projected_seconds:,.1f}s." for name, r in best.items() if r.rows_done is not None]
     if "ray_job" in best and "bucketed" in best and best["ray_job"].startup_seconds is not None:
         ray = best["ray_job"]
         steady = best["bucketed"].seconds / max(ray.seconds - ray.startup_seconds, 1e-9)
@@ -377,7 +427,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     rows = []
     for variant in cfg.variants:
         row = best[variant].row(rows_n)
-        row[f"x_{baseline}"] = round(best[baseline].seconds / best[variant].seconds, 3)
+        row[f"x_{baseline}"] = round(best[baseline].whole_seconds / best[variant].whole_seconds, 3)
         row["rows_differing"] = same.get(variant)
         rows.append(row)
     machine = (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, device {bench.device}, "

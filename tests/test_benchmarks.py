@@ -29,15 +29,22 @@ def test_benchmark_job_compares_every_variant(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_preset_runs_at_toy_size_on_cpu(tmp_path):
-    """The GPU preset (its planner settings and the bandwidth-limit report) with the tiny model on CPU."""
+    """The GPU preset (its planner settings, its time limit and the bandwidth-limit report) with the
+    tiny model on CPU: micro-batches of at most 4 rows and a limit that stops it after the first."""
     done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=gpu", "model_shape=tiny",
                            "device=cpu", "dtype=float32", "num_prompts=16", "max_prompt_tokens=128",
-                           "min_new_tokens=4", "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
+                           "min_new_tokens=4", "max_new_tokens=16", "batching.max_batch_rows=4",
+                           "time_limit_s=0.000001", f"hydra.run.dir={tmp_path}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     assert [r["variant"] for r in report["results"]] == ["bucketed"]
-    note = report["notes"][0]
+    assert report["config"]["batching"]["chunk_rows"] == 16384  # batching=gpu, composed by the preset
+    stopped, note = report["notes"]
+    result = report["results"][0]
+    assert stopped.startswith(f"bucketed was stopped by time_limit_s=1e-06: {result['rows_done']} of 16 rows")
+    assert 1 <= result["rows_done"] <= 4 and result["projected_seconds"] > result["seconds"]
+    assert result["rows_per_s"] == pytest.approx(result["rows_done"] / result["seconds"], rel=0.02)
     assert note.startswith("Memory-bandwidth limit for decode = bandwidth / weight bytes x rows per step = 4,800 GB/s")
     assert float(note.rsplit("= ", 1)[1].split()[0]) > 0  # measured / limit
 
