@@ -45,19 +45,7 @@ def oracle(model_path, prompt, max_new_tokens, add_special_tokens=True):
 oracle.models = {}
 
 
-@pytest.fixture
-def replicas_start_together():
-    """Dispatch only once the whole pool is up, so that a replica loading a few seconds late
-    still gets work (on 2 loaded cores the first could otherwise finish these tiny chunks alone)."""
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
-    yield
-    context.wait_for_min_actors_s = before
-
-
-def test_generate_end_to_end(local_ray, replicas_start_together, tmp_path, prompts_file, tiny_llama):
+def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
     out = tmp_path / "out"
     result = run_job(out, prompts_file, tiny_llama)
     source = pq.read_table(prompts_file)
@@ -72,7 +60,6 @@ def test_generate_end_to_end(local_ray, replicas_start_together, tmp_path, promp
     assert table["topic"].to_pylist() == source["topic"].to_pylist()
     assert set(table["finish_reason"].to_pylist()) <= {"stop", "length"}
     assert table["error"].null_count == table.num_rows
-    assert len(result["metrics"]["replicas"]) == 2  # both replicas did work
 
     with torch.inference_mode():
         for row in table.to_pylist()[:40]:
@@ -87,6 +74,31 @@ def test_generate_end_to_end(local_ray, replicas_start_together, tmp_path, promp
 
     again = run_job(out, prompts_file, tiny_llama)  # a finished job is a no-op
     assert again["already_finished"] and pq.read_table(out).equals(table)
+
+
+@pytest.fixture
+def replicas_start_together():
+    """Dispatch only once the whole pool is up, so that a replica loading a few seconds late
+    still gets work."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+    yield
+    context.wait_for_min_actors_s = before
+
+
+def test_chunks_spread_over_the_replicas(local_ray, replicas_start_together, tmp_path):
+    """Both replicas work when there is work for both. Ray Data hands a block to the least busy
+    actor, the same one on a tie, so chunks that take less time than the gap between prepared
+    chunks (tiny chunks, or prepare workers importing at start) may all go to one replica; here
+    each chunk keeps its replica busy for seconds (4 rows one at a time, up to 600 new tokens)."""
+    path = write_prompts(tmp_path / "in.parquet", [f"tell me a long story number {i}" for i in range(16)])
+    result = run(compose(f"input.path={path}", f"output.path={tmp_path / 'out'}", "cluster.num_replicas=2",
+                         "batching=fixed", "batching.fixed_batch_size=1", "batching.chunk_rows=4",
+                         "generation.max_new_tokens=600"))
+    assert result["rows"] == 16 and result["parts"] == 4
+    assert len(result["metrics"]["replicas"]) == 2, result["metrics"]["replicas"]
 
 
 def test_keep_columns_and_fixed_strategy_give_the_same_greedy_text(local_ray, tmp_path, prompts_file, tiny_gpt2):
