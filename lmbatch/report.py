@@ -26,7 +26,6 @@ class Progress:
         self.started = time.perf_counter()
         self.started_wall = time.time()
         self.first_ready: Optional[float] = None
-        self.last_print = 0.0
         self.sums: collections.Counter = collections.Counter()
         self.error_kinds: collections.Counter = collections.Counter()
         self.replicas: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -40,21 +39,18 @@ class Progress:
 
     def add(self, summaries: list[dict]) -> None:
         with self.lock:
-            self._add(summaries)
-
-    def _add(self, summaries: list[dict]) -> None:
-        for s in summaries:
-            self.chunks += 1
-            self.finished.add(s["chunk"])
-            self.live.pop(s["chunk"], None)
-            self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
-            for key in ("rows", "errors", "prompt_tokens", "padded_prompt_tokens", "generated_tokens",
-                        "decode_slots", "split_retries"):
-                self.sums[key] += s[key]
-            self.error_kinds.update(json.loads(s["error_kinds"]))
-            replica = self.replicas[s["replica"]]
-            replica.update(rows=s["rows"], generated_tokens=s["generated_tokens"], chunks=1)
-            replica["seconds"] += s["seconds"]
+            for s in summaries:
+                self.chunks += 1
+                self.finished.add(s["chunk"])
+                self.live.pop(s["chunk"], None)
+                self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
+                for key in ("rows", "errors", "prompt_tokens", "padded_prompt_tokens", "generated_tokens",
+                            "decode_slots", "split_retries"):
+                    self.sums[key] += s[key]
+                self.error_kinds.update(json.loads(s["error_kinds"]))
+                replica = self.replicas[s["replica"]]
+                replica.update(rows=s["rows"], generated_tokens=s["generated_tokens"], chunks=1)
+                replica["seconds"] += s["seconds"]
 
     def update_live(self, reported: list[tuple[str, int, int]]) -> None:
         """Take `LiveChunks.snapshot()`: rows and tokens done so far in chunks still running."""
@@ -67,30 +63,27 @@ class Progress:
 
     def print_line(self, final: bool = False) -> None:
         with self.lock:
-            self._print_line(final)
-
-    def _print_line(self, final: bool = False) -> None:
-        self.last_print = time.perf_counter()
-        live_rows = sum(rows for rows, _ in self.live.values())
-        live_tokens = sum(tokens for _, tokens in self.live.values())
-        # Never backwards: a replica's report of its next chunk can replace its last one before
-        # that chunk's summary is in.
-        done = self.shown_rows = max(self.shown_rows, self.skipped_rows + self.sums["rows"] + live_rows)
-        frac = done / self.total_rows if self.total_rows else 1.0
-        bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
-        elapsed = max(self.last_print - self.started, 1e-9)
-        # The pace since rows first came in, so that start-up (Ray, model loads) does not inflate it.
-        if self.pace_origin is None and done > self.skipped_rows:
-            self.pace_origin = (self.last_print, done)
-        t0, d0 = self.pace_origin or (self.last_print, done)
-        rate = (done - d0) / (self.last_print - t0) if self.last_print > t0 else 0.0
-        eta = f" | eta {duration((self.total_rows - done) / rate)}" if rate and done < self.total_rows else ""
-        line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | "
-                f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s | "
-                f"{self.sums['errors']} errors | {duration(elapsed)}{eta}")
-        end = "\n" if final or not self.tty else ""
-        self.stream.write(("\r" if self.tty else "") + line + end)
-        self.stream.flush()
+            now = time.perf_counter()
+            live_rows = sum(rows for rows, _ in self.live.values())
+            live_tokens = sum(tokens for _, tokens in self.live.values())
+            # Never backwards: a replica's report of its next chunk can replace its last one before
+            # that chunk's summary is in.
+            done = self.shown_rows = max(self.shown_rows, self.skipped_rows + self.sums["rows"] + live_rows)
+            frac = done / self.total_rows if self.total_rows else 1.0
+            bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
+            elapsed = max(now - self.started, 1e-9)
+            # The pace since rows first came in, so that start-up (Ray, model loads) does not inflate it.
+            if self.pace_origin is None and done > self.skipped_rows:
+                self.pace_origin = (now, done)
+            t0, d0 = self.pace_origin or (now, done)
+            rate = (done - d0) / (now - t0) if now > t0 else 0.0
+            eta = f" | eta {duration((self.total_rows - done) / rate)}" if rate and done < self.total_rows else ""
+            line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | "
+                    f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s | "
+                    f"{self.sums['errors']} errors | {duration(elapsed)}{eta}")
+            end = "\n" if final or not self.tty else ""
+            self.stream.write(("\r" if self.tty else "") + line + end)
+            self.stream.flush()
 
     def metrics(self) -> dict:
         wall = time.perf_counter() - self.started
