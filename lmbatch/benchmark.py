@@ -31,6 +31,7 @@ from typing import Optional
 import psutil
 from hydra.core.config_store import ConfigStore
 
+from lmbatch.batching import decode_steps
 from lmbatch.config import BatchingConfig
 from lmbatch.report import PeakSampler, megabytes
 
@@ -226,7 +227,7 @@ class Bench:
         engine = self._engine(strategy)
         requests = [Request(i, ids, m) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
         limit = self.cfg.time_limit_s
-        planned_steps = [max(r.max_new_tokens for r in b) for b in engine.plan(requests)] if limit else []
+        planned = [[r.key for r in b] for b in engine.plan(requests)] if limit else []  # keys are row indices
         texts: list[Optional[str]] = [None] * len(requests)
         batches_done = rows_done = 0
 
@@ -247,9 +248,10 @@ class Bench:
         s = engine.stats
         result = Result(strategy, seconds, texts, s.generated_tokens, s.prompt_tokens, s.padded_prompt_tokens,
                         s.decode_slots, s.decode_steps)
-        if batches_done < len(planned_steps):
+        if batches_done < len(planned):
             result.rows_done = rows_done
-            result.projected_seconds = seconds * sum(planned_steps) / sum(planned_steps[:batches_done])
+            result.projected_seconds = (seconds * decode_steps(planned, self.new)
+                                        / decode_steps(planned[:batches_done], self.new))
         return result
 
     def run_pipeline(self) -> Result:
