@@ -30,7 +30,7 @@ from lmbatch import io
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.output import OutputDir, OutputState
-from lmbatch.prepare import PrepareSettings, load_tokenizer, prepare_chunk, template_fields
+from lmbatch.prepare import PrepareSettings, direct_class_path, load_tokenizer, prepare_chunk, template_fields
 from lmbatch.replica import Replica, output_columns
 from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, format_summary, megabytes,
                             object_store_bytes)
@@ -170,6 +170,7 @@ def plan_job(job: JobConfig) -> JobPlan:
         context_limit=context_limit, on_too_long=i.on_too_long,
         template=i.template, chat=i.chat, system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,
+        tokenizer_class=direct_class_path(load_tokenizer(model_path, job.model.trust_remote_code), model_path),
     )
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
     chunks = io.plan_chunks(inputs.files, chunk_rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import string
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ class PrepareSettings:
     """Render with the tokenizer's chat template (then no extra special tokens are added)."""
     system_prompt: Optional[str] = None
     trust_remote_code: bool = False
+    tokenizer_class: Optional[str] = None
+    """The tokenizer's class as `direct_class_path` gives it: workers load it without AutoTokenizer."""
 
     @property
     def row_columns(self) -> list[str]:
@@ -66,13 +69,22 @@ def template_fields(template: Optional[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """One tokenizer per worker process: Ray reuses workers, so this loads once, not per chunk."""
-    from transformers import AutoTokenizer
+def load_tokenizer(path: str, trust_remote_code: bool = False, class_path: Optional[str] = None):
+    """One tokenizer per worker process: Ray reuses workers, so this loads once, not per chunk.
 
+    class_path ("module:Class", from `direct_class_path`) loads that class itself instead of
+    going through AutoTokenizer, whose module imports torch (through transformers'
+    configuration_utils): about 4 s of CPU in every prepare worker, which needs no torch.
+    """
     from lmbatch.models import resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    if class_path:
+        module, name = class_path.split(":")
+        tokenizer = getattr(importlib.import_module(module), name).from_pretrained(resolve_model_path(path))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -82,6 +94,30 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         backend.no_padding()
         backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     return tokenizer
+
+
+def direct_class_path(tokenizer, path: str) -> Optional[str]:
+    """The `class_path` that loads `tokenizer` (loaded through AutoTokenizer) without AutoTokenizer,
+    or None where that is remote code or loads a tokenizer that differs in what prepare uses."""
+    cls = type(tokenizer)
+    if not cls.__module__.startswith("transformers."):  # remote code lives in transformers_modules
+        return None
+    class_path = f"{cls.__module__}:{cls.__qualname__}"
+
+    def pipeline(t):
+        backend = getattr(t, "backend_tokenizer", None)
+        return backend.to_str() if backend is not None else None
+
+    probe = ["Hello, world!  <s> </s> <|im_end|> 12345 ünïcödé 🚀\n\tend", ""]
+    try:
+        direct = load_tokenizer.__wrapped__(path, class_path=class_path)
+        same = (type(direct) is cls and pipeline(direct) == pipeline(tokenizer)
+                and direct.all_special_ids == tokenizer.all_special_ids
+                and direct.chat_template == tokenizer.chat_template
+                and all(encode(direct, probe, s) == encode(tokenizer, probe, s) for s in (True, False)))
+    except Exception:  # noqa: BLE001 - whatever fails here keeps the AutoTokenizer path
+        return None
+    return class_path if same else None
 
 
 def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -172,7 +208,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     rows = table.select(s.row_columns).to_pylist()  # kept columns stay in Arrow: they are only copied
     id_column = s.passthrough_columns[0]
     duplicates = set(duplicate_rows)
-    tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code)
+    tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class)
     texts: dict[int, str] = {}
     errors: list[Optional[str]] = [None] * len(rows)
     settings: list[GenerationOptions] = [s.generation] * len(rows)

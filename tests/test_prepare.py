@@ -1,10 +1,14 @@
 """Tokenizing in the prepare step: the fast path must give exactly transformers' token ids."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 from tokenizers import processors
 
 from lmbatch.models import build_tokenizer
-from lmbatch.prepare import encode, load_tokenizer
+from lmbatch.prepare import direct_class_path, encode, load_tokenizer
 
 TEXTS = ["Hello there", "", "  spaces  and\nnewlines\t", "<s> a literal special token </s>",
          "ünïcödé and emoji 🚀", "word " * 300]
@@ -31,3 +35,40 @@ def test_encode_matches_the_transformers_call(bos_tokenizer_dir, add_special_tok
     assert got == expected
     assert (expected[0][0] == tokenizer.bos_token_id) == add_special_tokens
     assert len(expected[-1]) > 16  # the saved truncation is not applied
+
+
+@pytest.fixture(scope="module", params=["TokenizersBackend", "GPT2Tokenizer", "Qwen2Tokenizer"])
+def declared_tokenizer_dir(request, tmp_path_factory):
+    """A saved tokenizer whose tokenizer_config.json names a class, as a real model's does."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer().save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": request.param}))
+    return str(path)
+
+
+def test_workers_load_autotokenizers_choice_directly_without_torch(declared_tokenizer_dir):
+    auto = load_tokenizer.__wrapped__(declared_tokenizer_dir)
+    class_path = direct_class_path(auto, declared_tokenizer_dir)
+    assert class_path == f"{type(auto).__module__}:{type(auto).__name__}"
+    direct = load_tokenizer.__wrapped__(declared_tokenizer_dir, class_path=class_path)
+    chat = [{"role": "user", "content": "hi"}]
+    for tokenizer in (auto, direct):
+        assert type(tokenizer) is type(auto)
+        assert encode(tokenizer, TEXTS, True) == encode(auto, TEXTS, True)
+        assert tokenizer.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(chat, tokenize=False)
+    # What a prepare worker does, in a fresh process: no torch import (AutoTokenizer's brings it in).
+    worker = (f"import sys; from lmbatch.prepare import load_tokenizer, encode; "
+              f"t = load_tokenizer({declared_tokenizer_dir!r}, class_path={class_path!r}); encode(t, ['a b'], True); "
+              f"t.apply_chat_template({chat!r}, tokenize=False); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_a_tokenizer_the_direct_load_would_not_reproduce_keeps_autotokenizer(declared_tokenizer_dir):
+    changed = load_tokenizer.__wrapped__(declared_tokenizer_dir)
+    changed.chat_template = "{{ messages[0]['content'] }}"  # differs from what the directory holds
+    assert direct_class_path(changed, declared_tokenizer_dir) is None
+
+    class RemoteCode(type(changed)):  # a class outside transformers, as trust_remote_code loads
+        pass
+    assert direct_class_path(RemoteCode.from_pretrained(declared_tokenizer_dir), declared_tokenizer_dir) is None
