@@ -130,7 +130,9 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path):
                              f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                              "--num-cpus=2", "--include-dashboard=true"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                            # The job's `python` is this environment's, also where it is not activated.
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled",
+                                 "PATH": BIN + os.pathsep + os.environ.get("PATH", "")})
     try:
         wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", timeout=120)
         source = write_prompts(tmp_path / "in.parquet", ["submitted as a Ray job", "second row"])
