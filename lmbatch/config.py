@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Hashable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
+
+from lmbatch.batching import plan_micro_batches
 
 
 class ConfigError(ValueError):
@@ -187,6 +189,15 @@ class BatchingConfig:
             _require(getattr(self, key) >= 1, f"batching.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("min_padding_efficiency", "min_decode_efficiency"):
             _require(0 <= getattr(self, key) <= 1, f"batching.{key} must be in [0, 1], got {getattr(self, key)}")
+
+    def plan(self, prompt_lengths: Sequence[int], max_new_tokens: Sequence[int],
+             group_keys: Optional[Sequence[Hashable]] = None) -> list[list[int]]:
+        """The planner's micro-batches (row indices) with these settings."""
+        return plan_micro_batches(
+            prompt_lengths, max_new_tokens, strategy=self.strategy, max_batch_tokens=self.max_batch_tokens,
+            max_batch_rows=self.max_batch_rows, fixed_batch_size=self.fixed_batch_size,
+            min_padding_efficiency=self.min_padding_efficiency, min_decode_efficiency=self.min_decode_efficiency,
+            group_keys=group_keys)
 
 
 @dataclass

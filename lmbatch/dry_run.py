@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lmbatch.batching import decode_steps, padding_efficiency, plan_micro_batches
+from lmbatch.batching import decode_steps, padding_efficiency
 from lmbatch.prepare import ERROR, MAX_NEW, NUM_PROMPT_TOKENS, prepare_chunk
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
@@ -31,11 +31,7 @@ def dry_run(plan) -> dict:
         errors += len(table[ERROR]) - len(ok)
         chunk_lengths = [table[NUM_PROMPT_TOKENS][i] for i in ok]
         new_tokens = [table[MAX_NEW][i] for i in ok]
-        plan_ = plan_micro_batches(chunk_lengths, new_tokens, strategy=b.strategy,
-                                   max_batch_tokens=b.max_batch_tokens, max_batch_rows=b.max_batch_rows,
-                                   fixed_batch_size=b.fixed_batch_size,
-                                   min_padding_efficiency=b.min_padding_efficiency,
-                                   min_decode_efficiency=b.min_decode_efficiency)
+        plan_ = b.plan(chunk_lengths, new_tokens)
         batches += len(plan_)
         steps += decode_steps(plan_, new_tokens)
         real += sum(chunk_lengths)

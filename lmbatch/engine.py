@@ -16,7 +16,6 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from lmbatch.batching import plan_micro_batches
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, row_seed
 
@@ -136,15 +135,8 @@ class HFEngine:
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
-        b = self.batching
-        batches = plan_micro_batches(
-            [len(r.prompt_ids) for r in requests],
-            [r.max_new_tokens for r in requests],
-            strategy=b.strategy, max_batch_tokens=b.max_batch_tokens,
-            max_batch_rows=b.max_batch_rows, fixed_batch_size=b.fixed_batch_size,
-            min_padding_efficiency=b.min_padding_efficiency, min_decode_efficiency=b.min_decode_efficiency,
-            group_keys=[r.params for r in requests],
-        )
+        batches = self.batching.plan([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
+                                     group_keys=[r.params for r in requests])
         return [[requests[i] for i in batch] for batch in batches]
 
     def generate(self, requests: Sequence[Request],

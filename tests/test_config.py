@@ -98,7 +98,7 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
     import math
     import random
 
-    from lmbatch.batching import decode_steps, plan_micro_batches
+    from lmbatch.batching import decode_steps
     from lmbatch.io import choose_chunk_rows
 
     rng = random.Random(0)
@@ -111,10 +111,7 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
         steps = 0
         for start in range(0, len(lengths), window):
             rows = slice(start, start + window)
-            plan = plan_micro_batches(lengths[rows], new_tokens[rows], max_batch_tokens=b.max_batch_tokens,
-                                      max_batch_rows=b.max_batch_rows, min_padding_efficiency=b.min_padding_efficiency,
-                                      min_decode_efficiency=b.min_decode_efficiency)
-            steps += decode_steps(plan, new_tokens[rows])
+            steps += decode_steps(b.plan(lengths[rows], new_tokens[rows]), new_tokens[rows])
         return steps
 
     assert job_steps("gpu") * 5 < job_steps("bucketed")
