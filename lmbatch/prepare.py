@@ -78,13 +78,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, class_path: Optio
     """
     from lmbatch.models import resolve_model_path
 
+    local = resolve_model_path(path)
     if class_path:
         module, name = class_path.split(":")
-        tokenizer = getattr(importlib.import_module(module), name).from_pretrained(resolve_model_path(path))
+        tokenizer = getattr(importlib.import_module(module), name).from_pretrained(local)
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
