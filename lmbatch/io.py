@@ -11,7 +11,10 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import urllib.parse
 from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -64,6 +67,9 @@ class InputPlan:
     uri: str
     files: list[InputFile]
     schema: pa.Schema
+    """The files' columns, then the Hive partition columns."""
+    partition_columns: tuple[str, ...] = ()
+    """Keys of `key=value` directories above the files (Spark's partitioned tables): string columns."""
 
     @property
     def num_rows(self) -> int:
@@ -103,11 +109,38 @@ def _is_data_file(name: str) -> bool:
     return not base.startswith(("_", ".")) and base.endswith((".parquet", ".parq", ".pq"))
 
 
+def _glob_base(path: str) -> Optional[str]:
+    """The directory a glob pattern starts below (None: not a glob)."""
+    if not any(c in path for c in "*?["):
+        return None
+    return path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0] or "/"
+
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark and Hive name the directory of null values
+
+
+def hive_partitions(uri: str, path: str) -> dict[str, Optional[str]]:
+    """`key=value` directories between the input root (a directory or a glob's base) and a file.
+
+    Spark and Hive write a table partitioned by a column as `column=value/part-*.parquet`, leaving
+    the column out of the files: reading it back from the paths keeps it in the output.
+    """
+    directories = path[len(_input_root(uri)):].strip("/").split("/")[:-1]
+    pairs = (d.partition("=") for d in directories if "=" in d)
+    return {k: None if v == HIVE_NULL else urllib.parse.unquote(v) for k, _, v in pairs}
+
+
+@functools.lru_cache(maxsize=8)
+def _input_root(uri: str) -> str:
+    path = resolve_filesystem(uri)[1]
+    return _glob_base(path) or path
+
+
 def discover_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     """The Parquet files named by a file, a directory (searched recursively) or a glob."""
     fs, path = resolve_filesystem(uri)
-    if any(c in path for c in "*?["):
-        base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0] or "/"
+    base = _glob_base(path)
+    if base is not None:
         infos = _list(fs, base, uri)
         found = [i for i in infos if i.is_file and fnmatch.fnmatch(i.path, path)]
         if not found:
@@ -140,10 +173,11 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
 
     `required` maps column name -> "string" (must hold text), "messages" (a list of
     {role, content} structs) or "any". Files must agree on
-    the type of every column that is read, so that output parts share one schema.
+    the type of every column that is read, so that output parts share one schema, and on
+    their Hive partition keys (`key=value` directories), which become string columns.
     """
     fs, infos = discover_files(uri)
-    files, schema = [], None
+    files, schema, partition_keys = [], None, None
     for info in infos:
         name = with_scheme(uri, info.path)
         try:
@@ -152,6 +186,13 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
                 file_schema = meta.schema.to_arrow_schema()
         except Exception as e:  # any footer failure means the file is unusable
             raise JobError(f"input file {name} is not a readable Parquet file: {e}") from None
+        keys = [k for k in hive_partitions(uri, info.path) if k not in file_schema.names]
+        if partition_keys is None:
+            partition_keys = keys
+        elif keys != partition_keys:
+            raise JobError(f"input file {name} lies under Hive partition directories {keys or 'none'}, but earlier "
+                           f"files under {partition_keys or 'none'}; point input.path at one table")
+        file_schema = pa.schema([*file_schema, *(pa.field(k, pa.string()) for k in keys)])
         for column, kind in required.items():
             if column not in file_schema.names:
                 raise JobError(f"input file {name} has no column {column!r} "
@@ -170,7 +211,7 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
         files.append(InputFile(path=info.path, num_rows=meta.num_rows, size=info.size))
     if sum(f.num_rows for f in files) == 0:
         raise JobError(f"input.path {uri} holds no rows")
-    return InputPlan(uri=uri, files=files, schema=schema)
+    return InputPlan(uri=uri, files=files, schema=schema, partition_columns=tuple(partition_keys))
 
 
 def _describe(schema: pa.Schema) -> str:
@@ -245,7 +286,15 @@ def _open_parquet(uri: str, path: str) -> pq.ParquetFile:
 # Consecutive chunks of one large row group often come to the same worker: keep the last read.
 @functools.lru_cache(maxsize=1)
 def _read_row_groups(uri: str, path: str, groups: tuple, columns: tuple) -> pa.Table:
-    return _open_parquet(uri, path).read_row_groups(list(groups), columns=list(columns))
+    """The given columns of some row groups; a column the file lacks is one of its Hive partitions."""
+    parquet = _open_parquet(uri, path)
+    stored = [c for c in columns if c in parquet.schema_arrow.names]
+    table = parquet.read_row_groups(list(groups), columns=stored)
+    partitions = hive_partitions(uri, path)
+    for c in columns:
+        if c not in stored:
+            table = table.append_column(pa.field(c, pa.string()), pa.array([partitions[c]] * table.num_rows, pa.string()))
+    return table.select(list(columns))
 
 
 def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> list[int]:
@@ -254,17 +303,14 @@ def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> list
     Streams the id column one row group at a time and keeps a 64-bit hash and a position per
     row (16 bytes; 160 MB for 10M rows), released when the check ends. Null ids are skipped.
     """
-    fs, _ = resolve_filesystem(uri)
     hashes, positions, offset = [], [], 0
     for f in files:
-        with fs.open_input_file(f.path) as handle:
-            parquet = pq.ParquetFile(handle)
-            for g in range(parquet.metadata.num_row_groups):
-                values = parquet.read_row_group(g, columns=[id_column])[id_column].to_pylist()
-                present = [i for i, v in enumerate(values) if v is not None]
-                hashes.append(np.fromiter((hash(values[i]) for i in present), dtype=np.int64, count=len(present)))
-                positions.append(np.asarray(present, dtype=np.int64) + offset)
-                offset += len(values)
+        for g in range(_open_parquet(uri, f.path).metadata.num_row_groups):
+            values = _read_row_groups(uri, f.path, (g,), (id_column,))[id_column].to_pylist()
+            present = [i for i, v in enumerate(values) if v is not None]
+            hashes.append(np.fromiter((hash(values[i]) for i in present), dtype=np.int64, count=len(present)))
+            positions.append(np.asarray(present, dtype=np.int64) + offset)
+            offset += len(values)
     flat = np.concatenate(hashes)
     where = np.concatenate(positions)
     order = np.argsort(flat, kind="stable")  # stable: an id's first occurrence sorts first

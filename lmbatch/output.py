@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lmbatch.io import JobError, resolve_filesystem
+from lmbatch.io import HIVE_NULL, JobError, resolve_filesystem
 
 STATE_FILE = "_lmbatch_job.json"
 MANIFEST = "_manifest.json"
@@ -55,7 +55,6 @@ class OutputState:
     """Nothing of this job is there yet (or it is to be overwritten)."""
 
 
-HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 CHUNK_MARKERS = "_chunks"
 
 

@@ -138,6 +138,10 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         "partition_by": job.output.partition_by,
         "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed
     }
+    # Parts written before partition columns were read lack them: not the same job. Added only when
+    # present, so other jobs keep their fingerprint (and resume).
+    if inputs.partition_columns:
+        identity["partition_columns"] = inputs.partition_columns
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

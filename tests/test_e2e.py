@@ -243,6 +243,11 @@ def test_output_partitioned_by_an_input_column(local_ray, tmp_path, prompts_file
     assert again["metrics"]["chunks_this_run"] == 1 and again["rows"] == 70
     assert ds.dataset(out, format="parquet", partitioning="hive").to_table().equals(table)
 
+    # Read back as input, the topic=... directories give the topic column again (strings, as Spark's would).
+    second = tmp_path / "second"
+    run_job(second, out, tiny_llama, "engine=echo", "input.keep_columns=[topic]")
+    assert {r["id"]: r["topic"] for r in pq.read_table(second).select(["id", "topic"]).to_pylist()} == by_id
+
 
 def test_many_small_files_are_packed_into_even_parts(local_ray, tmp_path, tiny_llama):
     """40 files of 1-5 rows: parts of chunk_rows rows spanning files, in input order, and the

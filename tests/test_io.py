@@ -1,13 +1,15 @@
 """Input discovery and reading through filesystems other than the local disk."""
 
 import dataclasses
+from collections import Counter
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmbatch.io import Chunk, InputFile, JobError, choose_chunk_rows, inspect_inputs, plan_chunks, read_chunk
+from lmbatch.io import (Chunk, InputFile, JobError, choose_chunk_rows, find_duplicate_ids, inspect_inputs, plan_chunks,
+                        read_chunk)
 
 
 def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
@@ -24,6 +26,33 @@ def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
         [(0, 0, 4)], [(0, 4, 6), (1, 0, 2)], [(1, 2, 4)]]
     got = pa.concat_tables(read_chunk(plan.uri, c, ["id", "prompt"]) for c in chunks)
     assert got.equals(table.select(["id", "prompt"]))
+
+
+def test_hive_partition_directories_become_string_columns(tmp_path):
+    """A table Spark wrote partitioned by country and day keeps both columns, read from the paths."""
+    layout = {("FR", "2024-01-01"): [1, 2], ("DE", "2024-01-01"): [3], ("a/b c", "2024-01-02"): [4],
+              (None, "2024-01-02"): [5, 1]}
+    for (country, day), ids in layout.items():
+        folder = "__HIVE_DEFAULT_PARTITION__" if country is None else country.replace("/", "%2F").replace(" ", "%20")
+        path = tmp_path / "in" / f"country={folder}" / f"day={day}" / "part-0.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.table({"id": ids, "prompt": [f"p{i}" for i in ids]}), path)
+    (tmp_path / "in" / "_SUCCESS").touch()
+    plan = inspect_inputs(str(tmp_path / "in"), {"prompt": "string", "id": "any", "country": "any"})
+    assert plan.schema.names == ["id", "prompt", "country", "day"] and plan.schema.field("day").type == pa.string()
+    assert plan.partition_columns == ("country", "day")
+    got = pa.concat_tables(read_chunk(plan.uri, c, ["country", "id", "day"]) for c in plan_chunks(plan.files, 2))
+    assert got.column_names == ["country", "id", "day"]
+    assert Counter(tuple(r.values()) for r in got.to_pylist()) == Counter(
+        (country, i, day) for (country, day), ids in layout.items() for i in ids)
+    assert len(find_duplicate_ids(plan.uri, plan.files, "id")) == 1  # id 1 repeats across partitions
+    # A glob's partitions count from the directory the pattern starts below.
+    glob = inspect_inputs(str(tmp_path / "in" / "country=*" / "*" / "*.parquet"), {"prompt": "string"})
+    assert glob.schema.names == ["id", "prompt", "country", "day"]
+
+    pq.write_table(pa.table({"id": [9], "prompt": ["stray"]}), tmp_path / "in" / "stray.parquet")
+    with pytest.raises(JobError, match="Hive partition directories"):
+        inspect_inputs(str(tmp_path / "in"), {"prompt": "string"})
 
 
 def test_an_unknown_scheme_is_a_job_error():
