@@ -115,6 +115,19 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
     return path, limit
 
 
+def check_room_for_prompts(job: JobConfig, context_limit: Optional[int]) -> None:
+    """Refuse a job whose generation settings leave no room for even a one-token prompt: every
+    row would become a `too long` error row after the whole job had run."""
+    g = job.generation
+    if context_limit is None or {"max_new_tokens", "max_length"} & set(job.input.param_columns):
+        return  # per-row settings may make room
+    longest_output = min(g.max_new_tokens, g.max_length - 1 if g.max_length else g.max_new_tokens)
+    if 1 + longest_output > context_limit:
+        raise JobError(f"generation.max_new_tokens={g.max_new_tokens} leaves no room for a prompt in the model's "
+                       f"context of {context_limit} tokens; set it to at most {context_limit - 1}, or cap prompt and "
+                       f"output together with generation.max_length={context_limit}")
+
+
 def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
     i = job.input
     keep = inputs.schema.names if i.keep_columns is None else i.keep_columns
@@ -157,6 +170,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     inputs = io.inspect_inputs(input_uri, required)
     passthrough = _passthrough_columns(job, inputs)
     model_path, context_limit = check_model(job)
+    check_room_for_prompts(job, context_limit)
 
     partition_by = job.output.partition_by
     if partition_by and (partition_by not in passthrough or partition_by == i.id_column):

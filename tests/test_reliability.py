@@ -169,6 +169,7 @@ BAD_JOBS = {
     "mismatched files": (mismatched_files, [], "but earlier files have"),
     "model path missing": (one_prompt, ["model.path=/no/such/model"], "model.path /no/such/model does not exist"),
     "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
+    "no room for a prompt": (one_prompt, ["generation.max_new_tokens=2048"], "leaves no room for a prompt"),
 }
 
 
