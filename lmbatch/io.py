@@ -198,7 +198,7 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
                 raise JobError(f"input file {name} has no column {column!r} "
                                f"(columns: {', '.join(file_schema.names)})")
             col_type = file_schema.field(column).type
-            if kind == "string" and not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+            if kind == "string" and not _is_text(col_type):
                 raise JobError(f"column {column!r} in {name} must hold strings, found {col_type}")
             if kind == "messages" and not (pa.types.is_list(col_type) or pa.types.is_large_list(col_type)):
                 raise JobError(f"column {column!r} in {name} must hold lists of {{role, content}} messages, "
@@ -212,6 +212,13 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
     if sum(f.num_rows for f in files) == 0:
         raise JobError(f"input.path {uri} holds no rows")
     return InputPlan(uri=uri, files=files, schema=schema, partition_columns=tuple(partition_keys))
+
+
+def _is_text(t: pa.DataType) -> bool:
+    """Any Arrow string type; dictionary-encoded too (a pandas `category` column)."""
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _describe(schema: pa.Schema) -> str:

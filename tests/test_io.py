@@ -55,6 +55,17 @@ def test_hive_partition_directories_become_string_columns(tmp_path):
         inspect_inputs(str(tmp_path / "in"), {"prompt": "string"})
 
 
+@pytest.mark.parametrize("prompts", [
+    pa.array(["a", "b"], pa.large_string()),
+    pa.array(["a", "b"]).dictionary_encode(),  # what pandas writes for a `category` column
+    pa.array(["a", "b"], pa.string_view()),
+])
+def test_prompts_may_be_any_arrow_text_type(tmp_path, prompts):
+    pq.write_table(pa.table({"id": [1, 2], "prompt": prompts}), tmp_path / "in.parquet")
+    plan = inspect_inputs(str(tmp_path / "in.parquet"), {"prompt": "string", "id": "any"})
+    assert read_chunk(plan.uri, plan_chunks(plan.files, 2)[0], ["prompt"])["prompt"].to_pylist() == ["a", "b"]
+
+
 def test_an_unknown_scheme_is_a_job_error():
     with pytest.raises(JobError, match="neither pyarrow nor fsspec"):
         inspect_inputs("nosuchscheme://bucket/in", {"prompt": "string"})
