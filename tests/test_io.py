@@ -66,6 +66,21 @@ def test_prompts_may_be_any_arrow_text_type(tmp_path, prompts):
     assert read_chunk(plan.uri, plan_chunks(plan.files, 2)[0], ["prompt"])["prompt"].to_pylist() == ["a", "b"]
 
 
+def test_many_files_are_read_concurrently_and_reported_in_input_order(tmp_path):
+    """Footers and id columns are read 16 files at a time; results, duplicates and the first bad
+    file must still come in input order."""
+    for i in range(40):
+        pq.write_table(pa.table({"id": [i, 100 + i % 3], "prompt": ["a", "b"]}), tmp_path / f"f{i:02d}.parquet")
+    plan = inspect_inputs(str(tmp_path), {"prompt": "string", "id": "any"})
+    assert [f.path.rsplit("/", 1)[1] for f in plan.files] == [f"f{i:02d}.parquet" for i in range(40)]
+    # ids 100..102 first appear in files 0..2 (rows 1, 3, 5); every later occurrence is a repeat
+    assert find_duplicate_ids(plan.uri, plan.files, "id") == [2 * i + 1 for i in range(3, 40)]
+    for i in (30, 7):
+        (tmp_path / f"f{i:02d}.parquet").write_bytes(b"not parquet")
+    with pytest.raises(JobError, match="f07.parquet is not a readable Parquet file"):
+        inspect_inputs(str(tmp_path), {"prompt": "string"})
+
+
 def test_an_unknown_scheme_is_a_job_error():
     with pytest.raises(JobError, match="neither pyarrow nor fsspec"):
         inspect_inputs("nosuchscheme://bucket/in", {"prompt": "string"})
