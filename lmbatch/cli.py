@@ -20,6 +20,8 @@ def run_cli(cfg: DictConfig) -> None:
     except (JobError, ConfigError) as e:
         print(f"lmbatch: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the job has said what is committed; no traceback for a Ctrl-C
+        sys.exit(130)
 
 
 @hydra.main(config_path="pkg://lmbatch.conf", config_name="generate", version_base="1.3")

@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -328,6 +329,19 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
     }
 
 
+@contextlib.contextmanager
+def say_how_to_resume_if_stopped(plan: JobPlan):
+    """On Ctrl-C or SIGTERM (a scheduler stopping the job; Ray's driver handler makes it a SystemExit),
+    say what is committed and how to go on, once Ray has shut down."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        done = len(plan.output.inspect(plan.fingerprint, "resume").done_chunks)
+        print(f"lmbatch: stopped with {done} of {len(plan.chunks)} chunks committed in {plan.output.uri}; "
+              "run the same command again to resume", file=sys.stderr)
+        raise
+
+
 def run(cfg: DictConfig | JobConfig) -> dict:
     """Run a job to a committed output; return its totals and metrics."""
     job = to_job_config(cfg)
@@ -354,15 +368,17 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s)
     store_peak = None
-    if pending:  # (object_store_bytes() runs once Ray is up: a with's second manager is made after the first)
-        with ray_session(job), PeakSampler(object_store_bytes(), interval=1.0) as store, \
-                live_progress(progress) as live_chunks:
-            # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
-            # progress line ran a whole chunk behind (the summaries are a few bytes anyway).
-            summaries = build_dataset(plan, live_chunks).iter_batches(batch_size=None, batch_format="pyarrow",
-                                                                      prefetch_batches=0)
-            for batch in summaries:
-                progress.add(batch.to_pylist())
+    if pending:
+        with say_how_to_resume_if_stopped(plan):
+            # (object_store_bytes() runs once Ray is up: a with's second manager is made after the first)
+            with ray_session(job), PeakSampler(object_store_bytes(), interval=1.0) as store, \
+                    live_progress(progress) as live_chunks:
+                # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
+                # progress line ran a whole chunk behind (the summaries are a few bytes anyway).
+                summaries = build_dataset(plan, live_chunks).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                          prefetch_batches=0)
+                for batch in summaries:
+                    progress.add(batch.to_pylist())
         store_peak = store.peak
     progress.print_line(final=True)
 

@@ -10,6 +10,7 @@ rows lost, rows duplicated.
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,6 +332,16 @@ def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
 def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_input):
     path, ids = long_input
     out = tmp_path / "out"
+    # A scheduler stopping the job (SIGTERM): Ray shuts down and the log says what is committed.
+    proc = start_job(tmp_path, *slow_job(path, out))
+    wait_for_parts(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=60)
+    stopped = re.search(r"lmbatch: stopped with (\d+) of 50 chunks committed in (\S+); run the same command "
+                        r"again to resume", log)
+    assert proc.returncode != 0 and stopped, log[-3000:]
+    assert int(stopped[1]) == len(parts(out)) >= 2 and stopped[2] == str(out)
+
     proc = start_job(tmp_path, *slow_job(path, out))
     wait_for_parts(out, 5, proc)
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
