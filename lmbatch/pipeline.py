@@ -17,7 +17,9 @@ import datetime
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -219,16 +221,29 @@ def ray_session(job: JobConfig):
         yield
         return
     address = job.cluster.address or os.environ.get("RAY_ADDRESS")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to the home directory
         # "local": a fresh Ray of our own, never a `ray start` cluster that happens to run here.
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        # ray.init leaves SIGTERM to its C++ failure handler, which arms a 3 s alarm that aborts the
+        # process (exit -6) unless it has died by then; shutting Ray down takes about that long, so a
+        # scheduler's stop ended in an abort about half the time. Python's own handler instead:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield
     finally:
         ray.shutdown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: Ray shuts down, the job says how to resume
 
 
 def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table:
@@ -331,7 +346,7 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
 
 @contextlib.contextmanager
 def say_how_to_resume_if_stopped(plan: JobPlan):
-    """On Ctrl-C or SIGTERM (a scheduler stopping the job; Ray's driver handler makes it a SystemExit),
+    """On Ctrl-C or SIGTERM (a scheduler stopping the job: SystemExit, see ray_session),
     say what is committed and how to go on, once Ray has shut down."""
     try:
         yield
