@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from lmbatch.batching import decode_steps, padding_efficiency
-from lmbatch.prepare import ERROR, MAX_NEW, NUM_PROMPT_TOKENS, prepare_chunk
+from lmbatch.prepare import ERROR, MAX_NEW, NUM_PROMPT_TOKENS, PARAMS, prepare_chunk
+from lmbatch.replica import row_options, sampling_params
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
 
@@ -31,7 +32,9 @@ def dry_run(plan) -> dict:
         errors += len(table[ERROR]) - len(ok)
         chunk_lengths = [table[NUM_PROMPT_TOKENS][i] for i in ok]
         new_tokens = [table[MAX_NEW][i] for i in ok]
-        plan_ = b.plan(chunk_lengths, new_tokens)
+        # rows with different sampling settings never share a micro-batch: group them as replicas do
+        groups = [sampling_params(row_options(plan.job.generation, table[PARAMS][i])) for i in ok]
+        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=groups)
         batches += len(plan_)
         steps += decode_steps(plan_, new_tokens)
         real += sum(chunk_lengths)

@@ -48,6 +48,11 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
                           num_return_sequences=g.num_return_sequences)
 
 
+def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
+    """The job's generation settings with a row's parameter overrides (JSON, as prepare wrote them)."""
+    return dataclasses.replace(generation, **json.loads(overrides)) if overrides else generation
+
+
 def load_engine(job: JobConfig, device: str | None = None):
     if job.engine == "echo":  # no torch or transformers import in this process
         from lmbatch.echo import EchoEngine
@@ -111,7 +116,7 @@ class Replica:
                 rows[self.passthrough[0]].to_pylist(), rows[P.PARAMS].to_pylist())):
             if err is not None:
                 continue
-            g = dataclasses.replace(self.generation, **json.loads(overrides)) if overrides else self.generation
+            g = row_options(self.generation, overrides)
             params = sampling_params(g) if overrides else self.params
             # The seed comes from the row's id, not its position: samples do not depend on chunking.
             requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,

@@ -7,6 +7,7 @@ import sys
 import time
 import zipfile
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -82,6 +83,14 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     assert f"planned decode steps for the sampled rows: at most {7 * batches} " in done.stdout
     assert "1 would be error rows" in done.stdout
     assert not (tmp_path / "out").exists()
+
+    # Rows with their own sampling settings get micro-batches of their own, as in the job:
+    # two chunks of 20 short rows, each with three temperatures (0.2, 0.9 and the config's).
+    pq.write_table(pa.table({"id": list(range(40)), "prompt": ["a few words"] * 40,
+                             "temperature": [0.2, 0.9, None, 0.2] * 10}), tmp_path / "params.parquet")
+    done = run_cli([f"input.path={tmp_path / 'params.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true",
+                    "generation=sampling", "input.param_columns=[temperature]", "cluster.num_replicas=1"], cwd=tmp_path)
+    assert "planned micro-batches (bucketed): 6 " in done.stdout, done.stdout + done.stderr[-3000:]
 
 
 def test_a_bad_job_exits_with_one_readable_line(tmp_path):
