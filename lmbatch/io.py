@@ -196,16 +196,18 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
                 raise JobError(f"input file {name} has no column {column!r} "
                                f"(columns: {', '.join(file_schema.names)})")
             col_type = file_schema.field(column).type
+            if pa.types.is_null(col_type):  # all null in this file: its rows become error rows
+                continue
             if kind == "string" and not _is_text(col_type):
                 raise JobError(f"column {column!r} in {name} must hold strings, found {col_type}")
             if kind == "messages" and not (pa.types.is_list(col_type) or pa.types.is_large_list(col_type)):
                 raise JobError(f"column {column!r} in {name} must hold lists of {{role, content}} messages, "
                                f"found {col_type}")
-        if schema is None:
-            schema = file_schema
-        elif not file_schema.equals(schema):
+        merged = _merge_schemas(schema or file_schema, file_schema)
+        if merged is None:
             raise JobError(f"input file {name} has schema {_describe(file_schema)}, "
                            f"but earlier files have {_describe(schema)}")
+        schema = merged
         files.append(InputFile(path=info.path, num_rows=meta.num_rows, size=info.size))
     if sum(f.num_rows for f in files) == 0:
         raise JobError(f"input.path {uri} holds no rows")
@@ -237,6 +239,19 @@ def _is_text(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_text(t.value_type)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _merge_schemas(a: pa.Schema, b: pa.Schema) -> Optional[pa.Schema]:
+    """One schema for two files' columns, or None if they differ. A column of type `null` (all
+    null in its file: what pandas writes for a column of Nones) takes the other file's type."""
+    if a.names != b.names:
+        return None
+    fields = []
+    for x, y in zip(a, b):
+        if x.type != y.type and not (pa.types.is_null(x.type) or pa.types.is_null(y.type)):
+            return None
+        fields.append(pa.field(x.name, y.type if pa.types.is_null(x.type) else x.type))
+    return pa.schema(fields)
 
 
 def _describe(schema: pa.Schema) -> str:
@@ -283,9 +298,13 @@ def choose_chunk_rows(total_rows: int, configured: int, num_replicas: int) -> in
     return max(1, -(-total_rows // chunks))
 
 
-def read_chunk(uri: str, chunk: Chunk, columns: list[str]) -> pa.Table:
-    """Read a chunk's rows, only the given columns."""
-    return pa.concat_tables([_read_piece(uri, p, tuple(columns)) for p in chunk.pieces])
+def read_chunk(uri: str, chunk: Chunk, columns: list[str], schema: Optional[pa.Schema] = None) -> pa.Table:
+    """Read a chunk's rows, only the given columns, typed as in `schema` (the input's, merged over
+    its files: a column all null in one file has the others' type in every part)."""
+    tables = [_read_piece(uri, p, tuple(columns)) for p in chunk.pieces]
+    if schema is not None:
+        tables = [t.cast(pa.schema([schema.field(c) for c in columns])) for t in tables]
+    return pa.concat_tables(tables)
 
 
 def _read_piece(uri: str, piece: Piece, columns: tuple) -> pa.Table:

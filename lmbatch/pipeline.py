@@ -192,6 +192,7 @@ def plan_job(job: JobConfig) -> JobPlan:
         template=i.template, chat=i.chat, system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,
         tokenizer_class=direct_class_path(load_tokenizer(model_path, job.model.trust_remote_code), model_path),
+        input_schema=inputs.schema,
     )
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
     chunks = io.plan_chunks(inputs.files, chunk_rows)

@@ -49,6 +49,8 @@ class PrepareSettings:
     trust_remote_code: bool = False
     tokenizer_class: Optional[str] = None
     """The tokenizer's class as `direct_class_path` gives it: workers load it without AutoTokenizer."""
+    input_schema: Optional[pa.Schema] = None
+    """The input's columns and types, merged over its files (`io.inspect_inputs`)."""
 
     @property
     def row_columns(self) -> list[str]:
@@ -205,7 +207,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
 
     duplicate_rows: positions in the chunk whose id appeared earlier in the input (error rows).
     """
-    table = read_chunk(s.input_uri, chunk, s.read_columns)
+    table = read_chunk(s.input_uri, chunk, s.read_columns, s.input_schema)
     rows = table.select(s.row_columns).to_pylist()  # kept columns stay in Arrow: they are only copied
     id_column = s.passthrough_columns[0]
     duplicates = set(duplicate_rows)

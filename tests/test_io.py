@@ -81,6 +81,23 @@ def test_many_files_are_read_concurrently_and_reported_in_input_order(tmp_path):
         inspect_inputs(str(tmp_path), {"prompt": "string"})
 
 
+def test_a_column_all_null_in_one_file_takes_the_type_of_the_others(tmp_path):
+    """pandas writes a column of Nones as type `null`: such files join the others, and every part
+    gets the same types (a chunk of only that file too)."""
+    for name, notes in (("a", pa.array(["x", "y"])), ("b", pa.nulls(2)), ("c", pa.array([None, "z"]))):
+        prompts = pa.nulls(2) if name == "b" else pa.array(["p", "q"])
+        pq.write_table(pa.table({"id": [1, 2], "prompt": prompts, "note": notes}), tmp_path / f"{name}.parquet")
+    plan = inspect_inputs(str(tmp_path), {"prompt": "string", "id": "any"})
+    assert plan.schema.field("note").type == plan.schema.field("prompt").type == pa.string()
+    chunks = plan_chunks(plan.files, 2)  # one chunk per file
+    read = [read_chunk(plan.uri, c, ["id", "prompt", "note"], plan.schema) for c in chunks]
+    assert {t.schema for t in read} == {pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("note", pa.string())])}
+    assert [t["note"].to_pylist() for t in read] == [["x", "y"], [None, None], [None, "z"]]
+    pq.write_table(pa.table({"id": [3], "prompt": ["r"], "note": [1.5]}), tmp_path / "d.parquet")
+    with pytest.raises(JobError, match="but earlier files have"):  # a real type clash still stops the job
+        inspect_inputs(str(tmp_path), {"prompt": "string"})
+
+
 def test_an_unknown_scheme_is_a_job_error():
     with pytest.raises(JobError, match="neither pyarrow nor fsspec"):
         inspect_inputs("nosuchscheme://bucket/in", {"prompt": "string"})
