@@ -203,7 +203,7 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
             if kind == "messages" and not (pa.types.is_list(col_type) or pa.types.is_large_list(col_type)):
                 raise JobError(f"column {column!r} in {name} must hold lists of {{role, content}} messages, "
                                f"found {col_type}")
-        merged = _merge_schemas(schema or file_schema, file_schema)
+        merged = _merge_schemas(file_schema if schema is None else schema, file_schema)
         if merged is None:
             raise JobError(f"input file {name} has schema {_describe(file_schema)}, "
                            f"but earlier files have {_describe(schema)}")
@@ -340,7 +340,7 @@ def _read_columns(parquet: pq.ParquetFile, uri: str, path: str, groups: tuple, c
     partitions = hive_partitions(uri, path)
     for c in columns:
         if c not in stored:
-            table = table.append_column(pa.field(c, pa.string()), pa.array([partitions[c]] * table.num_rows, pa.string()))
+            table = table.append_column(c, pa.array([partitions[c]] * table.num_rows, pa.string()))
     return table.select(list(columns))
 
 
