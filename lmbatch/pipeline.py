@@ -269,7 +269,7 @@ def build_dataset(plan: JobPlan, live_chunks=None):
     # that compete with the replicas' own start-up (a 2-core job started in 22 s instead of 28).
     ds = ds.map_batches(_prepare_batch, fn_kwargs={"settings": plan.settings}, batch_size=1,
                         batch_format="pyarrow", num_cpus=job.cluster.prepare_cpus,
-                        compute=TaskPoolStrategy(size=job.cluster.num_replicas))
+                        compute=TaskPoolStrategy(size=min(job.cluster.num_replicas, len(pending))))
     return ds.map_batches(
         Replica,
         fn_constructor_kwargs=dict(job=job, output_uri=plan.output.uri,
