@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -260,6 +261,8 @@ def build_dataset(plan: JobPlan, live_chunks=None):
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # lmbatch prints its own
+    # ...and Ray Data's warning on that, telling how to turn its bars back on, would only confuse.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     job, pending = plan.job, plan.pending
     # One block per chunk: every replica gets work and a chunk never spans two replicas.
     items = [{**dataclasses.asdict(c), "duplicate_rows": plan.error_duplicates(c.id)} for c in pending]

@@ -58,9 +58,13 @@ def load_engine(job: JobConfig, device: str | None = None):
         from lmbatch.echo import EchoEngine
 
         return EchoEngine(job.batching)
+    from transformers.utils import logging as transformers_logging
+
     from lmbatch.engine import HFEngine
     from lmbatch.models import resolve_model_path
 
+    # One progress line is the driver's; a "Loading weights" bar per replica would interleave with it.
+    transformers_logging.disable_progress_bar()
     return HFEngine.load(resolve_model_path(job.model.path), job.model, job.batching,
                          device=device, threads=job.cluster.threads)
 
