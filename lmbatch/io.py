@@ -105,9 +105,11 @@ def with_scheme(uri: str, path: str) -> str:
     return f"{uri.split('://', 1)[0]}://{path}" if "://" in uri else path
 
 
-def _is_data_file(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return not base.startswith(("_", ".")) and base.endswith((".parquet", ".parq", ".pq"))
+def _is_data_file(relative_path: str) -> bool:
+    """A Parquet file, not hidden and not below a hidden directory: `_temporary/` (a Spark write
+    in progress or abandoned), `.hidden/`, `_delta_log/` hold no rows of the table."""
+    parts = relative_path.strip("/").split("/")
+    return not any(p.startswith(("_", ".")) for p in parts) and parts[-1].endswith((".parquet", ".parq", ".pq"))
 
 
 def _glob_base(path: str) -> Optional[str]:
@@ -153,7 +155,7 @@ def discover_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     if info.type == pafs.FileType.File:
         return fs, [info]
     infos = _list(fs, path, uri)
-    found = [i for i in infos if i.is_file and _is_data_file(i.path)]
+    found = [i for i in infos if i.is_file and _is_data_file(i.path[len(path):])]
     if not found:
         if any(i.is_file for i in infos):
             raise JobError(f"input.path {uri} holds no Parquet files (*.parquet)")
