@@ -1,4 +1,4 @@
-"""Input discovery and reading through filesystems other than the local disk."""
+"""Input discovery, validation and reading: filesystems, table layouts (Hive, Spark, pandas), chunking."""
 
 import dataclasses
 from collections import Counter
