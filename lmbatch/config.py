@@ -77,6 +77,9 @@ class InputConfig:
                  f"input.on_too_long must be 'error' or 'truncate', got {self.on_too_long!r}")
 
 
+PARQUET_CODECS = ("snappy", "zstd", "gzip", "lz4", "brotli", "none")
+
+
 @dataclass
 class OutputConfig:
     path: str = "${hydra:runtime.output_dir}/output"
@@ -87,9 +90,13 @@ class OutputConfig:
     """Cap on rows per output part (each chunk is one part, so this caps batching.chunk_rows too)."""
     partition_by: Optional[str] = None
     """Input column to partition the output by, Hive style: `COLUMN=value/part-*.parquet`."""
+    compression: str = "snappy"
+    """Parquet codec of the parts: `snappy` (read everywhere), `zstd` (smaller), `gzip`, `lz4`, `brotli`, `none`."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "output.path must be set")
+        _require(self.compression in PARQUET_CODECS,
+                 f"output.compression must be one of {', '.join(PARQUET_CODECS)}, got {self.compression!r}")
         _require(self.max_rows_per_file is None or self.max_rows_per_file >= 1,
                  f"output.max_rows_per_file must be >= 1 or null, got {self.max_rows_per_file}")
         _require(self.mode in ("resume", "overwrite"),

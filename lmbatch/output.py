@@ -63,8 +63,8 @@ def partition_dir(column: str, value) -> str:
 
 
 class OutputDir:
-    def __init__(self, uri: str, partition_by: Optional[str] = None):
-        self.uri, self.partition_by = uri, partition_by
+    def __init__(self, uri: str, partition_by: Optional[str] = None, compression: str = "snappy"):
+        self.uri, self.partition_by, self.compression = uri, partition_by, compression
         self.fs, self.path = resolve_filesystem(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
@@ -137,11 +137,11 @@ class OutputDir:
         if "/" in name:
             self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         if not self.local:  # an object store PUT is atomic: the object appears whole or not at all
-            pq.write_table(table, final, filesystem=self.fs)
+            pq.write_table(table, final, filesystem=self.fs, compression=self.compression)
             return
         folder, base = final.rsplit("/", 1)
         scratch = f"{folder}/.{base}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, scratch, filesystem=self.fs)
+        pq.write_table(table, scratch, filesystem=self.fs, compression=self.compression)
         self.fs.move(scratch, final)  # rename: atomic, and a retried chunk replaces its own part
 
     def _list(self, sub: str) -> list[pafs.FileInfo]:

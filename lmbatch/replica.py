@@ -82,7 +82,7 @@ class Replica:
         logging.basicConfig(level=logging.INFO)
         device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.engine = load_engine(job, device)
-        self.output = OutputDir(output_uri, partition_by)
+        self.output = OutputDir(output_uri, partition_by, job.output.compression)
         self.generation = job.generation
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns

@@ -81,6 +81,7 @@ def test_wrong_type_fails():
     ("input.on_too_long=skip", "on_too_long must be"),
     ("model.dtype=int8", "model.dtype must be"),
     ("model.kv_cache=paged", "model.kv_cache must be static, dynamic or null"),
+    ("output.compression=lzma", "output.compression must be one of snappy, zstd"),
 ])
 def test_invalid_values_fail_with_the_key_named(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -103,8 +103,12 @@ def test_chunks_spread_over_the_replicas(local_ray, replicas_start_together, tmp
 
 def test_keep_columns_and_fixed_strategy_give_the_same_greedy_text(local_ray, tmp_path, prompts_file, tiny_gpt2):
     bucketed = run_job(tmp_path / "b", prompts_file, tiny_gpt2, "input.keep_columns=[topic]")
-    fixed = run_job(tmp_path / "f", prompts_file, tiny_gpt2, "input.keep_columns=[]", "batching=fixed")
+    fixed = run_job(tmp_path / "f", prompts_file, tiny_gpt2, "input.keep_columns=[]", "batching=fixed",
+                    "output.compression=zstd")
     b, f = pq.read_table(tmp_path / "b"), pq.read_table(tmp_path / "f")
+    for out, codec in (("b", "SNAPPY"), ("f", "ZSTD")):
+        part = next((tmp_path / out).glob("part-*.parquet"))
+        assert pq.ParquetFile(part).metadata.row_group(0).column(0).compression == codec
     assert b.column_names[:2] == ["id", "topic"] and "prompt" not in b.column_names
     assert f.column_names[0] == "id" and "topic" not in f.column_names
     assert b["generated_text"].to_pylist() == f["generated_text"].to_pylist()
