@@ -244,12 +244,14 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def _merge_schemas(a: pa.Schema, b: pa.Schema) -> Optional[pa.Schema]:
-    """One schema for two files' columns, or None if they differ. A column of type `null` (all
-    null in its file: what pandas writes for a column of Nones) takes the other file's type."""
-    if a.names != b.names:
+    """One schema for two files' columns (in a's order: columns are read by name), or None if they
+    differ. A column of type `null` (all null in its file: what pandas writes for a column of
+    Nones) takes the other file's type."""
+    if sorted(a.names) != sorted(b.names) or len(set(a.names)) < len(a.names):
         return None
     fields = []
-    for x, y in zip(a, b):
+    for x in a:
+        y = b.field(x.name)
         if x.type != y.type and not (pa.types.is_null(x.type) or pa.types.is_null(y.type)):
             return None
         fields.append(pa.field(x.name, y.type if pa.types.is_null(x.type) else x.type))

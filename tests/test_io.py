@@ -86,10 +86,13 @@ def test_many_files_are_read_concurrently_and_reported_in_input_order(tmp_path):
 
 def test_a_column_all_null_in_one_file_takes_the_type_of_the_others(tmp_path):
     """pandas writes a column of Nones as type `null`: such files join the others, and every part
-    gets the same types (a chunk of only that file too)."""
+    gets the same types (a chunk of only that file too). Column order may differ between files."""
     for name, notes in (("a", pa.array(["x", "y"])), ("b", pa.nulls(2)), ("c", pa.array([None, "z"]))):
         prompts = pa.nulls(2) if name == "b" else pa.array(["p", "q"])
-        pq.write_table(pa.table({"id": [1, 2], "prompt": prompts, "note": notes}), tmp_path / f"{name}.parquet")
+        columns = {"id": [1, 2], "prompt": prompts, "note": notes}
+        if name == "c":
+            columns = dict(reversed(columns.items()))
+        pq.write_table(pa.table(columns), tmp_path / f"{name}.parquet")
     plan = inspect_inputs(str(tmp_path), {"prompt": "string", "id": "any"})
     assert plan.schema.field("note").type == plan.schema.field("prompt").type == pa.string()
     chunks = plan_chunks(plan.files, 2)  # one chunk per file
