@@ -277,8 +277,7 @@ def build_dataset(plan: JobPlan, live_chunks=None):
         Replica,
         fn_constructor_kwargs=dict(job=job, output_uri=plan.output.uri,
                                    passthrough_columns=list(plan.settings.passthrough_columns),
-                                   partition_by=plan.output.partition_by, fingerprint=plan.fingerprint,
-                                   live_chunks=live_chunks),
+                                   fingerprint=plan.fingerprint, live_chunks=live_chunks),
         batch_size=None, batch_format="pyarrow",
         # One chunk at a time per replica: a model's chunk takes seconds to minutes (its dispatch
         # ~0.1 s), and one queued behind it would be pinned there while another replica runs idle.

@@ -76,13 +76,13 @@ def error_kind(message: str) -> str:
 
 class Replica:
     def __init__(self, job: JobConfig, output_uri: str, passthrough_columns: list[str],
-                 partition_by: str | None = None, fingerprint: str = "", live_chunks=None):
+                 fingerprint: str = "", live_chunks=None):
         import ray
 
         logging.basicConfig(level=logging.INFO)
         device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.engine = load_engine(job, device)
-        self.output = OutputDir(output_uri, partition_by, job.output.compression)
+        self.output = OutputDir(output_uri, job.output.partition_by, job.output.compression)
         self.generation = job.generation
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
