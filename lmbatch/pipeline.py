@@ -34,7 +34,8 @@ from lmbatch import io
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.output import OutputDir, OutputState
-from lmbatch.prepare import PrepareSettings, direct_class_path, load_tokenizer, prepare_chunk, template_fields
+from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer, prepare_chunk,
+                             template_fields)
 from lmbatch.replica import Replica, output_columns
 from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, format_summary, megabytes,
                             object_store_bytes)
@@ -119,17 +120,19 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
     return path, limit
 
 
-def check_room_for_prompts(job: JobConfig, context_limit: Optional[int]) -> None:
-    """Refuse a job whose generation settings leave no room for even a one-token prompt: every
-    row would become a `too long` error row after the whole job had run."""
-    g = job.generation
-    if context_limit is None or {"max_new_tokens", "max_length"} & set(job.input.param_columns):
+def check_room_for_prompts(job: JobConfig, settings: PrepareSettings) -> None:
+    """Refuse a job whose generation settings leave no room for even a one-token prompt (by
+    prepare's own rule, fit_to_context): every row would become a `too long` error row after the
+    whole job had run."""
+    if {"max_new_tokens", "max_length"} & set(job.input.param_columns):
         return  # per-row settings may make room
-    longest_output = min(g.max_new_tokens, g.max_length - 1 if g.max_length else g.max_new_tokens)
-    if 1 + longest_output > context_limit:
-        raise JobError(f"generation.max_new_tokens={g.max_new_tokens} leaves no room for a prompt in the model's "
-                       f"context of {context_limit} tokens; set it to at most {context_limit - 1}, or cap prompt and "
-                       f"output together with generation.max_length={context_limit}")
+    try:
+        fit_to_context([0], settings, job.generation)
+    except RowError:
+        limit = settings.context_limit
+        raise JobError(f"generation.max_new_tokens={job.generation.max_new_tokens} leaves no room for a prompt in "
+                       f"the model's context of {limit} tokens; set it to at most {limit - 1}, or cap prompt and "
+                       f"output together with generation.max_length={limit}") from None
 
 
 def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
@@ -174,7 +177,6 @@ def plan_job(job: JobConfig) -> JobPlan:
     inputs = io.inspect_inputs(input_uri, required)
     passthrough = _passthrough_columns(job, inputs)
     model_path, context_limit = check_model(job)
-    check_room_for_prompts(job, context_limit)
 
     partition_by = job.output.partition_by
     if partition_by and (partition_by not in passthrough or partition_by == i.id_column):
@@ -195,6 +197,7 @@ def plan_job(job: JobConfig) -> JobPlan:
         tokenizer_class=direct_class_path(load_tokenizer(model_path, job.model.trust_remote_code), model_path),
         input_schema=inputs.schema,
     )
+    check_room_for_prompts(job, settings)
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
     chunks = io.plan_chunks(inputs.files, chunk_rows)
     plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks)
