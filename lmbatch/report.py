@@ -252,6 +252,8 @@ def format_summary(metrics: dict, totals: dict) -> str:
         ("decode slot efficiency", f"{metrics['decode_slot_efficiency']}"),
         ("wall time", f"{metrics['wall_seconds']:,.1f}s"),
     ]
+    if metrics.get("startup_seconds") is not None:  # what tokens/s above are diluted by on short jobs
+        rows.append(("start-up", f"{metrics['startup_seconds']:,.1f}s (Ray, replicas, model loads)"))
     if metrics.get("object_store_peak_mb") is not None:
         rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
     for name, r in metrics["replicas"].items():

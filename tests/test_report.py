@@ -2,7 +2,7 @@
 
 import io
 
-from lmbatch.report import PeakSampler, Progress, duration
+from lmbatch.report import PeakSampler, Progress, duration, format_summary
 
 
 def test_peak_sampler_keeps_the_peak_of_each_figure():
@@ -49,3 +49,20 @@ def test_progress_counts_rows_inside_running_chunks_once():
 
 def test_durations_read_at_a_glance():
     assert [duration(s) for s in (7, 192, 7380)] == ["7s", "3m12s", "2h03m"]
+
+
+def test_summary_shows_what_the_readme_lists():
+    """The end-of-run table: rows, errors by kind, tokens, rates, efficiencies, start-up (from the
+    first replica ready), wall time and each replica."""
+    progress = Progress(total_rows=40, stream=io.StringIO())
+    chunk = {**summary("a", 40, 400), "errors": 2, "error_kinds": '{"too long": 2}',
+             "ready_at": progress.started_wall + 12.5, "prompt_tokens": 90, "padded_prompt_tokens": 100,
+             "decode_slots": 500}
+    progress.add([chunk])
+    metrics = progress.metrics()
+    assert metrics["startup_seconds"] == 12.5
+    table = format_summary(metrics, {"rows": 40, "rows_ok": 38, "rows_error": 2})
+    for line in ["rows ok / error            38 / 2", "errors by kind (this run)  too long: 2",
+                 "tokens in / out            90 / 400", "padding efficiency         0.9",
+                 "decode slot efficiency     0.8", "start-up                   12.5s", "replica r"]:
+        assert line in table, table
