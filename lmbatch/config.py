@@ -54,6 +54,8 @@ class InputConfig:
     """Columns that override generation settings for their row (see PER_ROW_PARAMETERS); null cells keep the config."""
     on_duplicate_id: str = "report"
     """Rows repeating an earlier id: `report` (keep, count, warn), `error` (error rows), `ignore` (no check)."""
+    limit: Optional[int] = None
+    """Run on the first N rows only (files in name order), e.g. to try a large job's prompts and settings."""
 
     @property
     def chat(self) -> bool:
@@ -73,6 +75,7 @@ class InputConfig:
                               f"got {sorted(unknown)}")
         _require(self.on_duplicate_id in ("report", "error", "ignore"),
                  f"input.on_duplicate_id must be 'report', 'error' or 'ignore', got {self.on_duplicate_id!r}")
+        _require(self.limit is None or self.limit >= 1, f"input.limit must be >= 1 or null, got {self.limit}")
         _require(self.on_too_long in ("error", "truncate"),
                  f"input.on_too_long must be 'error' or 'truncate', got {self.on_too_long!r}")
 

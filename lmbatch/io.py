@@ -13,7 +13,7 @@ import fnmatch
 import functools
 import os
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -75,6 +75,19 @@ class InputPlan:
     @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
+
+    def head(self, rows: Optional[int]) -> InputPlan:
+        """The plan for the first `rows` rows only, files in order (all of them when None). The last
+        file kept may be cut short: its `num_rows` then counts only the rows taken."""
+        if rows is None:
+            return self
+        files = []
+        for f in self.files:
+            if rows <= 0:
+                break
+            files.append(replace(f, num_rows=min(f.num_rows, rows)))
+            rows -= f.num_rows
+        return replace(self, files=files)
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

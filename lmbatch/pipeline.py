@@ -150,7 +150,9 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
     """What makes two runs the same job: the input files and everything that shapes a row's output."""
     identity = {
         "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
-        "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k != "path"},
+        # limit is left to "files", which hold the rows taken: a limit above the input's rows is the
+        # same job as none (and jobs from before the key keep their fingerprint)
+        "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")},
         # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items() if k != "kv_cache"},
         "generation": dataclasses.asdict(job.generation),
@@ -174,7 +176,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     keep = i.keep_columns or []
     required = {i.text_column: "messages" if i.messages_column else "string", i.id_column: "any",
                 **{c: "any" for c in keep + i.param_columns + template_fields(i.template)}}
-    inputs = io.inspect_inputs(input_uri, required)
+    inputs = io.inspect_inputs(input_uri, required).head(i.limit)
     passthrough = _passthrough_columns(job, inputs)
     model_path, context_limit = check_model(job)
 

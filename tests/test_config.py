@@ -79,6 +79,7 @@ def test_wrong_type_fails():
     ("cluster.num_replicas=0", "num_replicas must be >= 1"),
     ("output.mode=append", "output.mode must be"),
     ("input.on_too_long=skip", "on_too_long must be"),
+    ("input.limit=0", "input.limit must be >= 1 or null"),
     ("model.dtype=int8", "model.dtype must be"),
     ("model.kv_cache=paged", "model.kv_cache must be static, dynamic or null"),
     ("output.compression=lzma", "output.compression must be one of snappy, zstd"),

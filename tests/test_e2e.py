@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import compose, varied_prompts, write_prompts
-from lmbatch.pipeline import run
+from lmbatch.io import JobError
+from lmbatch.pipeline import plan_job, run, to_job_config
 
 pytestmark = pytest.mark.slow
 
@@ -288,3 +289,26 @@ def test_many_small_files_are_packed_into_even_parts(local_ray, tmp_path, tiny_l
         assert held == table["id"].to_pylist()
     errors = pa.concat_tables(tables)["error"].to_pylist()
     assert errors[:-1] == [None] * (total - 1) and errors[-1].startswith("duplicate id")
+
+
+def test_a_limit_runs_the_first_rows_as_a_job_of_its_own(local_ray, tmp_path, tiny_llama):
+    """input.limit=7 over three files of 5 rows: the first 7 rows (the second file cut short),
+    committed like any job. Its output refuses the whole input as another job; a limit above the
+    input's rows is the whole input, the same job as no limit."""
+    ids = list(range(100, 115))
+    for i in range(3):
+        write_prompts(tmp_path / "in" / f"f{i}.parquet", varied_prompts(5, seed=i), ids[5 * i:5 * i + 5])
+
+    def job(out, *extra):
+        return compose(f"input.path={tmp_path / 'in'}", f"output.path={out}", f"model.path={tiny_llama}",
+                       "engine=echo", "cluster.num_replicas=2", *extra)
+
+    trial = tmp_path / "trial"
+    assert run(job(trial, "input.limit=7"))["rows"] == 7
+    assert pq.read_table(trial)["id"].to_pylist() == ids[:7] and (trial / "_SUCCESS").exists()
+    assert plan_job(to_job_config(job(trial, "input.limit=7"))).state.finished
+    with pytest.raises(JobError, match="holds the output of a different job"):
+        plan_job(to_job_config(job(trial)))
+    whole = plan_job(to_job_config(job(tmp_path / "full", "input.limit=1000")))
+    assert whole.inputs.num_rows == 15
+    assert whole.fingerprint == plan_job(to_job_config(job(tmp_path / "full"))).fingerprint

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmbatch.io import (Chunk, InputFile, JobError, choose_chunk_rows, find_duplicate_ids, inspect_inputs, plan_chunks,
-                        read_chunk)
+from lmbatch.io import (Chunk, InputFile, InputPlan, JobError, choose_chunk_rows, find_duplicate_ids, inspect_inputs,
+                        plan_chunks, read_chunk)
 
 
 def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():
@@ -121,6 +121,14 @@ def test_chunk_size_gives_every_replica_the_same_number_of_chunks(rows, replicas
     chunk_rows = choose_chunk_rows(rows, 4096, replicas)
     assert chunk_rows == expected_rows and -(-rows // chunk_rows) == expected_chunks
     assert chunk_rows <= 4096
+
+
+def test_a_limit_takes_the_first_rows_of_the_files_in_order():
+    plan = InputPlan("in", [InputFile("a", 5, 1), InputFile("empty", 0, 1), InputFile("b", 5, 1)], pa.schema([]))
+    assert plan.head(None) is plan
+    assert [(f.path, f.num_rows) for f in plan.head(5).files] == [("a", 5)]  # no file of zero rows after it
+    assert [(f.path, f.num_rows) for f in plan.head(7).files] == [("a", 5), ("empty", 0), ("b", 2)]
+    assert plan.head(100).files == plan.files
 
 
 def test_chunks_pack_small_files_and_split_large_ones():
