@@ -387,12 +387,25 @@ def _id_hashes(fs: pafs.FileSystem, uri: str, path: str, id_column: str) -> tupl
     with fs.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle)
         for g in range(parquet.metadata.num_row_groups):
-            values = _read_columns(parquet, uri, path, (g,), (id_column,))[id_column].to_pylist()
-            present = [i for i, v in enumerate(values) if v is not None]
-            hashes.append(np.fromiter((hash(values[i]) for i in present), dtype=np.int64, count=len(present)))
-            positions.append(np.asarray(present, dtype=np.int64) + offset)
-            offset += len(values)
+            ids = _read_columns(parquet, uri, path, (g,), (id_column,))[id_column]
+            hashes.append(_id_keys(ids.drop_null()))
+            positions.append(np.flatnonzero(ids.is_valid().to_numpy(zero_copy_only=False)) + offset)
+            offset += len(ids)
     return np.concatenate(hashes), np.concatenate(positions), offset
+
+
+def _id_keys(ids: pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit key per id, the same for equal ids. Integers are their own key: Python's hash() gives
+    -1 and -2 (or 1 and 2**61) one value, which made distinct ids count as repeats. Other ids are
+    hashed as text where Arrow can cast them (the same trap for -1.0 and -2.0), else as Python values."""
+    if pa.types.is_integer(ids.type):
+        return ids.to_numpy().astype(np.int64)  # uint64 above 2**63 wraps: still one key per value
+    if not (pa.types.is_binary(ids.type) or pa.types.is_large_binary(ids.type)):
+        try:
+            ids = ids.cast(pa.string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            return np.fromiter((hash(repr(v)) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
+    return np.fromiter((hash(v) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
 
 
 def is_inside(inner: str, outer: str) -> bool:

@@ -84,6 +84,19 @@ def test_many_files_are_read_concurrently_and_reported_in_input_order(tmp_path):
         inspect_inputs(str(tmp_path), {"prompt": "string"})
 
 
+@pytest.mark.parametrize("ids,repeats", [
+    (pa.array([-1, -2, 1, 2**61, None, -1]), [5]),  # hash(-1) == hash(-2), hash(1) == hash(2**61)
+    (pa.array([2**64 - 1, 2**63, 2**64 - 1], pa.uint64()), [2]),
+    (pa.array([-1.0, -2.0, 0.5, 0.5]), [3]),
+    (pa.array([{"a": 1}, {"a": 2}, {"a": 1}]), [2]),  # not hashable as Python values
+    (pa.array(["x", "y", None, "x"]).dictionary_encode(), [3]),
+])
+def test_only_equal_ids_count_as_repeats(tmp_path, ids, repeats):
+    pq.write_table(pa.table({"id": ids, "prompt": ["a"] * len(ids)}), tmp_path / "in.parquet", row_group_size=2)
+    plan = inspect_inputs(str(tmp_path / "in.parquet"), {"prompt": "string", "id": "any"})
+    assert find_duplicate_ids(plan.uri, plan.files, "id") == repeats
+
+
 def test_a_column_all_null_in_one_file_takes_the_type_of_the_others(tmp_path):
     """pandas writes a column of Nones as type `null`: such files join the others, and every part
     gets the same types (a chunk of only that file too). Column order may differ between files."""
