@@ -194,7 +194,7 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
     """
     fs, infos = discover_files(uri)
     files, schema, partition_keys = [], None, None
-    for info, meta in zip(infos, _in_threads(functools.partial(_read_footer, fs), [i.path for i in infos])):
+    for info, meta in zip(infos, in_threads(functools.partial(_read_footer, fs), [i.path for i in infos])):
         name = with_scheme(uri, info.path)
         if isinstance(meta, Exception):  # any footer failure means the file is unusable
             raise JobError(f"input file {name} is not a readable Parquet file: {meta}") from None
@@ -229,12 +229,12 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
     return InputPlan(uri=uri, files=files, schema=schema, partition_columns=tuple(partition_keys))
 
 
-# Footers and id columns of many files are read this many at a time: an object store takes tens of
-# milliseconds per request, so 10,000 files read one by one would hold the job's start for minutes.
+# Footers, id columns and written parts of many files are read this many at a time: an object store
+# takes tens of milliseconds per request, so 10,000 files read one by one would take minutes.
 CONCURRENT_READS = 16
 
 
-def _in_threads(fn, items: list) -> Iterator:
+def in_threads(fn, items: list) -> Iterator:
     """fn over items, CONCURRENT_READS at a time (I/O bound); results in the order of items."""
     with concurrent.futures.ThreadPoolExecutor(min(CONCURRENT_READS, max(1, len(items)))) as pool:
         yield from pool.map(fn, items)
@@ -369,7 +369,7 @@ def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> list
     """
     fs, _ = resolve_filesystem(uri)
     hashes, positions, offset = [], [], 0
-    for file_hashes, present, rows in _in_threads(lambda f: _id_hashes(fs, uri, f.path, id_column), files):
+    for file_hashes, present, rows in in_threads(lambda f: _id_hashes(fs, uri, f.path, id_column), files):
         hashes.append(file_hashes)
         positions.append(present + offset)
         offset += rows

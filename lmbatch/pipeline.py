@@ -315,18 +315,22 @@ def live_progress(progress: Progress):
 
 def count_committed(plan: JobPlan) -> dict:
     """Check that every planned chunk has its part with exactly its rows; count ok and error rows."""
-    ok = error = 0
-    fs, n = plan.output.fs, plan.rows_per_input_row
     files = plan.output.part_files()
-    for chunk in plan.chunks:
-        if chunk.id not in files:
-            raise RuntimeError(f"part for chunk {chunk.id} is missing after the run")
-        reasons = [r for path in files[chunk.id]
-                   for r in pq.read_table(path, columns=["finish_reason"], filesystem=fs)["finish_reason"].to_pylist()]
-        if len(reasons) != chunk.num_rows * n:
-            raise RuntimeError(f"parts of chunk {chunk.id} hold {len(reasons)} rows, expected {chunk.num_rows * n}")
-        errors = reasons.count("error")
-        ok, error = ok + len(reasons) - errors, error + errors
+    missing = [c.id for c in plan.chunks if c.id not in files]
+    if missing:
+        raise RuntimeError(f"parts for chunks {missing[:5]} are missing after the run")
+
+    def count(chunk: Chunk) -> tuple[int, int]:
+        reasons = [pq.read_table(path, columns=["finish_reason"], filesystem=plan.output.fs)["finish_reason"]
+                   for path in files[chunk.id]]
+        return sum(map(len, reasons)), sum(r.to_pylist().count("error") for r in reasons)
+
+    ok = error = 0
+    for chunk, (rows, errors) in zip(plan.chunks, io.in_threads(count, plan.chunks)):
+        if rows != chunk.num_rows * plan.rows_per_input_row:
+            raise RuntimeError(f"parts of chunk {chunk.id} hold {rows} rows, "
+                               f"expected {chunk.num_rows * plan.rows_per_input_row}")
+        ok, error = ok + rows - errors, error + errors
     return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": sum(map(len, files.values()))}
 
 

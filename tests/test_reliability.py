@@ -26,7 +26,8 @@ from conftest import REPO, compose, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import HFEngine, Request
 from lmbatch.io import JobError
-from lmbatch.pipeline import plan_job, to_job_config
+from lmbatch.output import part_name
+from lmbatch.pipeline import count_committed, plan_job, to_job_config
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 
@@ -227,6 +228,26 @@ def test_output_clashes_stop_the_job_and_touch_nothing(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert account(out, [0, 1, 2]) == (0, 0)
+
+
+def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(tmp_path, tiny_llama):
+    """The check before _SUCCESS, on parts written by hand: rows and error rows are counted over
+    every chunk's part; a part holding a row too few, or no part, fails the commit."""
+    source = write_prompts(tmp_path / "in.parquet", [f"prompt {i}" for i in range(10)])
+    out = tmp_path / "out"
+    plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}", f"model.path={tiny_llama}",
+                                          "batching.chunk_rows=4", "cluster.num_replicas=1")))
+    plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
+    for chunk in plan.chunks:
+        plan.output.write_part(chunk.id, pa.table({"finish_reason": ["stop"] * (chunk.num_rows - 1) + ["error"]}))
+    assert count_committed(plan) == {"rows": 10, "rows_ok": 7, "rows_error": 3, "parts": 3}
+    last = plan.chunks[-1]
+    plan.output.write_part(last.id, pa.table({"finish_reason": ["stop"] * (last.num_rows - 1)}))
+    with pytest.raises(RuntimeError, match=f"parts of chunk {last.id} hold {last.num_rows - 1} rows, expected"):
+        count_committed(plan)
+    os.remove(out / part_name(last.id))
+    with pytest.raises(RuntimeError, match=f"parts for chunks \\['{last.id}'\\] are missing"):
+        count_committed(plan)
 
 
 # -- faults during the run ------------------------------------------------------------------------
