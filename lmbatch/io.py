@@ -229,14 +229,15 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
     return InputPlan(uri=uri, files=files, schema=schema, partition_columns=tuple(partition_keys))
 
 
-# Footers, id columns and written parts of many files are read this many at a time: an object store
-# takes tens of milliseconds per request, so 10,000 files read one by one would take minutes.
-CONCURRENT_READS = 16
+# Work on many files (input footers and ids, the parts checked before _SUCCESS, a chunk's partition
+# parts) runs this many files at a time: an object store takes tens of milliseconds per request,
+# so 10,000 files one by one would take minutes.
+CONCURRENT_FILES = 16
 
 
 def in_threads(fn, items: list) -> Iterator:
-    """fn over items, CONCURRENT_READS at a time (I/O bound); results in the order of items."""
-    with concurrent.futures.ThreadPoolExecutor(min(CONCURRENT_READS, max(1, len(items)))) as pool:
+    """fn over items, CONCURRENT_FILES at a time (I/O bound); results in the order of items."""
+    with concurrent.futures.ThreadPoolExecutor(min(CONCURRENT_FILES, max(1, len(items)))) as pool:
         yield from pool.map(fn, items)
 
 

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lmbatch.io import HIVE_NULL, JobError, resolve_filesystem
+from lmbatch.io import HIVE_NULL, JobError, in_threads, resolve_filesystem
 
 STATE_FILE = "_lmbatch_job.json"
 MANIFEST = "_manifest.json"
@@ -116,10 +116,13 @@ class OutputDir:
             self._write_table(part_name(chunk_id), table)
             return
         column = table[self.partition_by]
-        for value in pc.unique(column).to_pylist():
+
+        def write(value) -> None:
             rows = table.filter(pc.is_null(column) if value is None else pc.equal(column, value))
             self._write_table(f"{partition_dir(self.partition_by, value)}/{part_name(chunk_id)}",
                               rows.drop_columns([self.partition_by]))
+        # A chunk may hold hundreds of values: one object-store PUT after another would take seconds.
+        list(in_threads(write, pc.unique(column).to_pylist()))
         self.fs.create_dir(self._file(CHUNK_MARKERS), recursive=True)
         self._write_text(f"{CHUNK_MARKERS}/{chunk_id}", "")  # last: the chunk is whole
 

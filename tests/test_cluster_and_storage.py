@@ -93,18 +93,19 @@ def s3(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_input_and_output_on_s3(s3, tmp_path):
-    source = write_prompts(tmp_path / "in.parquet", ["first prompt", "second prompt", "third"])
+    source = write_prompts(tmp_path / "in.parquet", ["first prompt", "second prompt", "third"], topic=["a", "b", "a"])
     pq.write_table(pq.read_table(source), "lmbatch-test/prompts/part-0.parquet", filesystem=s3)
     out = "s3://lmbatch-test/generations/run-1"
-    log = run_job("input.path=s3://lmbatch-test/prompts/", f"output.path={out}", "generation.max_new_tokens=4",
-                  "cluster.num_replicas=1", cwd=tmp_path)
+    job = ["input.path=s3://lmbatch-test/prompts/", f"output.path={out}", "generation.max_new_tokens=4",
+           "output.partition_by=topic"]  # the partitions' parts are written side by side
+    log = run_job(*job, "cluster.num_replicas=1", cwd=tmp_path)
     assert f"to {out}" in log
     names = {i.base_name for i in s3.get_file_info(pafs.FileSelector("lmbatch-test/generations/run-1"))}
-    assert {"_SUCCESS", "_manifest.json", "_metrics.json", "_lmbatch_job.json"} <= names
+    assert {"_SUCCESS", "_manifest.json", "_metrics.json", "_lmbatch_job.json", "topic=a", "topic=b"} <= names
     table = pq.read_table("lmbatch-test/generations/run-1", filesystem=s3)
-    assert table["id"].to_pylist() == [0, 1, 2] and table["error"].null_count == 3
-    again = run_job("input.path=s3://lmbatch-test/prompts/", f"output.path={out}", "generation.max_new_tokens=4",
-                    cwd=tmp_path)
+    assert sorted(zip(table["topic"].to_pylist(), table["id"].to_pylist())) == [("a", 0), ("a", 2), ("b", 1)]
+    assert table["error"].null_count == 3
+    again = run_job(*job, cwd=tmp_path)
     assert "already holds this job, finished" in again
 
 
