@@ -3,11 +3,14 @@
 `HFEngine` runs transformers' `generate` on left-padded micro-batches planned by
 `lmbatch.batching`. A micro-batch that raises (an out-of-memory error, or a row that breaks
 the model) is split in halves and retried, down to single rows, so one bad row becomes one
-error row and its neighbours still succeed. The engine without a model is `lmbatch.echo`.
+error row and its neighbours still succeed. An out-of-memory error also halves the token budget
+the rest of the replica's micro-batches are planned under, so a budget too large for the device
+costs one failed micro-batch, not one per micro-batch. The engine without a model is `lmbatch.echo`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import time
@@ -16,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from lmbatch.batching import padded_size
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, row_seed
 
@@ -143,11 +147,15 @@ class HFEngine:
                  on_batch: Optional[Callable[[list[Completion]], None]] = None) -> list[Completion]:
         """Complete every request; `on_batch` is told each micro-batch's completions as they come."""
         completions: list[Completion] = []
-        for batch in self.plan(requests):
-            done = self._generate_isolating(batch)
+        batches = self.plan(requests)
+        while batches:
+            budget = self.batching
+            done = self._generate_isolating(batches.pop(0))
             completions.extend(done)
             if on_batch:
                 on_batch(done)
+            if self.batching is not budget:  # out of memory: the rest is planned under the smaller budget
+                batches = self.plan([r for batch in batches for r in batch])
         return completions
 
     # -- failure isolation ------------------------------------------------------------------
@@ -158,6 +166,8 @@ class HFEngine:
             oom = _is_oom(error)
             if oom:
                 self._free_memory()
+                if len(batch) > 1:
+                    self._shrink_budget(batch)
             if len(batch) == 1:
                 kind = "out of memory" if oom else f"generation failed: {type(error).__name__}"
                 log.warning("row %s: %s: %s", batch[0].key, kind, error)
@@ -169,6 +179,19 @@ class HFEngine:
             self.stats.split_retries += 1
             half = len(batch) // 2
             return self._generate_isolating(batch[:half]) + self._generate_isolating(batch[half:])
+
+    def _shrink_budget(self, batch: list[Request]) -> None:
+        """Plan later micro-batches under half the size of one that ran out of memory. The size counts
+        the batch's longest prompt, so a batch that failed for one huge row leaves a budget that
+        ordinary rows still fill; a single row never shrinks it (it fails alone, as an error row)."""
+        b = self.batching
+        size = padded_size(len(batch), max(len(r.prompt_ids) for r in batch), max(r.max_new_tokens for r in batch))
+        if size // 2 < b.max_batch_tokens or len(batch) // 2 < b.fixed_batch_size:
+            self.batching = dataclasses.replace(b, max_batch_tokens=min(b.max_batch_tokens, size // 2),
+                                                fixed_batch_size=min(b.fixed_batch_size, len(batch) // 2))
+            log.warning("out of memory: later micro-batches are planned with max_batch_tokens=%d and "
+                        "fixed_batch_size=%d (were %d and %d)", self.batching.max_batch_tokens,
+                        self.batching.fixed_batch_size, b.max_batch_tokens, b.fixed_batch_size)
 
     def _free_memory(self) -> None:
         if torch.cuda.is_available():

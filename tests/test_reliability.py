@@ -326,6 +326,35 @@ def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_llama, caplog):
     assert any("out of memory" in r.getMessage() for r in caplog.records)
 
 
+def test_out_of_memory_shrinks_the_budget_of_later_micro_batches(tiny_llama):
+    """A token budget too large for the device costs one failed micro-batch, not one per micro-batch:
+    after the first out-of-memory error the rest is planned under half the failed batch's size, and
+    so is the next chunk (the budget belongs to the replica)."""
+    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama),
+                           BatchingConfig(max_batch_rows=8, min_padding_efficiency=0.0, min_decode_efficiency=0.0),
+                           device="cpu")
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(24, max_words=20))]
+    expected = {c.key: c.text for c in engine.generate(requests)}
+    assert engine.stats.micro_batches == 3
+    forward = engine.model.forward
+
+    def forward_with_small_memory(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(*args, **kwargs)
+
+    engine.model.forward = forward_with_small_memory
+    splits_after_each_batch = []
+    got = engine.generate(requests, lambda done: splits_after_each_batch.append(engine.stats.split_retries))
+    TALLY["faults"] += 1
+    assert {c.key: c.text for c in got} == expected and all(c.error is None for c in got)
+    first = splits_after_each_batch[0]
+    assert first > 0 and set(splits_after_each_batch) == {first}  # only the first micro-batch failed
+    assert engine.batching.max_batch_tokens < BatchingConfig().max_batch_tokens
+    engine.generate(requests)
+    assert engine.stats.split_retries == first  # the next chunk: planned to fit from the start
+
+
 def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
     engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
                       device="cpu")
