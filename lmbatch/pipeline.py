@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import lmbatch
 from lmbatch import io
-from lmbatch.config import ConfigError, JobConfig
+from lmbatch.config import ClusterConfig, ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.output import OutputDir, OutputState
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer, prepare_chunk,
@@ -261,6 +261,22 @@ def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table
     return pa.concat_tables(tables)
 
 
+def gpu_mismatch(cluster: ClusterConfig, gpus: float, replicas: int) -> Optional[str]:
+    """What is wrong between the replicas and the Ray cluster's GPUs, if anything: GPUs left idle, or
+    replicas that cannot start. Ray Data starts a pool's actors as resources allow, so replicas that
+    need GPUs the cluster lacks wait, without a word, until GPUs join (an autoscaler adds them)."""
+    per = cluster.gpus_per_replica
+    if gpus and not per:
+        return (f"the Ray cluster has GPUs ({gpus:g}), but cluster.gpus_per_replica=0: replicas run on CPU "
+                "(for the GPUs: cluster=gpu_node batching=gpu)")
+    fit = int(gpus // per) if per else replicas
+    if fit < replicas:
+        return (f"{replicas} replicas x {per:g} GPUs need {replicas * per:g}, the Ray cluster has {gpus:g}: "
+                f"{f'only {fit} replicas' if fit else 'no replica'} can start until GPUs join the cluster "
+                "(or lower cluster.num_replicas)")
+    return None
+
+
 def build_dataset(plan: JobPlan, live_chunks=None):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -269,6 +285,10 @@ def build_dataset(plan: JobPlan, live_chunks=None):
     # ...and Ray Data's warning on that, telling how to turn its bars back on, would only confuse.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     job, pending = plan.job, plan.pending
+    replicas = min(job.cluster.num_replicas, len(pending))
+    mismatch = gpu_mismatch(job.cluster, ray.cluster_resources().get("GPU", 0), replicas)
+    if mismatch and job.engine == "hf":
+        print(f"lmbatch: warning: {mismatch}")
     # One block per chunk: every replica gets work and a chunk never spans two replicas.
     items = [{**dataclasses.asdict(c), "duplicate_rows": plan.error_duplicates(c.id)} for c in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -277,7 +297,7 @@ def build_dataset(plan: JobPlan, live_chunks=None):
     # that compete with the replicas' own start-up (a 2-core job started in 22 s instead of 28).
     ds = ds.map_batches(_prepare_batch, fn_kwargs={"settings": plan.settings}, batch_size=1,
                         batch_format="pyarrow", num_cpus=job.cluster.prepare_cpus,
-                        compute=TaskPoolStrategy(size=min(job.cluster.num_replicas, len(pending))))
+                        compute=TaskPoolStrategy(size=replicas))
     return ds.map_batches(
         Replica,
         fn_constructor_kwargs=dict(job=job, output_uri=plan.output.uri,
@@ -286,7 +306,7 @@ def build_dataset(plan: JobPlan, live_chunks=None):
         batch_size=None, batch_format="pyarrow",
         # One chunk at a time per replica: a model's chunk takes seconds to minutes (its dispatch
         # ~0.1 s), and one queued behind it would be pinned there while another replica runs idle.
-        compute=ActorPoolStrategy(size=min(job.cluster.num_replicas, len(pending)), max_tasks_in_flight_per_actor=1),
+        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
         num_cpus=job.cluster.cpus_per_replica, num_gpus=job.cluster.gpus_per_replica or None,
     )
 

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from conftest import REPO, compose, write_prompts
-from lmbatch.pipeline import to_job_config
+from lmbatch.config import ClusterConfig
+from lmbatch.pipeline import gpu_mismatch, to_job_config
 
 BIN = os.path.dirname(sys.executable)
 
@@ -120,6 +121,18 @@ def test_multirun_sweep_writes_distinct_outputs(tmp_path):
     assert all((p / "_SUCCESS").exists() for p in outputs) and cold != hot
 
 
+@pytest.mark.parametrize("gpus,per_replica,replicas,expected", [
+    (8, 0, 2, "the Ray cluster has GPUs (8), but cluster.gpus_per_replica=0: replicas run on CPU"),
+    (4, 1, 8, "8 replicas x 1 GPUs need 8, the Ray cluster has 4: only 4 replicas can start until GPUs join"),
+    (3, 0.5, 8, "only 6 replicas can start"),
+    (0, 1, 2, "no replica can start until GPUs join the cluster"),
+    (8, 1, 8, None), (0, 0, 2, None), (8, 2, 4, None),
+])
+def test_replicas_and_the_clusters_gpus_that_do_not_match_are_named(gpus, per_replica, replicas, expected):
+    found = gpu_mismatch(ClusterConfig(num_replicas=replicas, gpus_per_replica=per_replica), gpus, replicas)
+    assert found == expected if expected is None else expected in found
+
+
 @pytest.mark.slow
 def test_ray_job_submit_to_a_started_cluster(tmp_path):
     port, dashboard = free_port(), free_port()
@@ -129,7 +142,8 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path):
     head = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--temp-dir={temp_dir}",
                              f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             "--num-cpus=2", "--include-dashboard=true"],
+                             # a GPU the job leaves idle (Ray takes the count on trust): the job says so
+                             "--num-cpus=2", "--num-gpus=1", "--include-dashboard=true"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             # The job's `python` is this environment's, also where it is not activated.
                             env={**os.environ, "RAY_AUTH_MODE": "disabled",
@@ -145,6 +159,7 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path):
             cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
+        assert "lmbatch: warning: the Ray cluster has GPUs (1), but cluster.gpus_per_replica=0" in done.stdout
         assert (out / "_SUCCESS").exists() and pq.read_table(out).num_rows == 2
     finally:
         stop_group(head)
