@@ -303,13 +303,12 @@ def test_a_lost_node_is_survived(tmp_path, long_input):
         cluster.shutdown()
 
 
-def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_llama, caplog):
-    """An injected torch.OutOfMemoryError for batches above 3 rows: halved until they fit, output unchanged."""
-    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(min_padding_efficiency=0.0),
-                      device="cpu")
-    requests = [Request(i, engine.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(12, max_words=20))]
+def engine_short_of_memory(model_path, rows, batching):
+    """An engine whose model raises torch.OutOfMemoryError for batches above 3 rows; its requests, and
+    their texts as generated before the limit was injected."""
+    engine = HFEngine.load(model_path, ModelConfig(path=model_path), batching, device="cpu")
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(rows, max_words=20))]
     expected = {c.key: c.text for c in engine.generate(requests)}
-    assert engine.stats.micro_batches == 1
     forward = engine.model.forward
 
     def forward_with_small_memory(*args, **kwargs):
@@ -318,9 +317,16 @@ def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_llama, caplog):
         return forward(*args, **kwargs)
 
     engine.model.forward = forward_with_small_memory
+    TALLY["faults"] += 1
+    return engine, requests, expected
+
+
+def test_out_of_memory_halves_the_micro_batch_and_retries(tiny_llama, caplog):
+    """Batches above 3 rows run out of memory: halved until they fit, output unchanged."""
+    engine, requests, expected = engine_short_of_memory(tiny_llama, 12, BatchingConfig(min_padding_efficiency=0.0))
+    assert engine.stats.micro_batches == 1
     with caplog.at_level("WARNING", logger="lmbatch.engine"):
         got = engine.generate(requests)
-    TALLY["faults"] += 1
     assert {c.key: c.text for c in got} == expected and all(c.error is None for c in got)
     assert engine.stats.split_retries == 3  # 12 -> 6 + 6 -> 3 + 3 + 3 + 3
     assert any("out of memory" in r.getMessage() for r in caplog.records)
@@ -330,23 +336,11 @@ def test_out_of_memory_shrinks_the_budget_of_later_micro_batches(tiny_llama):
     """A token budget too large for the device costs one failed micro-batch, not one per micro-batch:
     after the first out-of-memory error the rest is planned under half the failed batch's size, and
     so is the next chunk (the budget belongs to the replica)."""
-    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama),
-                           BatchingConfig(max_batch_rows=8, min_padding_efficiency=0.0, min_decode_efficiency=0.0),
-                           device="cpu")
-    requests = [Request(i, engine.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(24, max_words=20))]
-    expected = {c.key: c.text for c in engine.generate(requests)}
+    engine, requests, expected = engine_short_of_memory(
+        tiny_llama, 24, BatchingConfig(max_batch_rows=8, min_padding_efficiency=0.0, min_decode_efficiency=0.0))
     assert engine.stats.micro_batches == 3
-    forward = engine.model.forward
-
-    def forward_with_small_memory(*args, **kwargs):
-        if kwargs["input_ids"].shape[0] > 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return forward(*args, **kwargs)
-
-    engine.model.forward = forward_with_small_memory
     splits_after_each_batch = []
     got = engine.generate(requests, lambda done: splits_after_each_batch.append(engine.stats.split_retries))
-    TALLY["faults"] += 1
     assert {c.key: c.text for c in got} == expected and all(c.error is None for c in got)
     first = splits_after_each_batch[0]
     assert first > 0 and set(splits_after_each_batch) == {first}  # only the first micro-batch failed
