@@ -66,6 +66,11 @@ class JobPlan:
         return [c for c in self.chunks if c.id not in self.state.done_chunks]
 
     @property
+    def replicas(self) -> int:
+        """Replicas this run starts: no more than the chunks it has to generate."""
+        return min(self.job.cluster.num_replicas, len(self.pending))
+
+    @property
     def rows_per_input_row(self) -> int:
         return self.job.generation.num_return_sequences
 
@@ -284,8 +289,7 @@ def build_dataset(plan: JobPlan, live_chunks=None):
     ray.data.DataContext.get_current().enable_progress_bars = False  # lmbatch prints its own
     # ...and Ray Data's warning on that, telling how to turn its bars back on, would only confuse.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    job, pending = plan.job, plan.pending
-    replicas = min(job.cluster.num_replicas, len(pending))
+    job, pending, replicas = plan.job, plan.pending, plan.replicas
     mismatch = gpu_mismatch(job.cluster, ray.cluster_resources().get("GPU", 0), replicas)
     if mismatch and job.engine == "hf":
         print(f"lmbatch: warning: {mismatch}")
@@ -321,7 +325,7 @@ def live_progress(progress: Progress):
 
     def tick():
         try:
-            progress.update_live(ray.get(live_chunks.snapshot.remote(), timeout=10))
+            progress.update_live(*ray.get(live_chunks.snapshot.remote(), timeout=10))
         except ray.exceptions.RayError:  # the line still counts the finished chunks
             pass
         progress.print_line()
@@ -413,7 +417,7 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     if not plan.state.fresh:
         print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
-    progress = Progress(total_rows, done_rows, every_s=job.progress_every_s)
+    progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
     if pending:  # (object_store_bytes() runs once Ray is up: a with's managers are made in order)
         with say_how_to_resume_if_stopped(plan), ray_session(job), \

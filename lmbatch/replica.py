@@ -90,6 +90,8 @@ class Replica:
         self.live_chunks = live_chunks  # the driver's LiveChunks actor (None: no progress within chunks)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.ready_at = time.time()  # wall clock: the driver reports start-up (Ray, model load) apart
+        if live_chunks is not None:
+            live_chunks.replica_ready.remote(self.name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []

@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, TextIO
 
 
 class Progress:
-    def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = 5.0, stream: TextIO = sys.stdout):
+    def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = 5.0, stream: TextIO = sys.stdout,
+                 replicas: int = 0):
         self.lock = threading.Lock()  # summaries come in on the main thread, live counts on a poller
         self.total_rows, self.skipped_rows = total_rows, done_rows
         self.every_s, self.stream = every_s, stream
@@ -34,6 +35,8 @@ class Progress:
         self.live: dict[str, tuple[int, int]] = {}
         """Chunk -> (rows, generated tokens) done so far, for chunks still being generated."""
         self.shown_rows = done_rows
+        self.replicas_expected, self.replicas_ready = replicas, 0
+        """Replicas the job starts, and how many have loaded their model (shown until all have)."""
         self.pace_origin: Optional[tuple[float, int]] = None
         """(time, rows done) of the first line showing rows of this run: the time left is estimated from there."""
 
@@ -52,9 +55,10 @@ class Progress:
                 replica.update(rows=s["rows"], generated_tokens=s["generated_tokens"], chunks=1)
                 replica["seconds"] += s["seconds"]
 
-    def update_live(self, reported: list[tuple[str, int, int]]) -> None:
+    def update_live(self, reported: list[tuple[str, int, int]], replicas_ready: int = 0) -> None:
         """Take `LiveChunks.snapshot()`: rows and tokens done so far in chunks still running."""
         with self.lock:
+            self.replicas_ready = max(self.replicas_ready, replicas_ready)
             live: dict[str, tuple[int, int]] = {}
             for chunk, rows, tokens in reported:
                 if chunk not in self.finished:  # a retried chunk may be reported by two replicas
@@ -81,6 +85,11 @@ class Progress:
             line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | "
                     f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s | "
                     f"{self.sums['errors']} errors | {duration(elapsed)}{eta}")
+            # Start-up can take minutes (model loads): say so. A replica that sent a summary is ready
+            # even if its report is not in yet.
+            ready = max(self.replicas_ready, len(self.replicas))
+            if ready < self.replicas_expected and done < self.total_rows:
+                line += f" | replicas starting: {ready}/{self.replicas_expected} ready"
             end = "\n" if final or not self.tty else ""
             self.stream.write(("\r" if self.tty else "") + line + end)
             self.stream.flush()
@@ -118,12 +127,17 @@ class LiveChunks:
 
     def __init__(self):
         self.by_replica: dict[str, tuple[str, int, int]] = {}
+        self.ready: set[str] = set()
+
+    def replica_ready(self, replica: str) -> None:
+        self.ready.add(replica)
 
     def report(self, replica: str, chunk: str, rows: int, generated_tokens: int) -> None:
         self.by_replica[replica] = (chunk, rows, generated_tokens)
 
-    def snapshot(self) -> list[tuple[str, int, int]]:
-        return list(self.by_replica.values())
+    def snapshot(self) -> tuple[list[tuple[str, int, int]], int]:
+        """(chunk, rows, generated tokens) of each chunk being generated; replicas ready so far."""
+        return list(self.by_replica.values()), len(self.ready)
 
 
 class LiveReporter:

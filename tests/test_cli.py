@@ -61,11 +61,15 @@ def test_progress_moves_inside_a_chunk_and_counts_a_chunk_as_soon_as_its_part_is
                              "progress_every_s=0.5"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    shown = []  # (time, rows done) of each progress line
+    shown, lines = [], []  # (time, rows done) of each progress line; the lines
     for line in proc.stdout:
         if line.startswith("[lmbatch] ["):
             shown.append((time.time(), int(line.split("] ")[2].split("/")[0])))
+            lines.append(line)
     assert proc.wait(timeout=300) == 0
+    # the replica's model load takes seconds, lines come every 0.5 s: start-up is visible as such
+    assert any(line.rstrip().endswith("| replicas starting: 0/1 ready") for line in lines), lines
+    assert "starting" not in lines[-1]
     parts = sorted(p.stat().st_mtime for p in (tmp_path / "out").glob("part-*.parquet"))
     assert len(parts) == 2 and shown[-1][1] == 32
     assert any(rows % 16 for _, rows in shown), shown

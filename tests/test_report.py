@@ -47,6 +47,24 @@ def test_progress_counts_rows_inside_running_chunks_once():
     assert " | eta " not in lines[0] and " | eta " in lines[1]  # the pace needs two lines with rows
 
 
+def test_progress_says_replicas_are_starting_until_all_are_ready():
+    """Start-up (Ray, model loads) can take minutes on a cluster with 0 rows to show: the line says
+    how many replicas are ready until all are; a restarted replica's second report does not undo it."""
+    out = io.StringIO()
+    progress = Progress(total_rows=100, stream=out, replicas=2)
+    for ready in (0, 1, 2, 1):
+        progress.update_live([], ready)
+        progress.print_line()
+    quick = Progress(total_rows=100, stream=out, replicas=2)
+    quick.add([summary("a", 60, 600)])  # a replica's summary came before its ready report
+    quick.print_line()
+    quick.add([{**summary("b", 40, 400), "replica": "s"}])  # all rows done: nothing is starting any more
+    quick.print_line()
+    lines = out.getvalue().splitlines()
+    assert [line.partition(" | replicas starting: ")[2] for line in lines] == ["0/2 ready", "1/2 ready", "", "",
+                                                                              "1/2 ready", ""]
+
+
 def test_durations_read_at_a_glance():
     assert [duration(s) for s in (7, 192, 7380)] == ["7s", "3m12s", "2h03m"]
 
