@@ -23,7 +23,7 @@ class Progress:
         self.lock = threading.Lock()  # summaries come in on the main thread, live counts on a poller
         self.total_rows, self.skipped_rows = total_rows, done_rows
         self.every_s, self.stream = every_s, stream
-        self.tty = stream.isatty()
+        self.tty, self.tty_width = stream.isatty(), 0
         self.started = time.perf_counter()
         self.started_wall = time.time()
         self.first_ready: Optional[float] = None
@@ -90,8 +90,9 @@ class Progress:
             ready = max(self.replicas_ready, len(self.replicas))
             if ready < self.replicas_expected and done < self.total_rows:
                 line += f" | replicas starting: {ready}/{self.replicas_expected} ready"
-            end = "\n" if final or not self.tty else ""
-            self.stream.write(("\r" if self.tty else "") + line + end)
+            if self.tty:  # rewritten in place: blank out what a longer line before left behind
+                line, self.tty_width = "\r" + line.ljust(self.tty_width), len(line)
+            self.stream.write(line + ("\n" if final or not self.tty else ""))
             self.stream.flush()
 
     def metrics(self) -> dict:

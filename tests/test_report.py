@@ -64,6 +64,18 @@ def test_progress_says_replicas_are_starting_until_all_are_ready():
     assert [line.partition(" | replicas starting: ")[2] for line in lines] == ["0/2 ready", "1/2 ready", "", "",
                                                                               "1/2 ready", ""]
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = Progress(total_rows=100, stream=terminal, replicas=1)
+    for ready in (0, 1):
+        progress.update_live([], ready)
+        progress.print_line()
+    longer, shorter = terminal.getvalue().split("\r")[1:]  # one line, rewritten in place
+    assert "starting" in longer and len(shorter) == len(longer) and shorter.endswith(" " * 20)
+
 
 def test_durations_read_at_a_glance():
     assert [duration(s) for s in (7, 192, 7380)] == ["7s", "3m12s", "2h03m"]
