@@ -186,9 +186,10 @@ class HFEngine:
         ordinary rows still fill; a single row never shrinks it (it fails alone, as an error row)."""
         b = self.batching
         size = padded_size(len(batch), max(len(r.prompt_ids) for r in batch), max(r.max_new_tokens for r in batch))
-        if size // 2 < b.max_batch_tokens or len(batch) // 2 < b.fixed_batch_size:
-            self.batching = dataclasses.replace(b, max_batch_tokens=min(b.max_batch_tokens, size // 2),
-                                                fixed_batch_size=min(b.fixed_batch_size, len(batch) // 2))
+        shrunk = dataclasses.replace(b, max_batch_tokens=min(b.max_batch_tokens, size // 2),
+                                     fixed_batch_size=min(b.fixed_batch_size, len(batch) // 2))
+        if shrunk != b:
+            self.batching = shrunk
             log.warning("out of memory: later micro-batches are planned with max_batch_tokens=%d and "
                         "fixed_batch_size=%d (were %d and %d)", self.batching.max_batch_tokens,
                         self.batching.fixed_batch_size, b.max_batch_tokens, b.fixed_batch_size)

@@ -401,12 +401,13 @@ def _id_keys(ids: pa.ChunkedArray) -> np.ndarray:
     hashed as text where Arrow can cast them (the same trap for -1.0 and -2.0), else as Python values."""
     if pa.types.is_integer(ids.type):
         return ids.to_numpy().astype(np.int64)  # uint64 above 2**63 wraps: still one key per value
+    key = hash
     if not (pa.types.is_binary(ids.type) or pa.types.is_large_binary(ids.type)):
         try:
             ids = ids.cast(pa.string())
-        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-            return np.fromiter((hash(repr(v)) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
-    return np.fromiter((hash(v) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # structs, lists: not hashable as they come
+            key = lambda v: hash(repr(v))  # noqa: E731
+    return np.fromiter((key(v) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
 
 
 def is_inside(inner: str, outer: str) -> bool:
