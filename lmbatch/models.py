@@ -11,6 +11,7 @@ they exist so that the whole job runs, and is tested, without a download.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 ARCHITECTURES = ("tiny-llama", "tiny-gpt2")
+_LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
 
 
 def cache_dir() -> Path:
@@ -44,6 +46,34 @@ def resolve_model_path(path: str) -> str:
     if not (target / "config.json").exists():
         _build_atomically(target, name)
     return str(target)
+
+
+def check_weights(directory: str) -> None:
+    """Raise ValueError, naming the file, when a local model's weights cannot be loaded: a Git LFS
+    pointer where the weights should be (a clone without `git lfs pull`), a truncated safetensors
+    file (an interrupted copy), a shard its index names but that is missing. Replicas would
+    otherwise fail loading them only after Ray and the job had started. Reads only file headers."""
+    from safetensors import safe_open
+
+    root = Path(directory)
+    files = set()
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (root / index).exists():
+            files |= set(json.loads((root / index).read_text()).get("weight_map", {}).values())
+    files |= {name for name in ("model.safetensors", "pytorch_model.bin") if (root / name).exists()}
+    for name in sorted(files):
+        path = root / name
+        if not path.exists():
+            raise ValueError(f"{name} is missing (its shard index names it)")
+        with open(path, "rb") as f:
+            if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                raise ValueError(f"{name} is a Git LFS pointer, not the weights: run `git lfs pull` in {root}")
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path), "numpy"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+                raise ValueError(f"{name} is not a readable safetensors file ({e}): an interrupted copy?") from None
 
 
 def _build_atomically(target: Path, name: str) -> None:

@@ -103,13 +103,17 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
     """(model path as workers should see it, context length); fails early on a missing model."""
     from transformers import AutoConfig
 
-    from lmbatch.models import BUILTIN, resolve_model_path
+    from lmbatch.models import BUILTIN, check_weights, resolve_model_path
 
     path = job.model.path
     if not path.startswith(BUILTIN):
         expanded = os.path.expanduser(path)
         if os.path.exists(expanded):
             path = os.path.abspath(expanded)
+            try:
+                check_weights(path)
+            except ValueError as e:
+                raise JobError(f"model.path {job.model.path}: {e}") from None
         elif expanded.startswith(("/", ".")):
             raise JobError(f"model.path {job.model.path} does not exist")
     try:

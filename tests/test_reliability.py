@@ -11,6 +11,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,44 @@ def test_a_bad_job_stops_before_any_model_loads(kind, tmp_path):
     source = make_input(tmp_path)
     with pytest.raises(JobError, match=message):
         plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", *overrides)))
+    assert not (tmp_path / "out").exists()
+    TALLY["bad_input_kinds"].add(kind)
+
+
+def lfs_pointer(weights):
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a21\nsize 684904\n")
+
+
+def truncated_copy(weights):
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+
+
+def missing_shard(weights):
+    weights.rename(weights.with_name("model-00001-of-00002.safetensors"))
+    index = {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors",
+                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    weights.with_name("model.safetensors.index.json").write_text(json.dumps(index))
+
+
+BROKEN_WEIGHTS = {
+    "weights a Git LFS pointer": (lfs_pointer, "model.safetensors is a Git LFS pointer, not the weights: run `git lfs pull`"),
+    "weights cut short": (truncated_copy, "model.safetensors is not a readable safetensors file"),
+    "a shard missing": (missing_shard, "model-00002-of-00002.safetensors is missing"),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_WEIGHTS)
+def test_broken_model_weights_stop_the_job_before_ray(kind, tmp_path, tiny_llama):
+    """The driver reads only the model's config and tokenizer; replicas load the weights. Weights that
+    cannot load would otherwise fail every replica after Ray and the job had started."""
+    break_weights, message = BROKEN_WEIGHTS[kind]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    break_weights(model / "model.safetensors")
+    with pytest.raises(JobError, match=re.escape(f"model.path {model}: {message}")):
+        plan_job(to_job_config(compose(f"input.path={one_prompt(tmp_path)}", f"output.path={tmp_path / 'out'}",
+                                       f"model.path={model}")))
     assert not (tmp_path / "out").exists()
     TALLY["bad_input_kinds"].add(kind)
 
