@@ -40,6 +40,9 @@ from lmbatch.replica import Replica, output_columns
 from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, format_summary, megabytes,
                             object_store_bytes)
 
+log = logging.getLogger("lmbatch.pipeline")
+
+
 @dataclass
 class JobPlan:
     job: JobConfig
@@ -384,17 +387,46 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
     }
 
 
+class JobFailed(Exception):
+    """The job failed while it ran (a replica could not load the model, a part could not be
+    written): the message is one line on the cause; committed chunks stay, a rerun resumes."""
+
+
+def failure_cause(error: Exception) -> str:
+    """One line on what failed in a Ray worker. Ray's report of it carries the worker's traceback,
+    Python's chain of exceptions, root first: its first part ends with the worker's own
+    `ErrorType: message` (what follows is Ray wrapping it)."""
+    text = str(error)
+    for wrapped in ("The above exception was the direct cause", "During handling of the above exception"):
+        text = text.split(wrapped)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = lines[-1] if lines else type(error).__name__
+    if getattr(error, "actor_init_failed", False):
+        return f"a replica could not start (it loads model.path): {cause}"
+    return f"a worker failed: {cause}"
+
+
 @contextlib.contextmanager
-def say_how_to_resume_if_stopped(plan: JobPlan):
-    """On Ctrl-C or SIGTERM (a scheduler stopping the job: SystemExit, see ray_session),
-    say what is committed and how to go on, once Ray has shut down."""
+def say_how_to_resume(plan: JobPlan):
+    """When the job stops early, on Ctrl-C, SIGTERM (a scheduler stopping it: SystemExit, see
+    ray_session) or a failure in Ray, say what is committed and how to go on, once Ray has shut down."""
+    import ray
+
+    def committed() -> str:
+        done = len(plan.output.inspect(plan.fingerprint, "resume").done_chunks)
+        return f"{done} of {len(plan.chunks)} chunks committed in {plan.output.uri}"
+
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
-        done = len(plan.output.inspect(plan.fingerprint, "resume").done_chunks)
-        print(f"lmbatch: stopped with {done} of {len(plan.chunks)} chunks committed in {plan.output.uri}; "
-              "run the same command again to resume", file=sys.stderr)
+        print(f"lmbatch: stopped with {committed()}; run the same command again to resume", file=sys.stderr)
         raise
+    except ray.exceptions.RayError as e:
+        # The worker's traceback: Ray Data prints it only when its exception reaches the console.
+        log.error("the job failed in Ray:\n%s", e)
+        print(f"lmbatch: failed with {committed()}; fix the cause below and run the same command again to resume",
+              file=sys.stderr)
+        raise JobFailed(failure_cause(e)) from e
 
 
 def run(cfg: DictConfig | JobConfig) -> dict:
@@ -424,7 +456,7 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
     if pending:  # (object_store_bytes() runs once Ray is up: a with's managers are made in order)
-        with say_how_to_resume_if_stopped(plan), ray_session(job), \
+        with say_how_to_resume(plan), ray_session(job), \
                 PeakSampler(object_store_bytes(), interval=1.0) as store, live_progress(progress) as live_chunks:
             # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
             # progress line ran a whole chunk behind (the summaries are a few bytes anyway).

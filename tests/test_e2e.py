@@ -10,7 +10,7 @@ import torch
 
 from conftest import compose, varied_prompts, write_prompts
 from lmbatch.io import JobError
-from lmbatch.pipeline import plan_job, run, to_job_config
+from lmbatch.pipeline import failure_cause, plan_job, run, to_job_config
 
 pytestmark = pytest.mark.slow
 
@@ -312,3 +312,16 @@ def test_a_limit_runs_the_first_rows_as_a_job_of_its_own(local_ray, tmp_path, ti
     whole = plan_job(to_job_config(job(tmp_path / "full", "input.limit=1000")))
     assert whole.inputs.num_rows == 15
     assert whole.fingerprint == plan_job(to_job_config(job(tmp_path / "full"))).fingerprint
+
+
+def test_a_failure_in_a_worker_is_named_in_one_line(local_ray):
+    """Ray reports a worker's error as the worker's traceback wrapped in its own; the job's last line
+    names the worker's error (the job test of a replica failing: test_reliability)."""
+    import ray
+
+    def fail(batch):
+        raise OSError("No space left on device")
+
+    with pytest.raises(ray.exceptions.RayError) as failed:
+        ray.data.range(1).map_batches(fail).take_all()
+    assert failure_cause(failed.value) == "a worker failed: OSError: No space left on device"

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from lmbatch.engine import HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch.output import part_name
 from lmbatch.pipeline import count_committed, plan_job, to_job_config
+from lmbatch.replica import load_engine
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 
@@ -222,6 +224,37 @@ def test_broken_model_weights_stop_the_job_before_ray(kind, tmp_path, tiny_llama
                                        f"model.path={model}")))
     assert not (tmp_path / "out").exists()
     TALLY["bad_input_kinds"].add(kind)
+
+
+def test_a_replica_that_cannot_load_the_model_fails_the_job_with_one_line(tmp_path, tiny_llama):
+    """Weights that do not fit the config (or a model directory missing on a worker node) pass the
+    driver's checks and fail in the replicas: the job ends with what is committed, the cause in one
+    line, and exit status 1."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    out = tmp_path / "out"
+    done = subprocess.run(job_command(f"input.path={one_prompt(tmp_path)}", f"output.path={out}", f"model.path={model}",
+                                      "cluster.num_replicas=1"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    stopped, cause = done.stderr.strip().splitlines()[-2:]
+    assert stopped == (f"lmbatch: failed with 0 of 1 chunks committed in {out}; fix the cause below and run the "
+                       "same command again to resume")
+    assert re.fullmatch(r"lmbatch: error: a replica could not start \(it loads model.path\): "
+                        r"RuntimeError: .*ignore_mismatched_sizes.*", cause), cause
+    assert not (out / "_SUCCESS").exists()
+    TALLY["bad_input_kinds"].add("weights that do not fit the model's config")
+
+
+def test_a_node_without_the_model_directory_says_so(tmp_path):
+    """The driver checks model.path on its own node; a replica on a node that lacks the directory
+    names it and the node, instead of transformers taking the path for a hub id."""
+    job = to_job_config(compose(f"model.path={tmp_path / 'model'}", f"output.path={tmp_path / 'out'}"))
+    with pytest.raises(FileNotFoundError, match=f"model.path {tmp_path / 'model'} does not exist on "
+                                                f"{socket.gethostname()}: a local model directory must exist"):
+        load_engine(job, "cpu")
 
 
 def snapshot(directory):
