@@ -111,6 +111,18 @@ class OutputDir:
         if state.fresh:
             self._write_text(STATE_FILE, json.dumps({"fingerprint": fingerprint, "chunk_rows": chunk_rows}))
 
+    def check_shared(self, fingerprint: str, where: str) -> None:
+        """Called where parts are written (a replica, maybe on another node than the driver): the job
+        file the driver wrote must be there, or the parts would land where the driver never looks."""
+        try:
+            found = json.loads(self._read_text(STATE_FILE)).get("fingerprint")
+        except (OSError, ValueError):
+            found = None
+        if found != fingerprint:
+            raise RuntimeError(f"output.path {self.uri}, as {where} sees it, does not hold this job's {STATE_FILE}, "
+                               "which the driver wrote there: the output must be on storage every node shares "
+                               "(a shared file system or an object store)")
+
     def write_part(self, chunk_id: str, table: pa.Table) -> None:
         if not self.partition_by:
             self._write_table(part_name(chunk_id), table)

@@ -402,7 +402,7 @@ def failure_cause(error: Exception) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cause = lines[-1] if lines else type(error).__name__
     if getattr(error, "actor_init_failed", False):
-        return f"a replica could not start (it loads model.path): {cause}"
+        return f"a replica could not start: {cause}"
     return f"a worker failed: {cause}"
 
 

@@ -79,19 +79,20 @@ def error_kind(message: str) -> str:
 
 class Replica:
     def __init__(self, job: JobConfig, output_uri: str, passthrough_columns: list[str],
-                 fingerprint: str = "", live_chunks=None):
+                 fingerprint: str, live_chunks=None):
         import ray
 
         logging.basicConfig(level=logging.INFO)
         device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
-        self.engine = load_engine(job, device)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.output = OutputDir(output_uri, job.output.partition_by, job.output.compression)
+        self.output.check_shared(fingerprint, f"replica {self.name}")  # before minutes of model loading
+        self.engine = load_engine(job, device)
         self.generation = job.generation
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
         self.fingerprint = fingerprint
         self.live_chunks = live_chunks  # the driver's LiveChunks actor (None: no progress within chunks)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.ready_at = time.time()  # wall clock: the driver reports start-up (Ray, model load) apart
         if live_chunks is not None:
             live_chunks.replica_ready.remote(self.name)

@@ -30,7 +30,7 @@ from lmbatch.engine import HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch.output import part_name
 from lmbatch.pipeline import count_committed, plan_job, to_job_config
-from lmbatch.replica import load_engine
+from lmbatch.replica import Replica, load_engine
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 
@@ -242,7 +242,7 @@ def test_a_replica_that_cannot_load_the_model_fails_the_job_with_one_line(tmp_pa
     stopped, cause = done.stderr.strip().splitlines()[-2:]
     assert stopped == (f"lmbatch: failed with 0 of 1 chunks committed in {out}; fix the cause below and run the "
                        "same command again to resume")
-    assert re.fullmatch(r"lmbatch: error: a replica could not start \(it loads model.path\): "
+    assert re.fullmatch(r"lmbatch: error: a replica could not start: "
                         r"RuntimeError: .*ignore_mismatched_sizes.*", cause), cause
     assert not (out / "_SUCCESS").exists()
     TALLY["bad_input_kinds"].add("weights that do not fit the model's config")
@@ -255,6 +255,15 @@ def test_a_node_without_the_model_directory_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"model.path {tmp_path / 'model'} does not exist on "
                                                 f"{socket.gethostname()}: a local model directory must exist"):
         load_engine(job, "cpu")
+
+
+def test_a_replica_that_cannot_see_the_output_fails_at_start(tmp_path):
+    """On a cluster whose nodes do not share output.path (a local directory on the driver's node),
+    parts would be written where the driver never looks, and the job would fail only at its end."""
+    job = to_job_config(compose(f"output.path={tmp_path / 'out'}"))
+    with pytest.raises(RuntimeError, match=f"output.path {tmp_path / 'out'}, as replica \\S+ sees it, does not hold "
+                                           "this job's _lmbatch_job.json.*storage every node shares"):
+        Replica(job, str(tmp_path / "out"), ["id"], fingerprint="0123456789abcdef")
 
 
 def snapshot(directory):
