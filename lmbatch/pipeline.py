@@ -450,6 +450,10 @@ def run(cfg: DictConfig | JobConfig) -> dict:
         kept = "kept" if job.input.on_duplicate_id == "report" else "written as error rows"
         print(f"lmbatch: warning: {plan.num_duplicate_rows} rows repeat an earlier {job.input.id_column!r} "
               f"value; they are {kept} (input.on_duplicate_id={job.input.on_duplicate_id})")
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and io.is_inside(uri, os.getcwd()):  # `ray job submit`
+        print(f"lmbatch: warning: output.path {uri} lies in the working directory Ray made for this submitted "
+              "job, which Ray may delete after it and other nodes do not see; set output.path to shared storage "
+              "or an object store")
     if not plan.state.fresh:
         print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)

@@ -2,6 +2,7 @@
 `ray start` cluster, Hydra multirun sweeps, and the KubeRay manifest's entrypoint."""
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -151,16 +152,19 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path):
     try:
         wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", timeout=120)
         source = write_prompts(tmp_path / "in.parquet", ["submitted as a Ray job", "second row"])
-        out = tmp_path / "out"
+        # No output.path: the default, under the run directory, lies in the job's Ray-made working directory.
         done = subprocess.run(
             [os.path.join(BIN, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
-             str(REPO), "--", "python", "jobs/generate.py", f"input.path={source}", f"output.path={out}",
-             "generation.max_new_tokens=4", "cluster.num_replicas=1", f"hydra.run.dir={tmp_path / 'run'}"],
+             str(REPO), "--", "python", "jobs/generate.py", f"input.path={source}",
+             "generation.max_new_tokens=4", "cluster.num_replicas=1"],
             cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
         assert "lmbatch: warning: the Ray cluster has GPUs (1), but cluster.gpus_per_replica=0" in done.stdout
-        assert (out / "_SUCCESS").exists() and pq.read_table(out).num_rows == 2
+        out = re.search(r"lmbatch: wrote 2 rows in \d+ parts to (\S+)", done.stdout)[1]
+        assert out.startswith(temp_dir) and pq.read_table(out).num_rows == 2
+        assert (f"lmbatch: warning: output.path {out} lies in the working directory Ray made for this submitted job"
+                in done.stdout)
     finally:
         stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
