@@ -224,8 +224,6 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
                            f"but earlier files have {_describe(schema)}")
         schema = merged
         files.append(InputFile(path=info.path, num_rows=meta.num_rows, size=info.size))
-    if sum(f.num_rows for f in files) == 0:
-        raise JobError(f"input.path {uri} holds no rows")
     return InputPlan(uri=uri, files=files, schema=schema, partition_columns=tuple(partition_keys))
 
 

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+import lmbatch
 from lmbatch.io import HIVE_NULL, JobError, in_threads, resolve_filesystem
 
 STATE_FILE = "_lmbatch_job.json"
@@ -41,6 +42,12 @@ PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 
 def part_name(chunk_id: str) -> str:
     return f"{PART_PREFIX}{chunk_id}{PART_SUFFIX}"
+
+
+def with_part_metadata(table: pa.Table, fingerprint: str, chunk_id: str) -> pa.Table:
+    """A part found anywhere names its job (the fingerprint in _lmbatch_job.json) and chunk."""
+    return table.replace_schema_metadata({"lmbatch.version": lmbatch.__version__, "lmbatch.job": fingerprint,
+                                          "lmbatch.chunk": chunk_id})
 
 
 @dataclass

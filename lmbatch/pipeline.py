@@ -33,7 +33,7 @@ import lmbatch
 from lmbatch import io
 from lmbatch.config import ClusterConfig, ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
-from lmbatch.output import OutputDir, OutputState
+from lmbatch.output import OutputDir, OutputState, with_part_metadata
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer, prepare_chunk,
                              template_fields)
 from lmbatch.replica import Replica, output_columns
@@ -365,6 +365,17 @@ def count_committed(plan: JobPlan) -> dict:
     return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": sum(map(len, files.values()))}
 
 
+EMPTY_INPUT_CHUNK = "00000-000000000"  # the id of the chunk that would begin at the first row
+
+
+def write_empty_part(plan: JobPlan) -> None:
+    """An input without rows (a scheduled job's quiet day) still gives a finished output, with one
+    part that holds no rows but every column, typed, so that readers find the table's schema."""
+    fields = [plan.inputs.schema.field(c) for c in plan.settings.passthrough_columns]
+    table = pa.schema(fields + output_columns(plan.rows_per_input_row)).empty_table()
+    plan.output.write_part(EMPTY_INPUT_CHUNK, with_part_metadata(table, plan.fingerprint, EMPTY_INPUT_CHUNK))
+
+
 def manifest(plan: JobPlan, totals: dict) -> dict:
     import ray
     import torch
@@ -456,6 +467,8 @@ def run(cfg: DictConfig | JobConfig) -> dict:
               "or an object store")
     if not plan.state.fresh:
         print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
+    if not plan.chunks:
+        print(f"lmbatch: warning: input.path {plan.inputs.uri} holds no rows; the output holds none either")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
@@ -470,6 +483,8 @@ def run(cfg: DictConfig | JobConfig) -> dict:
                 progress.add(batch.to_pylist())
         store_peak = store.peak
     progress.print_line(final=True)
+    if not plan.chunks:
+        write_empty_part(plan)
 
     totals = count_committed(plan)
     metrics = {**progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}

@@ -19,11 +19,10 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import lmbatch
 from lmbatch import prepare as P
 from lmbatch.config import GenerationOptions, JobConfig
 from lmbatch.interface import Completion, Request, SamplingParams, row_seed
-from lmbatch.output import OutputDir
+from lmbatch.output import OutputDir, with_part_metadata
 from lmbatch.report import LiveReporter
 
 GENERATED_COLUMNS = pa.schema([
@@ -107,9 +106,7 @@ class Replica:
             started = time.perf_counter()
             before = dict(vars(self.engine.stats))
             table = self.generate_chunk(chunk_id, rows)
-            # A part found anywhere names its job (the fingerprint in _lmbatch_job.json) and chunk.
-            self.output.write_part(chunk_id, table.replace_schema_metadata(
-                {"lmbatch.version": lmbatch.__version__, "lmbatch.job": self.fingerprint, "lmbatch.chunk": chunk_id}))
+            self.output.write_part(chunk_id, with_part_metadata(table, self.fingerprint, chunk_id))
             summaries.append(self._summary(chunk_id, table, before, time.perf_counter() - started))
         return pa.Table.from_pylist(summaries)
 

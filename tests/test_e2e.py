@@ -314,6 +314,26 @@ def test_a_limit_runs_the_first_rows_as_a_job_of_its_own(local_ray, tmp_path, ti
     assert whole.fingerprint == plan_job(to_job_config(job(tmp_path / "full"))).fingerprint
 
 
+def test_an_input_without_rows_gives_a_finished_empty_output(tmp_path, capsys):
+    """A scheduled job's quiet day: no rows in, none out, and the job finishes (no Ray, no model).
+    One part holds no rows but every column, typed, so readers find the schema (Spark does the same)."""
+    source = write_prompts(tmp_path / "in.parquet", [], ids=pa.array([], pa.int64()), topic=pa.array([], pa.string()))
+    out = tmp_path / "out"
+    result = run(compose(f"input.path={source}", f"output.path={out}"))
+    assert (result["rows"], result["parts"]) == (0, 1) and (out / "_SUCCESS").exists()
+    assert f"lmbatch: warning: input.path {source} holds no rows; the output holds none either" in capsys.readouterr().out
+    table = pq.read_table(out)
+    assert table.num_rows == 0
+    assert table.schema.names == ["id", "prompt", "topic", "generated_text", "num_prompt_tokens",
+                                  "num_generated_tokens", "finish_reason", "error"]
+    assert table.schema.field("id").type == pa.int64() and table.schema.field("num_prompt_tokens").type == pa.int64()
+    assert run(compose(f"input.path={source}", f"output.path={out}"))["already_finished"]
+
+    partitioned = run(compose(f"input.path={source}", f"output.path={tmp_path / 'by_topic'}",
+                              "output.partition_by=topic"))
+    assert (partitioned["rows"], partitioned["parts"]) == (0, 0)  # no value, so no partition
+
+
 def test_a_failure_in_a_worker_is_named_in_one_line(local_ray):
     """Ray reports a worker's error as the worker's traceback wrapped in its own; the job's last line
     names the worker's error (the job test of a replica failing: test_reliability)."""

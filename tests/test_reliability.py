@@ -167,7 +167,6 @@ BAD_JOBS = {
     "no parquet files": (no_parquet_files, [], "holds no Parquet files"),
     "corrupt file": (corrupt, [], "is not a readable Parquet file"),
     "truncated file": (truncated, [], "is not a readable Parquet file"),
-    "no rows": (lambda d: write_prompts(d / "zero.parquet", []), [], "holds no rows"),
     "prompt column missing": (one_prompt, ["input.prompt_column=text"], "has no column 'text'"),
     "id column missing": (one_prompt, ["input.id_column=key"], "has no column 'key'"),
     "wrong column type": (integer_prompts, [], "must hold strings, found int64"),
