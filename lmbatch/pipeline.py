@@ -440,6 +440,25 @@ def say_how_to_resume(plan: JobPlan):
         raise JobFailed(failure_cause(e)) from e
 
 
+def notices(plan: JobPlan) -> list[str]:
+    """What the job says before it generates: warnings, and what a resumed job finds done."""
+    job, uri, found = plan.job, plan.output.uri, []
+    if plan.num_duplicate_rows:
+        kept = "kept" if job.input.on_duplicate_id == "report" else "written as error rows"
+        found.append(f"warning: {plan.num_duplicate_rows} rows repeat an earlier {job.input.id_column!r} value; "
+                     f"they are {kept} (input.on_duplicate_id={job.input.on_duplicate_id})")
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and io.is_inside(uri, os.getcwd()):  # `ray job submit`
+        found.append(f"warning: output.path {uri} lies in the working directory Ray made for this submitted job, "
+                     "which Ray may delete after it and other nodes do not see; set output.path to shared storage "
+                     "or an object store")
+    if not plan.chunks:
+        found.append(f"warning: input.path {plan.inputs.uri} holds no rows; the output holds none either")
+    if not plan.state.fresh:
+        found.append(f"resuming {uri}: {len(plan.chunks) - len(plan.pending)} of {len(plan.chunks)} chunks "
+                     "already committed")
+    return found
+
+
 def run(cfg: DictConfig | JobConfig) -> dict:
     """Run a job to a committed output; return its totals and metrics."""
     job = to_job_config(cfg)
@@ -457,18 +476,8 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     pending = plan.pending
     total_rows = plan.inputs.num_rows * plan.rows_per_input_row
     done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in pending)) * plan.rows_per_input_row
-    if plan.num_duplicate_rows:
-        kept = "kept" if job.input.on_duplicate_id == "report" else "written as error rows"
-        print(f"lmbatch: warning: {plan.num_duplicate_rows} rows repeat an earlier {job.input.id_column!r} "
-              f"value; they are {kept} (input.on_duplicate_id={job.input.on_duplicate_id})")
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and io.is_inside(uri, os.getcwd()):  # `ray job submit`
-        print(f"lmbatch: warning: output.path {uri} lies in the working directory Ray made for this submitted "
-              "job, which Ray may delete after it and other nodes do not see; set output.path to shared storage "
-              "or an object store")
-    if not plan.state.fresh:
-        print(f"lmbatch: resuming {uri}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already committed")
-    if not plan.chunks:
-        print(f"lmbatch: warning: input.path {plan.inputs.uri} holds no rows; the output holds none either")
+    for line in notices(plan):
+        print(f"lmbatch: {line}")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
