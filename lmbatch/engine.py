@@ -52,6 +52,12 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
 
+class DeviceLost(RuntimeError):
+    """The GPU failed in a way that leaves this process unable to use it (CUDA's sticky errors: an
+    illegal memory access, a device-side assert). Isolating rows cannot help then: every later
+    micro-batch fails too, and every later row of the job would be written as an error row."""
+
+
 class PerRowSampler(LogitsProcessor):
     """Sample each sequence from its own seeded generator, as a logits processor.
 
@@ -164,6 +170,12 @@ class HFEngine:
             return self._generate_batch(batch)
         except Exception as error:  # noqa: BLE001 - any failure is isolated to the rows causing it
             oom = _is_oom(error)
+            if not oom and self._device_lost():
+                log.error("micro-batch of %d rows: the device failed", len(batch), exc_info=error)
+                cause = (str(error).splitlines() or [""])[0]
+                raise DeviceLost(f"the {self.model.device} device failed and this process can no longer use it "
+                                 f"({type(error).__name__}: {cause}); the job stops rather than write every "
+                                 "later row as an error row") from None
             if oom:
                 self._free_memory()
                 if len(batch) > 1:
@@ -193,6 +205,17 @@ class HFEngine:
             log.warning("out of memory: later micro-batches are planned with max_batch_tokens=%d and "
                         "fixed_batch_size=%d (were %d and %d)", self.batching.max_batch_tokens,
                         self.batching.fixed_batch_size, b.max_batch_tokens, b.fixed_batch_size)
+
+    def _device_lost(self) -> bool:
+        """After a failure: whether the model's device no longer runs even a trivial kernel."""
+        device = self.model.device
+        if device.type == "cpu":
+            return False
+        try:
+            torch.ones(1, device=device).add_(1).cpu()  # .cpu() waits for the kernel: its error shows here
+            return False
+        except Exception:  # noqa: BLE001 - whatever the device raises, it cannot be used
+            return True
 
     def _free_memory(self) -> None:
         if torch.cuda.is_available():

@@ -26,7 +26,7 @@ import torch
 
 from conftest import REPO, compose, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import HFEngine, Request
+from lmbatch.engine import DeviceLost, HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch.output import part_name
 from lmbatch.pipeline import count_committed, plan_job, to_job_config
@@ -427,6 +427,29 @@ def test_out_of_memory_shrinks_the_budget_of_later_micro_batches(tiny_llama):
     assert engine.batching.max_batch_tokens < BatchingConfig().max_batch_tokens
     engine.generate(requests)
     assert engine.stats.split_retries == first  # the next chunk: planned to fit from the start
+
+
+def test_a_lost_device_stops_the_replica_instead_of_failing_every_row(tiny_llama):
+    """After CUDA's sticky errors (an illegal memory access, a device-side assert) every later call
+    fails, so isolating rows would write each one, to the end of the job, as an error row. The
+    engine asks the device whether it still works, and stops if it does not. (No GPU here: the
+    error is raised in the model's forward and the device answers as a CUDA device would then.)"""
+    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(), device="cpu")
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 4) for i, p in enumerate(varied_prompts(6, max_words=8))]
+
+    def forward_after_an_illegal_access(*args, **kwargs):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered\nCompile with ...")
+
+    engine.model.forward = forward_after_an_illegal_access
+    failed = engine.generate(requests)  # the device still works: the failure is isolated, row by row
+    assert {c.error for c in failed} == {"generation failed: AcceleratorError: CUDA error: an illegal memory access "
+                                         "was encountered\nCompile with ..."}
+    engine._device_lost = lambda: True
+    with pytest.raises(DeviceLost, match="the cpu device failed and this process can no longer use it "
+                                         r"\(AcceleratorError: CUDA error: an illegal memory access was encountered\); "
+                                         "the job stops rather than write every later row as an error row"):
+        engine.generate(requests)
+    TALLY["faults"] += 1
 
 
 def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
