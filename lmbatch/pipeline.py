@@ -43,6 +43,11 @@ from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, format_
 log = logging.getLogger("lmbatch.pipeline")
 
 
+class JobFailed(RuntimeError):
+    """The job failed while it ran (a replica could not load the model, a part could not be
+    written, parts went missing): the message is one line on the cause; committed chunks stay."""
+
+
 @dataclass
 class JobPlan:
     job: JobConfig
@@ -349,7 +354,8 @@ def count_committed(plan: JobPlan) -> dict:
     files = plan.output.part_files()
     missing = [c.id for c in plan.chunks if c.id not in files]
     if missing:
-        raise RuntimeError(f"parts for chunks {missing[:5]} are missing after the run")
+        raise JobFailed(f"parts for chunks {missing[:5]} are missing after the run (was the output changed while "
+                        "the job ran?); run the same command again to generate them")
 
     def count(chunk: Chunk) -> tuple[int, int]:
         reasons = [pq.read_table(path, columns=["finish_reason"], filesystem=plan.output.fs)["finish_reason"]
@@ -359,8 +365,9 @@ def count_committed(plan: JobPlan) -> dict:
     ok = error = 0
     for chunk, (rows, errors) in zip(plan.chunks, io.in_threads(count, plan.chunks)):
         if rows != chunk.num_rows * plan.rows_per_input_row:
-            raise RuntimeError(f"parts of chunk {chunk.id} hold {rows} rows, "
-                               f"expected {chunk.num_rows * plan.rows_per_input_row}")
+            raise JobFailed(f"parts of chunk {chunk.id} hold {rows} rows, expected "
+                            f"{chunk.num_rows * plan.rows_per_input_row}: delete {', '.join(files[chunk.id])} "
+                            "and run the same command again to generate the chunk anew")
         ok, error = ok + rows - errors, error + errors
     return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": sum(map(len, files.values()))}
 
@@ -396,11 +403,6 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
         "versions": {"lmbatch": lmbatch.__version__, "ray": ray.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "pyarrow": pa.__version__},
     }
-
-
-class JobFailed(Exception):
-    """The job failed while it ran (a replica could not load the model, a part could not be
-    written): the message is one line on the cause; committed chunks stay, a rerun resumes."""
 
 
 def failure_cause(error: Exception) -> str:

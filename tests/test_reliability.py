@@ -29,7 +29,7 @@ from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import DeviceLost, HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch.output import part_name
-from lmbatch.pipeline import count_committed, plan_job, to_job_config
+from lmbatch.pipeline import JobFailed, count_committed, plan_job, to_job_config
 from lmbatch.replica import Replica, load_engine
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
@@ -323,10 +323,11 @@ def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(
     assert count_committed(plan) == {"rows": 10, "rows_ok": 7, "rows_error": 3, "parts": 3}
     last = plan.chunks[-1]
     plan.output.write_part(last.id, pa.table({"finish_reason": ["stop"] * (last.num_rows - 1)}))
-    with pytest.raises(RuntimeError, match=f"parts of chunk {last.id} hold {last.num_rows - 1} rows, expected"):
+    with pytest.raises(JobFailed, match=f"parts of chunk {last.id} hold {last.num_rows - 1} rows, expected "
+                                        f"{last.num_rows}: delete {out / part_name(last.id)} and run"):
         count_committed(plan)
     os.remove(out / part_name(last.id))
-    with pytest.raises(RuntimeError, match=f"parts for chunks \\['{last.id}'\\] are missing"):
+    with pytest.raises(JobFailed, match=f"parts for chunks \\['{last.id}'\\] are missing"):
         count_committed(plan)
 
 
