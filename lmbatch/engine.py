@@ -52,10 +52,16 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
 
-class DeviceLost(RuntimeError):
-    """The GPU failed in a way that leaves this process unable to use it (CUDA's sticky errors: an
-    illegal memory access, a device-side assert). Isolating rows cannot help then: every later
-    micro-batch fails too, and every later row of the job would be written as an error row."""
+class EngineFailed(RuntimeError):
+    """Generation fails for a reason that is not in the rows, so isolating rows cannot help: every
+    later row of the job would be written as an error row. The job stops instead (a rerun resumes):
+    the GPU failed so that this process cannot use it (CUDA's sticky errors: an illegal memory
+    access, a device-side assert), or no row has succeeded yet and many have failed (a broken model
+    or engine, a tokenizer that does not match the model)."""
+
+
+FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
+"""Rows failing alone, none done yet, that say the engine is broken: a bad row is one in thousands."""
 
 
 class PerRowSampler(LogitsProcessor):
@@ -116,6 +122,7 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id
         self.batching = batching
         self.stats = EngineStats()
+        self.rows_failed_alone = 0  # not out of memory: with none done yet, many say the engine is broken
 
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
@@ -170,12 +177,7 @@ class HFEngine:
             return self._generate_batch(batch)
         except Exception as error:  # noqa: BLE001 - any failure is isolated to the rows causing it
             oom = _is_oom(error)
-            if not oom and self._device_lost():
-                log.error("micro-batch of %d rows: the device failed", len(batch), exc_info=error)
-                cause = (str(error).splitlines() or [""])[0]
-                raise DeviceLost(f"the {self.model.device} device failed and this process can no longer use it "
-                                 f"({type(error).__name__}: {cause}); the job stops rather than write every "
-                                 "later row as an error row") from None
+            self._stop_unless_the_rows_failed(error, oom, alone=len(batch) == 1)
             if oom:
                 self._free_memory()
                 if len(batch) > 1:
@@ -191,6 +193,20 @@ class HFEngine:
             self.stats.split_retries += 1
             half = len(batch) // 2
             return self._generate_isolating(batch[:half]) + self._generate_isolating(batch[half:])
+
+    def _stop_unless_the_rows_failed(self, error: Exception, oom: bool, alone: bool) -> None:
+        """Raise EngineFailed when the failure is not in the rows (see there for when)."""
+        cause = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        if not oom and self._device_lost():
+            log.error("the device failed", exc_info=error)
+            raise EngineFailed(f"the {self.model.device} device failed and this process can no longer use it "
+                               f"({cause}); the job stops rather than write every later row as an error row") from None
+        self.rows_failed_alone += alone and not oom
+        if self.rows_failed_alone >= FAILED_ROWS_BEFORE_ANY_SUCCESS and not self.stats.micro_batches:
+            log.error("a row failed alone", exc_info=error)
+            raise EngineFailed(f"generation failed for each of the first {self.rows_failed_alone} rows tried alone "
+                               f"and has not succeeded for any ({cause}): the model or engine is broken, not the "
+                               "rows; the job stops rather than write every row as an error row") from None
 
     def _shrink_budget(self, batch: list[Request]) -> None:
         """Plan later micro-batches under half the size of one that ran out of memory. The size counts

@@ -26,7 +26,7 @@ import torch
 
 from conftest import REPO, compose, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import DeviceLost, HFEngine, Request
+from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch.output import part_name
 from lmbatch.pipeline import JobFailed, count_committed, plan_job, to_job_config
@@ -446,9 +446,28 @@ def test_a_lost_device_stops_the_replica_instead_of_failing_every_row(tiny_llama
     assert {c.error for c in failed} == {"generation failed: AcceleratorError: CUDA error: an illegal memory access "
                                          "was encountered\nCompile with ..."}
     engine._device_lost = lambda: True
-    with pytest.raises(DeviceLost, match="the cpu device failed and this process can no longer use it "
+    with pytest.raises(EngineFailed, match="the cpu device failed and this process can no longer use it "
                                          r"\(AcceleratorError: CUDA error: an illegal memory access was encountered\); "
                                          "the job stops rather than write every later row as an error row"):
+        engine.generate(requests)
+    TALLY["faults"] += 1
+
+
+def test_a_model_that_fails_on_every_row_stops_the_job(tiny_llama):
+    """A broken model (remote code that no longer fits transformers, a tokenizer that does not match
+    it) fails every row: rather than write the whole job as error rows and exit 0, the engine stops
+    once rows have failed alone many times and none has succeeded."""
+    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(), device="cpu")
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 4) for i, p in enumerate(varied_prompts(40, max_words=8))]
+
+    def forward_of_broken_remote_code(*args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'cache_position'")
+
+    engine.model.forward = forward_of_broken_remote_code
+    with pytest.raises(EngineFailed, match=f"generation failed for each of the first {FAILED_ROWS_BEFORE_ANY_SUCCESS} "
+                                           r"rows tried alone and has not succeeded for any \(TypeError: forward\(\) "
+                                           "got an unexpected keyword argument 'cache_position'\): the model or "
+                                           "engine is broken, not the rows"):
         engine.generate(requests)
     TALLY["faults"] += 1
 
