@@ -466,7 +466,7 @@ def test_a_model_that_fails_on_every_row_stops_the_job(tiny_llama):
     engine.model.forward = forward_of_broken_remote_code
     with pytest.raises(EngineFailed, match=f"generation failed for each of the first {FAILED_ROWS_BEFORE_ANY_SUCCESS} "
                                            r"rows tried alone and has not succeeded for any \(TypeError: forward\(\) "
-                                           "got an unexpected keyword argument 'cache_position'\): the model or "
+                                           r"got an unexpected keyword argument 'cache_position'\): the model or "
                                            "engine is broken, not the rows"):
         engine.generate(requests)
     TALLY["faults"] += 1
