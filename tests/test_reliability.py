@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import REPO, compose, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
@@ -453,21 +454,21 @@ def test_a_lost_device_stops_the_replica_instead_of_failing_every_row(tiny_llama
     TALLY["faults"] += 1
 
 
-def test_a_model_that_fails_on_every_row_stops_the_job(tiny_llama):
-    """A broken model (remote code that no longer fits transformers, a tokenizer that does not match
-    it) fails every row: rather than write the whole job as error rows and exit 0, the engine stops
-    once rows have failed alone many times and none has succeeded."""
-    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama), BatchingConfig(), device="cpu")
-    requests = [Request(i, engine.tokenizer(p)["input_ids"], 4) for i, p in enumerate(varied_prompts(40, max_words=8))]
-
-    def forward_of_broken_remote_code(*args, **kwargs):
-        raise TypeError("forward() got an unexpected keyword argument 'cache_position'")
-
-    engine.model.forward = forward_of_broken_remote_code
+def test_a_model_that_fails_on_every_row_stops_the_job(tiny_llama, tmp_path):
+    """A broken model fails every row: here a tokenizer that does not match it (tokens added past
+    the model's embedding; remote code that no longer fits transformers fails alike). Rather than
+    write the whole job as error rows and exit 0, the engine stops once rows have failed alone many
+    times and none has succeeded."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens([f"<new{i}>" for i in range(8)])
+    tokenizer.save_pretrained(model)
+    engine = HFEngine.load(str(model), ModelConfig(path=str(model)), BatchingConfig(), device="cpu")
+    requests = [Request(i, engine.tokenizer(f"row {i} <new{i % 8}>")["input_ids"], 4) for i in range(40)]
     with pytest.raises(EngineFailed, match=f"generation failed for each of the first {FAILED_ROWS_BEFORE_ANY_SUCCESS} "
-                                           r"rows tried alone and has not succeeded for any \(TypeError: forward\(\) "
-                                           r"got an unexpected keyword argument 'cache_position'\): the model or "
-                                           "engine is broken, not the rows"):
+                                           r"rows tried alone and has not succeeded for any \(IndexError: index out "
+                                           r"of range in self\): the model or engine is broken, not the rows"):
         engine.generate(requests)
     TALLY["faults"] += 1
 
