@@ -129,12 +129,26 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
         tokenizer = load_tokenizer(path, job.model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
         raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
-    if job.input.chat and not tokenizer.chat_template:
-        raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
-                       "input.system_prompt and input.apply_chat_template need")
+    if job.input.chat:
+        check_chat_template(job, tokenizer)
     text_config = getattr(config, "get_text_config", lambda: config)()
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     return path, limit
+
+
+def check_chat_template(job: JobConfig, tokenizer) -> None:
+    """The chat template must render the simplest conversation of this job: else every row would
+    become an error row (templates raise on what they refuse, e.g. a system message)."""
+    if not tokenizer.chat_template:
+        raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
+                       "input.system_prompt and input.apply_chat_template need")
+    system = [{"role": "system", "content": job.input.system_prompt}] if job.input.system_prompt else []
+    try:
+        tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
+                                      add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - whatever the template raises
+        raise JobError(f"the chat template of {job.model.path} fails on a single user message"
+                       f"{' after input.system_prompt' if system else ''}: {e}") from None
 
 
 def check_room_for_prompts(job: JobConfig, settings: PrepareSettings) -> None:

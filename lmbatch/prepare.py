@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import re
 import string
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -64,10 +65,11 @@ class PrepareSettings:
 
 
 def template_fields(template: Optional[str]) -> list[str]:
-    """Column names used by `{column}` placeholders."""
+    """Column names used by `{column}` placeholders (`{tags[0]}` and `{meta.lang}` use tags and meta)."""
     if not template:
         return []
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    names = (name for _, name, _, _ in string.Formatter().parse(template) if name)
+    return list(dict.fromkeys(re.split(r"[.\[]", name, maxsplit=1)[0] for name in names))
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,7 +152,7 @@ def render_prompt(row: dict, s: PrepareSettings, tokenizer) -> str:
         if s.template:
             try:
                 text = s.template.format_map(row)
-            except (KeyError, IndexError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - e.g. {tags[0]} on a row whose tags are null
                 raise RowError(f"template: input.template cannot be filled from this row: {e!r}") from None
         if not text.strip():
             raise RowError(f"empty prompt: column {s.prompt_column!r} is empty or whitespace")
@@ -159,7 +161,10 @@ def render_prompt(row: dict, s: PrepareSettings, tokenizer) -> str:
         messages = [{"role": "user", "content": text}]
     if s.system_prompt:
         messages = [{"role": "system", "content": s.system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - templates raise on what they refuse, e.g. roles that do not alternate
+        raise RowError(f"chat template: {e}") from None
 
 
 def _messages(value: list, column: str) -> list[dict]:

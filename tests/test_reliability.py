@@ -31,6 +31,7 @@ from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngin
 from lmbatch.io import JobError
 from lmbatch.output import part_name
 from lmbatch.pipeline import JobFailed, count_committed, plan_job, to_job_config
+from lmbatch.prepare import ERROR, prepare_chunk
 from lmbatch.replica import Replica, load_engine
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
@@ -111,6 +112,42 @@ def test_bad_rows_become_error_rows_and_neighbours_succeed(tmp_path):
     assert metrics["errors_by_kind"] == {"null prompt": 1, "empty prompt": 2, "too long": 1, "duplicate id": 1,
                                          "null id": 1}
     assert metrics["duplicate_id_rows"] == 1
+
+
+# Many real chat templates raise on what they refuse (Mistral's and Llama 2's on roles that do not alternate).
+STRICT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_rows_that_a_template_refuses_become_error_rows(tmp_path, tiny_llama):
+    """A template that raises for one row is that row's error, not the job's (it used to fail the
+    prepare task, and so the job); one that refuses every row of the job is a bad job."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "chat_template.jinja").write_text(STRICT_CHAT_TEMPLATE)
+    chats = [[{"role": "user", "content": "hi"}],
+             [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]]
+    source = write_prompts(tmp_path / "chats.parquet", ["x"] * 3, messages=chats, tags=[["t"], None, []])
+
+    def prepared(*overrides):
+        plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                              f"model.path={model}", "cluster.num_replicas=1", *overrides)))
+        return [e for chunk in plan.chunks for e in prepare_chunk(chunk, plan.settings)[ERROR].to_pylist()]
+
+    assert prepared("input.messages_column=messages") == [
+        None, "chat template: Conversation roles must alternate user/assistant/user/assistant/...", None]
+    errors = prepared("input.template='{prompt} about {tags[0]}'")  # the column is tags, indexed per row
+    assert errors[0] is None and errors[1].startswith("template: input.template cannot be filled from this row: "
+                                                      "TypeError(") and errors[2].startswith("template: ")
+    with pytest.raises(JobError, match=f"the chat template of {model} fails on a single user message after "
+                                       "input.system_prompt: System role not supported"):
+        prepared("input.messages_column=messages", "input.system_prompt=terse")
+    TALLY["bad_input_kinds"].update(["messages the chat template refuses", "a template index on a null value",
+                                     "a system prompt the chat template refuses"])
 
 
 def test_too_long_prompts_can_be_truncated_from_the_left(tmp_path):
