@@ -137,11 +137,15 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
 
 
 def check_chat_template(job: JobConfig, tokenizer) -> None:
-    """The chat template must render the simplest conversation of this job: else every row would
-    become an error row (templates raise on what they refuse, e.g. a system message)."""
+    """The chat template must render the conversation the job builds around each row's text (a
+    user message, after the system prompt if any): else every row would become an error row
+    (templates raise on what they refuse, e.g. a system message). Conversations of a messages
+    column vary by row, so there only the system prompt is tried."""
     if not tokenizer.chat_template:
         raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
                        "input.system_prompt and input.apply_chat_template need")
+    if job.input.messages_column and not job.input.system_prompt:
+        return
     system = [{"role": "system", "content": job.input.system_prompt}] if job.input.system_prompt else []
     try:
         tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
