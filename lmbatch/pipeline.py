@@ -133,6 +133,11 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
         check_chat_template(job, tokenizer)
     text_config = getattr(config, "get_text_config", lambda: config)()
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    vocab = getattr(text_config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:  # tokens added to the tokenizer, the model's embedding not resized
+        print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
+              f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
+              "(index out of range)")
     return path, limit
 
 

@@ -491,16 +491,21 @@ def test_a_lost_device_stops_the_replica_instead_of_failing_every_row(tiny_llama
     TALLY["faults"] += 1
 
 
-def test_a_model_that_fails_on_every_row_stops_the_job(tiny_llama, tmp_path):
+def test_a_model_that_fails_on_every_row_stops_the_job(tiny_llama, tmp_path, capsys):
     """A broken model fails every row: here a tokenizer that does not match it (tokens added past
     the model's embedding; remote code that no longer fits transformers fails alike). Rather than
     write the whole job as error rows and exit 0, the engine stops once rows have failed alone many
-    times and none has succeeded."""
+    times and none has succeeded. (This mismatch the driver also warns of as the job starts.)"""
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.add_tokens([f"<new{i}>" for i in range(8)])
     tokenizer.save_pretrained(model)
+    plan_job(to_job_config(compose(f"input.path={one_prompt(tmp_path)}", f"output.path={tmp_path / 'out'}",
+                                   f"model.path={model}")))
+    assert (f"lmbatch: warning: the tokenizer of {model} has {len(tokenizer):,} tokens, the model's embedding "
+            f"{len(tokenizer) - 8:,}: a row holding one of the last 8 fails (index out of range)"
+            in capsys.readouterr().out)
     engine = HFEngine.load(str(model), ModelConfig(path=str(model)), BatchingConfig(), device="cpu")
     requests = [Request(i, engine.tokenizer(f"row {i} <new{i % 8}>")["input_ids"], 4) for i in range(40)]
     with pytest.raises(EngineFailed, match=f"generation failed for each of the first {FAILED_ROWS_BEFORE_ANY_SUCCESS} "
