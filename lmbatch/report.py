@@ -253,6 +253,10 @@ def _ratio(a: int, b: int) -> Optional[float]:
     return round(a / b, 4) if b else None
 
 
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def format_summary(metrics: dict, totals: dict) -> str:
     """A short table for the terminal; the same numbers are saved as _metrics.json."""
     rows = [
@@ -263,8 +267,9 @@ def format_summary(metrics: dict, totals: dict) -> str:
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
         ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),
-        ("padding efficiency", f"{metrics['padding_efficiency']}"),
-        ("decode slot efficiency", f"{metrics['decode_slot_efficiency']}"),
+        # None: nothing was generated this run (every row resumed as done, or an error row)
+        ("padding efficiency", f"{_or_dash(metrics['padding_efficiency'])}"),
+        ("decode slot efficiency", f"{_or_dash(metrics['decode_slot_efficiency'])}"),
         ("wall time", f"{metrics['wall_seconds']:,.1f}s"),
     ]
     if metrics.get("startup_seconds") is not None:  # what tokens/s above are diluted by on short jobs
