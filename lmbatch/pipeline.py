@@ -387,10 +387,10 @@ def count_committed(plan: JobPlan) -> dict:
 
     ok = error = 0
     for chunk, (rows, errors) in zip(plan.chunks, io.in_threads(count, plan.chunks)):
-        if rows != chunk.num_rows * plan.rows_per_input_row:
-            raise JobFailed(f"parts of chunk {chunk.id} hold {rows} rows, expected "
-                            f"{chunk.num_rows * plan.rows_per_input_row}: delete {', '.join(files[chunk.id])} "
-                            "and run the same command again to generate the chunk anew")
+        expected = chunk.num_rows * plan.rows_per_input_row
+        if rows != expected:
+            raise JobFailed(f"parts of chunk {chunk.id} hold {rows} rows, expected {expected}: delete "
+                            f"{', '.join(files[chunk.id])} and run the same command again to generate the chunk anew")
         ok, error = ok + rows - errors, error + errors
     return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": sum(map(len, files.values()))}
 

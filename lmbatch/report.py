@@ -268,8 +268,8 @@ def format_summary(metrics: dict, totals: dict) -> str:
         ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),
         # None: nothing was generated this run (every row resumed as done, or an error row)
-        ("padding efficiency", f"{_or_dash(metrics['padding_efficiency'])}"),
-        ("decode slot efficiency", f"{_or_dash(metrics['decode_slot_efficiency'])}"),
+        ("padding efficiency", _or_dash(metrics["padding_efficiency"])),
+        ("decode slot efficiency", _or_dash(metrics["decode_slot_efficiency"])),
         ("wall time", f"{metrics['wall_seconds']:,.1f}s"),
     ]
     if metrics.get("startup_seconds") is not None:  # what tokens/s above are diluted by on short jobs
