@@ -20,7 +20,8 @@ import yaml
 
 from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
-from lmbatch.pipeline import gpu_mismatch, to_job_config
+from lmbatch.pipeline import gpu_mismatch
+from lmbatch.plan import to_job_config
 
 BIN = os.path.dirname(sys.executable)
 

@@ -6,7 +6,7 @@ from omegaconf.errors import ValidationError
 
 from conftest import CONF, compose
 from lmbatch.config import ConfigError, JobConfig
-from lmbatch.pipeline import to_job_config
+from lmbatch.plan import to_job_config
 
 BENCHMARK_GROUPS = {"preset"}  # options of conf/benchmark.yaml, composed below
 GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF.iterdir())

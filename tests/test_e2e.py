@@ -10,7 +10,8 @@ import torch
 
 from conftest import compose, varied_prompts, write_prompts
 from lmbatch.io import JobError
-from lmbatch.pipeline import failure_cause, plan_job, run, to_job_config
+from lmbatch.pipeline import failure_cause, run
+from lmbatch.plan import plan_job, to_job_config
 
 pytestmark = pytest.mark.slow
 

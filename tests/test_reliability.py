@@ -30,7 +30,8 @@ from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch.output import part_name
-from lmbatch.pipeline import JobFailed, count_committed, plan_job, to_job_config
+from lmbatch.pipeline import JobFailed, count_committed
+from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, prepare_chunk
 from lmbatch.replica import Replica, load_engine
 

@@ -1,0 +1,236 @@
+"""Planning a job: everything that can fail does so here, before Ray starts or a model loads.
+
+`plan_job` checks the input files, the model (config, tokenizer, weights, chat template) and the
+output directory, fingerprints the job, cuts the input into chunks and finds the chunks already
+committed, so that a resumed job skips them. `lmbatch.pipeline` runs the plan.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmbatch import io
+from lmbatch.config import ConfigError, JobConfig
+from lmbatch.io import Chunk, InputPlan, JobError
+from lmbatch.output import OutputDir, OutputState
+from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
+                             template_fields)
+from lmbatch.replica import output_columns
+
+
+@dataclass
+class JobPlan:
+    job: JobConfig
+    inputs: InputPlan
+    settings: PrepareSettings
+    output: OutputDir
+    state: OutputState
+    fingerprint: str
+    chunk_rows: int
+    chunks: list[Chunk]
+    duplicate_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """Chunk id -> positions of rows repeating an earlier id (empty with on_duplicate_id=ignore)."""
+
+    @property
+    def num_duplicate_rows(self) -> int:
+        return sum(map(len, self.duplicate_rows.values()))
+
+    def error_duplicates(self, chunk_id: str) -> list[int]:
+        """Rows of a chunk to write as `duplicate id` error rows (only with on_duplicate_id=error)."""
+        return self.duplicate_rows.get(chunk_id, []) if self.job.input.on_duplicate_id == "error" else []
+
+    @property
+    def pending(self) -> list[Chunk]:
+        return [c for c in self.chunks if c.id not in self.state.done_chunks]
+
+    @property
+    def replicas(self) -> int:
+        """Replicas this run starts: no more than the chunks it has to generate."""
+        return min(self.job.cluster.num_replicas, len(self.pending))
+
+    @property
+    def rows_per_input_row(self) -> int:
+        return self.job.generation.num_return_sequences
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """Hydra's DictConfig -> the validated dataclass (runs every __post_init__ check)."""
+    if isinstance(cfg, JobConfig):
+        return cfg
+    try:
+        node = cfg if OmegaConf.get_type(cfg) is JobConfig else OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def resolve_input_uri(path: str) -> str:
+    from lmbatch.models import BUILTIN
+    from lmbatch.samples import builtin_input_path
+
+    if path.startswith(BUILTIN):
+        try:
+            return builtin_input_path(path[len(BUILTIN):])
+        except ValueError as e:
+            raise JobError(f"input.path {path}: {e}") from None
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
+    """(model path as workers should see it, context length); fails early on a missing model."""
+    from transformers import AutoConfig
+
+    from lmbatch.models import BUILTIN, check_weights, resolve_model_path
+
+    path = job.model.path
+    if not path.startswith(BUILTIN):
+        expanded = os.path.expanduser(path)
+        if os.path.exists(expanded):
+            path = os.path.abspath(expanded)
+            try:
+                check_weights(path)
+            except ValueError as e:
+                raise JobError(f"model.path {job.model.path}: {e}") from None
+        elif expanded.startswith(("/", ".")):
+            raise JobError(f"model.path {job.model.path} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=job.model.trust_remote_code)
+        tokenizer = load_tokenizer(path, job.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
+        raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
+    if job.input.chat:
+        check_chat_template(job, tokenizer)
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    vocab = getattr(text_config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:  # tokens added to the tokenizer, the model's embedding not resized
+        print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
+              f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
+              "(index out of range)")
+    return path, limit
+
+
+def check_chat_template(job: JobConfig, tokenizer) -> None:
+    """The chat template must render the conversation the job builds around each row's text (a
+    user message, after the system prompt if any): else every row would become an error row
+    (templates raise on what they refuse, e.g. a system message). Conversations of a messages
+    column vary by row, so there only the system prompt is tried."""
+    if not tokenizer.chat_template:
+        raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
+                       "input.system_prompt and input.apply_chat_template need")
+    if job.input.messages_column and not job.input.system_prompt:
+        return
+    system = [{"role": "system", "content": job.input.system_prompt}] if job.input.system_prompt else []
+    try:
+        tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
+                                      add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - whatever the template raises
+        raise JobError(f"the chat template of {job.model.path} fails on a single user message"
+                       f"{' after input.system_prompt' if system else ''}: {e}") from None
+
+
+def check_room_for_prompts(job: JobConfig, settings: PrepareSettings) -> None:
+    """Refuse a job whose generation settings leave no room for even a one-token prompt (by
+    prepare's own rule, fit_to_context): every row would become a `too long` error row after the
+    whole job had run."""
+    if {"max_new_tokens", "max_length"} & set(job.input.param_columns):
+        return  # per-row settings may make room
+    try:
+        fit_to_context([0], settings, job.generation)
+    except RowError:
+        limit = settings.context_limit
+        raise JobError(f"generation.max_new_tokens={job.generation.max_new_tokens} leaves no room for a prompt in "
+                       f"the model's context of {limit} tokens; set it to at most {limit - 1}, or cap prompt and "
+                       f"output together with generation.max_length={limit}") from None
+
+
+def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
+    i = job.input
+    keep = inputs.schema.names if i.keep_columns is None else i.keep_columns
+    columns = list(dict.fromkeys([i.id_column, *keep]))
+    clash = set(columns) & {f.name for f in output_columns(2)}
+    if clash:
+        raise JobError(f"input columns {sorted(clash)} clash with output columns; "
+                       "rename them or leave them out with input.keep_columns")
+    return columns
+
+
+def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
+    """What makes two runs the same job: the input files and everything that shapes a row's output."""
+    identity = {
+        "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
+        # limit is left to "files", which hold the rows taken: a limit above the input's rows is the
+        # same job as none (and jobs from before the key keep their fingerprint)
+        "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")},
+        # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume)
+        "model": {k: v for k, v in dataclasses.asdict(job.model).items() if k != "kv_cache"},
+        "generation": dataclasses.asdict(job.generation),
+        "engine": job.engine,
+        "partition_by": job.output.partition_by,
+        "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed
+    }
+    # Parts written before partition columns were read lack them: not the same job. Added only when
+    # present, so other jobs keep their fingerprint (and resume).
+    if inputs.partition_columns:
+        identity["partition_columns"] = inputs.partition_columns
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_job(job: JobConfig) -> JobPlan:
+    i = job.input
+    input_uri = resolve_input_uri(i.path)
+    output_uri = job.output.path if "://" in job.output.path else os.path.abspath(job.output.path)
+    if io.is_inside(output_uri, input_uri) or io.is_inside(input_uri, output_uri):
+        raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
+    keep = i.keep_columns or []
+    required = {i.text_column: "messages" if i.messages_column else "string", i.id_column: "any",
+                **{c: "any" for c in keep + i.param_columns + template_fields(i.template)}}
+    inputs = io.inspect_inputs(input_uri, required).head(i.limit)
+    passthrough = _passthrough_columns(job, inputs)
+    model_path, context_limit = check_model(job)
+
+    partition_by = job.output.partition_by
+    if partition_by and (partition_by not in passthrough or partition_by == i.id_column):
+        raise JobError(f"output.partition_by={partition_by!r} must name a kept input column other than the id")
+    output = OutputDir(output_uri, partition_by)
+    fingerprint = _fingerprint(job, inputs)
+    state = output.inspect(fingerprint, job.output.mode)
+    configured = job.batching.chunk_rows
+    if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
+        configured = min(configured, max(1, job.output.max_rows_per_file // job.generation.num_return_sequences))
+    chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, configured, job.cluster.num_replicas)
+    settings = PrepareSettings(
+        input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
+        tokenizer_path=model_path, generation=job.generation, param_columns=tuple(i.param_columns),
+        context_limit=context_limit, on_too_long=i.on_too_long,
+        template=i.template, chat=i.chat, system_prompt=i.system_prompt,
+        trust_remote_code=job.model.trust_remote_code,
+        tokenizer_class=direct_class_path(load_tokenizer(model_path, job.model.trust_remote_code), model_path),
+        input_schema=inputs.schema,
+    )
+    check_room_for_prompts(job, settings)
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
+    chunks = io.plan_chunks(inputs.files, chunk_rows)
+    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks)
+    if i.on_duplicate_id != "ignore" and not state.finished:
+        plan.duplicate_rows = _duplicates_by_chunk(chunks, io.find_duplicate_ids(input_uri, inputs.files, i.id_column))
+    return plan
+
+
+def _duplicates_by_chunk(chunks: list[Chunk], positions: list[int]) -> dict[str, list[int]]:
+    """Input positions (sorted) -> {chunk id: positions within the chunk}."""
+    found: dict[str, list[int]] = {}
+    for c in chunks:
+        rows = positions[bisect.bisect_left(positions, c.start):bisect.bisect_left(positions, c.stop)]
+        if rows:
+            found[c.id] = [r - c.start for r in rows]
+    return found
