@@ -34,6 +34,18 @@ GENERATED_COLUMNS = pa.schema([
 ])
 SAMPLE_INDEX = pa.field("sample_index", pa.int64())
 
+DEATHS_BEFORE_ISOLATING = 2
+"""Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
+in native code) after which its rows are generated one at a time, so that a row that kills the
+process is found and written as an error row. One node lost rarely hits one chunk twice."""
+CRASHING_ROWS_PER_CHUNK = 6
+"""Rows of one chunk that may kill their process, each found at the cost of a replica restart. Past
+that the job stops (a rerun resumes): so many deaths point at the node or the model, not the rows.
+(Ray Data itself retries a chunk whose process died without end.)"""
+CRASHED = "crashed: the replica process died generating this row alone (a crash in native code, or killed for memory)"
+
+log = logging.getLogger("lmbatch.replica")
+
 
 def output_columns(num_return_sequences: int) -> list[pa.Field]:
     """The columns lmbatch adds to every output row, after the kept input columns."""
@@ -69,6 +81,17 @@ def load_engine(job: JobConfig, device: str | None = None):
     # One progress line is the driver's; a "Loading weights" bar per replica would interleave with it.
     transformers_logging.disable_progress_bar()
     return HFEngine.load(path, job.model, job.batching, device=device, threads=job.cluster.threads)
+
+
+def isolating(chunk_id: str, deaths: int) -> bool:
+    """Whether to generate a chunk's rows one at a time, after `deaths` processes died generating it.
+    Raise (stopping the job) once more died than isolating rows explains."""
+    if deaths > DEATHS_BEFORE_ISOLATING + CRASHING_ROWS_PER_CHUNK:
+        raise RuntimeError(
+            f"chunk {chunk_id}: {deaths} replica processes died generating it, {deaths - DEATHS_BEFORE_ISOLATING} "
+            "of them on its rows alone; so many point at the node or the model, not the rows (killed for "
+            "memory, a crash in native code): the replica logs above say why")
+    return deaths >= DEATHS_BEFORE_ISOLATING
 
 
 def error_kind(message: str) -> str:
@@ -129,7 +152,7 @@ class Replica:
             requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
                                     seed=row_seed(g.seed, row_id) if params.do_sample else 0))
         live = LiveReporter(self.live_chunks, self.name, chunk_id) if self.live_chunks is not None else None
-        by_row = self._index(self.engine.generate(requests, live), {r.key for r in requests}, chunk_id)
+        by_row = self._index(self._generate(chunk_id, requests, live), {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences
         done: list[Completion] = []
@@ -149,6 +172,30 @@ class Replica:
         for f in output_columns(n):
             out = out.append_column(f, pa.array(values[f.name], f.type))
         return out
+
+    def _generate(self, chunk_id: str, requests: list[Request], live) -> list[Completion]:
+        """Generate a chunk's requests together, or, once DEATHS_BEFORE_ISOLATING processes have died
+        generating the chunk, one at a time, telling `LiveChunks` which row is in flight: the next
+        process to start the chunk then writes that row as an error row instead of dying on it too."""
+        if self.live_chunks is None:
+            return self.engine.generate(requests, live)
+        import ray
+
+        deaths, crashing = ray.get(self.live_chunks.start_chunk.remote(chunk_id))
+        if not isolating(chunk_id, deaths):
+            return self.engine.generate(requests, live)
+        log.warning("chunk %s: %d replica processes died generating it; generating its rows one at a time "
+                    "(%d found to kill the process so far)", chunk_id, deaths, len(crashing))
+        completions = []
+        for r in requests:
+            if r.key in crashing:
+                completions += [Completion(r.key, s, None, 0, "error", CRASHED)
+                                for s in range(r.params.num_return_sequences)]
+            else:
+                ray.get(self.live_chunks.row_started.remote(chunk_id, r.key))
+                completions += self.engine.generate([r], live)
+        ray.get(self.live_chunks.row_started.remote(chunk_id, None))
+        return completions
 
     def _index(self, completions: list[Completion], keys: set[int], chunk_id: str) -> dict:
         """Key completions by (row, sample); any missing or duplicated one is a bug, so fail loudly."""

@@ -124,11 +124,32 @@ class Progress:
 
 class LiveChunks:
     """Run as a Ray actor without CPUs: the chunk each replica is generating, with its rows and
-    generated tokens so far. One entry per replica, so it stays small however long the job."""
+    generated tokens so far. One entry per replica, so it stays small however long the job.
+
+    It also outlives the replicas, so it remembers for them how often each chunk was started (Ray
+    starts a chunk again only when the replica process generating it died) and, for a chunk that
+    is generated one row at a time to find the row that kills the process, the row in flight."""
 
     def __init__(self):
         self.by_replica: dict[str, tuple[str, int, int]] = {}
         self.ready: set[str] = set()
+        self.starts: collections.Counter = collections.Counter()
+        self.row_in_flight: dict[str, int] = {}
+        self.crashing_rows: dict[str, list[int]] = collections.defaultdict(list)
+
+    def start_chunk(self, chunk: str) -> tuple[int, list[int]]:
+        """Count a start of `chunk`: (earlier starts, rows found to kill the process, each alone)."""
+        self.starts[chunk] += 1
+        if chunk in self.row_in_flight:  # its process died generating this row alone
+            self.crashing_rows[chunk].append(self.row_in_flight.pop(chunk))
+        return self.starts[chunk] - 1, list(self.crashing_rows[chunk])
+
+    def row_started(self, chunk: str, row: Optional[int]) -> None:
+        """The row of `chunk` now generated alone (None: none, the chunk's rows are done)."""
+        if row is None:
+            self.row_in_flight.pop(chunk, None)
+        else:
+            self.row_in_flight[chunk] = row
 
     def replica_ready(self, replica: str) -> None:
         self.ready.add(replica)

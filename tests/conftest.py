@@ -66,6 +66,23 @@ def write_prompts(path: Path, prompts: list, ids: list | None = None, **extra_co
     return path
 
 
+def oracle(model_path, prompt, max_new_tokens, add_special_tokens=True):
+    """model.generate on the prompt alone, decoded the way the job decodes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = oracle.models.setdefault(model_path, AutoModelForCausalLM.from_pretrained(model_path))
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id)]
+    return tok.decode(new, skip_special_tokens=True)
+
+
+oracle.models = {}
+
+
 def compose(*overrides: str):
     """Compose the real primary config with overrides, as `python jobs/generate.py ...` would."""
     from hydra import compose as hydra_compose

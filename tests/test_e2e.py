@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import compose, varied_prompts, write_prompts
+from conftest import compose, oracle, varied_prompts, write_prompts
 from lmbatch.io import JobError
 from lmbatch.pipeline import failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
@@ -28,23 +28,6 @@ def prompts_file(tmp_path_factory):
 def run_job(out, prompts_file, model, *overrides):
     return run(compose(f"input.path={prompts_file}", f"output.path={out}", f"model.path={model}",
                        "cluster.num_replicas=2", "generation.max_new_tokens=12", *overrides))
-
-
-def oracle(model_path, prompt, max_new_tokens, add_special_tokens=True):
-    """model.generate on the prompt alone, decoded the way the job decodes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = oracle.models.setdefault(model_path, AutoModelForCausalLM.from_pretrained(model_path))
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    if tok.eos_token_id in new:
-        new = new[: new.index(tok.eos_token_id)]
-    return tok.decode(new, skip_special_tokens=True)
-
-
-oracle.models = {}
 
 
 def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
@@ -348,3 +331,4 @@ def test_a_failure_in_a_worker_is_named_in_one_line(local_ray):
     with pytest.raises(ray.exceptions.RayError) as failed:
         ray.data.range(1).map_batches(fail).take_all()
     assert failure_cause(failed.value) == "a worker failed: OSError: No space left on device"
+

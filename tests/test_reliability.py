@@ -25,7 +25,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import REPO, compose, varied_prompts, write_prompts
+from conftest import REPO, compose, oracle, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
@@ -33,7 +33,9 @@ from lmbatch.output import part_name
 from lmbatch.pipeline import JobFailed, count_committed
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, prepare_chunk
-from lmbatch.replica import Replica, load_engine
+from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, isolating,
+                             load_engine)
+from lmbatch.report import LiveChunks
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 
@@ -421,6 +423,68 @@ def test_a_lost_node_is_survived(tmp_path, long_input):
         assert account(out, ids) == (0, 0)
     finally:
         cluster.shutdown()
+
+
+def crashing_model(tiny_llama, directory, trigger: int):
+    """tiny_llama with remote code that segfaults, as a bug in native code would, when a prompt holds
+    token `trigger`: a row that kills whichever process generates it."""
+    model = directory / "crashing-model"
+    shutil.copytree(tiny_llama, model)
+    (model / "modeling_crashing.py").write_text(f"""
+import ctypes
+from transformers import LlamaForCausalLM
+
+class CrashingLlamaForCausalLM(LlamaForCausalLM):
+    def forward(self, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1 and ({trigger} == input_ids).any():  # a prompt's prefill
+            ctypes.string_at(0)
+        return super().forward(input_ids=input_ids, **kwargs)
+""")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_crashing.CrashingLlamaForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_a_row_that_kills_its_process_becomes_an_error_row(tmp_path, tiny_llama):
+    """Ray retries a chunk whose replica died on a fresh replica; a row that kills every process that
+    generates it would loop forever. After two deaths the chunk is generated a row at a time, so the
+    third death names the row, and the fourth replica writes it as an error row."""
+    prompts = [f"row {i} says hello" for i in range(12)]
+    prompts[5] = "row 5 holds <|system|> in its text"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = crashing_model(tiny_llama, tmp_path, trigger=tokenizer.convert_tokens_to_ids("<|system|>"))
+    out = tmp_path / "out"
+    log = finish(start_job(tmp_path, f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}",
+                           f"output.path={out}", f"model.path={model}", "model.trust_remote_code=true",
+                           "batching.chunk_rows=4", "cluster.num_replicas=1", "generation.max_new_tokens=4",
+                           env={"HF_MODULES_CACHE": str(tmp_path / "hf-modules")}))
+    TALLY["faults"] += 3
+    TALLY["bad_input_kinds"].add("row that kills its process")
+    assert log.count("Fatal Python error: Segmentation fault") == 3
+    assert "chunk 00000-000000004: 2 replica processes died generating it; generating its rows one at a time" in log
+    assert account(out, range(12)) == (0, 0)
+    rows = pq.read_table(out).sort_by("id").to_pylist()
+    assert rows[5]["error"] == CRASHED and rows[5]["finish_reason"] == "error"
+    for row in rows[:5] + rows[6:]:
+        assert row["generated_text"] == oracle(tiny_llama, row["prompt"], 4), row["id"]
+
+
+def test_deaths_on_a_chunk_are_counted_across_processes_and_bounded():
+    """The counts behind the test above, which LiveChunks keeps for the replicas (it outlives them)."""
+    live = LiveChunks()
+    assert live.start_chunk("a") == (0, []) and live.start_chunk("b") == (0, [])
+    assert live.start_chunk("a") == (1, [])  # its process died: Ray started it again
+    live.row_started("a", 3)  # generated alone; the process dies on it
+    assert live.start_chunk("a") == (2, [3])
+    live.row_started("a", 4)
+    live.row_started("a", None)  # all rows done, then the process died writing the part: no row to blame
+    assert live.start_chunk("a") == (3, [3])
+    assert [isolating("a", deaths) for deaths in range(DEATHS_BEFORE_ISOLATING + CRASHING_ROWS_PER_CHUNK + 1)] == (
+        [False] * DEATHS_BEFORE_ISOLATING + [True] * (CRASHING_ROWS_PER_CHUNK + 1))
+    with pytest.raises(RuntimeError, match="chunk a: 9 replica processes died generating it, 7 of them on its rows "
+                                           "alone; so many point at the node or the model"):
+        isolating("a", DEATHS_BEFORE_ISOLATING + CRASHING_ROWS_PER_CHUNK + 1)
 
 
 def engine_short_of_memory(model_path, rows, batching):
