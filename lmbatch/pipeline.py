@@ -140,20 +140,28 @@ def live_progress(progress: Progress):
     """Yield a LiveChunks actor for replicas to report the rows done inside their chunks to (a chunk
     can take minutes), and print the progress line with them every `progress.every_s` meanwhile."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    live_chunks = ray.remote(num_cpus=0)(LiveChunks).remote()
+    # On the driver's node: replicas ask it how often each chunk was started, and must outlive any
+    # node lost but the driver's (which ends the job anyway).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    live_chunks = ray.remote(num_cpus=0, scheduling_strategy=here)(LiveChunks).remote()
 
-    def tick():
+    def poll():
         try:
             progress.update_live(*ray.get(live_chunks.snapshot.remote(), timeout=10))
         except ray.exceptions.RayError:  # the line still counts the finished chunks
             pass
+
+    def tick():
+        poll()
         progress.print_line()
 
     try:
         with Periodic(tick, progress.every_s):
             yield live_chunks
     finally:
+        poll()  # the last count of chunks restarted, for the summary
         ray.kill(live_chunks)
 
 
