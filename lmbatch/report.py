@@ -37,6 +37,8 @@ class Progress:
         self.shown_rows = done_rows
         self.replicas_expected, self.replicas_ready = replicas, 0
         """Replicas the job starts, and how many have loaded their model (shown until all have)."""
+        self.chunk_restarts = 0
+        """Chunks started again because the replica process generating them died."""
         self.pace_origin: Optional[tuple[float, int]] = None
         """(time, rows done) of the first line showing rows of this run: the time left is estimated from there."""
 
@@ -55,10 +57,12 @@ class Progress:
                 replica.update(rows=s["rows"], generated_tokens=s["generated_tokens"], chunks=1)
                 replica["seconds"] += s["seconds"]
 
-    def update_live(self, reported: list[tuple[str, int, int]], replicas_ready: int = 0) -> None:
+    def update_live(self, reported: list[tuple[str, int, int]], replicas_ready: int = 0,
+                    chunk_restarts: int = 0) -> None:
         """Take `LiveChunks.snapshot()`: rows and tokens done so far in chunks still running."""
         with self.lock:
             self.replicas_ready = max(self.replicas_ready, replicas_ready)
+            self.chunk_restarts = max(self.chunk_restarts, chunk_restarts)
             live: dict[str, tuple[int, int]] = {}
             for chunk, rows, tokens in reported:
                 if chunk not in self.finished:  # a retried chunk may be reported by two replicas
@@ -114,6 +118,7 @@ class Progress:
             "padding_efficiency": _ratio(s["prompt_tokens"], s["padded_prompt_tokens"]),
             "decode_slot_efficiency": _ratio(s["generated_tokens"], s["decode_slots"]),
             "micro_batch_split_retries": s["split_retries"],
+            "chunk_restarts": self.chunk_restarts,
             "replicas": {
                 name: {**dict(r), "seconds": round(r["seconds"], 3),
                        "generated_tokens_per_s": round(r["generated_tokens"] / r["seconds"], 3) if r["seconds"] else None}
@@ -127,22 +132,23 @@ class LiveChunks:
     generated tokens so far. One entry per replica, so it stays small however long the job.
 
     It also outlives the replicas, so it remembers for them how often each chunk was started (Ray
-    starts a chunk again only when the replica process generating it died) and, for a chunk that
-    is generated one row at a time to find the row that kills the process, the row in flight."""
+    starts a chunk again only when the replica process generating it died: a count per chunk, a few
+    bytes each) and, for a chunk generated one row at a time to find the row that kills the
+    process, the row in flight."""
 
     def __init__(self):
         self.by_replica: dict[str, tuple[str, int, int]] = {}
         self.ready: set[str] = set()
         self.starts: collections.Counter = collections.Counter()
         self.row_in_flight: dict[str, int] = {}
-        self.crashing_rows: dict[str, list[int]] = collections.defaultdict(list)
+        self.crashing_rows: dict[str, list[int]] = {}
 
     def start_chunk(self, chunk: str) -> tuple[int, list[int]]:
         """Count a start of `chunk`: (earlier starts, rows found to kill the process, each alone)."""
         self.starts[chunk] += 1
         if chunk in self.row_in_flight:  # its process died generating this row alone
-            self.crashing_rows[chunk].append(self.row_in_flight.pop(chunk))
-        return self.starts[chunk] - 1, list(self.crashing_rows[chunk])
+            self.crashing_rows.setdefault(chunk, []).append(self.row_in_flight.pop(chunk))
+        return self.starts[chunk] - 1, self.crashing_rows.get(chunk, [])
 
     def row_started(self, chunk: str, row: Optional[int]) -> None:
         """The row of `chunk` now generated alone (None: none, the chunk's rows are done)."""
@@ -157,9 +163,10 @@ class LiveChunks:
     def report(self, replica: str, chunk: str, rows: int, generated_tokens: int) -> None:
         self.by_replica[replica] = (chunk, rows, generated_tokens)
 
-    def snapshot(self) -> tuple[list[tuple[str, int, int]], int]:
-        """(chunk, rows, generated tokens) of each chunk being generated; replicas ready so far."""
-        return list(self.by_replica.values()), len(self.ready)
+    def snapshot(self) -> tuple[list[tuple[str, int, int]], int, int]:
+        """(chunk, rows, generated tokens) of each chunk being generated; replicas ready so far;
+        chunks started again (their replica process died)."""
+        return list(self.by_replica.values()), len(self.ready), sum(self.starts.values()) - len(self.starts)
 
 
 class LiveReporter:
@@ -295,6 +302,8 @@ def format_summary(metrics: dict, totals: dict) -> str:
     ]
     if metrics.get("startup_seconds") is not None:  # what tokens/s above are diluted by on short jobs
         rows.append(("start-up", f"{metrics['startup_seconds']:,.1f}s (Ray, replicas, model loads)"))
+    if metrics.get("chunk_restarts"):  # each a replica process that died: killed, crashed, its node lost
+        rows.append(("chunks restarted", f"{metrics['chunk_restarts']:,} (their replica process died: see the log)"))
     if metrics.get("object_store_peak_mb") is not None:
         rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
     for name, r in metrics["replicas"].items():
