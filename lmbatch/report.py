@@ -89,6 +89,8 @@ class Progress:
             line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | "
                     f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s | "
                     f"{self.sums['errors']} errors | {duration(elapsed)}{eta}")
+            if self.chunk_restarts:  # replicas dying (killed for memory, crashing) show before the summary
+                line += f" | {self.chunk_restarts} chunks restarted"
             # Start-up can take minutes (model loads): say so. A replica that sent a summary is ready
             # even if its report is not in yet.
             ready = max(self.replicas_ready, len(self.replicas))

@@ -464,7 +464,8 @@ def test_a_row_that_kills_its_process_becomes_an_error_row(tmp_path, tiny_llama)
     assert log.count("Fatal Python error: Segmentation fault") == 3
     assert "chunk 00000-000000004: 2 replica processes died generating it; generating its rows one at a time" in log
     assert account(out, range(12)) == (0, 0)
-    assert "chunks restarted           3 (their replica process died: see the log)" in log
+    assert "12/12 rows (100%) | " in log and "| 3 chunks restarted" in log  # the progress line
+    assert "chunks restarted           3 (their replica process died: see the log)" in log  # the summary
     assert json.loads((out / "_metrics.json").read_text())["chunk_restarts"] == 3
     rows = pq.read_table(out).sort_by("id").to_pylist()
     assert rows[5]["error"] == CRASHED and rows[5]["finish_reason"] == "error"

@@ -77,6 +77,17 @@ def test_progress_says_replicas_are_starting_until_all_are_ready():
     assert "starting" in longer and len(shorter) == len(longer) and shorter.endswith(" " * 20)
 
 
+def test_progress_shows_chunks_restarted_once_a_replica_died():
+    out = io.StringIO()
+    progress = Progress(total_rows=100, stream=out)
+    for restarts in (0, 2):
+        progress.update_live([], 0, restarts)
+        progress.print_line()
+    quiet, restarted = out.getvalue().splitlines()
+    assert "restarted" not in quiet and restarted.endswith("0s | 2 chunks restarted")
+    assert progress.metrics()["chunk_restarts"] == 2
+
+
 def test_durations_read_at_a_glance():
     assert [duration(s) for s in (7, 192, 7380)] == ["7s", "3m12s", "2h03m"]
 
