@@ -224,12 +224,20 @@ class ClusterConfig:
     """Torch intra-op threads per replica; null means max(1, round(cpus_per_replica))."""
     prepare_cpus: float = 0.25
     """CPUs reserved by each read+prepare task (at most num_replicas of them run at once)."""
+    stall_timeout_s: Optional[float] = 1800
+    """A replica whose generation makes no progress (no micro-batch done) for this long ends its
+    process, printing every thread's stack: a hung GPU kernel or a deadlock in native code would
+    otherwise stall the job forever. Ray restarts it and retries the chunk; a chunk that stalls
+    again is generated a row at a time, so the row that hangs becomes an error row. Set it well
+    above the slowest micro-batch; null: never."""
 
     def __post_init__(self) -> None:
         _require(self.num_replicas >= 1, f"cluster.num_replicas must be >= 1, got {self.num_replicas}")
         _require(self.gpus_per_replica >= 0, f"cluster.gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         _require(self.cpus_per_replica > 0, f"cluster.cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         _require(self.prepare_cpus > 0, f"cluster.prepare_cpus must be > 0, got {self.prepare_cpus}")
+        _require(self.stall_timeout_s is None or self.stall_timeout_s > 0,
+                 f"cluster.stall_timeout_s must be > 0 or null, got {self.stall_timeout_s}")
         _require(self.torch_threads is None or self.torch_threads >= 1,
                  f"cluster.torch_threads must be >= 1 or null, got {self.torch_threads}")
 

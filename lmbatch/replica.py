@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
 import socket
 import time
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,7 +45,8 @@ CRASHING_ROWS_PER_CHUNK = 6
 """Rows of one chunk that may kill their process, each found at the cost of a replica restart. Past
 that the job stops (a rerun resumes): so many deaths point at the node or the model, not the rows.
 (Ray Data itself retries a chunk whose process died without end.)"""
-CRASHED = "crashed: the replica process died generating this row alone (a crash in native code, or killed for memory)"
+CRASHED = ("crashed: the replica process died generating this row alone (a crash in native code, killed for "
+           "memory, or stalled past cluster.stall_timeout_s)")
 
 log = logging.getLogger("lmbatch.replica")
 
@@ -95,6 +98,36 @@ def isolating(chunk_id: str, deaths: int) -> bool:
     return deaths >= DEATHS_BEFORE_ISOLATING
 
 
+class StallWatchdog:
+    """Ends this process, printing every thread's stack, when generation makes no progress for
+    `timeout_s` (cluster.stall_timeout_s): armed while a chunk is generated, re-armed by each
+    micro-batch done. faulthandler's timer runs in a C thread of its own, so it fires even while
+    a hung call holds the GIL. Ray then restarts the replica and retries the chunk."""
+
+    def __init__(self, timeout_s: Optional[float]):
+        self.timeout_s = timeout_s
+
+    def arm(self) -> None:
+        if self.timeout_s:
+            faulthandler.dump_traceback_later(self.timeout_s, exit=True)
+
+    def __enter__(self):
+        self.arm()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.timeout_s:
+            faulthandler.cancel_dump_traceback_later()
+
+    def rearming(self, on_batch):
+        """`on_batch` (or nothing) after re-arming the timer: a micro-batch is done."""
+        def call(completions):
+            self.arm()
+            if on_batch is not None:
+                on_batch(completions)
+        return call
+
+
 def error_kind(message: str) -> str:
     """Error messages start with their kind: 'too long: prompt has ...' -> 'too long'."""
     return message.split(":", 1)[0]
@@ -116,6 +149,7 @@ class Replica:
         self.passthrough = passthrough_columns
         self.fingerprint = fingerprint
         self.live_chunks = live_chunks  # the driver's LiveChunks actor (None: no progress within chunks)
+        self.watchdog = StallWatchdog(job.cluster.stall_timeout_s)
         self.ready_at = time.time()  # wall clock: the driver reports start-up (Ray, model load) apart
         if live_chunks is not None:
             live_chunks.replica_ready.remote(self.name)
@@ -153,7 +187,9 @@ class Replica:
             requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
                                     seed=row_seed(g.seed, row_id) if params.do_sample else 0))
         live = LiveReporter(self.live_chunks, self.name, chunk_id) if self.live_chunks is not None else None
-        by_row = self._index(self._generate(chunk_id, requests, live), {r.key for r in requests}, chunk_id)
+        with self.watchdog:
+            completions = self._generate(chunk_id, requests, self.watchdog.rearming(live))
+        by_row = self._index(completions, {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences
         done: list[Completion] = []
@@ -174,17 +210,17 @@ class Replica:
             out = out.append_column(f, pa.array(values[f.name], f.type))
         return out
 
-    def _generate(self, chunk_id: str, requests: list[Request], live) -> list[Completion]:
+    def _generate(self, chunk_id: str, requests: list[Request], on_batch) -> list[Completion]:
         """Generate a chunk's requests together, or, once DEATHS_BEFORE_ISOLATING processes have died
         generating the chunk, one at a time, telling `LiveChunks` which row is in flight: the next
         process to start the chunk then writes that row as an error row instead of dying on it too."""
         if self.live_chunks is None:
-            return self.engine.generate(requests, live)
+            return self.engine.generate(requests, on_batch)
         import ray
 
         deaths, crashing = ray.get(self.live_chunks.start_chunk.remote(chunk_id))
         if not isolating(chunk_id, deaths):
-            return self.engine.generate(requests, live)
+            return self.engine.generate(requests, on_batch)
         log.warning("chunk %s: %d replica processes died generating it; generating its rows one at a time "
                     "(%d found to kill the process so far)", chunk_id, deaths, len(crashing))
         completions = []
@@ -194,7 +230,7 @@ class Replica:
                                 for s in range(r.params.num_return_sequences)]
             else:
                 ray.get(self.live_chunks.row_started.remote(chunk_id, r.key))
-                completions += self.engine.generate([r], live)
+                completions += self.engine.generate([r], on_batch)
         ray.get(self.live_chunks.row_started.remote(chunk_id, None))
         return completions
 

@@ -425,51 +425,61 @@ def test_a_lost_node_is_survived(tmp_path, long_input):
         cluster.shutdown()
 
 
-def crashing_model(tiny_llama, directory, trigger: int):
-    """tiny_llama with remote code that segfaults, as a bug in native code would, when a prompt holds
-    token `trigger`: a row that kills whichever process generates it."""
-    model = directory / "crashing-model"
+def failing_model(tiny_llama, directory, crash_on: int, hang_on: int):
+    """tiny_llama with remote code that, on a prompt holding token `crash_on`, segfaults as a bug in
+    native code would, and on one holding `hang_on` hangs: rows that kill or stall whichever process
+    generates them."""
+    model = directory / "failing-model"
     shutil.copytree(tiny_llama, model)
-    (model / "modeling_crashing.py").write_text(f"""
-import ctypes
+    (model / "modeling_failing.py").write_text(f"""
+import ctypes, time
 from transformers import LlamaForCausalLM
 
-class CrashingLlamaForCausalLM(LlamaForCausalLM):
+class FailingLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids=None, **kwargs):
-        if input_ids.shape[1] > 1 and ({trigger} == input_ids).any():  # a prompt's prefill
-            ctypes.string_at(0)
+        if input_ids.shape[1] > 1:  # a prompt's prefill
+            if ({crash_on} == input_ids).any():
+                ctypes.string_at(0)
+            if ({hang_on} == input_ids).any():
+                time.sleep(3600)
         return super().forward(input_ids=input_ids, **kwargs)
 """)
     config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_crashing.CrashingLlamaForCausalLM"}
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_failing.FailingLlamaForCausalLM"}
     (model / "config.json").write_text(json.dumps(config))
     return model
 
 
-def test_a_row_that_kills_its_process_becomes_an_error_row(tmp_path, tiny_llama):
-    """Ray retries a chunk whose replica died on a fresh replica; a row that kills every process that
-    generates it would loop forever. After two deaths the chunk is generated a row at a time, so the
-    third death names the row, and the fourth replica writes it as an error row."""
+def test_rows_that_kill_or_stall_their_process_become_error_rows(tmp_path, tiny_llama):
+    """Ray retries a chunk whose replica died on a fresh replica, without end: a row that kills every
+    process that generates it (here a segfault) would loop forever, and one that hangs (a hung GPU
+    kernel) would stall the job. The stall watchdog ends a process with no micro-batch done for
+    cluster.stall_timeout_s. After two deaths on a chunk it is generated a row at a time, so each
+    further death names a row, which the next replica writes as an error row."""
     prompts = [f"row {i} says hello" for i in range(12)]
     prompts[5] = "row 5 holds <|system|> in its text"
+    prompts[6] = "row 6 holds <|user|> in its text"
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = crashing_model(tiny_llama, tmp_path, trigger=tokenizer.convert_tokens_to_ids("<|system|>"))
+    model = failing_model(tiny_llama, tmp_path, crash_on=tokenizer.convert_tokens_to_ids("<|system|>"),
+                          hang_on=tokenizer.convert_tokens_to_ids("<|user|>"))
     out = tmp_path / "out"
     log = finish(start_job(tmp_path, f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}",
                            f"output.path={out}", f"model.path={model}", "model.trust_remote_code=true",
-                           "batching.chunk_rows=4", "cluster.num_replicas=1", "generation.max_new_tokens=4",
-                           env={"HF_MODULES_CACHE": str(tmp_path / "hf-modules")}))
-    TALLY["faults"] += 3
-    TALLY["bad_input_kinds"].add("row that kills its process")
-    assert log.count("Fatal Python error: Segmentation fault") == 3
+                           "batching.chunk_rows=4", "cluster.num_replicas=1", "cluster.stall_timeout_s=8",
+                           "generation.max_new_tokens=4", env={"HF_MODULES_CACHE": str(tmp_path / "hf-modules")}))
+    TALLY["faults"] += 4
+    TALLY["bad_input_kinds"].update(["row that kills its process", "row that hangs its process"])
+    # Rows 5 and 6 share a chunk: two deaths on it (the segfault comes first), then one for each row alone.
+    assert log.count("Fatal Python error: Segmentation fault") == 3 and log.count("Timeout (0:00:08)!") == 1
     assert "chunk 00000-000000004: 2 replica processes died generating it; generating its rows one at a time" in log
     assert account(out, range(12)) == (0, 0)
-    assert "12/12 rows (100%) | " in log and "| 3 chunks restarted" in log  # the progress line
-    assert "chunks restarted           3 (their replica process died: see the log)" in log  # the summary
-    assert json.loads((out / "_metrics.json").read_text())["chunk_restarts"] == 3
+    assert "12/12 rows (100%) | " in log and "| 4 chunks restarted" in log  # the progress line
+    assert "chunks restarted           4 (their replica process died: see the log)" in log  # the summary
+    assert json.loads((out / "_metrics.json").read_text())["chunk_restarts"] == 4
     rows = pq.read_table(out).sort_by("id").to_pylist()
-    assert rows[5]["error"] == CRASHED and rows[5]["finish_reason"] == "error"
-    for row in rows[:5] + rows[6:]:
+    for row in rows[5:7]:
+        assert row["error"] == CRASHED and row["finish_reason"] == "error"
+    for row in rows[:5] + rows[7:]:
         assert row["generated_text"] == oracle(tiny_llama, row["prompt"], 4), row["id"]
 
 
