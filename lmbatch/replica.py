@@ -3,8 +3,9 @@
 Each call receives whole prepared chunks (rows tagged with their chunk id and position),
 generates them, puts every row back in input order under an index that fails loudly on a
 missing or duplicated row, writes the chunk's part atomically and returns one summary row
-per chunk for the driver's progress and metrics. A chunk whose replica processes keep dying
-is generated one row at a time, to find the row that kills them (`isolating`).
+per chunk for the driver's progress and metrics. A replica whose generation hangs ends its
+process (`StallWatchdog`), and a chunk whose replica processes keep dying is generated one row
+at a time, to find the row that kills them (`isolating`).
 """
 
 from __future__ import annotations
