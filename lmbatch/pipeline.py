@@ -160,8 +160,8 @@ def live_progress(progress: Progress):
     try:
         with Periodic(tick, progress.every_s):
             yield live_chunks
+        poll()  # the last count of chunks restarted, for the summary (a stopped job prints none)
     finally:
-        poll()  # the last count of chunks restarted, for the summary
         ray.kill(live_chunks)
 
 
