@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,8 +47,9 @@ class JobFailed(RuntimeError):
 
 # -- execution ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def ray_session(job: JobConfig):
-    """Attach to `cluster.address` / RAY_ADDRESS, or start a local Ray bound to loopback."""
+def ray_session(job: JobConfig, say_stopped: Callable[[], None] = lambda: None):
+    """Attach to `cluster.address` / RAY_ADDRESS, or start a local Ray bound to loopback. On SIGTERM,
+    unwind like Ctrl-C; `say_stopped` is called if that takes longer than STOP_GRACE_S (below)."""
     import ray
 
     if ray.is_initialized():  # the caller (a test, a notebook) owns Ray
@@ -65,7 +68,7 @@ def ray_session(job: JobConfig):
         # ray.init leaves SIGTERM to its C++ failure handler, which arms a 3 s alarm that aborts the
         # process (exit -6) unless it has died by then; shutting Ray down takes about that long, so a
         # scheduler's stop ended in an abort more often than not (9 of 15 runs). Python's handler instead:
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, functools.partial(_exit_on_sigterm, say_stopped))
     try:
         yield
     finally:
@@ -74,8 +77,26 @@ def ray_session(job: JobConfig):
             signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: Ray shuts down, the job says how to resume
+# Schedulers send SIGKILL 30 s after SIGTERM (Slurm's KillWait, Kubernetes' grace period).
+STOP_GRACE_S = 20.0
+
+
+def _exit_on_sigterm(say_stopped: Callable[[], None], signum, frame):
+    """Unwind like Ctrl-C: Ray shuts down, then the job says how to resume. A scheduler that stops a
+    job signals every process in it (Slurm, systemd), Ray's own included, and Ray then waits a
+    minute for its dead GCS, in its shutdown or in Ray Data's: past STOP_GRACE_S, say it and exit."""
+    signal.signal(signum, signal.SIG_IGN)  # stopping already; a second SIGTERM would cut the unwinding short
+    threading.Thread(target=_exit_after_grace, args=(say_stopped, 128 + signum), daemon=True).start()
+    raise SystemExit(128 + signum)
+
+
+def _exit_after_grace(say_stopped: Callable[[], None], status: int):
+    time.sleep(STOP_GRACE_S)
+    log.warning("Ray did not shut down within %g s of SIGTERM; exiting without it", STOP_GRACE_S)
+    say_stopped()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table:
@@ -235,25 +256,30 @@ def failure_cause(error: Exception) -> str:
     return f"a worker failed: {cause}"
 
 
+def committed(plan: JobPlan) -> str:
+    done = len(plan.output.inspect(plan.fingerprint, "resume").done_chunks)
+    return f"{done} of {len(plan.chunks)} chunks committed in {plan.output.uri}"
+
+
+def say_stopped(plan: JobPlan) -> None:
+    print(f"lmbatch: stopped with {committed(plan)}; run the same command again to resume", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def say_how_to_resume(plan: JobPlan):
     """When the job stops early, on Ctrl-C, SIGTERM (a scheduler stopping it: SystemExit, see
     ray_session) or a failure in Ray, say what is committed and how to go on, once Ray has shut down."""
     import ray
 
-    def committed() -> str:
-        done = len(plan.output.inspect(plan.fingerprint, "resume").done_chunks)
-        return f"{done} of {len(plan.chunks)} chunks committed in {plan.output.uri}"
-
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
-        print(f"lmbatch: stopped with {committed()}; run the same command again to resume", file=sys.stderr)
+        say_stopped(plan)
         raise
     except ray.exceptions.RayError as e:
         # The worker's traceback: Ray Data prints it only when its exception reaches the console.
         log.error("the job failed in Ray:\n%s", e)
-        print(f"lmbatch: failed with {committed()}; fix the cause below and run the same command again to resume",
+        print(f"lmbatch: failed with {committed(plan)}; fix the cause below and run the same command again to resume",
               file=sys.stderr)
         raise JobFailed(failure_cause(e)) from e
 
@@ -300,7 +326,7 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
     if pending:  # (object_store_bytes() runs once Ray is up: a with's managers are made in order)
-        with say_how_to_resume(plan), ray_session(job), \
+        with say_how_to_resume(plan), ray_session(job, functools.partial(say_stopped, plan)), \
                 PeakSampler(object_store_bytes(), interval=1.0) as store, live_progress(progress) as live_chunks:
             # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
             # progress line ran a whole chunk behind (the summaries are a few bytes anyway).

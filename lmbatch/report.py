@@ -212,9 +212,12 @@ class Periodic:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self._stop.set()
-        self._thread.join()
+        if exc_type is None:
+            self._thread.join()
+        # else the job is stopping: no wait on a call to what may have gone with it (Ray, on a
+        # SIGTERM to the whole process group, waits 60 s for its dead GCS); the thread is a daemon
 
 
 class PeakSampler(Periodic):
@@ -244,10 +247,11 @@ class PeakSampler(Periodic):
             super().__enter__()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self._thread.is_alive():
-            super().__exit__(*exc)
-            self._call()
+            super().__exit__(exc_type, *exc)
+            if exc_type is None:
+                self._call()
 
 
 def object_store_bytes() -> Optional[Callable[[], int]]:

@@ -617,6 +617,33 @@ def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
 
 
 # -- resume ----------------------------------------------------------------------------------------
+def test_a_stop_that_ray_cannot_finish_still_ends_the_job():
+    """A scheduler stopping a job signals every process in it (Slurm, systemd), Ray's GCS included,
+    and Ray's shutdown then waits a minute for it. Past STOP_GRACE_S the job says what is committed
+    and exits with the status of a SIGTERM anyway (seen for real: 1 run in 3 hung, then Ray aborted)."""
+    script = """
+import functools, signal, sys, time
+from lmbatch import pipeline
+pipeline.STOP_GRACE_S = 1
+said = lambda: print("lmbatch: stopped with 2 of 4 chunks committed", file=sys.stderr)
+signal.signal(signal.SIGTERM, functools.partial(pipeline._exit_on_sigterm, said))
+print("generating", flush=True)
+try:
+    time.sleep(60)
+finally:
+    print("unwinding", flush=True)
+    time.sleep(60)  # shutting Ray down, which waits on its dead GCS
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline() == "generating\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == "unwinding\n"
+    proc.send_signal(signal.SIGTERM)  # a second one neither cuts the unwinding short nor says it twice
+    log, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    assert log.count("lmbatch: stopped with 2 of 4 chunks committed") == 1, log
+
+
 def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_input):
     path, ids = long_input
     out = tmp_path / "out"

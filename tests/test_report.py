@@ -1,6 +1,9 @@
 """Visibility parts without Ray: the progress line's counting, durations, the peak sampler."""
 
 import io
+import threading
+
+import pytest
 
 from lmbatch.report import PeakSampler, Progress, duration, format_summary
 
@@ -21,6 +24,27 @@ def test_peak_sampler_keeps_the_peak_of_each_figure():
     with PeakSampler(gone, interval=1) as failing:
         pass
     assert failing.peak is None
+
+
+
+def test_a_stopping_job_does_not_wait_on_its_sampler():
+    """A job stopped by a scheduler's SIGTERM to all its processes had Ray's GCS die with it, and a
+    sample (a call to the GCS) then blocked the driver's exit for Ray's 60 s GCS timeout."""
+    calls, sampling, gcs_back = [], threading.Event(), threading.Event()
+
+    def measure():  # answers on entry, then hangs once (for up to a minute) as a call to a dead GCS does
+        calls.append(1)
+        if len(calls) == 2:
+            sampling.set()
+            gcs_back.wait(60)
+        return len(calls)
+
+    with pytest.raises(SystemExit):
+        with PeakSampler(measure, interval=0.01) as sampler:
+            sampling.wait(10)
+            raise SystemExit(143)
+    assert sampler._thread.is_alive() and len(calls) == 2  # not joined, and no last sample taken
+    gcs_back.set()
 
 
 def summary(chunk, rows, tokens):
