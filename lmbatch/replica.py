@@ -95,7 +95,7 @@ def isolating(chunk_id: str, deaths: int) -> bool:
         raise RuntimeError(
             f"chunk {chunk_id}: {deaths} replica processes died generating it, {deaths - DEATHS_BEFORE_ISOLATING} "
             "of them on its rows alone; so many point at the node or the model, not the rows (killed for "
-            "memory, a crash in native code): the replica logs above say why")
+            "memory, a crash in native code, a hang past cluster.stall_timeout_s): the replica logs above say why")
     return deaths >= DEATHS_BEFORE_ISOLATING
 
 
