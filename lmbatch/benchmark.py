@@ -399,18 +399,17 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         logging.getLogger("lmbatch.engine").setLevel(logging.DEBUG)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="lmbatch-bench-"))
-    model_path = build_model(cfg.model_shape, workdir / "model", cfg.seed)
-    bench = Bench(cfg, model_path, workdir)
-
-    best: dict[str, Result] = {}
-    for round_ in range(cfg.repeats):  # interleaved: every variant once per round
-        for variant in cfg.variants:
-            result = bench.run(variant)
-            print(f"[benchmark] round {round_ + 1}: {variant:<10} {result.seconds:8.2f}s "
-                  f"{result.generated_tokens / result.seconds:10.1f} gen tok/s", flush=True)
-            if variant not in best or _faster(result, best[variant]):
-                best[variant] = result
+    # The model, the prompts as Parquet and the Ray job's output: a GB or more for the GPU preset.
+    with tempfile.TemporaryDirectory(prefix="lmbatch-bench-") as workdir:
+        bench = Bench(cfg, build_model(cfg.model_shape, Path(workdir) / "model", cfg.seed), Path(workdir))
+        best: dict[str, Result] = {}
+        for round_ in range(cfg.repeats):  # interleaved: every variant once per round
+            for variant in cfg.variants:
+                result = bench.run(variant)
+                print(f"[benchmark] round {round_ + 1}: {variant:<10} {result.seconds:8.2f}s "
+                      f"{result.generated_tokens / result.seconds:10.1f} gen tok/s", flush=True)
+                if variant not in best or _faster(result, best[variant]):
+                    best[variant] = result
 
     rows_n = len(bench.texts)
     notes = [f"{name} was stopped by time_limit_s={cfg.time_limit_s:g}: {r.rows_done:,} of {rows_n:,} rows in "

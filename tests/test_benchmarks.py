@@ -1,8 +1,12 @@
 """The benchmark jobs run end to end and report what they claim to (CI runs them at a small size)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +16,18 @@ from lmbatch.scale import ScaleConfig, run_scale
 
 @pytest.mark.slow
 def test_benchmark_job_compares_every_variant(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "num_prompts=24", "max_prompt_tokens=256",
-                           f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # The benchmark's temporary files (model, prompts, the Ray job's output) go under TMPDIR and are
+    # removed at the end. A short path: Ray's sockets go under it too.
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "num_prompts=24",
+                               "max_prompt_tokens=256", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(scratch)})
+        left = [p.name for p in scratch.iterdir() if p.name.startswith("lmbatch-bench-")]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert left == []
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == {"bucketed", "fixed", "pipeline", "continuous", "ray_job"}
