@@ -1,7 +1,7 @@
 """Every shipped config composes and validates; bad keys, types and values fail with a clear message."""
 
 import pytest
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import ValidationError
 
 from conftest import CONF, compose
@@ -54,6 +54,14 @@ def test_contract_keys_exist(tmp_path):
 def test_experiment_is_the_classic_gpt2_example(tmp_path):
     g = to_job_config(compose("experiment=gpt2_samples", f"output.path={tmp_path}")).generation
     assert (g.do_sample, g.temperature, g.num_return_sequences, g.max_length) == (True, 0.7, 5, 50)
+
+
+
+def test_a_hive_style_output_path_is_quoted_as_the_readme_says(tmp_path):
+    """A scheduled job's dated output (`dt=2026-11-29`): Hydra's override grammar refuses a bare `=`."""
+    with pytest.raises(OverrideParseException, match="mismatched input '='"):
+        compose(f"output.path={tmp_path}/dt=2026-11-29")
+    assert to_job_config(compose(f'output.path="{tmp_path}/dt=2026-11-29"')).output.path == f"{tmp_path}/dt=2026-11-29"
 
 
 def test_unknown_key_fails():
