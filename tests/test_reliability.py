@@ -637,11 +637,11 @@ def test_a_stop_that_ray_cannot_finish_still_ends_the_job():
     script = """
 import functools, signal, sys, time
 from lmbatch import pipeline
-pipeline.STOP_GRACE_S = 1
+pipeline.STOP_GRACE_S = 3
 said = lambda: print("lmbatch: stopped with 2 of 4 chunks committed", file=sys.stderr)
 signal.signal(signal.SIGTERM, functools.partial(pipeline._exit_on_sigterm, said))
-print("generating", flush=True)
 try:
+    print("generating", flush=True)  # inside the try: a SIGTERM right after it unwinds through finally
     time.sleep(60)
 finally:
     print("unwinding", flush=True)
