@@ -47,7 +47,7 @@ class JobFailed(RuntimeError):
 
 # -- execution ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def ray_session(job: JobConfig, say_stopped: Callable[[], None] = lambda: None):
+def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
     """Attach to `cluster.address` / RAY_ADDRESS, or start a local Ray bound to loopback. On SIGTERM,
     unwind like Ctrl-C; `say_stopped` is called if that takes longer than STOP_GRACE_S (below)."""
     import ray
