@@ -86,6 +86,8 @@ def _exit_on_sigterm(say_stopped: Callable[[], None], signum, frame):
     job signals every process in it (Slurm, systemd), Ray's own included, and Ray then waits a
     minute for its dead GCS, in its shutdown or in Ray Data's: past STOP_GRACE_S, say it and exit."""
     signal.signal(signum, signal.SIG_IGN)  # stopping already; a second SIGTERM would cut the unwinding short
+    # Said at once: shutting down takes seconds, and at times Ray ends this process before it can say more.
+    print("lmbatch: SIGTERM received: stopping (what is committed is kept)", file=sys.stderr, flush=True)
     threading.Thread(target=_exit_after_grace, args=(say_stopped, 128 + signum), daemon=True).start()
     raise SystemExit(128 + signum)
 

@@ -650,11 +650,12 @@ finally:
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout.readline() == "generating\n"
     proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == "lmbatch: SIGTERM received: stopping (what is committed is kept)\n"
     assert proc.stdout.readline() == "unwinding\n"
     proc.send_signal(signal.SIGTERM)  # a second one neither cuts the unwinding short nor says it twice
     log, _ = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, log
-    assert log.count("lmbatch: stopped with 2 of 4 chunks committed") == 1, log
+    assert log.count("lmbatch: stopped with 2 of 4 chunks committed") == 1 and "SIGTERM received" not in log, log
 
 
 def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_input):
@@ -668,6 +669,7 @@ def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_i
     stopped = re.search(r"lmbatch: stopped with (\d+) of 50 chunks committed in (\S+); run the same command "
                         r"again to resume", log)
     assert proc.returncode == 128 + signal.SIGTERM and stopped, log[-3000:]  # not an abort (-6): see ray_session
+    assert "lmbatch: SIGTERM received: stopping (what is committed is kept)" in log
     assert int(stopped[1]) == len(parts(out)) >= 2 and stopped[2] == str(out)
 
     proc = start_job(tmp_path, *slow_job(path, out))
