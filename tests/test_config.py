@@ -56,7 +56,6 @@ def test_experiment_is_the_classic_gpt2_example(tmp_path):
     assert (g.do_sample, g.temperature, g.num_return_sequences, g.max_length) == (True, 0.7, 5, 50)
 
 
-
 def test_a_hive_style_output_path_is_quoted_as_the_readme_says(tmp_path):
     """A scheduled job's dated output (`dt=2026-11-29`): Hydra's override grammar refuses a bare `=`."""
     with pytest.raises(OverrideParseException, match="mismatched input '='"):

@@ -26,7 +26,6 @@ def test_peak_sampler_keeps_the_peak_of_each_figure():
     assert failing.peak is None
 
 
-
 def test_a_stopping_job_does_not_wait_on_its_sampler():
     """A job stopped by a scheduler's SIGTERM to all its processes had Ray's GCS die with it, and a
     sample (a call to the GCS) then blocked the driver's exit for Ray's 60 s GCS timeout."""
