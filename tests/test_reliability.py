@@ -633,7 +633,7 @@ def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
 def test_a_stop_that_ray_cannot_finish_still_ends_the_job():
     """A scheduler stopping a job signals every process in it (Slurm, systemd), Ray's GCS included,
     and Ray's shutdown (or Ray Data's) can then wait a minute for it, after which Ray aborts the
-    driver with status 1 (seen here once, among some 40 such stops). Past STOP_GRACE_S the job says what is
+    driver with status 1 (seen here once in 45 such stops). Past STOP_GRACE_S the job says what is
     committed and exits with the status of a SIGTERM anyway."""
     script = """
 import functools, signal, sys, time
