@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,6 +26,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def short_tmp_path():
+    """A temporary directory with a short path, for a job's TMPDIR or RAY_TMPDIR: Ray puts its
+    sockets under it, and a Unix socket's path must stay under 108 bytes (tmp_path's are longer)."""
+    path = Path(tempfile.mkdtemp(prefix="lmbatch-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,11 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -15,19 +12,14 @@ from lmbatch.scale import ScaleConfig, run_scale
 
 
 @pytest.mark.slow
-def test_benchmark_job_compares_every_variant(tmp_path):
+def test_benchmark_job_compares_every_variant(tmp_path, short_tmp_path):
     # The benchmark's temporary files (model, prompts, the Ray job's output) go under TMPDIR and are
-    # removed at the end. A short path: Ray's sockets go under it too.
-    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
-    try:
-        done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "num_prompts=24",
-                               "max_prompt_tokens=256", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(scratch)})
-        left = [p.name for p in scratch.iterdir() if p.name.startswith("lmbatch-bench-")]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # removed at the end.
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "num_prompts=24", "max_prompt_tokens=256",
+                           f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(short_tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert left == []
+    assert [p.name for p in short_tmp_path.iterdir() if p.name.startswith("lmbatch-bench-")] == []
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == {"bucketed", "fixed", "pipeline", "continuous", "ray_job"}
