@@ -14,7 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lmbatch.cli import run_cli  # noqa: E402
+from lmbatch.cli import run_cli, run_hydra_main  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
@@ -23,4 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

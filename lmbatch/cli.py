@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import hydra
 from omegaconf import DictConfig
@@ -10,10 +11,15 @@ from omegaconf import DictConfig
 from lmbatch.config import ConfigError
 from lmbatch.io import JobError
 
+# Set once Hydra has composed the config and handed it to the job: an exit before that is Hydra's.
+_config_composed = False
+
 
 def run_cli(cfg: DictConfig) -> None:
     """Run the job; a bad job or config ends with one readable line and exit status 2, a job that
     fails while it runs with one line on the cause and exit status 1."""
+    global _config_composed
+    _config_composed = True
     from lmbatch.pipeline import JobFailed, run
 
     try:
@@ -28,10 +34,27 @@ def run_cli(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+def run_hydra_main(hydra_main: Callable[[], None]) -> None:
+    """Call a @hydra.main job. Hydra reports a config it cannot compose (an unknown key, a wrong
+    type, a missing group option, a malformed override) with a readable message of its own and exit
+    status 1, which is the status of a job that failed while it ran: make it 2, as for every other bad
+    job, so that a scheduler's retry policy keyed on the status does not retry a typo."""
+    try:
+        hydra_main()
+    except SystemExit as e:
+        if e.code == 1 and not _config_composed:
+            raise SystemExit(2) from None
+        raise
+
+
 @hydra.main(config_path="pkg://lmbatch.conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_cli(cfg)
 
 
+def console_main() -> None:
+    run_hydra_main(main)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

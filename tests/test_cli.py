@@ -104,6 +104,18 @@ def test_a_bad_job_exits_with_one_readable_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_config_hydra_refuses_exits_2_like_every_bad_job(tmp_path):
+    """Hydra composes the config before the job starts and exits 1 on a key it does not know: the
+    status of a job that failed while it ran, which a scheduler may retry. Both commands make it 2."""
+    lmbatch = shutil.which("lmbatch", path=os.path.dirname(sys.executable))
+    for entry, override, says in [(None, "generation.max_new_tokn=3", "Key 'max_new_tokn' not in"),
+                                  ([lmbatch], "model=nope", "Could not find 'model/nope'")]:
+        done = run_cli([override, "dry_run=true"], cwd=tmp_path, entry=entry)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert says in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_wheel_ships_the_configs(tmp_path):
     """Installed without -e, lmbatch finds its configs inside the package (lmbatch/conf)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
