@@ -46,6 +46,10 @@ CRASHING_ROWS_PER_CHUNK = 6
 """Rows of one chunk that may kill their process, each found at the cost of a replica restart. Past
 that the job stops (a rerun resumes): so many deaths point at the node or the model, not the rows.
 (Ray Data itself retries a chunk whose process died without end.)"""
+LOAD_DEATHS_BEFORE_STOPPING = 2
+"""Deaths of one replica's process in a row while it loads the model (killed for memory: each replica
+loads a copy; a crash in native code) after which, while no replica has the model loaded, the job
+stops instead of letting Ray restart the replica without end. While others generate, it goes on."""
 CRASHED = ("crashed: the replica process died generating this row alone (a crash in native code, killed for "
            "memory, or stalled past cluster.stall_timeout_s)")
 
@@ -99,6 +103,20 @@ def isolating(chunk_id: str, deaths: int) -> bool:
     return deaths >= DEATHS_BEFORE_ISOLATING
 
 
+def check_load_deaths(deaths: int, replicas_ready: int) -> None:
+    """Before a replica loads the model, after `deaths` of its processes died loading it: raise
+    (stopping the job) when that keeps happening and no replica has the model loaded, as the job
+    would otherwise wait forever."""
+    if deaths >= LOAD_DEATHS_BEFORE_STOPPING and not replicas_ready:
+        raise RuntimeError(
+            f"replica processes died {deaths} times in a row loading the model, and no replica has it loaded: "
+            "killed for memory (each replica loads its own copy of the model: fewer cluster.num_replicas, a smaller "
+            "model.dtype or nodes with more memory) or a crash in native code; the replica logs above say why")
+    if deaths:
+        log.warning("this replica's process died %d time(s) in a row loading the model; %d replicas have it loaded "
+                    "and generate meanwhile; loading it again", deaths, replicas_ready)
+
+
 class StallWatchdog:
     """Ends this process, printing every thread's stack, when generation makes no progress for
     `timeout_s` (cluster.stall_timeout_s): armed while a chunk is generated, re-armed by each
@@ -144,6 +162,9 @@ class Replica:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.output = OutputDir(output_uri, job.output.partition_by, job.output.compression)
         self.output.check_shared(fingerprint, f"replica {self.name}")  # before minutes of model loading
+        actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        if live_chunks is not None and actor is not None:
+            check_load_deaths(*ray.get(live_chunks.start_load.remote(actor)))
         self.engine = load_engine(job, device)
         self.generation = job.generation
         self.params = sampling_params(job.generation)
@@ -152,8 +173,8 @@ class Replica:
         self.live_chunks = live_chunks  # the driver's LiveChunks actor (None: no progress within chunks)
         self.watchdog = StallWatchdog(job.cluster.stall_timeout_s)
         self.ready_at = time.time()  # wall clock: the driver reports start-up (Ray, model load) apart
-        if live_chunks is not None:
-            live_chunks.replica_ready.remote(self.name)
+        if live_chunks is not None and actor is not None:
+            live_chunks.replica_ready.remote(actor)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []

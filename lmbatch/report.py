@@ -135,12 +135,14 @@ class LiveChunks:
 
     It also outlives the replicas, so it remembers for them how often each chunk was started (Ray
     starts a chunk again only when the replica process generating it died: a count per chunk, a few
-    bytes each) and, for a chunk generated one row at a time to find the row that kills the
-    process, the row in flight."""
+    bytes each), for a chunk generated one row at a time to find the row that kills the process,
+    the row in flight, and how often each replica began loading the model since it last had it
+    loaded (Ray keeps a replica's actor id across the restarts of its process)."""
 
     def __init__(self):
         self.by_replica: dict[str, tuple[str, int, int]] = {}
-        self.ready: set[str] = set()
+        self.ready: set[str] = set()  # actor ids of the replicas with the model loaded
+        self.loads: collections.Counter = collections.Counter()
         self.starts: collections.Counter = collections.Counter()
         self.row_in_flight: dict[str, int] = {}
         self.crashing_rows: dict[str, list[int]] = {}
@@ -159,8 +161,16 @@ class LiveChunks:
         else:
             self.row_in_flight[chunk] = row
 
-    def replica_ready(self, replica: str) -> None:
-        self.ready.add(replica)
+    def start_load(self, actor: str) -> tuple[int, int]:
+        """Count a model load begun by replica `actor`: (its earlier loads since it last had the model
+        loaded, each ended by its process dying; replicas with the model loaded now)."""
+        self.ready.discard(actor)
+        self.loads[actor] += 1
+        return self.loads[actor] - 1, len(self.ready)
+
+    def replica_ready(self, actor: str) -> None:
+        self.ready.add(actor)
+        self.loads.pop(actor, None)
 
     def report(self, replica: str, chunk: str, rows: int, generated_tokens: int) -> None:
         self.by_replica[replica] = (chunk, rows, generated_tokens)

@@ -33,8 +33,8 @@ from lmbatch.output import part_name
 from lmbatch.pipeline import JobFailed, count_committed
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, prepare_chunk
-from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, isolating,
-                             load_engine)
+from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
+                             isolating, load_engine)
 from lmbatch.report import LiveChunks
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
@@ -425,17 +425,24 @@ def test_a_lost_node_is_survived(tmp_path, long_input):
         cluster.shutdown()
 
 
-def failing_model(tiny_llama, directory, crash_on: int, hang_on: int):
-    """tiny_llama with remote code that, on a prompt holding token `crash_on`, segfaults as a bug in
-    native code would, and on one holding `hang_on` hangs: rows that kill or stall whichever process
-    generates them."""
-    model = directory / "failing-model"
+def llama_with_remote_code(tiny_llama, directory, model_class: str):
+    """tiny_llama whose model class is `model_class`'s source, a subclass `RemoteLlama` of
+    LlamaForCausalLM, as remote code (the job needs model.trust_remote_code=true)."""
+    model = directory / "remote-code-model"
     shutil.copytree(tiny_llama, model)
-    (model / "modeling_failing.py").write_text(f"""
-import ctypes, time
-from transformers import LlamaForCausalLM
+    (model / "modeling_remote.py").write_text("import ctypes, time\nfrom transformers import LlamaForCausalLM\n"
+                                              + model_class)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_remote.RemoteLlama"}
+    (model / "config.json").write_text(json.dumps(config))
+    return model
 
-class FailingLlamaForCausalLM(LlamaForCausalLM):
+
+def failing_model(tiny_llama, directory, crash_on: int, hang_on: int):
+    """tiny_llama that, on a prompt holding token `crash_on`, segfaults as a bug in native code
+    would, and on one holding `hang_on` hangs: rows that kill or stall whichever process generates them."""
+    return llama_with_remote_code(tiny_llama, directory, f"""
+class RemoteLlama(LlamaForCausalLM):
     def forward(self, input_ids=None, **kwargs):
         if input_ids.shape[1] > 1:  # a prompt's prefill
             if ({crash_on} == input_ids).any():
@@ -444,10 +451,49 @@ class FailingLlamaForCausalLM(LlamaForCausalLM):
                 time.sleep(3600)
         return super().forward(input_ids=input_ids, **kwargs)
 """)
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_failing.FailingLlamaForCausalLM"}
-    (model / "config.json").write_text(json.dumps(config))
-    return model
+
+
+def test_replicas_that_die_loading_the_model_stop_the_job(tmp_path, tiny_llama):
+    """A replica process that dies as it loads the model (killed for memory: each replica loads a
+    copy; here a segfault) is restarted by Ray without end, and the job would wait forever with
+    `replicas starting: 0/1 ready`. After 2 such deaths in a row, with no replica loaded, it stops."""
+    model = llama_with_remote_code(tiny_llama, tmp_path, """
+class RemoteLlama(LlamaForCausalLM):
+    def __init__(self, config):
+        ctypes.string_at(0)
+""")
+    out = tmp_path / "out"
+    done = subprocess.run(job_command(f"input.path={one_prompt(tmp_path)}", f"output.path={out}",
+                                      f"model.path={model}", "model.trust_remote_code=true", "cluster.num_replicas=1"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules")})
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "lmbatch: error: a replica could not start: RuntimeError: replica processes died 2 times in a row loading "
+        "the model, and no replica has it loaded: killed for memory (each replica loads its own copy of the model: "
+        "fewer cluster.num_replicas, a smaller model.dtype or nodes with more memory) or a crash in native code; "
+        "the replica logs above say why")
+    TALLY["faults"] += 2
+    TALLY["bad_input_kinds"].add("a model that kills the process loading it")
+
+
+def test_deaths_while_loading_are_counted_per_replica_and_stop_only_a_job_with_none_loaded():
+    """The counts behind the test above. While another replica has the model loaded the job goes on
+    (Ray Data gives it the chunks) and the dying replica is only warned of."""
+    live = LiveChunks()
+    assert live.start_load("a") == (0, 0) and live.start_load("b") == (0, 0)
+    assert live.start_load("a") == (1, 0)  # its process died loading: Ray started it again
+    check_load_deaths(1, 0)
+    live.replica_ready("b")
+    assert live.start_load("a") == (2, 1)
+    check_load_deaths(2, 1)  # b generates meanwhile
+    live.start_load("b")  # b's process died generating: it loads again
+    deaths, ready = live.start_load("a")
+    with pytest.raises(RuntimeError, match="died 3 times in a row loading the model, and no replica has it"):
+        check_load_deaths(deaths, ready)
+    live.replica_ready("a")
+    assert live.start_load("a") == (0, 0)  # a count of deaths in a row
+    assert live.snapshot()[1] == 0
 
 
 def test_rows_that_kill_or_stall_their_process_become_error_rows(tmp_path, short_tmp_path, tiny_llama):
