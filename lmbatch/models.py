@@ -12,11 +12,14 @@ they exist so that the whole job runs, and is tested, without a download.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 BUILTIN = "builtin://"
 _VERSION = "v1"  # bump when the recipe changes, so cached copies are rebuilt
@@ -48,6 +51,29 @@ def resolve_model_path(path: str) -> str:
     return str(target)
 
 
+def weight_files(root: Path) -> set[str]:
+    """The weight files of a local model: those its shard indexes name, else the single file."""
+    files = set()
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (root / index).exists():
+            files |= set(json.loads((root / index).read_text()).get("weight_map", {}).values())
+    return files | {name for name in ("model.safetensors", "pytorch_model.bin") if (root / name).exists()}
+
+
+def parameter_count(directory: str) -> Optional[int]:
+    """Parameters of a local model, from its safetensors headers (None: weights in another format)."""
+    files = weight_files(Path(directory))
+    if not files or not all(name.endswith(".safetensors") for name in files):
+        return None
+    total = 0
+    for name in files:
+        with open(Path(directory) / name, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))  # the format: header length, JSON header, data
+            header = json.loads(f.read(size))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
+
+
 def check_weights(directory: str) -> None:
     """Raise ValueError, naming the file, when a local model's weights cannot be loaded: a Git LFS
     pointer where the weights should be (a clone without `git lfs pull`), a truncated safetensors
@@ -56,12 +82,7 @@ def check_weights(directory: str) -> None:
     from safetensors import safe_open
 
     root = Path(directory)
-    files = set()
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (root / index).exists():
-            files |= set(json.loads((root / index).read_text()).get("weight_map", {}).values())
-    files |= {name for name in ("model.safetensors", "pytorch_model.bin") if (root / name).exists()}
-    for name in sorted(files):
+    for name in sorted(weight_files(root)):
         path = root / name
         if not path.exists():
             raise ValueError(f"{name} is missing (its shard index names it)")

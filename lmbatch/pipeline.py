@@ -30,6 +30,7 @@ import lmbatch
 from lmbatch import io
 from lmbatch.config import ClusterConfig, JobConfig
 from lmbatch.io import Chunk
+from lmbatch.models import parameter_count
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
 from lmbatch.prepare import PrepareSettings, prepare_chunk
@@ -123,6 +124,31 @@ def gpu_mismatch(cluster: ClusterConfig, gpus: float, replicas: int) -> Optional
                 f"{f'only {fit} replicas' if fit else 'no replica'} can start until GPUs join the cluster "
                 "(or lower cluster.num_replicas)")
     return None
+
+
+def memory_shortfall(job: JobConfig, parameters: int, available: int) -> Optional[str]:
+    """Whether the replicas' copies of the weights alone exceed the `available` memory of this
+    machine, in a job that runs its replicas here, on CPU: they would be killed as they load."""
+    dtype = "float32" if job.model.dtype == "auto" else job.model.dtype  # "auto" is float32 on CPU
+    per_replica = parameters * (4 if dtype == "float32" else 2)
+    replicas = job.cluster.num_replicas
+    if per_replica * replicas <= available:
+        return None
+    return (f"{replicas} replicas x {per_replica / 1e9:.1f} GB of {dtype} weights need more memory than this "
+            f"machine has available ({available / 1e9:.1f} GB): replicas will be killed as they load; lower "
+            f"cluster.num_replicas{' or use model.dtype=bfloat16' if dtype == 'float32' else ''}")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available here (Linux), within this container's limit if it has one."""
+    found = []
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2; "max" (no limit) fails int()
+        limit, current = (open(f"/sys/fs/cgroup/memory.{n}").read().strip() for n in ("max", "current"))
+        found.append(int(limit) - int(current))
+    return min(found, default=None)
 
 
 def build_dataset(plan: JobPlan, live_chunks=None):
@@ -297,6 +323,11 @@ def notices(plan: JobPlan) -> list[str]:
         found.append(f"warning: output.path {uri} lies in the working directory Ray made for this submitted job, "
                      "which Ray may delete after it and other nodes do not see; set output.path to shared storage "
                      "or an object store")
+    local_cpu = not (job.cluster.gpus_per_replica or job.cluster.address or os.environ.get("RAY_ADDRESS"))
+    parameters = parameter_count(job.model.path) if local_cpu and os.path.isdir(job.model.path) else None
+    available = available_memory()
+    if parameters and available and (shortfall := memory_shortfall(job, parameters, available)):
+        found.append(f"warning: {shortfall}")
     if not plan.chunks:
         found.append(f"warning: input.path {plan.inputs.uri} holds no rows; the output holds none either")
     if not plan.state.fresh:
@@ -314,6 +345,8 @@ def run(cfg: DictConfig | JobConfig) -> dict:
         print(f"lmbatch: {uri} already holds this job, finished (_SUCCESS); nothing to do. "
               "Use output.mode=overwrite to run it again.")
         return {"output": uri, "already_finished": True}
+    for line in notices(plan):
+        print(f"lmbatch: {line}")
     if job.dry_run:
         from lmbatch.dry_run import dry_run
 
@@ -322,8 +355,6 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     pending = plan.pending
     total_rows = plan.inputs.num_rows * plan.rows_per_input_row
     done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in pending)) * plan.rows_per_input_row
-    for line in notices(plan):
-        print(f"lmbatch: {line}")
     plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None

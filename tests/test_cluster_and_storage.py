@@ -17,10 +17,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM
 
 from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
-from lmbatch.pipeline import gpu_mismatch
+from lmbatch.models import parameter_count
+from lmbatch.pipeline import available_memory, gpu_mismatch, memory_shortfall
 from lmbatch.plan import to_job_config
 
 BIN = os.path.dirname(sys.executable)
@@ -133,6 +135,33 @@ def test_multirun_sweep_writes_distinct_outputs(tmp_path):
 def test_replicas_and_the_clusters_gpus_that_do_not_match_are_named(gpus, per_replica, replicas, expected):
     found = gpu_mismatch(ClusterConfig(num_replicas=replicas, gpus_per_replica=per_replica), gpus, replicas)
     assert found == expected if expected is None else expected in found
+
+
+def test_replicas_whose_weights_exceed_this_machines_memory_are_warned_of(tmp_path, tiny_llama):
+    """On a local CPU run each replica loads its own float32 copy of the weights: more copies than
+    the memory available holds are killed as they load. The dry run says so, from the safetensors
+    headers alone; a GPU run (the weights go to the GPUs) or a remote cluster (other nodes) is not checked."""
+    parameters = parameter_count(tiny_llama)
+    assert parameters == AutoModelForCausalLM.from_pretrained(tiny_llama).num_parameters()
+    fit = available_memory() // (4 * parameters)  # memory available moves a little: a margin either side
+    too_many, fewer = int(fit * 1.25), int(fit * 0.8)
+    job = [f"input.path={write_prompts(tmp_path / 'in.parquet', ['hi there'])}", f"output.path={tmp_path / 'out'}",
+           f"model.path={tiny_llama}", "dry_run=true"]
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *job, f"cluster.num_replicas={too_many}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(rf"lmbatch: warning: {too_many} replicas x 0.0 GB of float32 weights need more memory than this "
+                     r"machine has available \([\d.]+ GB\): replicas will be killed as they load; lower "
+                     r"cluster.num_replicas or use model.dtype=bfloat16\n", done.stdout), done.stdout
+    for fits in ([f"cluster.num_replicas={fewer}"], [f"cluster.num_replicas={too_many}", "cluster=gpu_node"]):
+        done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *job, *fits],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "lmbatch dry run: " in done.stdout and "warning" not in done.stdout, done.stdout
+
+    small = to_job_config(compose("model.dtype=bfloat16", "cluster.num_replicas=3", f"output.path={tmp_path}"))
+    assert memory_shortfall(small, 10**9, 6 * 10**9) is None
+    assert memory_shortfall(small, 10**9, 5 * 10**9).startswith(
+        "3 replicas x 2.0 GB of bfloat16 weights need more memory than this machine has available (5.0 GB)")
 
 
 @pytest.mark.slow
