@@ -352,7 +352,12 @@ def _read_row_groups(uri: str, path: str, groups: tuple, columns: tuple) -> pa.T
 def _read_columns(parquet: pq.ParquetFile, uri: str, path: str, groups: tuple, columns: tuple) -> pa.Table:
     """The given columns of some row groups; a column the file lacks is one of its Hive partitions."""
     stored = [c for c in columns if c in parquet.schema_arrow.names]
-    table = parquet.read_row_groups(list(groups), columns=stored)
+    try:
+        table = parquet.read_row_groups(list(groups), columns=stored)
+    except (OSError, pa.ArrowException) as e:  # the footer was read when planning: the data is bad
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).rstrip(".")
+        raise JobError(f"input file {with_scheme(uri, path)} cannot be read (row groups {', '.join(map(str, groups))}, "
+                       f"columns {', '.join(stored)}): {detail} (a corrupt file? replace or remove it)") from None
     partitions = hive_partitions(uri, path)
     for c in columns:
         if c not in stored:

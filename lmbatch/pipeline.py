@@ -16,6 +16,7 @@ import datetime
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -278,7 +279,8 @@ def failure_cause(error: Exception) -> str:
     for wrapped in ("The above exception was the direct cause", "During handling of the above exception"):
         text = text.split(wrapped)[0]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    cause = lines[-1] if lines else type(error).__name__
+    # The exception's type without its module (`lmbatch.io.JobError: ...` -> `JobError: ...`).
+    cause = re.sub(r"^[\w.]+\.(?=\w+: )", "", lines[-1]) if lines else type(error).__name__
     if getattr(error, "actor_init_failed", False):
         return f"a replica could not start: {cause}"
     return f"a worker failed: {cause}"

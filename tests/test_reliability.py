@@ -176,6 +176,27 @@ def truncated(d):
     return path
 
 
+def corrupt_column(path, row_group: int, column: int):
+    """Overwrite one column's pages in one row group: the footer (read when planning) stays intact,
+    as when a disk or a copy garbled the data."""
+    meta = pq.ParquetFile(path).metadata.row_group(row_group).column(column)
+    start = meta.dictionary_page_offset if meta.has_dictionary_page else meta.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + meta.total_compressed_size] = b"Z" * meta.total_compressed_size
+    path.write_bytes(bytes(data))
+    return path
+
+
+def rows_in_row_groups(path, rows: int, row_group_rows: int):
+    pq.write_table(pa.table({"id": range(rows), "prompt": [f"row {i} says hi" for i in range(rows)]}), path,
+                   row_group_size=row_group_rows)
+    return path
+
+
+def garbled_ids(d):
+    return corrupt_column(rows_in_row_groups(d / "garbled.parquet", 40, 10), row_group=2, column=0)
+
+
 def empty_directory(d):
     (d / "empty").mkdir()
     return d / "empty"
@@ -208,6 +229,9 @@ BAD_JOBS = {
     "no parquet files": (no_parquet_files, [], "holds no Parquet files"),
     "corrupt file": (corrupt, [], "is not a readable Parquet file"),
     "truncated file": (truncated, [], "is not a readable Parquet file"),
+    # the ids are read for the duplicate check: data that cannot be read is found before any model loads
+    "garbled data": (garbled_ids, [], r"garbled.parquet cannot be read \(row groups 2, columns id\): .* \(a corrupt "
+                                      r"file\? replace or remove it\)"),
     "prompt column missing": (one_prompt, ["input.prompt_column=text"], "has no column 'text'"),
     "id column missing": (one_prompt, ["input.id_column=key"], "has no column 'key'"),
     "wrong column type": (integer_prompts, [], "must hold strings, found int64"),
@@ -226,6 +250,29 @@ def test_a_bad_job_stops_before_any_model_loads(kind, tmp_path):
         plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", *overrides)))
     assert not (tmp_path / "out").exists()
     TALLY["bad_input_kinds"].add(kind)
+
+
+def test_data_that_cannot_be_read_mid_job_stops_it_naming_the_file(tmp_path):
+    """Prompts that cannot be read are found only as their chunk is read (the plan reads every
+    footer and the ids, not every prompt): the job stops with what is committed and one line that
+    names the file, the row group and the column."""
+    source = tmp_path / "in"
+    source.mkdir()
+    rows_in_row_groups(source / "a.parquet", 40, 10)
+    corrupt_column(rows_in_row_groups(source / "b.parquet", 40, 10), row_group=3, column=1)
+    out = tmp_path / "out"
+    done = subprocess.run(job_command(f"input.path={source}", f"output.path={out}", "engine=echo",
+                                      "batching.chunk_rows=10", "cluster.num_replicas=1"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    stopped, cause = done.stderr.strip().splitlines()[-2:]
+    assert re.fullmatch(rf"lmbatch: failed with \d of 8 chunks committed in {out}; fix the cause below and run the "
+                        "same command again to resume", stopped), stopped
+    assert re.fullmatch(rf"lmbatch: error: a worker failed: JobError: input file {source / 'b.parquet'} cannot be "
+                        r"read \(row groups 3, columns id, prompt\): .* \(a corrupt file\? replace or remove it\)",
+                        cause), cause
+    assert not (out / "_SUCCESS").exists() and "part-00001-000000030.parquet" not in parts(out)
+    TALLY["bad_input_kinds"].add("data that cannot be read, found mid-job")
 
 
 def lfs_pointer(weights):
