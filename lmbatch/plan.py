@@ -82,6 +82,12 @@ def resolve_input_uri(path: str) -> str:
             return builtin_input_path(path[len(BUILTIN):])
         except ValueError as e:
             raise JobError(f"input.path {path}: {e}") from None
+    return absolute(path)
+
+
+def absolute(path: str) -> str:
+    """A URI as it is; a local path absolute (Ray's workers run elsewhere), `~` expanded: the shell
+    leaves a `~` quoted for Hydra or read from a config file, and `output.path` made a directory `~`."""
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
@@ -188,7 +194,7 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
 def plan_job(job: JobConfig) -> JobPlan:
     i = job.input
     input_uri = resolve_input_uri(i.path)
-    output_uri = job.output.path if "://" in job.output.path else os.path.abspath(job.output.path)
+    output_uri = absolute(job.output.path)
     if io.is_inside(output_uri, input_uri) or io.is_inside(input_uri, output_uri):
         raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
     keep = i.keep_columns or []

@@ -125,3 +125,16 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
         return steps
 
     assert job_steps("gpu") * 5 < job_steps("bucketed")
+
+
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    """A `~` reaches the job unexpanded (from a config file, or an override quoted for Hydra, whose
+    grammar refuses a bare `~`): `output.path` with one once made a directory named `~` here."""
+    from conftest import write_prompts
+    from lmbatch.plan import plan_job
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write_prompts(tmp_path / "home" / "in.parquet", ["a"])
+    plan = plan_job(to_job_config(compose("input.path='~/in.parquet'", "output.path='~/out'")))
+    assert plan.inputs.uri == str(tmp_path / "home" / "in.parquet")
+    assert plan.output.uri == str(tmp_path / "home" / "out")
