@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 import lmbatch
 from lmbatch import io
 from lmbatch.config import ClusterConfig, JobConfig
-from lmbatch.io import Chunk
+from lmbatch.io import Chunk, JobError
 from lmbatch.models import parameter_count
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
@@ -50,12 +50,13 @@ class JobFailed(RuntimeError):
 # -- execution ---------------------------------------------------------------------------------
 @contextlib.contextmanager
 def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
-    """Attach to `cluster.address` / RAY_ADDRESS, or start a local Ray bound to loopback. On SIGTERM,
-    unwind like Ctrl-C; `say_stopped` is called if that takes longer than STOP_GRACE_S (below)."""
+    """Attach to `cluster.address` / RAY_ADDRESS, or start a local Ray bound to loopback; yield whether
+    it did the latter. On SIGTERM, unwind like Ctrl-C; `say_stopped` is called if that takes longer
+    than STOP_GRACE_S (below)."""
     import ray
 
     if ray.is_initialized():  # the caller (a test, a notebook) owns Ray
-        yield
+        yield False
         return
     address = job.cluster.address or os.environ.get("RAY_ADDRESS")
     on_sigterm = signal.getsignal(signal.SIGTERM)
@@ -72,7 +73,7 @@ def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
         # scheduler's stop ended in an abort more often than not (9 of 15 runs). Python's handler instead:
         signal.signal(signal.SIGTERM, functools.partial(_exit_on_sigterm, say_stopped))
     try:
-        yield
+        yield not address
     finally:
         ray.shutdown()
         if main_thread:
@@ -152,6 +153,43 @@ def available_memory() -> Optional[int]:
     return min(found, default=None)
 
 
+def cpu_shortfall(cluster: ClusterConfig, cpus: float, gpus: float, replicas: int) -> Optional[str]:
+    """Whether the replicas that can start leave no CPU for a read+prepare task, or none can start
+    for want of CPUs: either way the job would wait forever (Ray Data starts a pool's actors as
+    resources allow, and their chunks must be read and tokenized first)."""
+    per = cluster.cpus_per_replica
+    if per > cpus:
+        return (f"no replica can start: each takes {per:g} CPUs (cluster.cpus_per_replica), the Ray cluster has "
+                f"{cpus:g}")
+    fit = min(replicas, int(cpus // per) if per else replicas,
+              int(gpus // cluster.gpus_per_replica) if cluster.gpus_per_replica else replicas)
+    left = round(cpus - fit * per, 4)  # Ray counts resources in 1/10,000ths
+    if left >= cluster.prepare_cpus:
+        return None
+    return (f"replicas of cluster.cpus_per_replica={per:g} take {fit * per:g} of the Ray cluster's {cpus:g} CPUs "
+            f"({fit} of cluster.num_replicas={replicas} fit), and the {left:g} left are less than reading and "
+            f"tokenizing a chunk takes (cluster.prepare_cpus={cluster.prepare_cpus:g}): the replicas would wait for "
+            "input forever; lower cluster.num_replicas or cluster.cpus_per_replica")
+
+
+def check_resources(plan: JobPlan, local: bool) -> None:
+    """What is wrong between the replicas and the Ray cluster, said before the output is touched.
+    A local Ray never grows, so there a job that would wait forever stops (a JobError); a cluster
+    may grow (an autoscaler adds nodes for what waits), so there it is a warning."""
+    import ray
+
+    job, resources = plan.job, ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    mismatch = gpu_mismatch(job.cluster, gpus, plan.replicas)
+    if mismatch and job.engine == "hf":
+        print(f"lmbatch: warning: {mismatch}")
+    shortfall = cpu_shortfall(job.cluster, cpus, gpus, plan.replicas)
+    if shortfall and local:
+        raise JobError(f"{shortfall} (the job's local Ray, which does not grow)")
+    if shortfall:
+        print(f"lmbatch: warning: {shortfall}, unless nodes join the cluster")
+
+
 def build_dataset(plan: JobPlan, live_chunks=None):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -160,9 +198,6 @@ def build_dataset(plan: JobPlan, live_chunks=None):
     # ...and Ray Data's warning on that, telling how to turn its bars back on, would only confuse.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     job, pending, replicas = plan.job, plan.pending, plan.replicas
-    mismatch = gpu_mismatch(job.cluster, ray.cluster_resources().get("GPU", 0), replicas)
-    if mismatch and job.engine == "hf":
-        print(f"lmbatch: warning: {mismatch}")
     # One block per chunk: every replica gets work and a chunk never spans two replicas.
     items = [{**dataclasses.asdict(c), "duplicate_rows": plan.error_duplicates(c.id)} for c in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -357,18 +392,22 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     pending = plan.pending
     total_rows = plan.inputs.num_rows * plan.rows_per_input_row
     done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in pending)) * plan.rows_per_input_row
-    plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
-    if pending:  # (object_store_bytes() runs once Ray is up: a with's managers are made in order)
-        with say_how_to_resume(plan), ray_session(job, functools.partial(say_stopped, plan)), \
-                PeakSampler(object_store_bytes(), interval=1.0) as store, live_progress(progress) as live_chunks:
-            # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
-            # progress line ran a whole chunk behind (the summaries are a few bytes anyway).
-            summaries = build_dataset(plan, live_chunks).iter_batches(batch_size=None, batch_format="pyarrow",
-                                                                      prefetch_batches=0)
-            for batch in summaries:
-                progress.add(batch.to_pylist())
+    if not pending:
+        plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
+    else:
+        with say_how_to_resume(plan), ray_session(job, functools.partial(say_stopped, plan)) as local:
+            check_resources(plan, local)
+            plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
+            # (object_store_bytes() runs once Ray is up: a with's managers are made in order)
+            with PeakSampler(object_store_bytes(), interval=1.0) as store, live_progress(progress) as live_chunks:
+                # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
+                # progress line ran a whole chunk behind (the summaries are a few bytes anyway).
+                summaries = build_dataset(plan, live_chunks).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                          prefetch_batches=0)
+                for batch in summaries:
+                    progress.add(batch.to_pylist())
         store_peak = store.peak
     progress.print_line(final=True)
     if not plan.chunks:

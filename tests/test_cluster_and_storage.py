@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
 from lmbatch.models import parameter_count
-from lmbatch.pipeline import available_memory, gpu_mismatch, memory_shortfall
+from lmbatch.pipeline import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall
 from lmbatch.plan import to_job_config
 
 BIN = os.path.dirname(sys.executable)
@@ -135,6 +135,40 @@ def test_multirun_sweep_writes_distinct_outputs(tmp_path):
 def test_replicas_and_the_clusters_gpus_that_do_not_match_are_named(gpus, per_replica, replicas, expected):
     found = gpu_mismatch(ClusterConfig(num_replicas=replicas, gpus_per_replica=per_replica), gpus, replicas)
     assert found == expected if expected is None else expected in found
+
+
+@pytest.mark.parametrize("cpus,gpus,per_replica,replicas,expected", [
+    (2, 0, 0.5, 2, None), (2, 0, 0.5, 3, None), (16, 4, 2, 8, None),  # the last: 4 GPUs, so 4 replicas start
+    (2, 0, 0.5, 8, "take 2 of the Ray cluster's 2 CPUs (4 of cluster.num_replicas=8 fit), and the 0 left are less"),
+    (2, 0, 0.6, 3, "take 1.8 of the Ray cluster's 2 CPUs (3 of cluster.num_replicas=3 fit), and the 0.2 left"),
+    (16, 8, 2, 8, "(8 of cluster.num_replicas=8 fit), and the 0 left are less than reading and tokenizing a chunk "
+                  "takes (cluster.prepare_cpus=1)"),
+    (2, 0, 3, 1, "no replica can start: each takes 3 CPUs (cluster.cpus_per_replica), the Ray cluster has 2"),
+])
+def test_replicas_that_leave_no_cpu_to_read_their_input_are_named(cpus, gpus, per_replica, replicas, expected):
+    prepare_cpus = 1 if gpus else 0.25  # as in cluster=gpu_node and cluster=local
+    cluster = ClusterConfig(num_replicas=replicas, gpus_per_replica=1 if gpus else 0, cpus_per_replica=per_replica,
+                            prepare_cpus=prepare_cpus)
+    found = cpu_shortfall(cluster, cpus, gpus, replicas)
+    assert found == expected if expected is None else expected in found
+
+
+def test_a_local_job_whose_replicas_would_starve_stops_before_touching_the_output(tmp_path):
+    """Replicas that take every CPU of the local Ray leave none for reading and tokenizing their
+    input: the job waited forever at `replicas starting: 4/8 ready`. It now stops as Ray is up, before
+    the output is touched (`output.mode=overwrite` would have cleared a finished one)."""
+    out = tmp_path / "out"
+    job = [sys.executable, str(REPO / "jobs" / "generate.py"), f"output.path={out}", "engine=echo"]
+    done = subprocess.run(job, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    done = subprocess.run([*job, "cluster.num_replicas=64", "cluster.cpus_per_replica=1", "output.mode=overwrite"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert re.fullmatch(r"lmbatch: error: replicas of cluster.cpus_per_replica=1 take (\d+) of the Ray cluster's \1 "
+                        r"CPUs \(\1 of cluster.num_replicas=64 fit\), and the 0 left .* \(the job's local Ray, which "
+                        r"does not grow\)", done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 def test_replicas_whose_weights_exceed_this_machines_memory_are_warned_of(tmp_path, tiny_llama):
