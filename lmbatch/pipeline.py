@@ -21,17 +21,16 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 import lmbatch
-from lmbatch import io
-from lmbatch.config import ClusterConfig, JobConfig
-from lmbatch.io import Chunk, JobError
-from lmbatch.models import parameter_count
+from lmbatch import io, resources
+from lmbatch.config import JobConfig
+from lmbatch.io import Chunk
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
 from lmbatch.prepare import PrepareSettings, prepare_chunk
@@ -73,7 +72,7 @@ def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
         # scheduler's stop ended in an abort more often than not (9 of 15 runs). Python's handler instead:
         signal.signal(signal.SIGTERM, functools.partial(_exit_on_sigterm, say_stopped))
     try:
-        yield not address
+        yield address in (None, "", "local")
     finally:
         ray.shutdown()
         if main_thread:
@@ -110,84 +109,6 @@ def _prepare_batch(descriptors: pa.Table, settings: PrepareSettings) -> pa.Table
         duplicates = d.pop("duplicate_rows")
         tables.append(prepare_chunk(Chunk.from_dict(d), settings, duplicates))
     return pa.concat_tables(tables)
-
-
-def gpu_mismatch(cluster: ClusterConfig, gpus: float, replicas: int) -> Optional[str]:
-    """What is wrong between the replicas and the Ray cluster's GPUs, if anything: GPUs left idle, or
-    replicas that cannot start. Ray Data starts a pool's actors as resources allow, so replicas that
-    need GPUs the cluster lacks wait, without a word, until GPUs join (an autoscaler adds them)."""
-    per = cluster.gpus_per_replica
-    if gpus and not per:
-        return (f"the Ray cluster has GPUs ({gpus:g}), but cluster.gpus_per_replica=0: replicas run on CPU "
-                "(for the GPUs: cluster=gpu_node batching=gpu)")
-    fit = int(gpus // per) if per else replicas
-    if fit < replicas:
-        return (f"{replicas} replicas x {per:g} GPUs need {replicas * per:g}, the Ray cluster has {gpus:g}: "
-                f"{f'only {fit} replicas' if fit else 'no replica'} can start until GPUs join the cluster "
-                "(or lower cluster.num_replicas)")
-    return None
-
-
-def memory_shortfall(job: JobConfig, parameters: int, available: int) -> Optional[str]:
-    """Whether the replicas' copies of the weights alone exceed the `available` memory of this
-    machine, in a job that runs its replicas here, on CPU: they would be killed as they load."""
-    dtype = "float32" if job.model.dtype == "auto" else job.model.dtype  # "auto" is float32 on CPU
-    per_replica = parameters * (4 if dtype == "float32" else 2)
-    replicas = job.cluster.num_replicas
-    if per_replica * replicas <= available:
-        return None
-    return (f"{replicas} replicas x {per_replica / 1e9:.1f} GB of {dtype} weights need more memory than this "
-            f"machine has available ({available / 1e9:.1f} GB): replicas will be killed as they load; lower "
-            f"cluster.num_replicas{' or use model.dtype=bfloat16' if dtype == 'float32' else ''}")
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory available here (Linux), within this container's limit if it has one."""
-    found = []
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    with contextlib.suppress(OSError, ValueError):  # cgroup v2; "max" (no limit) fails int()
-        limit, current = (open(f"/sys/fs/cgroup/memory.{n}").read().strip() for n in ("max", "current"))
-        found.append(int(limit) - int(current))
-    return min(found, default=None)
-
-
-def cpu_shortfall(cluster: ClusterConfig, cpus: float, gpus: float, replicas: int) -> Optional[str]:
-    """Whether the replicas that can start leave no CPU for a read+prepare task, or none can start
-    for want of CPUs: either way the job would wait forever (Ray Data starts a pool's actors as
-    resources allow, and their chunks must be read and tokenized first)."""
-    per = cluster.cpus_per_replica
-    if per > cpus:
-        return (f"no replica can start: each takes {per:g} CPUs (cluster.cpus_per_replica), the Ray cluster has "
-                f"{cpus:g}")
-    fit = min(replicas, int(cpus // per) if per else replicas,
-              int(gpus // cluster.gpus_per_replica) if cluster.gpus_per_replica else replicas)
-    left = round(cpus - fit * per, 4)  # Ray counts resources in 1/10,000ths
-    if left >= cluster.prepare_cpus:
-        return None
-    return (f"replicas of cluster.cpus_per_replica={per:g} take {fit * per:g} of the Ray cluster's {cpus:g} CPUs "
-            f"({fit} of cluster.num_replicas={replicas} fit), and the {left:g} left are less than reading and "
-            f"tokenizing a chunk takes (cluster.prepare_cpus={cluster.prepare_cpus:g}): the replicas would wait for "
-            "input forever; lower cluster.num_replicas or cluster.cpus_per_replica")
-
-
-def check_resources(plan: JobPlan, local: bool) -> None:
-    """What is wrong between the replicas and the Ray cluster, said before the output is touched.
-    A local Ray never grows, so there a job that would wait forever stops (a JobError); a cluster
-    may grow (an autoscaler adds nodes for what waits), so there it is a warning."""
-    import ray
-
-    job, resources = plan.job, ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    mismatch = gpu_mismatch(job.cluster, gpus, plan.replicas)
-    if mismatch and job.engine == "hf":
-        print(f"lmbatch: warning: {mismatch}")
-    shortfall = cpu_shortfall(job.cluster, cpus, gpus, plan.replicas)
-    if shortfall and local:
-        raise JobError(f"{shortfall} (the job's local Ray, which does not grow)")
-    if shortfall:
-        print(f"lmbatch: warning: {shortfall}, unless nodes join the cluster")
 
 
 def build_dataset(plan: JobPlan, live_chunks=None):
@@ -360,10 +281,7 @@ def notices(plan: JobPlan) -> list[str]:
         found.append(f"warning: output.path {uri} lies in the working directory Ray made for this submitted job, "
                      "which Ray may delete after it and other nodes do not see; set output.path to shared storage "
                      "or an object store")
-    local_cpu = not (job.cluster.gpus_per_replica or job.cluster.address or os.environ.get("RAY_ADDRESS"))
-    parameters = parameter_count(job.model.path) if local_cpu and os.path.isdir(job.model.path) else None
-    available = available_memory()
-    if parameters and available and (shortfall := memory_shortfall(job, parameters, available)):
+    if shortfall := resources.memory_shortfall_here(job):
         found.append(f"warning: {shortfall}")
     if not plan.chunks:
         found.append(f"warning: input.path {plan.inputs.uri} holds no rows; the output holds none either")
@@ -398,9 +316,8 @@ def run(cfg: DictConfig | JobConfig) -> dict:
         plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
     else:
         with say_how_to_resume(plan), ray_session(job, functools.partial(say_stopped, plan)) as local:
-            check_resources(plan, local)
+            resources.check_cluster(plan, local)
             plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
-            # (object_store_bytes() runs once Ray is up: a with's managers are made in order)
             with PeakSampler(object_store_bytes(), interval=1.0) as store, live_progress(progress) as live_chunks:
                 # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
                 # progress line ran a whole chunk behind (the summaries are a few bytes anyway).

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
 from lmbatch.models import parameter_count
-from lmbatch.pipeline import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall
 from lmbatch.plan import to_job_config
+from lmbatch.resources import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall
 
 BIN = os.path.dirname(sys.executable)
 
