@@ -97,10 +97,11 @@ def check_cluster(plan: JobPlan, local: bool) -> None:
     job, resources = plan.job, ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     mismatch = gpu_mismatch(job.cluster, gpus, plan.replicas)
+    shortfall = cpu_shortfall(job.cluster, cpus, gpus, plan.replicas)
+    no_gpu_fits = gpus < job.cluster.gpus_per_replica  # (then mismatch says so)
+    if local and (no_gpu_fits or shortfall):
+        raise JobError(f"{mismatch if no_gpu_fits else shortfall} (the local Ray this job started never grows)")
     if mismatch and job.engine == "hf":
         print(f"lmbatch: warning: {mismatch}")
-    shortfall = cpu_shortfall(job.cluster, cpus, gpus, plan.replicas)
-    if shortfall and local:
-        raise JobError(f"{shortfall} (the job's local Ray, which does not grow)")
     if shortfall:
         print(f"lmbatch: warning: {shortfall}, unless nodes join the cluster")

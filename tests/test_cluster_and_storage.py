@@ -166,8 +166,14 @@ def test_a_local_job_whose_replicas_would_starve_stops_before_touching_the_outpu
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert re.fullmatch(r"lmbatch: error: replicas of cluster.cpus_per_replica=1 take (\d+) of the Ray cluster's \1 "
-                        r"CPUs \(\1 of cluster.num_replicas=64 fit\), and the 0 left .* \(the job's local Ray, which "
-                        r"does not grow\)", done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
+                        r"CPUs \(\1 of cluster.num_replicas=64 fit\), and the 0 left .* \(the local Ray this job "
+                        r"started never grows\)", done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
+    # Replicas that need GPUs where there are none (cluster=gpu_node on a laptop) would wait too.
+    done = subprocess.run([*job, "cluster=gpu_node", "output.mode=overwrite"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        "lmbatch: error: 8 replicas x 1 GPUs need 8, the Ray cluster has 0: no replica can start until GPUs join the "
+        "cluster (or lower cluster.num_replicas) (the local Ray this job started never grows)"), done.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
