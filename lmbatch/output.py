@@ -20,6 +20,7 @@ driver is one set of chunk ids: O(rows / chunk_rows), independent of row count w
 from __future__ import annotations
 
 import json
+import os
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class OutputDir:
         """Decide between fresh start, resume and no-op; refuse to touch anything not ours."""
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
+            self._check_creatable()
             return OutputState()
         if info.type != pafs.FileType.Directory:
             raise JobError(f"output.path {self.uri} exists and is not a directory")
@@ -107,8 +109,30 @@ class OutputDir:
         return OutputState(finished=SUCCESS in names, done_chunks=done,
                            chunk_rows=state["chunk_rows"], fresh=False)
 
+    def _check_creatable(self) -> None:
+        """A new output directory's nearest existing ancestor must be a directory, writable if local;
+        on an object store that is at least its bucket (pyarrow creates no buckets)."""
+        parts = self.path.rstrip("/").split("/")
+        for i in range(len(parts) - 1, 0, -1):
+            ancestor = "/".join(parts[:i]) or "/"
+            found = self.fs.get_file_info(ancestor).type
+            if found == pafs.FileType.File:
+                raise JobError(f"output.path {self.uri} cannot be created: {ancestor} is a file")
+            if found == pafs.FileType.Directory:
+                if self.local and not os.access(ancestor, os.W_OK | os.X_OK):
+                    raise JobError(f"output.path {self.uri} cannot be created: {ancestor} is not writable")
+                return
+        raise JobError(f"output.path {self.uri} cannot be created: "
+                       f"{'nothing of its path exists' if self.local else f'its bucket {parts[0]} does not exist'}")
+
     def begin(self, state: OutputState, fingerprint: str, chunk_rows: int) -> None:
         """Clear an overwritten job, create the directory, record the job (before any part)."""
+        try:
+            self._begin(state, fingerprint, chunk_rows)
+        except OSError as e:  # what the plan cannot see: no permission to write (an object store's policy)
+            raise JobError(f"output.path {self.uri} cannot be written: {e}") from None
+
+    def _begin(self, state: OutputState, fingerprint: str, chunk_rows: int) -> None:
         if state.fresh and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
             self.fs.delete_dir_contents(self.path)
         self.fs.create_dir(self.path, recursive=True)

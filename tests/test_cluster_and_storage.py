@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
 from lmbatch.models import parameter_count
-from lmbatch.plan import to_job_config
+from lmbatch.io import JobError
+from lmbatch.plan import plan_job, to_job_config
 from lmbatch.resources import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall
 
 BIN = os.path.dirname(sys.executable)
@@ -112,6 +113,28 @@ def test_input_and_output_on_s3(s3, tmp_path):
     assert table["error"].null_count == 3
     again = run_job(*job, cwd=tmp_path)
     assert "already holds this job, finished" in again
+
+
+def test_an_output_that_cannot_be_created_stops_the_job_before_it_starts(s3, tmp_path):
+    """pyarrow creates no bucket: a job writing to a missing one failed after Ray had started, with a
+    traceback. A path below a file fails as early."""
+    source = write_prompts(tmp_path / "in.parquet", ["a"])
+    (tmp_path / "file").write_text("")
+    for out, says in [("s3://no-such-bucket/out", "its bucket no-such-bucket does not exist"),
+                      (f"{tmp_path}/file/out", f"{tmp_path / 'file'} is a file")]:
+        with pytest.raises(JobError, match=f"^output.path {out} cannot be created: {says}$"):
+            plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}")))
+    assert plan_job(to_job_config(compose(f"input.path={source}", "output.path=s3://lmbatch-test/a/b"))).state.fresh
+
+    # What the plan cannot see (an object store's policy refusing writes) fails as the output is
+    # first written, still before any generation: here /proc, which root may write but holds no
+    # directory of ours (a user who is not root is stopped by the plan).
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), f"input.path={source}",
+                           "output.path=/proc/lmbatch-out", "engine=echo"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.fullmatch(r"lmbatch: error: output.path /proc/lmbatch-out cannot be (written: .*|created: /proc is not "
+                        "writable)", done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
 
 
 @pytest.mark.slow
