@@ -31,6 +31,7 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 ARCHITECTURES = ("tiny-llama", "tiny-gpt2")
 _LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what from_pretrained loads, under any file name
 
 
 def cache_dir() -> Path:
@@ -75,13 +76,17 @@ def parameter_count(directory: str) -> Optional[int]:
 
 
 def check_weights(directory: str) -> None:
-    """Raise ValueError, naming the file, when a local model's weights cannot be loaded: a Git LFS
+    """Raise ValueError, naming the file, when a local model's weights cannot be loaded: none at all
+    (a download or copy that stopped before them), a Git LFS
     pointer where the weights should be (a clone without `git lfs pull`), a truncated safetensors
     file (an interrupted copy), a shard its index names but that is missing. Replicas would
     otherwise fail loading them only after Ray and the job had started. Reads only file headers."""
     from safetensors import safe_open
 
     root = Path(directory)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in root.iterdir()):
+        raise ValueError(f"holds no weights (no {', '.join('*' + s for s in WEIGHT_SUFFIXES)} file): an "
+                         "incomplete download or copy?")
     for name in sorted(weight_files(root)):
         path = root / name
         if not path.exists():

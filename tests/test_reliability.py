@@ -292,6 +292,8 @@ def missing_shard(weights):
 
 
 BROKEN_WEIGHTS = {
+    "no weights at all": (os.remove, "holds no weights (no *.safetensors, *.bin, *.pt, *.pth file): an incomplete "
+                                     "download or copy?"),
     "weights a Git LFS pointer": (lfs_pointer, "model.safetensors is a Git LFS pointer, not the weights: run `git lfs pull`"),
     "weights cut short": (truncated_copy, "model.safetensors is not a readable safetensors file"),
     "a shard missing": (missing_shard, "model-00002-of-00002.safetensors is missing"),
