@@ -77,10 +77,10 @@ def parameter_count(directory: str) -> Optional[int]:
 
 def check_weights(directory: str) -> None:
     """Raise ValueError, naming the file, when a local model's weights cannot be loaded: none at all
-    (a download or copy that stopped before them), a Git LFS
-    pointer where the weights should be (a clone without `git lfs pull`), a truncated safetensors
-    file (an interrupted copy), a shard its index names but that is missing. Replicas would
-    otherwise fail loading them only after Ray and the job had started. Reads only file headers."""
+    (a download or copy that stopped before them), a Git LFS pointer where the weights should be (a
+    clone without `git lfs pull`), a truncated safetensors file (an interrupted copy), a shard its
+    index names but that is missing. Replicas would otherwise fail loading them only after Ray and
+    the job had started. Reads only file headers."""
     from safetensors import safe_open
 
     root = Path(directory)
