@@ -218,10 +218,9 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
             if kind == "messages" and not (pa.types.is_list(col_type) or pa.types.is_large_list(col_type)):
                 raise JobError(f"column {column!r} in {name} must hold lists of {{role, content}} messages, "
                                f"found {col_type}")
-        merged = _merge_schemas(file_schema if schema is None else schema, file_schema)
+        merged, differences = _merge_schemas(file_schema if schema is None else schema, file_schema)
         if merged is None:
-            raise JobError(f"input file {name} has schema {_describe(file_schema)}, "
-                           f"but earlier files have {_describe(schema)}")
+            raise JobError(f"input file {name} does not match the files before it: {differences}")
         schema = merged
         files.append(InputFile(path=info.path, num_rows=meta.num_rows, size=info.size))
     return InputPlan(uri=uri, files=files, schema=schema, partition_columns=tuple(partition_keys))
@@ -255,23 +254,43 @@ def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _merge_schemas(a: pa.Schema, b: pa.Schema) -> Optional[pa.Schema]:
-    """One schema for two files' columns (in a's order: columns are read by name), or None if they
-    differ. A column of type `null` (all null in its file: what pandas writes for a column of
-    Nones) takes the other file's type."""
-    if sorted(a.names) != sorted(b.names) or len(set(a.names)) < len(a.names):
-        return None
-    fields = []
+def _merge_schemas(a: pa.Schema, b: pa.Schema) -> tuple[Optional[pa.Schema], str]:
+    """One schema for two files' columns (in a's order: columns are read by name), or None and
+    what differs: a column one file lacks, or types no one type holds without loss."""
+    if len(set(b.names)) < len(b.names):
+        return None, "some of its columns share a name"
+    missing, extra = [n for n in a.names if n not in b.names], [n for n in b.names if n not in a.names]
+    fields, clashes = [], []
     for x in a:
-        y = b.field(x.name)
-        if x.type != y.type and not (pa.types.is_null(x.type) or pa.types.is_null(y.type)):
-            return None
-        fields.append(pa.field(x.name, y.type if pa.types.is_null(x.type) else x.type))
-    return pa.schema(fields)
+        if x.name in b.names:
+            common = _common_type(x.type, b.field(x.name).type)
+            if common is None:
+                clashes.append(f"its column {x.name!r} is {b.field(x.name).type}, theirs {x.type}")
+            else:
+                fields.append(pa.field(x.name, common))
+    differences = ([f"it lacks column(s) {', '.join(map(repr, missing))}"] if missing else []) + \
+        ([f"it has column(s) {', '.join(map(repr, extra))} they lack"] if extra else []) + clashes
+    return (None, "; ".join(differences)) if differences else (pa.schema(fields), "")
 
 
-def _describe(schema: pa.Schema) -> str:
-    return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
+def _common_type(x: pa.DataType, y: pa.DataType) -> Optional[pa.DataType]:
+    """One type that holds, without loss, the values of a column typed `x` in some files and `y` in
+    others, or None. Writers differ on these: pandas writes a column of Nones as type null, pyarrow
+    and pandas write strings as string where polars writes large_string, a pandas category is a
+    dictionary, Spark's IntegerType is int32 where pandas writes int64."""
+    if x == y or pa.types.is_null(y):
+        return x
+    if pa.types.is_null(x):
+        return y
+    if pa.types.is_dictionary(x) or pa.types.is_dictionary(y):
+        return _common_type(x.value_type if pa.types.is_dictionary(x) else x,
+                            y.value_type if pa.types.is_dictionary(y) else y)
+    if _is_text(x) and _is_text(y):
+        return pa.large_string()
+    if pa.types.is_integer(x) and pa.types.is_integer(y) and \
+            pa.types.is_signed_integer(x) == pa.types.is_signed_integer(y):
+        return x if x.bit_width >= y.bit_width else y
+    return None
 
 
 def plan_chunks(files: list[InputFile], chunk_rows: int) -> list[Chunk]:

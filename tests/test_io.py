@@ -113,8 +113,31 @@ def test_a_column_all_null_in_one_file_takes_the_type_of_the_others(tmp_path):
     assert {t.schema for t in read} == {pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("note", pa.string())])}
     assert [t["note"].to_pylist() for t in read] == [["x", "y"], [None, None], [None, "z"]]
     pq.write_table(pa.table({"id": [3], "prompt": ["r"], "note": [1.5]}), tmp_path / "d.parquet")
-    with pytest.raises(JobError, match="but earlier files have"):  # a real type clash still stops the job
+    with pytest.raises(JobError, match=f"^input file {tmp_path / 'd.parquet'} does not match the files before it: "
+                                       "its column 'note' is double, theirs string$"):  # a real clash stops the job
         inspect_inputs(str(tmp_path), {"prompt": "string"})
+
+
+def test_files_from_different_writers_join_under_types_that_hold_every_value(tmp_path):
+    """The same table written over time by different tools: polars writes large_string where
+    pyarrow and pandas write string, a pandas category is a dictionary, Spark's IntegerType is int32."""
+    pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "prompt": ["p", "q"], "topic": ["a", "b"]}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": pa.array([3], pa.int32()), "prompt": pa.array(["r"], pa.large_string()),
+                             "topic": pa.array(["a"]).dictionary_encode()}), tmp_path / "b.parquet")
+    plan = inspect_inputs(str(tmp_path), {"prompt": "string", "id": "any"})
+    merged = pa.schema([("id", pa.int64()), ("prompt", pa.large_string()), ("topic", pa.string())])
+    assert plan.schema == merged
+    read = [read_chunk(plan.uri, c, merged.names, plan.schema) for c in plan_chunks(plan.files, 2)]
+    assert {t.schema for t in read} == {merged}
+    assert pa.concat_tables(read).to_pylist() == [{"id": 1, "prompt": "p", "topic": "a"},
+                                                  {"id": 2, "prompt": "q", "topic": "b"},
+                                                  {"id": 3, "prompt": "r", "topic": "a"}]
+    # what no one type holds without loss, or a column one file lacks, is named
+    pq.write_table(pa.table({"id": pa.array([4], pa.uint64()), "prompt": ["s"]}), tmp_path / "c.parquet")
+    with pytest.raises(JobError, match="c.parquet does not match the files before it: it lacks column\\(s\\) 'topic'; "
+                                      "its column 'id' is uint64, theirs int64$"):
+        inspect_inputs(str(tmp_path), {"prompt": "string", "id": "any"})
 
 
 def test_an_unknown_scheme_is_a_job_error():

@@ -235,7 +235,8 @@ BAD_JOBS = {
     "prompt column missing": (one_prompt, ["input.prompt_column=text"], "has no column 'text'"),
     "id column missing": (one_prompt, ["input.id_column=key"], "has no column 'key'"),
     "wrong column type": (integer_prompts, [], "must hold strings, found int64"),
-    "mismatched files": (mismatched_files, [], "but earlier files have"),
+    "mismatched files": (mismatched_files, [], "b.parquet does not match the files before it: its column 'id' is "
+                                               "string, theirs int64"),
     "model path missing": (one_prompt, ["model.path=/no/such/model"], "model.path /no/such/model does not exist"),
     "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
     "no room for a prompt": (one_prompt, ["generation.max_new_tokens=2048"], "leaves no room for a prompt"),
