@@ -132,6 +132,20 @@ def _glob_base(path: str) -> Optional[str]:
     return path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0] or "/"
 
 
+def _glob_match(pattern: list[str], parts: list[str]) -> bool:
+    """Whether a path's segments match a glob's, as a shell would: `*`, `?` and `[...]` within one
+    segment, `**` across any number. A name starting with `_` or `.` (an unfinished Spark write's
+    `_temporary/`, checksum files) is matched only by a pattern segment that starts the same way."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(rest, parts[i:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith(("_", ".")) for p in parts[:i]))
+    return (bool(parts) and not (parts[0].startswith(("_", ".")) and not head.startswith(parts[0][0]))
+            and fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:]))
+
+
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark and Hive name the directory of null values
 
 
@@ -158,7 +172,8 @@ def discover_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     base = _glob_base(path)
     if base is not None:
         infos = _list(fs, base, uri)
-        found = [i for i in infos if i.is_file and fnmatch.fnmatch(i.path, path)]
+        pattern = path.split("/")
+        found = [i for i in infos if i.is_file and _glob_match(pattern, i.path.split("/"))]
         if not found:
             raise JobError(f"input.path {uri} matches no files")
         return fs, found

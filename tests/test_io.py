@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_prompts
 from lmbatch.io import (Chunk, InputFile, InputPlan, JobError, choose_chunk_rows, find_duplicate_ids, inspect_inputs,
                         plan_chunks, read_chunk)
 
@@ -95,6 +96,24 @@ def test_only_equal_ids_count_as_repeats(tmp_path, ids, repeats):
     pq.write_table(pa.table({"id": ids, "prompt": ["a"] * len(ids)}), tmp_path / "in.parquet", row_group_size=2)
     plan = inspect_inputs(str(tmp_path / "in.parquet"), {"prompt": "string", "id": "any"})
     assert find_duplicate_ids(plan.uri, plan.files, "id") == repeats
+
+
+def test_a_glob_matches_as_a_shell_would(tmp_path):
+    """`*` stays within a directory (fnmatch's crossed into subdirectories: `in/*.parquet` took an
+    `in/archive/` of old files too), `**` crosses any number, and names starting with `_` or `.`
+    (an unfinished Spark write) are left out unless the pattern names them so."""
+    for name in ("a.parquet", "archive/b.parquet", "archive/2024/c.parquet", "_temporary/0/d.parquet", ".e.parquet"):
+        write_prompts(tmp_path / "in" / name, [name])
+
+    def found(pattern):
+        return sorted(pq.read_table(f.path)["prompt"][0].as_py()
+                      for f in inspect_inputs(str(tmp_path / "in" / pattern), {"prompt": "string"}).files)
+
+    assert found("*.parquet") == ["a.parquet"]
+    assert found("*/*.parquet") == ["archive/b.parquet"]
+    assert found("**/*.parquet") == ["a.parquet", "archive/2024/c.parquet", "archive/b.parquet"]
+    assert found("_temporary/*/*.parquet") == ["_temporary/0/d.parquet"]
+    assert found(".*.parquet") == [".e.parquet"]
 
 
 def test_a_column_all_null_in_one_file_takes_the_type_of_the_others(tmp_path):
