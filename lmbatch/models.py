@@ -84,6 +84,8 @@ def check_weights(directory: str) -> None:
     from safetensors import safe_open
 
     root = Path(directory)
+    if not root.is_dir():
+        raise ValueError("is a file, not a model directory (config.json, tokenizer and weights)")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in root.iterdir()):
         raise ValueError(f"holds no weights (no {', '.join('*' + s for s in WEIGHT_SUFFIXES)} file): an "
                          "incomplete download or copy?")

@@ -238,6 +238,7 @@ BAD_JOBS = {
     "mismatched files": (mismatched_files, [], "b.parquet does not match the files before it: its column 'id' is "
                                                "string, theirs int64"),
     "model path missing": (one_prompt, ["model.path=/no/such/model"], "model.path /no/such/model does not exist"),
+    "model path a file": (one_prompt, [f"model.path={sys.executable}"], "is a file, not a model directory"),
     "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
     "no room for a prompt": (one_prompt, ["generation.max_new_tokens=2048"], "leaves no room for a prompt"),
 }
