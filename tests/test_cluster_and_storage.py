@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
-from lmbatch.models import parameter_count
 from lmbatch.io import JobError
+from lmbatch.models import parameter_count
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.resources import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall
 
@@ -56,9 +56,13 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_job(*args, cwd, env=None, timeout=400):
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *args], cwd=cwd, capture_output=True,
+def generate(*args, cwd, env=None, timeout=400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_job(*args, cwd, env=None, timeout=400):
+    done = generate(*args, cwd=cwd, env=env, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -129,9 +133,7 @@ def test_an_output_that_cannot_be_created_stops_the_job_before_it_starts(s3, tmp
     # What the plan cannot see (an object store's policy refusing writes) fails as the output is
     # first written, still before any generation: here /proc, which root may write but holds no
     # directory of ours (a user who is not root is stopped by the plan).
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), f"input.path={source}",
-                           "output.path=/proc/lmbatch-out", "engine=echo"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = generate(f"input.path={source}", "output.path=/proc/lmbatch-out", "engine=echo", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert re.fullmatch(r"lmbatch: error: output.path /proc/lmbatch-out cannot be (written: .*|created: /proc is not "
                         "writable)", done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
@@ -181,19 +183,16 @@ def test_a_local_job_whose_replicas_would_starve_stops_before_touching_the_outpu
     input: the job waited forever at `replicas starting: 4/8 ready`. It now stops as Ray is up, before
     the output is touched (`output.mode=overwrite` would have cleared a finished one)."""
     out = tmp_path / "out"
-    job = [sys.executable, str(REPO / "jobs" / "generate.py"), f"output.path={out}", "engine=echo"]
-    done = subprocess.run(job, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    job = [f"output.path={out}", "engine=echo", "output.mode=overwrite"]
+    run_job(*job, cwd=tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    done = subprocess.run([*job, "cluster.num_replicas=64", "cluster.cpus_per_replica=1", "output.mode=overwrite"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = generate(*job, "cluster.num_replicas=64", "cluster.cpus_per_replica=1", cwd=tmp_path)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert re.fullmatch(r"lmbatch: error: replicas of cluster.cpus_per_replica=1 take (\d+) of the Ray cluster's \1 "
                         r"CPUs \(\1 of cluster.num_replicas=64 fit\), and the 0 left .* \(the local Ray this job "
                         r"started never grows\)", done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
     # Replicas that need GPUs where there are none (cluster=gpu_node on a laptop) would wait too.
-    done = subprocess.run([*job, "cluster=gpu_node", "output.mode=overwrite"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    done = generate(*job, "cluster=gpu_node", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
         "lmbatch: error: 8 replicas x 1 GPUs need 8, the Ray cluster has 0: no replica can start until GPUs join the "
         "cluster (or lower cluster.num_replicas) (the local Ray this job started never grows)"), done.stderr[-2000:]
@@ -210,16 +209,13 @@ def test_replicas_whose_weights_exceed_this_machines_memory_are_warned_of(tmp_pa
     too_many, fewer = int(fit * 1.25), int(fit * 0.8)
     job = [f"input.path={write_prompts(tmp_path / 'in.parquet', ['hi there'])}", f"output.path={tmp_path / 'out'}",
            f"model.path={tiny_llama}", "dry_run=true"]
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *job, f"cluster.num_replicas={too_many}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_job(*job, f"cluster.num_replicas={too_many}", cwd=tmp_path)
     assert re.search(rf"lmbatch: warning: {too_many} replicas x 0.0 GB of float32 weights need more memory than this "
                      r"machine has available \([\d.]+ GB\): replicas will be killed as they load; lower "
-                     r"cluster.num_replicas or use model.dtype=bfloat16\n", done.stdout), done.stdout
+                     r"cluster.num_replicas or use model.dtype=bfloat16\n", done), done
     for fits in ([f"cluster.num_replicas={fewer}"], [f"cluster.num_replicas={too_many}", "cluster=gpu_node"]):
-        done = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *job, *fits],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and "lmbatch dry run: " in done.stdout and "warning" not in done.stdout, done.stdout
+        done = run_job(*job, *fits, cwd=tmp_path)
+        assert "lmbatch dry run: " in done and "warning" not in done, done
 
     small = to_job_config(compose("model.dtype=bfloat16", "cluster.num_replicas=3", f"output.path={tmp_path}"))
     assert memory_shortfall(small, 10**9, 6 * 10**9) is None
