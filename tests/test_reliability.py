@@ -57,6 +57,11 @@ def job_command(*overrides):
     return [sys.executable, str(REPO / "jobs" / "generate.py"), *overrides]
 
 
+def run_job(tmp_path, *overrides, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(job_command(*overrides), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
 def start_job(tmp_path, *overrides, env=None):
     return subprocess.Popen(job_command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -263,9 +268,8 @@ def test_data_that_cannot_be_read_mid_job_stops_it_naming_the_file(tmp_path):
     rows_in_row_groups(source / "a.parquet", 40, 10)
     corrupt_column(rows_in_row_groups(source / "b.parquet", 40, 10), row_group=3, column=1)
     out = tmp_path / "out"
-    done = subprocess.run(job_command(f"input.path={source}", f"output.path={out}", "engine=echo",
-                                      "batching.chunk_rows=10", "cluster.num_replicas=1"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_job(tmp_path, f"input.path={source}", f"output.path={out}", "engine=echo", "batching.chunk_rows=10",
+                   "cluster.num_replicas=1")
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
     stopped, cause = done.stderr.strip().splitlines()[-2:]
     assert re.fullmatch(rf"lmbatch: failed with \d of 8 chunks committed in {out}; fix the cause below and run the "
@@ -326,9 +330,8 @@ def test_a_replica_that_cannot_load_the_model_fails_the_job_with_one_line(tmp_pa
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
     out = tmp_path / "out"
-    done = subprocess.run(job_command(f"input.path={one_prompt(tmp_path)}", f"output.path={out}", f"model.path={model}",
-                                      "cluster.num_replicas=1"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_job(tmp_path, f"input.path={one_prompt(tmp_path)}", f"output.path={out}", f"model.path={model}",
+                   "cluster.num_replicas=1")
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
     stopped, cause = done.stderr.strip().splitlines()[-2:]
     assert stopped == (f"lmbatch: failed with 0 of 1 chunks committed in {out}; fix the cause below and run the "
@@ -395,9 +398,8 @@ def test_output_clashes_stop_the_job_and_touch_nothing(tmp_path):
     assert snapshot(out) == partial and set(before) - set(partial) == {"_SUCCESS"}
     TALLY["bad_input_kinds"].update(["output holds another finished job", "output holds another partial job"])
 
-    done = subprocess.run(job_command(f"input.path={source}", f"output.path={out}", "generation.max_new_tokens=5",
-                                      "output.mode=overwrite", "cluster.num_replicas=1"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_job(tmp_path, f"input.path={source}", f"output.path={out}", "generation.max_new_tokens=5",
+                   "output.mode=overwrite", "cluster.num_replicas=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert account(out, [0, 1, 2]) == (0, 0)
 
@@ -514,10 +516,9 @@ class RemoteLlama(LlamaForCausalLM):
         ctypes.string_at(0)
 """)
     out = tmp_path / "out"
-    done = subprocess.run(job_command(f"input.path={one_prompt(tmp_path)}", f"output.path={out}",
-                                      f"model.path={model}", "model.trust_remote_code=true", "cluster.num_replicas=1"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules")})
+    done = run_job(tmp_path, f"input.path={one_prompt(tmp_path)}", f"output.path={out}", f"model.path={model}",
+                   "model.trust_remote_code=true", "cluster.num_replicas=1",
+                   env={"HF_MODULES_CACHE": str(tmp_path / "hf-modules")})
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (
         "lmbatch: error: a replica could not start: RuntimeError: replica processes died 2 times in a row loading "
