@@ -122,7 +122,12 @@ def _is_data_file(relative_path: str) -> bool:
     """A Parquet file, not hidden and not below a hidden directory: `_temporary/` (a Spark write
     in progress or abandoned), `.hidden/`, `_delta_log/` hold no rows of the table."""
     parts = relative_path.strip("/").split("/")
-    return not any(p.startswith(("_", ".")) for p in parts) and parts[-1].endswith((".parquet", ".parq", ".pq"))
+    return not any(map(_hidden, parts)) and parts[-1].endswith((".parquet", ".parq", ".pq"))
+
+
+def _hidden(name: str) -> bool:
+    """Not data, as Spark, Hive and pyarrow see it: `_SUCCESS`, `_temporary/`, `.crc` files."""
+    return name.startswith(("_", "."))
 
 
 def _glob_base(path: str) -> Optional[str]:
@@ -141,8 +146,8 @@ def _glob_match(pattern: list[str], parts: list[str]) -> bool:
     head, rest = pattern[0], pattern[1:]
     if head == "**":
         return any(_glob_match(rest, parts[i:]) for i in range(len(parts) + 1)
-                   if not any(p.startswith(("_", ".")) for p in parts[:i]))
-    return (bool(parts) and not (parts[0].startswith(("_", ".")) and not head.startswith(parts[0][0]))
+                   if not any(map(_hidden, parts[:i])))
+    return (bool(parts) and not (_hidden(parts[0]) and not head.startswith(parts[0][0]))
             and fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:]))
 
 

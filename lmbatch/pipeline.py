@@ -57,7 +57,7 @@ def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
     if ray.is_initialized():  # the caller (a test, a notebook) owns Ray
         yield False
         return
-    address = job.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = resources.ray_address(job)
     on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address)
@@ -72,7 +72,7 @@ def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
         # scheduler's stop ended in an abort more often than not (9 of 15 runs). Python's handler instead:
         signal.signal(signal.SIGTERM, functools.partial(_exit_on_sigterm, say_stopped))
     try:
-        yield address in (None, "", "local")
+        yield resources.starts_own_ray(job)
     finally:
         ray.shutdown()
         if main_thread:

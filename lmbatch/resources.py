@@ -19,6 +19,16 @@ from lmbatch.models import parameter_count
 from lmbatch.plan import JobPlan
 
 
+def ray_address(job: JobConfig) -> Optional[str]:
+    """The Ray the job attaches to: `cluster.address`, else RAY_ADDRESS; None: it starts its own."""
+    return job.cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def starts_own_ray(job: JobConfig) -> bool:
+    """Whether the job's Ray is one it starts on this machine (which nothing joins)."""
+    return ray_address(job) in (None, "local")
+
+
 def gpu_mismatch(cluster: ClusterConfig, gpus: float, replicas: int) -> Optional[str]:
     """What is wrong between the replicas and the Ray cluster's GPUs, if anything: GPUs left idle, or
     replicas that cannot start. Ray Data starts a pool's actors as resources allow, so replicas that
@@ -51,7 +61,7 @@ def memory_shortfall(job: JobConfig, parameters: int, available: int) -> Optiona
 def memory_shortfall_here(job: JobConfig) -> Optional[str]:
     """memory_shortfall for a job with its replicas on this machine's CPUs and a local model
     directory (its safetensors headers give the parameters); None for any other."""
-    here = not (job.cluster.gpus_per_replica or job.cluster.address or os.environ.get("RAY_ADDRESS"))
+    here = starts_own_ray(job) and not job.cluster.gpus_per_replica
     parameters = parameter_count(job.model.path) if here and os.path.isdir(job.model.path) else None
     available = available_memory() if parameters else None
     return memory_shortfall(job, parameters, available) if available else None
