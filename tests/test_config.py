@@ -4,9 +4,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import ValidationError
 
-from conftest import CONF, compose
+from conftest import CONF, compose, write_prompts
 from lmbatch.config import ConfigError, JobConfig
-from lmbatch.plan import to_job_config
+from lmbatch.plan import plan_job, to_job_config
 
 BENCHMARK_GROUPS = {"preset"}  # options of conf/benchmark.yaml, composed below
 GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF.iterdir())
@@ -130,9 +130,6 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
 def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
     """A `~` reaches the job unexpanded (from a config file, or an override quoted for Hydra, whose
     grammar refuses a bare `~`): `output.path` with one once made a directory named `~` here."""
-    from conftest import write_prompts
-    from lmbatch.plan import plan_job
-
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     write_prompts(tmp_path / "home" / "in.parquet", ["a"])
     plan = plan_job(to_job_config(compose("input.path='~/in.parquet'", "output.path='~/out'")))
