@@ -22,6 +22,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 from lmbatch.batching import padded_size
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, row_seed
+from lmbatch.models import special_tokens_only
 
 log = logging.getLogger("lmbatch.engine")
 
@@ -119,6 +120,7 @@ class HFEngine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.model.generation_config = special_tokens_only(self.model.generation_config)
         self.pad_id = self.tokenizer.pad_token_id
         self.batching = batching
         self.stats = EngineStats()

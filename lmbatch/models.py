@@ -75,6 +75,45 @@ def parameter_count(directory: str) -> Optional[int]:
     return total
 
 
+SPECIAL_TOKEN_SETTINGS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+# Settings that shape how generate() reports, not what it generates; and the KV cache, which
+# model.kv_cache chooses (transformers itself drops the "hybrid" some models ship).
+_NOT_SHAPING_TEXT = {"use_cache", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                     "return_dict_in_generate", "cache_implementation", "transformers_version"}
+
+
+def special_tokens_only(generation_config):
+    """A model's generation config reduced to its special tokens. `generate` fills every setting a
+    call leaves unset from the model's generation_config.json: a beam count, a ban on repeated
+    n-grams, a minimum length, a repetition penalty. The engine installs this instead, so that the
+    job's generation.* settings, saved in the manifest, are all that shape the output."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{k: v for k in SPECIAL_TOKEN_SETTINGS
+                               if (v := getattr(generation_config, k, None)) is not None})
+
+
+def load_generation_config(path: str):
+    """The model's generation config; a default one where it ships none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(resolve_model_path(path))
+    except OSError:
+        return GenerationConfig()
+
+
+def settings_not_applied(generation_config) -> dict:
+    """What a model's generation_config.json sets that lmbatch does not apply (see `special_tokens_only`)."""
+    from transformers import GenerationConfig
+
+    # transformers 5 leaves unset settings None and keeps their effective defaults apart; 4.x has them in place
+    defaults = getattr(GenerationConfig(), "_get_default_generation_params", dict)()
+    return {k: v for k, v in generation_config.to_diff_dict().items()
+            if not k.startswith("_") and k not in SPECIAL_TOKEN_SETTINGS and k not in _NOT_SHAPING_TEXT
+            and v is not None and v != defaults.get(k)}
+
+
 def check_weights(directory: str) -> None:
     """Raise ValueError, naming the file, when a local model's weights cannot be loaded: none at all
     (a download or copy that stopped before them), a Git LFS pointer where the weights should be (a

@@ -95,7 +95,7 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
     """(model path as workers should see it, context length); fails early on a missing model."""
     from transformers import AutoConfig
 
-    from lmbatch.models import BUILTIN, check_weights, resolve_model_path
+    from lmbatch.models import BUILTIN, check_weights, load_generation_config, resolve_model_path, settings_not_applied
 
     path = job.model.path
     if not path.startswith(BUILTIN):
@@ -115,6 +115,11 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
         raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
     if job.input.chat:
         check_chat_template(job, tokenizer)
+    if ignored := settings_not_applied(load_generation_config(path)):
+        print(f"lmbatch: note: the generation_config.json of {job.model.path} sets "
+              f"{', '.join(f'{k}={v}' for k, v in ignored.items())}, which lmbatch does not apply: it generates "
+              "with the job's generation.* settings alone, so that the config saved with the output says all "
+              "that shaped it")
     text_config = getattr(config, "get_text_config", lambda: config)()
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     vocab = getattr(text_config, "vocab_size", None)

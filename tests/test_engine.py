@@ -4,6 +4,8 @@ Runs in-process (no Ray) on both a rotary (Llama) and a learned-position (GPT-2)
 in float32: batched left-padded greedy output must equal unbatched output token for token.
 """
 
+import shutil
+
 import pytest
 import torch
 
@@ -91,6 +93,38 @@ def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
         alone_ = [(c.sample_index, c.text) for c in engine.generate([r])]
         assert alone_ == [(c.sample_index, c.text) for c in first if c.key == r.key]
 
+
+def test_a_models_own_generation_settings_do_not_change_the_output(tiny_llama, tmp_path, capsys):
+    """transformers fills what a generate call leaves unset from the model's generation_config.json.
+    Settings that real models ship there (Qwen2.5-Instruct: do_sample, temperature, top_k, top_p,
+    repetition_penalty) or could (a beam count, a ban on repeated n-grams, a minimum length) must
+    neither change the job's greedy output nor pass unremarked."""
+    from transformers import GenerationConfig
+
+    from lmbatch.config import JobConfig
+    from lmbatch.plan import check_model
+
+    shipped = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
+                   num_beams=3, no_repeat_ngram_size=2, min_new_tokens=12)
+    path = str(tmp_path / "model")
+    shutil.copytree(tiny_llama, path)
+    config = GenerationConfig.from_pretrained(path)
+    config.update(**shipped)
+    config.save_pretrained(path)
+
+    plain, shaped = make_engine(tiny_llama), make_engine(path)
+    requests = [Request(i, plain.tokenizer(p)["input_ids"], 12) for i, p in enumerate(varied_prompts(12, seed=3))]
+    expected = [(c.text, c.finish_reason) for c in plain.generate(requests)]
+    assert {reason for _, reason in expected} == {"stop", "length"}  # min_new_tokens would change the former
+    assert [(c.text, c.finish_reason) for c in shaped.generate(requests)] == expected
+    assert shaped.eos_ids == plain.eos_ids
+
+    check_model(JobConfig(model=ModelConfig(path=path)))
+    note = capsys.readouterr().out
+    assert note.startswith(f"lmbatch: note: the generation_config.json of {path} sets ")
+    assert all(f"{k}={v}" in note for k, v in shipped.items()) and "does not apply" in note
+    check_model(JobConfig(model=ModelConfig(path=tiny_llama)))
+    assert capsys.readouterr().out == ""  # the usual token ids and flags are not worth a note
 
 
 def test_device_map_auto_loads_through_accelerate(tiny_llama):
