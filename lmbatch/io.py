@@ -226,6 +226,10 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
             raise JobError(f"input file {name} lies under Hive partition directories {keys or 'none'}, but earlier "
                            f"files under {partition_keys or 'none'}; point input.path at one table")
         file_schema = pa.schema([*file_schema, *(pa.field(k, pa.string()) for k in keys)])
+        if repeated := sorted({c for c in file_schema.names if file_schema.names.count(c) > 1}):
+            # pyarrow writes such a file, but no column of it can be read by name
+            raise JobError(f"input file {name} has more than one column named {', '.join(map(repr, repeated))}: "
+                           "rewrite it with distinct column names")
         for column, kind in required.items():
             if column not in file_schema.names:
                 raise JobError(f"input file {name} has no column {column!r} "

@@ -159,6 +159,15 @@ def test_files_from_different_writers_join_under_types_that_hold_every_value(tmp
         inspect_inputs(str(tmp_path), {"prompt": "string", "id": "any"})
 
 
+def test_a_file_with_two_columns_of_one_name_is_named(tmp_path):
+    """pyarrow writes such a file; reading any of its columns by name then fails with a KeyError."""
+    pq.write_table(pa.table({"id": [1], "prompt": ["p"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_arrays([pa.array([2]), pa.array(["q"]), pa.array(["r"])], ["id", "prompt", "prompt"]),
+                   tmp_path / "b.parquet")
+    with pytest.raises(JobError, match=f"^input file {tmp_path / 'b.parquet'} has more than one column named 'prompt'"):
+        inspect_inputs(str(tmp_path), {"prompt": "string", "id": "any"})
+
+
 def test_an_unknown_scheme_is_a_job_error():
     with pytest.raises(JobError, match="neither pyarrow nor fsspec"):
         inspect_inputs("nosuchscheme://bucket/in", {"prompt": "string"})
