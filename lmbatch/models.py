@@ -11,6 +11,7 @@ they exist so that the whole job runs, and is tested, without a download.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -112,6 +113,39 @@ def settings_not_applied(generation_config) -> dict:
     return {k: v for k, v in generation_config.to_diff_dict().items()
             if not k.startswith("_") and k not in SPECIAL_TOKEN_SETTINGS and k not in _NOT_SHAPING_TEXT
             and v is not None and v != defaults.get(k)}
+
+
+IDENTITY_SAMPLES, IDENTITY_SAMPLE_BYTES = 16, 64 * 1024
+
+
+def model_identity(path: str) -> Optional[str]:
+    """What the model at `path` is, to tell whether it changed between two runs of one job (a model
+    directory updated in place, a symlink moved to a new model, a hub id with a new commit): a local
+    directory by its content, a hub id by its commit in the local cache; None where neither is known.
+
+    Content is every file's name and size, with 16 evenly spaced 64 KiB samples of it (all of a
+    small file): at most 1 MiB read per file, even for weights of hundreds of GB, and any retrained
+    or re-saved model differs in them. Copying the files, which changes their times, changes nothing.
+    Hidden files are left out (`hf download --local-dir` keeps its download records in `.cache/`)."""
+    local = Path(os.path.expanduser(resolve_model_path(path)))
+    if not local.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")  # cached by the plan's check of the model
+        return f"commit {Path(cached).parent.name}" if isinstance(cached, str) else None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in local.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(local).parts)):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(local)}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= IDENTITY_SAMPLES * IDENTITY_SAMPLE_BYTES:
+                digest.update(f.read())
+                continue
+            for i in range(IDENTITY_SAMPLES):  # the first sample holds a safetensors file's header
+                f.seek(i * (size - IDENTITY_SAMPLE_BYTES) // (IDENTITY_SAMPLES - 1))
+                digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+    return f"content {digest.hexdigest()[:16]}"
 
 
 def check_weights(directory: str) -> None:

@@ -61,6 +61,8 @@ class OutputState:
     """Chunk size recorded by the first run, reused so that resumed chunk ids line up."""
     fresh: bool = True
     """Nothing of this job is there yet (or it is to be overwritten)."""
+    model_changed: bool = False
+    """The finished output was made with other model files at model.path than there are now."""
 
 
 CHUNK_MARKERS = "_chunks"
@@ -83,8 +85,10 @@ class OutputDir:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
         return [i.base_name for i in infos]
 
-    def inspect(self, fingerprint: str, mode: str) -> OutputState:
-        """Decide between fresh start, resume and no-op; refuse to touch anything not ours."""
+    def inspect(self, fingerprint: str, mode: str, model: Optional[str] = None) -> OutputState:
+        """Decide between fresh start, resume and no-op; refuse to touch anything not ours. `model` is
+        the model's identity (`models.model_identity`): a job resumed with other model files at the
+        same model.path would mix the outputs of two models."""
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
             self._check_creatable()
@@ -104,10 +108,18 @@ class OutputDir:
             raise JobError(f"output.path {self.uri} holds the output of a different job "
                            f"(other input or generation settings); use output.mode=overwrite to replace it, "
                            "or choose another output.path")
+        finished = SUCCESS in names
+        # outputs begun before identities were recorded have none: nothing to compare
+        model_changed = None not in (model, state.get("model")) and state["model"] != model
+        if model_changed and not finished:
+            raise JobError(f"output.path {self.uri} holds part of this job made with other model files than "
+                           f"model.path holds now ({state['model']} then, {model} now): resuming would mix the "
+                           "outputs of two models; point model.path at the model it began with, or use "
+                           "output.mode=overwrite to start again")
         # Partitioned chunks are done once their marker exists; a plain chunk once its part does.
         done = {i.base_name for i in self._list(CHUNK_MARKERS)} if self.partition_by else set(self.part_files())
-        return OutputState(finished=SUCCESS in names, done_chunks=done,
-                           chunk_rows=state["chunk_rows"], fresh=False)
+        return OutputState(finished=finished, done_chunks=done, chunk_rows=state["chunk_rows"], fresh=False,
+                           model_changed=model_changed)
 
     def _check_creatable(self) -> None:
         """A new output directory's nearest existing ancestor must be a directory, writable if local;
@@ -125,14 +137,14 @@ class OutputDir:
         raise JobError(f"output.path {self.uri} cannot be created: "
                        f"{'nothing of its path exists' if self.local else f'its bucket {parts[0]} does not exist'}")
 
-    def begin(self, state: OutputState, fingerprint: str, chunk_rows: int) -> None:
+    def begin(self, state: OutputState, fingerprint: str, chunk_rows: int, model: Optional[str] = None) -> None:
         """Clear an overwritten job, create the directory, record the job (before any part)."""
         try:
-            self._begin(state, fingerprint, chunk_rows)
+            self._begin(state, {"fingerprint": fingerprint, "chunk_rows": chunk_rows, "model": model})
         except OSError as e:  # what the plan cannot see: no permission to write (an object store's policy)
             raise JobError(f"output.path {self.uri} cannot be written: {e}") from None
 
-    def _begin(self, state: OutputState, fingerprint: str, chunk_rows: int) -> None:
+    def _begin(self, state: OutputState, record: dict) -> None:
         if state.fresh and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
             self.fs.delete_dir_contents(self.path)
         self.fs.create_dir(self.path, recursive=True)
@@ -140,7 +152,7 @@ class OutputDir:
             if info.base_name.endswith(".tmp"):
                 self.fs.delete_file(info.path)
         if state.fresh:
-            self._write_text(STATE_FILE, json.dumps({"fingerprint": fingerprint, "chunk_rows": chunk_rows}))
+            self._write_text(STATE_FILE, json.dumps(record))
 
     def check_shared(self, fingerprint: str, where: str) -> None:
         """Called where parts are written (a replica, maybe on another node than the driver): the job

@@ -214,6 +214,7 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
         "lmbatch_version": lmbatch.__version__,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "fingerprint": plan.fingerprint,
+        "model_identity": plan.model_identity,
         "input": {"uri": plan.inputs.uri, "rows": plan.inputs.num_rows,
                   "files": [{"path": io.with_scheme(plan.inputs.uri, f.path), "rows": f.num_rows, "bytes": f.size}
                             for f in plan.inputs.files]},
@@ -297,7 +298,9 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     plan = plan_job(job)
     uri = plan.output.uri
     if plan.state.finished:
-        print(f"lmbatch: {uri} already holds this job, finished (_SUCCESS); nothing to do. "
+        changed = (" It was made with other model files than model.path holds now, which it does not mix: all "
+                   "of it comes from those.") if plan.state.model_changed else ""
+        print(f"lmbatch: {uri} already holds this job, finished (_SUCCESS); nothing to do.{changed} "
               "Use output.mode=overwrite to run it again.")
         return {"output": uri, "already_finished": True}
     for line in notices(plan):
@@ -313,11 +316,11 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
     if not pending:
-        plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
+        plan.begin_output()
     else:
         with say_how_to_resume(plan), ray_session(job, functools.partial(say_stopped, plan)) as local:
             resources.check_cluster(plan, local)
-            plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
+            plan.begin_output()
             with PeakSampler(object_store_bytes(), interval=1.0) as store, live_progress(progress) as live_chunks:
                 # No prefetch: it holds each chunk's summary back until the next chunk is done, so the
                 # progress line ran a whole chunk behind (the summaries are a few bytes anyway).

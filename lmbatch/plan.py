@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lmbatch import io
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
+from lmbatch.models import model_identity
 from lmbatch.output import OutputDir, OutputState
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
                              template_fields)
@@ -37,6 +38,8 @@ class JobPlan:
     fingerprint: str
     chunk_rows: int
     chunks: list[Chunk]
+    model_identity: Optional[str] = None
+    """`models.model_identity` of the model, recorded with the output so that a resume can check it."""
     duplicate_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     """Chunk id -> positions of rows repeating an earlier id (empty with on_duplicate_id=ignore)."""
 
@@ -47,6 +50,10 @@ class JobPlan:
     def error_duplicates(self, chunk_id: str) -> list[int]:
         """Rows of a chunk to write as `duplicate id` error rows (only with on_duplicate_id=error)."""
         return self.duplicate_rows.get(chunk_id, []) if self.job.input.on_duplicate_id == "error" else []
+
+    def begin_output(self) -> None:
+        """Create or clear the output and record the job in it, before any part is written."""
+        self.output.begin(self.state, self.fingerprint, self.chunk_rows, self.model_identity)
 
     @property
     def pending(self) -> list[Chunk]:
@@ -214,7 +221,8 @@ def plan_job(job: JobConfig) -> JobPlan:
         raise JobError(f"output.partition_by={partition_by!r} must name a kept input column other than the id")
     output = OutputDir(output_uri, partition_by)
     fingerprint = _fingerprint(job, inputs)
-    state = output.inspect(fingerprint, job.output.mode)
+    identity = model_identity(model_path)
+    state = output.inspect(fingerprint, job.output.mode, identity)
     configured = job.batching.chunk_rows
     if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
         configured = min(configured, max(1, job.output.max_rows_per_file // job.generation.num_return_sequences))
@@ -231,7 +239,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     check_room_for_prompts(job, settings)
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
     chunks = io.plan_chunks(inputs.files, chunk_rows)
-    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks)
+    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity)
     if i.on_duplicate_id != "ignore" and not state.finished:
         plan.duplicate_rows = _duplicates_by_chunk(chunks, io.find_duplicate_ids(input_uri, inputs.files, i.id_column))
     return plan

@@ -10,6 +10,7 @@ import torch
 
 from conftest import compose, oracle, varied_prompts, write_prompts
 from lmbatch.io import JobError
+from lmbatch.models import model_identity
 from lmbatch.pipeline import failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
 
@@ -54,6 +55,8 @@ def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["output"]["rows_ok"] == 70 and manifest["input"]["rows"] == 70
     assert manifest["config"]["model"]["path"] == tiny_llama
+    recorded = json.loads((out / "_lmbatch_job.json").read_text())["model"]
+    assert manifest["model_identity"] == recorded == model_identity(tiny_llama)
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["rows_this_run"] == 70 and metrics["generated_tokens"] == sum(table["num_generated_tokens"].to_pylist())
 

@@ -23,14 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, compose, oracle, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
+from lmbatch.models import model_identity
 from lmbatch.output import part_name
-from lmbatch.pipeline import JobFailed, count_committed
+from lmbatch.pipeline import JobFailed, count_committed, run
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, prepare_chunk
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
@@ -404,6 +405,63 @@ def test_output_clashes_stop_the_job_and_touch_nothing(tmp_path):
     assert account(out, [0, 1, 2]) == (0, 0)
 
 
+def test_a_model_changed_in_place_is_not_mixed_into_a_resumed_job(tmp_path, tiny_llama, capsys):
+    """A scheduled job's model.path (say /models/current) is moved to a retrained model between a
+    run that died and its rerun: resuming would generate the rest of the rows with another model,
+    all under one manifest. A copy of the same model, with new file times, is the same model."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model, copy_function=shutil.copy)  # new file times
+    (model / ".cache").mkdir()  # what `hf download --local-dir` keeps beside a model
+    (model / ".cache" / "model.safetensors.metadata").write_text("downloaded at ...")
+    assert model_identity(str(model)) == model_identity(tiny_llama)
+    source = write_prompts(tmp_path / "in.parquet", [f"prompt {i}" for i in range(10)])
+    out = tmp_path / "out"
+    job = to_job_config(compose(f"input.path={source}", f"output.path={out}", f"model.path={model}",
+                                "batching.chunk_rows=4", "cluster.num_replicas=1"))
+    plan = plan_job(job)
+    plan.begin_output()
+    first = plan.chunks[0]
+    plan.output.write_part(first.id, pa.table({"finish_reason": ["stop"] * first.num_rows}))
+    assert plan_job(job).state.done_chunks == {first.id}  # resumable as it is
+
+    retrained = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.add_(0.01)
+    retrained.save_pretrained(model)  # in place: the same files, of the same sizes
+    assert model_identity(str(model)) != model_identity(tiny_llama)
+    partial = snapshot(out)
+    with pytest.raises(JobError, match=f"^output.path {out} holds part of this job made with other model files than "
+                                       "model.path holds now \\(content \\w+ then, content \\w+ now\\): resuming "
+                                       "would mix the outputs of two models"):
+        plan_job(job)
+    assert snapshot(out) == partial
+    TALLY["bad_input_kinds"].add("a partial output made with other model files at model.path")
+
+    # Finished, the output is all of one model: a rerun is the usual no-op, and says so.
+    for chunk in plan.chunks[1:]:
+        plan.output.write_part(chunk.id, pa.table({"finish_reason": ["stop"] * chunk.num_rows}))
+    plan.output.commit({}, {})
+    capsys.readouterr()
+    assert run(job) == {"output": str(out), "already_finished": True}
+    assert "It was made with other model files than model.path holds now" in capsys.readouterr().out
+
+
+def test_a_hub_model_is_known_by_its_commit(tmp_path, tiny_llama):
+    """A hub id's files lie in the Hugging Face cache under the commit that `main` pointed to."""
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    check = ("from lmbatch.models import model_identity; from transformers import AutoConfig; "
+             "AutoConfig.from_pretrained('acme/tiny'); print(model_identity('acme/tiny'))")
+    found = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.strip() == f"commit {commit}"
+
+
 def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(tmp_path, tiny_llama):
     """The check before _SUCCESS, on parts written by hand: rows and error rows are counted over
     every chunk's part; a part holding a row too few, or no part, fails the commit."""
@@ -411,7 +469,7 @@ def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(
     out = tmp_path / "out"
     plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}", f"model.path={tiny_llama}",
                                           "batching.chunk_rows=4", "cluster.num_replicas=1")))
-    plan.output.begin(plan.state, plan.fingerprint, plan.chunk_rows)
+    plan.begin_output()
     for chunk in plan.chunks:
         plan.output.write_part(chunk.id, pa.table({"finish_reason": ["stop"] * (chunk.num_rows - 1) + ["error"]}))
     assert count_committed(plan) == {"rows": 10, "rows_ok": 7, "rows_error": 3, "parts": 3}
