@@ -230,6 +230,12 @@ class ClusterConfig:
     otherwise stall the job forever. Ray restarts it and retries the chunk; a chunk that stalls
     again is generated a row at a time, so the row that hangs becomes an error row. Set it well
     above the slowest micro-batch; null: never."""
+    load_timeout_s: Optional[float] = 3600
+    """A replica whose model load (from disk, network storage or the hub) has not finished after this
+    long ends its process, printing every thread's stack, as a stalled one does: a hung mount or
+    download would otherwise keep the job at `replicas starting` forever. Ray starts it again; a
+    replica whose loads die or hang twice in a row, while none has the model loaded, stops the job.
+    Set it well above the slowest load (a 140 GB model at 200 MB/s takes 12 minutes); null: never."""
 
     def __post_init__(self) -> None:
         _require(self.num_replicas >= 1, f"cluster.num_replicas must be >= 1, got {self.num_replicas}")
@@ -238,6 +244,8 @@ class ClusterConfig:
         _require(self.prepare_cpus > 0, f"cluster.prepare_cpus must be > 0, got {self.prepare_cpus}")
         _require(self.stall_timeout_s is None or self.stall_timeout_s > 0,
                  f"cluster.stall_timeout_s must be > 0 or null, got {self.stall_timeout_s}")
+        _require(self.load_timeout_s is None or self.load_timeout_s > 0,
+                 f"cluster.load_timeout_s must be > 0 or null, got {self.load_timeout_s}")
         _require(self.torch_threads is None or self.torch_threads >= 1,
                  f"cluster.torch_threads must be >= 1 or null, got {self.torch_threads}")
 

@@ -48,7 +48,7 @@ that the job stops (a rerun resumes): so many deaths point at the node or the mo
 (Ray Data itself retries a chunk whose process died without end.)"""
 LOAD_DEATHS_BEFORE_STOPPING = 2
 """Deaths of one replica's process in a row while it loads the model (killed for memory: each replica
-loads a copy; a crash in native code) after which, while no replica has the model loaded, the job
+loads a copy; a crash in native code; a hang past cluster.load_timeout_s) after which, while no replica has the model loaded, the job
 stops instead of letting Ray restart the replica without end. While others generate, it goes on."""
 CRASHED = ("crashed: the replica process died generating this row alone (a crash in native code, killed for "
            "memory, or stalled past cluster.stall_timeout_s)")
@@ -111,7 +111,8 @@ def check_load_deaths(deaths: int, replicas_ready: int) -> None:
         raise RuntimeError(
             f"replica processes died {deaths} times in a row loading the model, and no replica has it loaded: "
             "killed for memory (each replica loads its own copy of the model: fewer cluster.num_replicas, a smaller "
-            "model.dtype or nodes with more memory) or a crash in native code; the replica logs above say why")
+            "model.dtype or nodes with more memory), a crash in native code or a load that hung past "
+            "cluster.load_timeout_s; the replica logs above say why")
     if deaths:
         log.warning("this replica's process died %d time(s) in a row loading the model; %d replicas have it loaded "
                     "and generate meanwhile; loading it again", deaths, replicas_ready)
@@ -120,7 +121,7 @@ def check_load_deaths(deaths: int, replicas_ready: int) -> None:
 class StallWatchdog:
     """Ends this process, printing every thread's stack, when generation makes no progress for
     `timeout_s` (cluster.stall_timeout_s): armed while a chunk is generated, re-armed by each
-    micro-batch done. faulthandler's timer runs in a C thread of its own, so it fires even while
+    micro-batch done; and while the model loads (cluster.load_timeout_s). faulthandler's timer runs in a C thread of its own, so it fires even while
     a hung call holds the GIL. Ray then restarts the replica and retries the chunk."""
 
     def __init__(self, timeout_s: Optional[float]):
@@ -165,7 +166,8 @@ class Replica:
         actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
         if live_chunks is not None and actor is not None:
             check_load_deaths(*ray.get(live_chunks.start_load.remote(actor)))
-        self.engine = load_engine(job, device)
+        with StallWatchdog(job.cluster.load_timeout_s):  # a hung mount or download: end, and be restarted
+            self.engine = load_engine(job, device)
         self.generation = job.generation
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns

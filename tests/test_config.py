@@ -85,6 +85,7 @@ def test_wrong_type_fails():
     ("batching.max_batch_tokens=0", "max_batch_tokens must be >= 1"),
     ("cluster.num_replicas=0", "num_replicas must be >= 1"),
     ("cluster.stall_timeout_s=0", "cluster.stall_timeout_s must be > 0 or null"),
+    ("cluster.load_timeout_s=-1", "cluster.load_timeout_s must be > 0 or null"),
     ("output.mode=append", "output.mode must be"),
     ("input.on_too_long=skip", "on_too_long must be"),
     ("input.limit=0", "input.limit must be >= 1 or null"),

@@ -564,27 +564,36 @@ class RemoteLlama(LlamaForCausalLM):
 """)
 
 
-def test_replicas_that_die_loading_the_model_stop_the_job(tmp_path, tiny_llama):
+def test_replicas_that_die_or_hang_loading_the_model_stop_the_job(tmp_path, tiny_llama):
     """A replica process that dies as it loads the model (killed for memory: each replica loads a
-    copy; here a segfault) is restarted by Ray without end, and the job would wait forever with
-    `replicas starting: 0/1 ready`. After 2 such deaths in a row, with no replica loaded, it stops."""
-    model = llama_with_remote_code(tiny_llama, tmp_path, """
+    copy; here a segfault) is restarted by Ray without end, and one whose load hangs (a hung mount
+    or download) is never restarted: either way the job would wait forever with `replicas
+    starting: 0/1 ready`. Here the first load crashes and the next hangs past
+    cluster.load_timeout_s (15 s: above the imports a load begins with, which took over 3 s here); after
+    these 2 deaths in a row, with no replica loaded, the job stops."""
+    crashed_once = tmp_path / "crashed-once"
+    model = llama_with_remote_code(tiny_llama, tmp_path, f"""
 class RemoteLlama(LlamaForCausalLM):
     def __init__(self, config):
-        ctypes.string_at(0)
+        import os
+        if not os.path.exists({str(crashed_once)!r}):
+            open({str(crashed_once)!r}, "w").close()
+            ctypes.string_at(0)
+        time.sleep(3600)
 """)
     out = tmp_path / "out"
     done = run_job(tmp_path, f"input.path={one_prompt(tmp_path)}", f"output.path={out}", f"model.path={model}",
-                   "model.trust_remote_code=true", "cluster.num_replicas=1",
+                   "model.trust_remote_code=true", "cluster.num_replicas=1", "cluster.load_timeout_s=15",
                    env={"HF_MODULES_CACHE": str(tmp_path / "hf-modules")})
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert crashed_once.exists(), done.stderr[-5000:]
     assert done.stderr.strip().splitlines()[-1] == (
         "lmbatch: error: a replica could not start: RuntimeError: replica processes died 2 times in a row loading "
         "the model, and no replica has it loaded: killed for memory (each replica loads its own copy of the model: "
-        "fewer cluster.num_replicas, a smaller model.dtype or nodes with more memory) or a crash in native code; "
-        "the replica logs above say why")
+        "fewer cluster.num_replicas, a smaller model.dtype or nodes with more memory), a crash in native code or a "
+        "load that hung past cluster.load_timeout_s; the replica logs above say why")
     TALLY["faults"] += 2
-    TALLY["bad_input_kinds"].add("a model that kills the process loading it")
+    TALLY["bad_input_kinds"].update(["a model that kills the process loading it", "a model load that hangs"])
 
 
 def test_deaths_while_loading_are_counted_per_replica_and_stop_only_a_job_with_none_loaded():
