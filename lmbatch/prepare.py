@@ -168,13 +168,29 @@ def render_prompt(row: dict, s: PrepareSettings, tokenizer) -> str:
 
 
 def _messages(value: list, column: str) -> list[dict]:
-    """Validate a chat: a non-empty list of {role, content} with string values."""
+    """Validate a chat: a non-empty list of {role, content}, with a string role and content text."""
     if not value:
         raise RowError(f"empty prompt: column {column!r} holds no messages")
+    messages = []
     for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise RowError(f"bad messages: column {column!r} needs a list of {{role, content}} strings, got {m!r}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        text = _text(m.get("content")) if isinstance(m, dict) else None
+        if text is None or not isinstance(m.get("role"), str):
+            raise RowError(f"bad messages: column {column!r} needs a list of {{role, content}}, the content a string "
+                           f"or a list of text parts, got {m!r}")
+        messages.append({"role": m["role"], "content": text})
+    return messages
+
+
+def _text(content) -> Optional[str]:
+    """A message's content as text: a string, or OpenAI-style parts that are all text
+    ([{"type": "text", "text": ...}, ...], as datasets made for multimodal models hold even
+    for text), joined by newlines, which every chat template reads. None for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    return None
 
 
 def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Optional[dict]]:

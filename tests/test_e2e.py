@@ -190,6 +190,20 @@ def test_chat_messages_and_system_prompt_use_the_chat_template(local_ray, tmp_pa
     row = pq.read_table(tmp_path / "plain").to_pylist()[0]
     assert row["generated_text"] == chat_oracle(tiny_llama, chats[0], 8)
 
+    # OpenAI-style content parts, as datasets made for multimodal models hold even for text
+    parted = [[{"role": "user", "content": [{"type": "text", "text": "Explain the data"},
+                                            {"type": "text", "text": "table"}]}],
+              [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]]
+    path = tmp_path / "parts.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "messages": parted}), path)
+    run(compose(f"input.path={path}", f"output.path={tmp_path / 'parts'}", f"model.path={tiny_llama}",
+                "input.messages_column=messages", "generation.max_new_tokens=8", "cluster.num_replicas=1"))
+    rows = pq.read_table(tmp_path / "parts").to_pylist()
+    assert rows[0]["generated_text"] == chat_oracle(tiny_llama, [{"role": "user", "content": "Explain the data\ntable"}], 8)
+    assert rows[1]["error"].startswith("bad messages: column 'messages' needs a list of {role, content}, the content "
+                                       "a string or a list of text parts")
+
 
 def test_output_files_are_bounded_and_read_back_with_duckdb(local_ray, tmp_path, prompts_file, tiny_llama):
     import duckdb
