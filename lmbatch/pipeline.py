@@ -298,8 +298,8 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     plan = plan_job(job)
     uri = plan.output.uri
     if plan.state.finished:
-        changed = (" It was made with other model files than model.path holds now, which it does not mix: all "
-                   "of it comes from those.") if plan.state.model_changed else ""
+        changed = (" It was made, all of it, with the model files model.path held then, not those it holds "
+                   "now.") if plan.state.model_changed else ""
         print(f"lmbatch: {uri} already holds this job, finished (_SUCCESS); nothing to do.{changed} "
               "Use output.mode=overwrite to run it again.")
         return {"output": uri, "already_finished": True}

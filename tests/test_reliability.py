@@ -444,7 +444,8 @@ def test_a_model_changed_in_place_is_not_mixed_into_a_resumed_job(tmp_path, tiny
     plan.output.commit({}, {})
     capsys.readouterr()
     assert run(job) == {"output": str(out), "already_finished": True}
-    assert "It was made with other model files than model.path holds now" in capsys.readouterr().out
+    assert "It was made, all of it, with the model files model.path held then, not those it holds now" in \
+        capsys.readouterr().out
 
 
 def test_a_hub_model_is_known_by_its_commit(tmp_path, tiny_llama):
