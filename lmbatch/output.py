@@ -173,7 +173,8 @@ class OutputDir:
         column = table[self.partition_by]
 
         def write(value) -> None:
-            rows = table.filter(pc.is_null(column) if value is None else pc.equal(column, value))
+            # is_in, not equal: it matches a null to null and a NaN to NaN, which equal leaves out
+            rows = table.filter(pc.is_in(column, value_set=pa.array([value], column.type)))
             self._write_table(f"{partition_dir(self.partition_by, value)}/{part_name(chunk_id)}",
                               rows.drop_columns([self.partition_by]))
         # A chunk may hold hundreds of values: one object-store PUT after another would take seconds.

@@ -11,6 +11,7 @@ import torch
 from conftest import compose, oracle, varied_prompts, write_prompts
 from lmbatch.io import JobError
 from lmbatch.models import model_identity
+from lmbatch.output import OutputDir, OutputState
 from lmbatch.pipeline import failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
 
@@ -254,6 +255,14 @@ def test_output_partitioned_by_an_input_column(local_ray, tmp_path, prompts_file
     run_job(second, out, tiny_llama, "engine=echo", "input.keep_columns=[topic]")
     assert {r["id"]: r["topic"] for r in pq.read_table(second).select(["id", "topic"]).to_pylist()} == by_id
 
+
+def test_every_row_lands_in_one_partition_null_and_nan_too(tmp_path):
+    """A float column holds NaN, which equals nothing, itself included: its rows must not vanish."""
+    out = OutputDir(str(tmp_path / "out"), "score")
+    out.begin(OutputState(), "0123456789abcdef", 4)
+    out.write_part("00000-000000000", pa.table({"id": [1, 2, 3, 4], "score": [1.0, float("nan"), None, 1.0]}))
+    parts = {p.parent.name: pq.read_table(p)["id"].to_pylist() for p in (tmp_path / "out").glob("score=*/*.parquet")}
+    assert parts == {"score=1.0": [1, 4], "score=nan": [2], "score=__HIVE_DEFAULT_PARTITION__": [3]}
 
 def test_many_small_files_are_packed_into_even_parts(local_ray, tmp_path, tiny_llama):
     """40 files of 1-5 rows: parts of chunk_rows rows spanning files, in input order, and the
