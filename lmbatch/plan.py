@@ -122,7 +122,9 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
         raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
     if job.input.chat:
         check_chat_template(job, tokenizer)
-    if ignored := settings_not_applied(load_generation_config(path)):
+    ignored = {k: v for k, v in settings_not_applied(load_generation_config(path)).items()
+               if getattr(job.generation, k, None) != v}  # what the job sets alike is applied, as the job's
+    if ignored:
         print(f"lmbatch: note: the generation_config.json of {job.model.path} sets "
               f"{', '.join(f'{k}={v}' for k, v in ignored.items())}, which lmbatch does not apply: it generates "
               "with the job's generation.* settings alone, so that the config saved with the output says all "

@@ -101,7 +101,7 @@ def test_a_models_own_generation_settings_do_not_change_the_output(tiny_llama, t
     neither change the job's greedy output nor pass unremarked."""
     from transformers import GenerationConfig
 
-    from lmbatch.config import JobConfig
+    from lmbatch.config import GenerationOptions, JobConfig
     from lmbatch.plan import check_model
 
     shipped = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
@@ -125,6 +125,12 @@ def test_a_models_own_generation_settings_do_not_change_the_output(tiny_llama, t
     assert all(f"{k}={v}" in note for k, v in shipped.items()) and "does not apply" in note
     check_model(JobConfig(model=ModelConfig(path=tiny_llama)))
     assert capsys.readouterr().out == ""  # the usual token ids and flags are not worth a note
+    # a job that samples as the model suggests applies those settings, as its own
+    suggested = GenerationOptions(**{k: shipped[k] for k in ("do_sample", "temperature", "top_k", "top_p",
+                                                             "repetition_penalty")})
+    check_model(JobConfig(model=ModelConfig(path=path), generation=suggested))
+    assert capsys.readouterr().out.split(" sets ")[1].split(", which")[0] == \
+        "min_new_tokens=12, num_beams=3, no_repeat_ngram_size=2"
 
 
 def test_device_map_auto_loads_through_accelerate(tiny_llama):
