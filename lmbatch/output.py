@@ -2,6 +2,7 @@
 
 Layout of an output directory:
     _lmbatch_job.json       written first: the job's fingerprint and chunk size
+    _lmbatch_run.json       while a run goes on: its lease (`lmbatch.lease`), removed at its end
     part-<chunk>.parquet    one per chunk, written atomically (temp name + rename on local disks;
                             a single PUT on object stores), so a part is either whole or absent
     _manifest.json, _metrics.json
@@ -38,6 +39,7 @@ STATE_FILE = "_lmbatch_job.json"
 MANIFEST = "_manifest.json"
 METRICS = "_metrics.json"
 SUCCESS = "_SUCCESS"
+LEASE_FILE = "_lmbatch_run.json"
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 
 
@@ -82,8 +84,9 @@ class OutputDir:
         return f"{self.path}/{name}"
 
     def _names(self) -> list[str]:
+        """What the directory holds, but the lease: another run's, which `lmbatch.lease` waits on."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
-        return [i.base_name for i in infos]
+        return [i.base_name for i in infos if i.base_name != LEASE_FILE]
 
     def inspect(self, fingerprint: str, mode: str, model: Optional[str] = None) -> OutputState:
         """Decide between fresh start, resume and no-op; refuse to touch anything not ours. `model` is
@@ -146,7 +149,11 @@ class OutputDir:
 
     def _begin(self, state: OutputState, record: dict) -> None:
         if state.fresh and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
-            self.fs.delete_dir_contents(self.path)
+            def delete(info: pafs.FileInfo) -> None:
+                (self.fs.delete_dir if info.type == pafs.FileType.Directory else self.fs.delete_file)(info.path)
+            # all but this run's lease; thousands of parts on an object store take a request each
+            list(in_threads(delete, [i for i in self.fs.get_file_info(pafs.FileSelector(self.path))
+                                     if i.base_name != LEASE_FILE]))
         self.fs.create_dir(self.path, recursive=True)
         for info in self._list(""):  # leftovers of parts that were being written when a run died
             if info.base_name.endswith(".tmp"):
@@ -211,6 +218,22 @@ class OutputDir:
         self._write_text(MANIFEST, json.dumps(manifest, indent=2, default=str))
         self._write_text(METRICS, json.dumps(metrics, indent=2, default=str))
         self._write_text(SUCCESS, "")
+
+    def read_lease(self) -> Optional[str]:
+        try:
+            return self._read_text(LEASE_FILE)
+        except FileNotFoundError:
+            return None
+
+    def write_lease(self, text: str) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        self._write_text(LEASE_FILE, text)
+
+    def delete_lease(self) -> None:
+        try:
+            self.fs.delete_file(self._file(LEASE_FILE))
+        except FileNotFoundError:
+            pass
 
     def _write_text(self, name: str, text: str) -> None:
         with self.fs.open_output_stream(self._file(name)) as f:

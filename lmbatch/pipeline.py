@@ -31,6 +31,7 @@ import lmbatch
 from lmbatch import io, resources
 from lmbatch.config import JobConfig
 from lmbatch.io import Chunk
+from lmbatch.lease import RENEW_S, Lease
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
 from lmbatch.prepare import PrepareSettings, prepare_chunk
@@ -296,20 +297,38 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     """Run a job to a committed output; return its totals and metrics."""
     job = to_job_config(cfg)
     plan = plan_job(job)
-    uri = plan.output.uri
     if plan.state.finished:
-        changed = (" It was made, all of it, with the model files model.path held then, not those it holds "
-                   "now.") if plan.state.model_changed else ""
-        print(f"lmbatch: {uri} already holds this job, finished (_SUCCESS); nothing to do.{changed} "
-              "Use output.mode=overwrite to run it again.")
-        return {"output": uri, "already_finished": True}
+        return already_finished(plan)
     for line in notices(plan):
         print(f"lmbatch: {line}")
     if job.dry_run:
         from lmbatch.dry_run import dry_run
 
         return dry_run(plan)
+    lease = Lease(plan.output)
+    waited = lease.acquire(say=lambda line: print(f"lmbatch: {line}", flush=True))
+    try:
+        if waited:  # what the other run did changes the plan: it may have finished the job
+            plan = plan_job(job)
+            if plan.state.finished:
+                return already_finished(plan)
+        with Periodic(lease.renew, RENEW_S):
+            return generate(plan)
+    finally:
+        lease.release()
 
+
+def already_finished(plan: JobPlan) -> dict:
+    changed = (" It was made, all of it, with the model files model.path held then, not those it holds "
+               "now.") if plan.state.model_changed else ""
+    print(f"lmbatch: {plan.output.uri} already holds this job, finished (_SUCCESS); nothing to do.{changed} "
+          "Use output.mode=overwrite to run it again.")
+    return {"output": plan.output.uri, "already_finished": True}
+
+
+def generate(plan: JobPlan) -> dict:
+    """Generate a planned job's pending chunks, under its lease, and commit the output."""
+    job, uri = plan.job, plan.output.uri
     pending = plan.pending
     total_rows = plan.inputs.num_rows * plan.rows_per_input_row
     done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in pending)) * plan.rows_per_input_row

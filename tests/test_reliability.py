@@ -30,7 +30,7 @@ from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch.models import model_identity
-from lmbatch.output import part_name
+from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.pipeline import JobFailed, count_committed, run
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, prepare_chunk
@@ -461,6 +461,23 @@ def test_a_hub_model_is_known_by_its_commit(tmp_path, tiny_llama):
                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.strip() == f"commit {commit}"
+
+
+def test_a_second_run_of_a_job_still_going_waits_for_it_instead_of_generating_its_rows_again(tmp_path, long_input):
+    """A scheduler starts a job again while it still runs (a retry after a timeout, a trigger fired
+    twice). Rows would land once anyway; without the lease every pending chunk was generated twice."""
+    path, ids = long_input
+    out = tmp_path / "out"
+    first = start_job(tmp_path, *slow_job(path, out))
+    wait_for_parts(out, 1, first)  # generating
+    second = start_job(tmp_path, *slow_job(path, out))
+    finish(first)
+    said = finish(second)
+    assert "lmbatch: another run of this job (host " in said and "waiting for it to end" in said
+    assert "already holds this job, finished (_SUCCESS); nothing to do" in said
+    assert "replicas starting" not in said  # it started no Ray, generated nothing
+    assert account(out, ids) == (0, 0)
+    assert not (out / LEASE_FILE).exists()
 
 
 def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(tmp_path, tiny_llama):

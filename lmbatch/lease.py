@@ -1,0 +1,106 @@
+"""One run at a time in an output: a lease that a running job renews and that another run waits on.
+
+A scheduler may start a job while its previous run still goes on (a retry after a timeout, a
+trigger fired twice). Rows would still land exactly once, as parts are whole and named by chunk,
+but every pending chunk would be generated twice, and a run with `output.mode=overwrite` would
+clear the other's parts under it. So a run holds `_lmbatch_run.json` in the output while it runs
+and rewrites it every RENEW_S seconds. Another run waits until the file is gone, or has not changed
+for EXPIRE_S seconds of its own clock (its holder was killed; no clocks of two machines are
+compared), or at once when the holder ran on this machine and its process is gone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from typing import Callable, Optional
+
+from lmbatch.io import JobError
+from lmbatch.output import LEASE_FILE, OutputDir
+
+RENEW_S = 10.0
+EXPIRE_S = 60.0
+SETTLE_S = 1.0
+"""After writing the lease, read it back this much later: of two runs that took it at once, the one
+whose write came last holds it, and the other goes back to waiting."""
+
+
+class Lease:
+    def __init__(self, output: OutputDir):
+        self.output = output
+        self.record = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "renewals": 0}
+
+    def acquire(self, say: Callable[[str], None]) -> bool:
+        """Take the lease, waiting while another run holds it; return whether it waited."""
+        waited, seen, seen_since, announced = False, None, 0.0, None
+        while True:
+            held = self._read()
+            stale = held == seen and time.monotonic() - seen_since >= EXPIRE_S
+            if held is None or stale or _process_gone(held):
+                try:  # the output's first write
+                    self.output.write_lease(json.dumps(self.record))
+                except OSError as e:  # what the plan cannot see: no permission (an object store's policy)
+                    raise JobError(f"output.path {self.output.uri} cannot be written: {e}") from None
+                time.sleep(SETTLE_S)
+                if self._read() == self.record:
+                    return waited
+                continue
+            if held != seen:
+                seen, seen_since = held, time.monotonic()
+            if held["run"] != announced:
+                announced = held["run"]
+                say(f"another run of this job (host {held['host']}, pid {held['pid']}, started {held['started']}) "
+                    f"is writing {self.output.uri}; waiting for it to end (or for its lease to lapse, "
+                    f"{EXPIRE_S:g} s after it was last renewed)")
+            waited = True
+            time.sleep(RENEW_S / 2)
+
+    def renew(self) -> None:
+        """Called every RENEW_S seconds while the run goes on."""
+        try:
+            self._renew()
+        except OSError:  # the storage did not answer this time: the lease lapses only after EXPIRE_S
+            pass
+
+    def _renew(self) -> None:
+        if (self._read() or {}).get("run") != self.record["run"]:  # ours went unrenewed for EXPIRE_S
+            print(f"lmbatch: warning: another run has taken over {self.output.uri}, as this run could not renew "
+                  f"its lease there for {EXPIRE_S:g} s; both now generate what is pending (each row is still "
+                  "written once)", file=sys.stderr)
+            raise RuntimeError("lease taken over")  # ends the renewals
+        self.record["renewals"] += 1
+        self.output.write_lease(json.dumps(self.record))
+
+    def release(self) -> None:
+        if (self._read() or {}).get("run") == self.record["run"]:
+            self.output.delete_lease()
+
+    def _read(self) -> Optional[dict]:
+        for _ in range(5):
+            text = self.output.read_lease()
+            try:
+                return None if text is None else json.loads(text)
+            except ValueError:  # read as it was written (a local write is not atomic)
+                time.sleep(0.2)
+        raise JobError(f"{LEASE_FILE} in {self.output.uri} is not what lmbatch writes; delete it if no run of "
+                       "this job is going on")
+
+
+def _process_gone(held: dict) -> bool:
+    """Whether the holder ran on this machine and its process has ended (a killed run, restarted)."""
+    if held["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
