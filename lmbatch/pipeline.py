@@ -272,6 +272,11 @@ def say_how_to_resume(plan: JobPlan):
         raise JobFailed(failure_cause(e)) from e
 
 
+def say_notices(plan: JobPlan) -> None:
+    for line in notices(plan):
+        print(f"lmbatch: {line}", flush=True)
+
+
 def notices(plan: JobPlan) -> list[str]:
     """What the job says before it generates: warnings, and what a resumed job finds done."""
     job, uri, found = plan.job, plan.output.uri, []
@@ -299,11 +304,10 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     plan = plan_job(job)
     if plan.state.finished:
         return already_finished(plan)
-    for line in notices(plan):
-        print(f"lmbatch: {line}")
     if job.dry_run:
         from lmbatch.dry_run import dry_run
 
+        say_notices(plan)
         return dry_run(plan)
     lease = Lease(plan.output)
     waited = lease.acquire(say=lambda line: print(f"lmbatch: {line}", flush=True))
@@ -312,6 +316,7 @@ def run(cfg: DictConfig | JobConfig) -> dict:
             plan = plan_job(job)
             if plan.state.finished:
                 return already_finished(plan)
+        say_notices(plan)
         with Periodic(lease.renew, RENEW_S):
             return generate(plan)
     finally:

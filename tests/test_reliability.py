@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -72,6 +73,28 @@ def finish(proc, timeout=400):
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+class Said:
+    """What a running job prints, read as it comes, on a thread (a readline could block the test)."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+        self.reader = threading.Thread(target=lambda: [self.lines.append(line) for line in proc.stdout], daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text, timeout=120):
+        deadline = time.time() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.reader.is_alive() and time.time() < deadline, "".join(self.lines)[-3000:]
+            time.sleep(0.1)
+
+    def finish(self, timeout=400):
+        self.proc.wait(timeout=timeout)
+        self.reader.join()
+        log = "".join(self.lines)
+        assert self.proc.returncode == 0, log[-4000:]
+        return log
 
 
 def parts(out):
@@ -463,23 +486,6 @@ def test_a_hub_model_is_known_by_its_commit(tmp_path, tiny_llama):
     assert found.stdout.strip() == f"commit {commit}"
 
 
-def test_a_second_run_of_a_job_still_going_waits_for_it_instead_of_generating_its_rows_again(tmp_path, long_input):
-    """A scheduler starts a job again while it still runs (a retry after a timeout, a trigger fired
-    twice). Rows would land once anyway; without the lease every pending chunk was generated twice."""
-    path, ids = long_input
-    out = tmp_path / "out"
-    first = start_job(tmp_path, *slow_job(path, out))
-    wait_for_parts(out, 1, first)  # generating
-    second = start_job(tmp_path, *slow_job(path, out))
-    finish(first)
-    said = finish(second)
-    assert "lmbatch: another run of this job (host " in said and "waiting for it to end" in said
-    assert "already holds this job, finished (_SUCCESS); nothing to do" in said
-    assert "replicas starting" not in said  # it started no Ray, generated nothing
-    assert account(out, ids) == (0, 0)
-    assert not (out / LEASE_FILE).exists()
-
-
 def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(tmp_path, tiny_llama):
     """The check before _SUCCESS, on parts written by hand: rows and error rows are counted over
     every chunk's part; a part holding a row too few, or no part, fails the commit."""
@@ -852,8 +858,13 @@ def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_i
 
     proc = start_job(tmp_path, *slow_job(path, out))
     wait_for_parts(out, 5, proc)
-    # The driver and the Ray it started, SIGKILLed at once, as a preempted machine loses them (left
-    # alone, the dead driver's Ray processes linger for a minute).
+    # A scheduler starts the job again while it still runs (a retry after a timeout, a trigger fired
+    # twice): the second run waits on the first's lease instead of generating the same chunks.
+    second = Said(start_job(tmp_path, *slow_job(path, out)))
+    second.wait_for("waiting for it to end")
+    # The first run's driver and the Ray it started, SIGKILLed at once, as a preempted machine loses
+    # them (left alone, the dead driver's Ray processes linger for a minute): the waiting run, on the
+    # same machine, sees the lease's process gone, takes the lease and resumes.
     victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for p in victims:
         try:
@@ -867,7 +878,8 @@ def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_i
     assert 5 <= len(committed) < 50 and not (out / "_SUCCESS").exists()
     (out / ".part-00000-000000399.parquet.dead.tmp").write_bytes(b"half a part")  # a write cut short
 
-    log = finish(start_job(tmp_path, *slow_job(path, out)))
+    log = second.finish()
+    assert "lmbatch: another run of this job (host " in log and not (out / LEASE_FILE).exists()
     assert f"{len(committed)} of 50 chunks already committed" in log
     assert account(out, ids) == (0, 0)
     for p, stamp in committed.items():  # committed parts were not rewritten
