@@ -25,9 +25,10 @@ from lmbatch.output import LEASE_FILE, OutputDir
 
 RENEW_S = 10.0
 EXPIRE_S = 60.0
-SETTLE_S = 1.0
+SETTLE_S = 0.25
 """After writing the lease, read it back this much later: of two runs that took it at once, the one
-whose write came last holds it, and the other goes back to waiting."""
+whose write came last holds it, and the other goes back to waiting. Every run waits this long as it
+starts, so it is short: a write takes milliseconds on a disk, tens of them on an object store."""
 
 
 class Lease:
