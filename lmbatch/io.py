@@ -280,9 +280,8 @@ def _is_text(t: pa.DataType) -> bool:
 
 def _merge_schemas(a: pa.Schema, b: pa.Schema) -> tuple[Optional[pa.Schema], str]:
     """One schema for two files' columns (in a's order: columns are read by name), or None and
-    what differs: a column one file lacks, or types no one type holds without loss."""
-    if len(set(b.names)) < len(b.names):
-        return None, "some of its columns share a name"
+    what differs: a column one file lacks, or types no one type holds without loss. (A file with two
+    columns of one name is refused before, by `inspect_inputs`.)"""
     missing, extra = [n for n in a.names if n not in b.names], [n for n in b.names if n not in a.names]
     fields, clashes = [], []
     for x in a:

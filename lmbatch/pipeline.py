@@ -272,9 +272,13 @@ def say_how_to_resume(plan: JobPlan):
         raise JobFailed(failure_cause(e)) from e
 
 
+def say(line: str) -> None:
+    print(f"lmbatch: {line}", flush=True)
+
+
 def say_notices(plan: JobPlan) -> None:
     for line in notices(plan):
-        print(f"lmbatch: {line}", flush=True)
+        say(line)
 
 
 def notices(plan: JobPlan) -> list[str]:
@@ -310,7 +314,7 @@ def run(cfg: DictConfig | JobConfig) -> dict:
         say_notices(plan)
         return dry_run(plan)
     lease = Lease(plan.output)
-    waited = lease.acquire(say=lambda line: print(f"lmbatch: {line}", flush=True))
+    waited = lease.acquire(say)
     try:
         if waited:  # what the other run did changes the plan: it may have finished the job
             plan = plan_job(job)

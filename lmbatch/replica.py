@@ -48,8 +48,9 @@ that the job stops (a rerun resumes): so many deaths point at the node or the mo
 (Ray Data itself retries a chunk whose process died without end.)"""
 LOAD_DEATHS_BEFORE_STOPPING = 2
 """Deaths of one replica's process in a row while it loads the model (killed for memory: each replica
-loads a copy; a crash in native code; a hang past cluster.load_timeout_s) after which, while no replica has the model loaded, the job
-stops instead of letting Ray restart the replica without end. While others generate, it goes on."""
+loads a copy; a crash in native code; a hang past cluster.load_timeout_s) after which, while no
+replica has the model loaded, the job stops instead of letting Ray restart the replica without end.
+While others generate, it goes on."""
 CRASHED = ("crashed: the replica process died generating this row alone (a crash in native code, killed for "
            "memory, or stalled past cluster.stall_timeout_s)")
 
@@ -121,8 +122,9 @@ def check_load_deaths(deaths: int, replicas_ready: int) -> None:
 class StallWatchdog:
     """Ends this process, printing every thread's stack, when generation makes no progress for
     `timeout_s` (cluster.stall_timeout_s): armed while a chunk is generated, re-armed by each
-    micro-batch done; and while the model loads (cluster.load_timeout_s). faulthandler's timer runs in a C thread of its own, so it fires even while
-    a hung call holds the GIL. Ray then restarts the replica and retries the chunk."""
+    micro-batch done; and while the model loads (cluster.load_timeout_s). faulthandler's timer runs
+    in a C thread of its own, so it fires even while a hung call holds the GIL. Ray then restarts the
+    replica and retries the chunk."""
 
     def __init__(self, timeout_s: Optional[float]):
         self.timeout_s = timeout_s
