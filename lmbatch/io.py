@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -237,7 +238,7 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
             col_type = file_schema.field(column).type
             if pa.types.is_null(col_type):  # all null in this file: its rows become error rows
                 continue
-            if kind == "string" and not _is_text(col_type):
+            if kind == "string" and not is_text(col_type):
                 raise JobError(f"column {column!r} in {name} must hold strings, found {col_type}")
             if kind == "messages" and not (pa.types.is_list(col_type) or pa.types.is_large_list(col_type)):
                 raise JobError(f"column {column!r} in {name} must hold lists of {{role, content}} messages, "
@@ -271,10 +272,10 @@ def _read_footer(fs: pafs.FileSystem, path: str):
         return e
 
 
-def _is_text(t: pa.DataType) -> bool:
+def is_text(t: pa.DataType) -> bool:
     """Any Arrow string type; dictionary-encoded too (a pandas `category` column)."""
     if pa.types.is_dictionary(t):
-        return _is_text(t.value_type)
+        return is_text(t.value_type)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
@@ -308,7 +309,7 @@ def _common_type(x: pa.DataType, y: pa.DataType) -> Optional[pa.DataType]:
     if pa.types.is_dictionary(x) or pa.types.is_dictionary(y):
         return _common_type(x.value_type if pa.types.is_dictionary(x) else x,
                             y.value_type if pa.types.is_dictionary(y) else y)
-    if _is_text(x) and _is_text(y):
+    if is_text(x) and is_text(y):
         return pa.large_string()
     if pa.types.is_integer(x) and pa.types.is_integer(y) and \
             pa.types.is_signed_integer(x) == pa.types.is_signed_integer(y):
@@ -405,6 +406,26 @@ def _read_columns(parquet: pq.ParquetFile, uri: str, path: str, groups: tuple, c
         if c not in stored:
             table = table.append_column(c, pa.array([partitions[c]] * table.num_rows, pa.string()))
     return table.select(list(columns))
+
+
+def long_strings(uri: str, files: list[InputFile], column: str, min_bytes: int) -> list[str]:
+    """The distinct values of a string column at least `min_bytes` long in UTF-8, over the input's
+    rows (a file's `num_rows`, which a limit may cut), read a row group at a time."""
+    fs, _ = resolve_filesystem(uri)
+
+    def of_file(f: InputFile) -> set[str]:
+        found, offset = set(), 0
+        with fs.open_input_file(f.path) as handle:
+            parquet = pq.ParquetFile(handle)
+            for g in range(parquet.metadata.num_row_groups):
+                if offset >= f.num_rows:
+                    break
+                values = _read_columns(parquet, uri, f.path, (g,), (column,))[column]
+                values = values.slice(0, f.num_rows - offset).cast(pa.large_string())
+                offset += len(values)
+                found.update(values.filter(pc.greater_equal(pc.binary_length(values), min_bytes)).to_pylist())
+        return found
+    return sorted(set().union(*in_threads(of_file, files)))
 
 
 def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> list[int]:

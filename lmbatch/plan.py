@@ -22,7 +22,8 @@ from lmbatch import io
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.models import model_identity
-from lmbatch.output import OutputDir, OutputState
+from lmbatch.output import (MAX_NAME_BYTES, OutputDir, OutputState, partition_type_problem,
+                            too_long_for_a_directory)
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
                              template_fields)
 from lmbatch.replica import output_columns
@@ -218,10 +219,9 @@ def plan_job(job: JobConfig) -> JobPlan:
     passthrough = _passthrough_columns(job, inputs)
     model_path, context_limit = check_model(job)
 
-    partition_by = job.output.partition_by
-    if partition_by and (partition_by not in passthrough or partition_by == i.id_column):
-        raise JobError(f"output.partition_by={partition_by!r} must name a kept input column other than the id")
-    output = OutputDir(output_uri, partition_by)
+    if job.output.partition_by:
+        _check_partition_by(job, inputs, passthrough)
+    output = OutputDir(output_uri, job.output.partition_by)
     fingerprint = _fingerprint(job, inputs)
     identity = model_identity(model_path)
     state = output.inspect(fingerprint, job.output.mode, identity)
@@ -245,6 +245,29 @@ def plan_job(job: JobConfig) -> JobPlan:
     if i.on_duplicate_id != "ignore" and not state.finished:
         plan.duplicate_rows = _duplicates_by_chunk(chunks, io.find_duplicate_ids(input_uri, inputs.files, i.id_column))
     return plan
+
+
+def _check_partition_by(job: JobConfig, inputs: InputPlan, passthrough: list[str]) -> None:
+    """Refuse, before any generation, a partition column whose values cannot all name a directory:
+    found only as a chunk is written, such a value used to fail the job after the chunk's work."""
+    column = job.output.partition_by
+    if column not in passthrough or column == job.input.id_column:
+        raise JobError(f"output.partition_by={column!r} must name a kept input column other than the id")
+    type_ = inputs.schema.field(column).type
+    problem = partition_type_problem(column, type_)
+    if problem:
+        raise JobError(problem)
+    if not io.is_text(type_):
+        return  # numbers, dates and booleans print short
+    # A UTF-8 byte quotes to at most 3 ("%C3"): shorter values fit, so only the longer are looked at.
+    shortest_suspect = (MAX_NAME_BYTES - len(column) - 1) // 3
+    too_long = [v for v in io.long_strings(inputs.uri, inputs.files, column, shortest_suspect)
+                if too_long_for_a_directory(column, v)]
+    if too_long:
+        example = too_long[0][:60] + "…"
+        raise JobError(f"output.partition_by={column!r}: {len(too_long)} value(s) would name a directory longer "
+                       f"than the {MAX_NAME_BYTES} bytes file systems allow (with URL quoting), e.g. {example!r}; "
+                       "partition by a column of short values (a category, a date)")
 
 
 def _duplicates_by_chunk(chunks: list[Chunk], positions: list[int]) -> dict[str, list[int]]:

@@ -252,6 +252,15 @@ def one_prompt(d):
     return write_prompts(d / "in.parquet", ["a"])
 
 
+def topics(d, values):
+    """Rows with a `topic` column for output.partition_by, two to a row group (the scan reads them all)."""
+    pq.write_table(pa.table({"id": range(len(values)), "prompt": ["hi"] * len(values), "topic": values}),
+                   d / "topics.parquet", row_group_size=2)
+    return d / "topics.parquet"
+
+
+FITS, TOO_LONG = "é" * 41, "é" * 42  # "topic=" and %C3%A9 per character: 252 and 258 bytes, 255 allowed
+
 BAD_JOBS = {
     "missing input": (lambda d: d / "nope.parquet", [], "does not exist"),
     "empty directory": (empty_directory, [], "is an empty directory"),
@@ -270,6 +279,11 @@ BAD_JOBS = {
     "model path a file": (one_prompt, [f"model.path={sys.executable}"], "is a file, not a model directory"),
     "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
     "no room for a prompt": (one_prompt, ["generation.max_new_tokens=2048"], "leaves no room for a prompt"),
+    "partition by the id": (lambda d: topics(d, ["a"]), ["output.partition_by=id"], "other than the id"),
+    "partition by lists": (lambda d: topics(d, [["a"], ["b"]]), ["output.partition_by=topic"],
+                           "is a list<element: string> column; partition by a column of strings"),
+    "partition value too long": (lambda d: topics(d, ["a", FITS, "b", TOO_LONG, None]), ["output.partition_by=topic"],
+                                 r"1 value\(s\) would name a directory longer than the 255 bytes"),
 }
 
 
@@ -281,6 +295,12 @@ def test_a_bad_job_stops_before_any_model_loads(kind, tmp_path):
         plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", *overrides)))
     assert not (tmp_path / "out").exists()
     TALLY["bad_input_kinds"].add(kind)
+
+
+def test_partition_values_that_fit_a_directory_name_are_taken(tmp_path):
+    source = topics(tmp_path, ["a", FITS, None, TOO_LONG])
+    job = ["output.partition_by=topic", "input.limit=3"]  # the long value lies beyond the limit
+    assert plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", *job))).state.fresh
 
 
 def test_data_that_cannot_be_read_mid_job_stops_it_naming_the_file(tmp_path):
