@@ -290,14 +290,18 @@ class HFEngine:
 
     def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:
         """Cut at EOS or the first stop string; tell `stop` from `length`; count true tokens."""
-        for n, t in enumerate(tokens):
-            if t in self.eos_ids:
-                return Completion(r.key, sample, self._decode(tokens[:n]), n + 1, "stop")
-        text = self._decode(tokens)
+        eos = next((n for n, t in enumerate(tokens) if t in self.eos_ids), None)
+        # The stop string is looked for before the EOS too: a row that a stop string ended while its
+        # neighbours went on is padded, and where the tokenizer has no pad token (GPT-2, Llama 3)
+        # the padding is EOS, right after the stop string.
+        body = tokens if eos is None else tokens[:eos]
+        text = self._decode(body)
         hits = sorted((text.find(s), s) for s in r.params.stop if s in text)
         if hits:
             cut, stop = hits[0]
-            return Completion(r.key, sample, text[:cut], self._tokens_until(tokens, stop), "stop")
+            return Completion(r.key, sample, text[:cut], self._tokens_until(body, stop), "stop")
+        if eos is not None:
+            return Completion(r.key, sample, text, eos + 1, "stop")
         # Without EOS or a stop string only the token limit ends a row.
         return Completion(r.key, sample, text, len(tokens), "length")
 

@@ -4,6 +4,7 @@ Runs in-process (no Ray) on both a rotary (Llama) and a learned-position (GPT-2)
 in float32: batched left-padded greedy output must equal unbatched output token for token.
 """
 
+import json
 import shutil
 
 import pytest
@@ -70,6 +71,38 @@ def test_finish_reasons_and_stop_strings(tiny_llama):
     # The counted tokens are exactly those that produced the text up to and including the stop string.
     tokens = alone(engine, Request(0, ids, 24))[: cut.num_generated_tokens]
     assert stop in engine._decode(tokens) and stop not in engine._decode(tokens[:-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_without_pad(tiny_llama, tmp_path_factory):
+    """The tiny model with no pad token, as GPT-2's and Llama 3's tokenizers come: the job pads with EOS."""
+    path = tmp_path_factory.mktemp("no-pad") / "model"
+    shutil.copytree(tiny_llama, path)
+    for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
+        settings = json.loads((path / name).read_text())
+        settings.pop("pad_token", None), settings.pop("pad_token_id", None)
+        (path / name).write_text(json.dumps(settings))
+    return str(path)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_llama_without_pad"])
+def test_stop_strings_cut_rows_in_a_batch_as_alone(model, request):
+    """A row that a stop string ends is padded while its neighbours go on; where the padding is
+    EOS, the row's text was kept up to it, stop string and all (13 rows in 16 here)."""
+    engine = make_engine(request.getfixturevalue(model))
+    assert (engine.pad_id in engine.eos_ids) == (model == "tiny_llama_without_pad")
+    params = SamplingParams(stop=("e",))
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 24, params)
+                for i, p in enumerate(varied_prompts(16, seed=3, max_words=8))]
+    batched = engine.generate(requests)
+    assert engine.stats.micro_batches < len(requests)
+    stopped = 0
+    for r, got in zip(requests, sorted(batched, key=lambda c: c.key)):
+        expected = engine.generate([r])[0]
+        assert (got.text, got.num_generated_tokens, got.finish_reason) == (
+            expected.text, expected.num_generated_tokens, expected.finish_reason), f"row {r.key}"
+        stopped += "e" not in got.text and got.finish_reason == "stop" and got.num_generated_tokens < 24
+    assert stopped >= 8
 
 
 def test_eos_ends_a_row_with_stop(tiny_llama):
