@@ -20,9 +20,10 @@ class ConfigError(ValueError):
     """A config value is invalid; the message says which key and why."""
 
 
-PER_ROW_PARAMETERS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_p", "top_k",
-                      "repetition_penalty", "stop", "seed")
-"""Generation settings a row may override through input.param_columns."""
+PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_sample": "boolean",
+                      "temperature": "number", "top_p": "number", "top_k": "integer",
+                      "repetition_penalty": "number", "stop": "strings", "seed": "integer"}
+"""Generation settings a row may override through input.param_columns, and the kind of value each takes."""
 
 
 def _require(ok: bool, message: str) -> None:

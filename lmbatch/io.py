@@ -205,11 +205,37 @@ def _list(fs: pafs.FileSystem, base: str, uri: str) -> list[pafs.FileInfo]:
     return sorted(infos, key=lambda i: i.path)
 
 
+def is_text(t: pa.DataType) -> bool:
+    """Any Arrow string type; dictionary-encoded too (a pandas `category` column)."""
+    if pa.types.is_dictionary(t):
+        return is_text(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    # floats too where whole numbers are wanted: pandas writes an integer column with nulls as float64
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+COLUMN_KINDS = {
+    "string": (is_text, "strings"),
+    "messages": (_is_list, "lists of {role, content} messages"),
+    "integer": (_is_number, "whole numbers"),
+    "number": (_is_number, "numbers"),
+    "boolean": (pa.types.is_boolean, "booleans"),
+    "strings": (lambda t: is_text(t) or (_is_list(t) and is_text(t.value_type)), "strings or lists of strings"),
+}
+"""Kinds of column `inspect_inputs` checks: (whether a type holds it, what to call it)."""
+
+
 def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
     """Read every footer; check the required columns exist with the right kind of type.
 
-    `required` maps column name -> "string" (must hold text), "messages" (a list of
-    {role, content} structs) or "any". Files must agree on
+    `required` maps column name -> a kind of COLUMN_KINDS, or "any". Files must agree on
     the type of every column that is read, so that output parts share one schema, and on
     their Hive partition keys (`key=value` directories), which become string columns.
     """
@@ -238,11 +264,9 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
             col_type = file_schema.field(column).type
             if pa.types.is_null(col_type):  # all null in this file: its rows become error rows
                 continue
-            if kind == "string" and not is_text(col_type):
-                raise JobError(f"column {column!r} in {name} must hold strings, found {col_type}")
-            if kind == "messages" and not (pa.types.is_list(col_type) or pa.types.is_large_list(col_type)):
-                raise JobError(f"column {column!r} in {name} must hold lists of {{role, content}} messages, "
-                               f"found {col_type}")
+            holds, what = COLUMN_KINDS.get(kind, (None, None))
+            if holds is not None and not holds(col_type):
+                raise JobError(f"column {column!r} in {name} must hold {what}, found {col_type}")
         merged, differences = _merge_schemas(file_schema if schema is None else schema, file_schema)
         if merged is None:
             raise JobError(f"input file {name} does not match the files before it: {differences}")
@@ -270,13 +294,6 @@ def _read_footer(fs: pafs.FileSystem, path: str):
             return pq.ParquetFile(f).metadata
     except Exception as e:  # noqa: BLE001 - whatever the reason, the file cannot be read
         return e
-
-
-def is_text(t: pa.DataType) -> bool:
-    """Any Arrow string type; dictionary-encoded too (a pandas `category` column)."""
-    if pa.types.is_dictionary(t):
-        return is_text(t.value_type)
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _merge_schemas(a: pa.Schema, b: pa.Schema) -> tuple[Optional[pa.Schema], str]:

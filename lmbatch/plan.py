@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmbatch import io
-from lmbatch.config import ConfigError, JobConfig
+from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.models import model_identity
 from lmbatch.output import (MAX_NAME_BYTES, OutputDir, OutputState, partition_type_problem,
@@ -213,8 +213,9 @@ def plan_job(job: JobConfig) -> JobPlan:
     if io.is_inside(output_uri, input_uri) or io.is_inside(input_uri, output_uri):
         raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
     keep = i.keep_columns or []
-    required = {i.text_column: "messages" if i.messages_column else "string", i.id_column: "any",
-                **{c: "any" for c in keep + i.param_columns + template_fields(i.template)}}
+    required = {**{c: "any" for c in [i.id_column, *keep, *template_fields(i.template)]},
+                **{c: PER_ROW_PARAMETERS[c] for c in i.param_columns},
+                i.text_column: "messages" if i.messages_column else "string"}  # the kinds checked win over "any"
     inputs = io.inspect_inputs(input_uri, required).head(i.limit)
     passthrough = _passthrough_columns(job, inputs)
     model_path, context_limit = check_model(job)

@@ -7,9 +7,11 @@ output, so every input row is accounted for.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
 import importlib
 import json
+import math
 import re
 import string
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 
-from lmbatch.config import ConfigError, GenerationOptions
+from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, GenerationOptions
 from lmbatch.io import Chunk, read_chunk
 
 # Columns the prepare step adds; the replica consumes them and the writer drops the underscored ones.
@@ -195,15 +197,38 @@ def _text(content) -> Optional[str]:
 
 def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Optional[dict]]:
     """The row's generation settings: the job's, overridden by its non-null parameter columns."""
-    overrides = {c: row[c] for c in s.param_columns if row.get(c) is not None}
+    overrides = {c: row_setting(c, row[c]) for c in s.param_columns if not _missing(row.get(c))}
     if not overrides:
         return s.generation, None
-    if isinstance(overrides.get("stop"), str):  # one stop string in a plain string column
-        overrides["stop"] = [overrides["stop"]]
     try:
         return dataclasses.replace(s.generation, **overrides), overrides
-    except (ConfigError, TypeError, ValueError) as e:  # TypeError: e.g. a string where a number belongs
+    except ConfigError as e:  # a value out of range (row_setting made the types right)
         raise RowError(f"invalid parameter: {str(e).replace('generation.', '')}") from None
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))  # NaN: pandas' and polars' null
+
+
+def row_setting(name: str, value):
+    """A cell of a parameter column as the setting's type (PER_ROW_PARAMETERS): a whole float as an
+    int (pandas writes an integer column with nulls as float64), one stop string as a list of one."""
+    kind = PER_ROW_PARAMETERS[name]
+    if kind in ("integer", "number") and isinstance(value, (int, float, decimal.Decimal)) \
+            and not isinstance(value, bool) and math.isfinite(value):
+        if kind == "number":
+            return float(value)
+        if value == int(value):
+            return int(value)
+    elif kind == "boolean" and isinstance(value, bool):
+        return value
+    elif kind == "strings" and isinstance(value, str):
+        return [value]
+    elif kind == "strings" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    what = {"integer": "a whole number", "number": "a number", "boolean": "true or false",
+            "strings": "a string or a list of strings"}[kind]
+    raise RowError(f"invalid parameter: {name} must be {what}, got {value!r}")
 
 
 def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions) -> tuple[list[int], int]:

@@ -34,7 +34,7 @@ from lmbatch.models import model_identity
 from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.pipeline import JobFailed, count_committed, run
 from lmbatch.plan import plan_job, to_job_config
-from lmbatch.prepare import ERROR, prepare_chunk
+from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, prepare_chunk
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
                              isolating, load_engine)
 from lmbatch.report import LiveChunks
@@ -182,6 +182,26 @@ def test_rows_that_a_template_refuses_become_error_rows(tmp_path, tiny_llama):
                                      "a system prompt the chat template refuses"])
 
 
+def test_parameter_cells_are_read_as_their_settings_type(tmp_path, tiny_llama):
+    """pandas writes an integer column with nulls as float64 (and polars keeps NaN apart from null):
+    whole floats are integers and NaN keeps the config's value. A top_k of 5.0 used to fail
+    generation itself, and a max_new_tokens of 3.5 was cut to 3 without a word."""
+    nan = float("nan")
+    source = write_prompts(tmp_path / "in.parquet", ["a b", "c d", "e f", "g h", "i j"],
+                           max_new_tokens=[5.0, nan, 3.5, None, 2.0], top_k=[5.0, None, None, 7.5, None],
+                           do_sample=[True, None, None, None, False], stop=[["x"], None, None, None, ["y", "z"]])
+    plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                          f"model.path={tiny_llama}", "generation.max_new_tokens=9",
+                                          "input.param_columns=[max_new_tokens,top_k,do_sample,stop]")))
+    rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
+    assert rows[ERROR].to_pylist() == [None, None, "invalid parameter: max_new_tokens must be a whole number, got 3.5",
+                                       "invalid parameter: top_k must be a whole number, got 7.5", None]
+    assert rows[MAX_NEW].to_pylist() == [5, 9, 0, 0, 2]
+    assert [json.loads(p) if p else None for p in rows[PARAMS].to_pylist()] == [
+        {"max_new_tokens": 5, "top_k": 5, "do_sample": True, "stop": ["x"]}, None, None, None,
+        {"max_new_tokens": 2, "do_sample": False, "stop": ["y", "z"]}]
+
+
 def test_too_long_prompts_can_be_truncated_from_the_left(tmp_path):
     path = write_prompts(tmp_path / "in.parquet", ["word " * 3000, "short"])
     out = tmp_path / "out"
@@ -279,6 +299,10 @@ BAD_JOBS = {
     "model path a file": (one_prompt, [f"model.path={sys.executable}"], "is a file, not a model directory"),
     "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
     "no room for a prompt": (one_prompt, ["generation.max_new_tokens=2048"], "leaves no room for a prompt"),
+    "parameter column of text": (lambda d: write_prompts(d / "in.parquet", ["a"], max_new_tokens=["5"]),
+                                  ["input.param_columns=[max_new_tokens]"],
+                                  "column 'max_new_tokens' in .* must hold whole numbers, found string"),
+    "kept prompt column not text": (integer_prompts, ["input.keep_columns=[prompt]"], "must hold strings, found int64"),
     "partition by the id": (lambda d: topics(d, ["a"]), ["output.partition_by=id"], "other than the id"),
     "partition by lists": (lambda d: topics(d, [["a"], ["b"]]), ["output.partition_by=topic"],
                            "is a list<element: string> column; partition by a column of strings"),
