@@ -36,7 +36,7 @@ def gpu_mismatch(cluster: ClusterConfig, gpus: float, replicas: int) -> Optional
     per = cluster.gpus_per_replica
     if gpus and not per:
         return (f"the Ray cluster has GPUs ({gpus:g}), but cluster.gpus_per_replica=0: replicas run on CPU "
-                "(for the GPUs: cluster=gpu_node batching=gpu)")
+                "(for the GPUs: cluster=gpu_node)")
     fit = int(gpus // per) if per else replicas
     if fit < replicas:
         return (f"{replicas} replicas x {per:g} GPUs need {replicas * per:g}, the Ray cluster has {gpus:g}: "

@@ -74,7 +74,7 @@ def test_kuberay_manifest_entrypoint_is_a_valid_job():
     assert command[:2] == ["python", "jobs/generate.py"] and (REPO / command[1]).exists()
     job = to_job_config(compose(*command[2:]))  # every override exists in the schema and validates
     assert job.cluster.gpus_per_replica == 1 and job.input.path.startswith("s3://")
-    assert job.batching.max_batch_rows == 1024  # batching=gpu: wide micro-batches
+    assert job.batching.max_batch_rows == 1024  # batching=gpu, which cluster=gpu_node chooses: wide micro-batches
     workers = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in workers)

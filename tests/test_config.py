@@ -103,6 +103,15 @@ def test_missing_interpolation_is_a_config_error():
         to_job_config(compose("output.path=${oc.env:LMBATCH_SURELY_UNSET_VARIABLE}"))
 
 
+@pytest.mark.parametrize("overrides, strategy, rows", [
+    (["cluster=gpu_node"], "bucketed", 1024), (["cluster=multi_node"], "bucketed", 1024),
+    (["cluster=gpu_node", "batching=bucketed"], "bucketed", 64), (["batching=fixed", "cluster=gpu_node"], "fixed", 64),
+    (["cluster=gpu_node", "batching.max_batch_rows=256"], "bucketed", 256), ([], "bucketed", 64)])
+def test_the_gpu_cluster_presets_choose_gpu_batching_unless_told_otherwise(overrides, strategy, rows, tmp_path):
+    batching = to_job_config(compose(*overrides, f"output.path={tmp_path}")).batching
+    assert (batching.strategy, batching.max_batch_rows) == (strategy, rows)
+
+
 def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
     """batching=gpu exists for step-bound GPUs: on a GPU-sized workload it must cut the decode steps
     the job runs (its cost there), not just compose."""
