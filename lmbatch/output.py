@@ -78,18 +78,6 @@ MAX_NAME_BYTES = 255
 """The longest file or directory name most file systems take (ext4, XFS, APFS, NTFS)."""
 
 
-def partition_type_problem(column: str, type_: pa.DataType) -> Optional[str]:
-    """Why a column of this type cannot name Hive directories, or None. Spark refuses the same."""
-    if pa.types.is_nested(type_) or pa.types.is_binary(type_) or pa.types.is_large_binary(type_) \
-            or pa.types.is_fixed_size_binary(type_):
-        return (f"output.partition_by={column!r} is a {type_} column; partition by a column of strings, "
-                "numbers, booleans or dates, whose values can name a directory")
-    return None
-
-
-def too_long_for_a_directory(column: str, value: str) -> bool:
-    return len(partition_dir(column, value).encode()) > MAX_NAME_BYTES
-
 
 class OutputDir:
     def __init__(self, uri: str, partition_by: Optional[str] = None, compression: str = "snappy"):

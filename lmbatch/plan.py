@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,8 +23,7 @@ from lmbatch import io
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.models import model_identity
-from lmbatch.output import (MAX_NAME_BYTES, OutputDir, OutputState, partition_type_problem,
-                            too_long_for_a_directory)
+from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
                              template_fields)
 from lmbatch.replica import output_columns
@@ -255,15 +255,16 @@ def _check_partition_by(job: JobConfig, inputs: InputPlan, passthrough: list[str
     if column not in passthrough or column == job.input.id_column:
         raise JobError(f"output.partition_by={column!r} must name a kept input column other than the id")
     type_ = inputs.schema.field(column).type
-    problem = partition_type_problem(column, type_)
-    if problem:
-        raise JobError(problem)
+    if pa.types.is_nested(type_) or pa.types.is_binary(type_) or pa.types.is_large_binary(type_) \
+            or pa.types.is_fixed_size_binary(type_):  # Spark refuses these too
+        raise JobError(f"output.partition_by={column!r} is a {type_} column; partition by a column of strings, "
+                       "numbers, booleans or dates, whose values can name a directory")
     if not io.is_text(type_):
         return  # numbers, dates and booleans print short
     # A UTF-8 byte quotes to at most 3 ("%C3"): shorter values fit, so only the longer are looked at.
     shortest_suspect = (MAX_NAME_BYTES - len(column) - 1) // 3
     too_long = [v for v in io.long_strings(inputs.uri, inputs.files, column, shortest_suspect)
-                if too_long_for_a_directory(column, v)]
+                if len(partition_dir(column, v).encode()) > MAX_NAME_BYTES]
     if too_long:
         example = too_long[0][:60] + "…"
         raise JobError(f"output.partition_by={column!r}: {len(too_long)} value(s) would name a directory longer "
