@@ -231,8 +231,11 @@ def row_setting(name: str, value):
     raise RowError(f"invalid parameter: {name} must be {what}, got {value!r}")
 
 
-def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions) -> tuple[list[int], int]:
-    """Apply max_length, the model's context and on_too_long; return (prompt ids, max new tokens)."""
+def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
+                   special_ids: frozenset = frozenset()) -> tuple[list[int], int]:
+    """Apply max_length, the model's context and on_too_long; return (prompt ids, max new tokens).
+    Truncating keeps the special tokens the prompt starts with (`special_ids`: the BOS that Llama,
+    Mistral and Gemma tokenizers put first, without which such a model drifts) and cuts after them."""
     max_new = g.max_new_tokens
     if g.max_length is not None:
         max_new = min(max_new, g.max_length - len(ids))
@@ -240,8 +243,9 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions) -> 
             raise RowError(f"too long: prompt has {len(ids)} tokens, leaving none under max_length={g.max_length}")
     if s.context_limit is not None and len(ids) + max_new > s.context_limit:
         room = s.context_limit - max_new
-        if s.on_too_long == "truncate" and room >= 1:
-            ids = ids[-room:]  # keep the end of the prompt: that is what the model continues
+        head = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
+        if s.on_too_long == "truncate" and room > head:
+            ids = ids[:head] + ids[-(room - head):]  # and the end of the prompt: that is what the model continues
         else:
             raise RowError(f"too long: prompt has {len(ids)} tokens; with max_new_tokens={max_new} it exceeds the "
                            f"model's context of {s.context_limit} (input.on_too_long=truncate keeps the end)")
@@ -276,13 +280,14 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
 
     # A chat template already holds the special tokens the model expects.
     encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat) if texts else []
+    special_ids = frozenset(tokenizer.all_special_ids)
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)
     for i, ids in zip(texts, encoded):
         counts[i] = len(ids)  # the true count, before any truncation
         try:
-            prompt_ids[i], max_new[i] = fit_to_context(ids, s, settings[i])
+            prompt_ids[i], max_new[i] = fit_to_context(ids, s, settings[i], special_ids)
         except RowError as e:
             errors[i] = str(e)
 

@@ -24,17 +24,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, compose, oracle, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
-from lmbatch.models import model_identity
+from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.pipeline import JobFailed, count_committed, run
 from lmbatch.plan import plan_job, to_job_config
-from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, prepare_chunk
+from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, load_tokenizer, prepare_chunk
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
                              isolating, load_engine)
 from lmbatch.report import LiveChunks
@@ -211,6 +212,27 @@ def test_too_long_prompts_can_be_truncated_from_the_left(tmp_path):
     assert [r["error"] for r in rows] == [None, None]
     assert rows[0]["num_prompt_tokens"] > 2048 and rows[0]["num_generated_tokens"] >= 1
     TALLY["bad_input_kinds"].add("too long (truncate)")
+
+
+def test_truncation_keeps_the_bos_a_tokenizer_puts_first(tmp_path, tiny_llama):
+    """Llama, Mistral and Gemma tokenizers start every prompt with BOS: cutting from the left took
+    it away, and such a model drifts without it. The cut now comes after the leading special tokens."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    tokenizer = build_tokenizer()  # the tiny model's own vocabulary, now adding <s> first
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(model)
+    source = write_prompts(tmp_path / "in.parquet", ["word " * 3000, "short"])
+    plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                          f"model.path={model}", "input.on_too_long=truncate",
+                                          "generation.max_new_tokens=4")))
+    rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
+    whole = load_tokenizer(str(model))("word " * 3000)["input_ids"]
+    cut, short = rows[PROMPT_IDS].to_pylist()
+    assert whole[0] == tokenizer.bos_token_id and len(whole) > 2048 and rows[ERROR].to_pylist() == [None, None]
+    assert cut == [tokenizer.bos_token_id] + whole[-(2048 - 4 - 1):]  # context 2048, 4 new tokens
+    assert short[0] == tokenizer.bos_token_id and rows["num_prompt_tokens"].to_pylist()[0] == len(whole)
 
 
 # -- bad jobs: stop before any model loads, one message, nothing touched -------------------------
