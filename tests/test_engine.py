@@ -105,6 +105,23 @@ def test_stop_strings_cut_rows_in_a_batch_as_alone(model, request):
     assert stopped >= 8
 
 
+def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
+    """A generation config that leaves out the tokenizer's EOS (the token a chat model ends its turn
+    with, say) made model.generate run on past every answer: the engine stops at both."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_llama, path)
+    settings = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**settings, "eos_token_id": [3, 4]}))
+    engine = make_engine(str(path))
+    tokenizer_eos = engine.tokenizer.eos_token_id
+    assert tokenizer_eos not in (3, 4) and engine.eos_ids == {3, 4, tokenizer_eos}
+    r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
+    for eos in (3, 4, tokenizer_eos):
+        assert engine._finish(r, 0, [11, 12, eos, 13]).__dict__ == dict(
+            key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop",
+            error=None)
+
+
 def test_eos_ends_a_row_with_stop(tiny_llama):
     engine = make_engine(tiny_llama)
     eos = next(iter(engine.eos_ids))
