@@ -116,9 +116,9 @@ class HFEngine:
         """Wrap a loaded model and its (left-padding) tokenizer; `HFEngine.load` loads them."""
         self.model, self.tokenizer = model, tokenizer
         self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
-        # A row ends at any EOS of the model's generation config or the tokenizer's: where the config
-        # leaves out the token the tokenizer ends a text (or a chat turn) with, model.generate alone
-        # runs on past the answer to max_new_tokens, as vLLM, which stops at both, does not.
+        # A row ends at any EOS of the model's generation config or the tokenizer's (as in vLLM): where
+        # the config leaves out the token the tokenizer ends a text or a chat turn with, model.generate
+        # alone runs on past the answer to max_new_tokens.
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
         self.model.generation_config = special_tokens_only(self.model.generation_config)
