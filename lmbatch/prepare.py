@@ -140,8 +140,8 @@ def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[i
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
-def render_prompt(row: dict, s: PrepareSettings, tokenizer) -> str:
-    """The text the model continues: the prompt, templated, or the chat-rendered messages."""
+def row_prompt(row: dict, s: PrepareSettings) -> str | list[dict]:
+    """What the model continues: the prompt, templated, as text, or a chat as its messages."""
     value = row.get(s.prompt_column)
     if value is None:
         raise RowError(f"null prompt: column {s.prompt_column!r} is null")
@@ -163,6 +163,10 @@ def render_prompt(row: dict, s: PrepareSettings, tokenizer) -> str:
         messages = [{"role": "user", "content": text}]
     if s.system_prompt:
         messages = [{"role": "system", "content": s.system_prompt}, *messages]
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - templates raise on what they refuse, e.g. roles that do not alternate
@@ -252,6 +256,30 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
     return ids, max_new
 
 
+def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, g: GenerationOptions,
+                      tokenizer) -> list[int]:
+    """The token ids of a chat that fits the context: while it does not, its oldest turns go, the
+    system message kept and a user turn first (OpenAI's truncation="auto" does the same), down to
+    the last turn, which fit_to_context then cuts like a plain prompt if it still does not fit."""
+    strict = dataclasses.replace(s, on_too_long="error")
+
+    def fits(ids: list[int]) -> bool:
+        try:
+            fit_to_context(ids, strict, g)
+            return True
+        except RowError:
+            return False
+
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while len(turns) > 1 and not fits(ids):
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        ids = encode(tokenizer, [render_chat(tokenizer, system + turns)], add_special_tokens=False)[0]
+    return ids
+
+
 def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int] = ()) -> pa.Table:
     """Read one chunk and add the columns the replica needs; one output row per input row.
 
@@ -263,6 +291,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     duplicates = set(duplicate_rows)
     tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class)
     texts: dict[int, str] = {}
+    chats: dict[int, list[dict]] = {}  # the messages of chat rows, which truncation drops turns of
     errors: list[Optional[str]] = [None] * len(rows)
     settings: list[GenerationOptions] = [s.generation] * len(rows)
     overrides: list[Optional[str]] = [None] * len(rows)
@@ -274,19 +303,27 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
                 raise RowError(f"duplicate id: {row[id_column]!r} appeared earlier in the input")
             settings[i], changed = row_generation(row, s)
             overrides[i] = json.dumps(changed) if changed else None
-            texts[i] = render_prompt(row, s, tokenizer)
+            prompt = row_prompt(row, s)
+            if isinstance(prompt, list):
+                chats[i] = prompt
+                prompt = render_chat(tokenizer, prompt)
+            texts[i] = prompt
         except RowError as e:
             errors[i] = str(e)
 
     # A chat template already holds the special tokens the model expects.
     encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat) if texts else []
-    special_ids = frozenset(tokenizer.all_special_ids)
+    # BOS and the like, and the special tokens added for chat templates (<|im_start|>, <|user|>)
+    special_ids = frozenset(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                          if t.special}
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)
     for i, ids in zip(texts, encoded):
         counts[i] = len(ids)  # the true count, before any truncation
         try:
+            if i in chats and s.on_too_long == "truncate":
+                ids = drop_oldest_turns(chats[i], ids, s, settings[i], tokenizer)
             prompt_ids[i], max_new[i] = fit_to_context(ids, s, settings[i], special_ids)
         except RowError as e:
             errors[i] = str(e)

@@ -235,6 +235,35 @@ def test_truncation_keeps_the_bos_a_tokenizer_puts_first(tmp_path, tiny_llama):
     assert short[0] == tokenizer.bos_token_id and rows["num_prompt_tokens"].to_pylist()[0] == len(whole)
 
 
+def test_truncating_a_chat_drops_its_oldest_turns_and_keeps_the_system_message(tmp_path, tiny_llama):
+    """Cutting a rendered chat from the left took its system message and opening away, and left the
+    model a conversation that began mid-sentence. Whole turns go now, oldest first, a user turn first."""
+    system = {"role": "system", "content": "Be brief."}
+    old = [{"role": "user", "content": "word " * 500}, {"role": "assistant", "content": "ok"}]
+    recent = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "fine"},
+              {"role": "user", "content": "What now?"}]
+    chats = [[system, *old, *recent], [{"role": "user", "content": "word " * 3000}], [system, *recent]]
+    source = write_prompts(tmp_path / "in.parquet", ["x"] * 3, messages=chats)
+    plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                          f"model.path={tiny_llama}", "input.messages_column=messages",
+                                          "input.on_too_long=truncate", "generation.max_new_tokens=4")))
+    rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
+    tokenizer = load_tokenizer(tiny_llama)
+
+    def ids(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert rows[ERROR].to_pylist() == [None, None, None]
+    dropped, alone, short = rows[PROMPT_IDS].to_pylist()
+    assert len(ids(chats[0])) > 2048 - 4 >= len(ids([system, *recent]))
+    assert dropped == ids([system, *recent]) == short
+    # One turn too long on its own is cut like a plain prompt, after its leading special tokens.
+    whole = ids(chats[1])
+    assert alone == whole[:1] + whole[-(2048 - 4 - 1):] and tokenizer.convert_ids_to_tokens(alone[0]) == "<|user|>"
+    assert rows["num_prompt_tokens"].to_pylist() == [len(ids(chats[0])), len(whole), len(short)]
+
+
 # -- bad jobs: stop before any model loads, one message, nothing touched -------------------------
 def corrupt(d):
     (d / "bad.parquet").write_bytes(b"PAR1 this is not really parquet PAR1")
