@@ -263,9 +263,9 @@ def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, 
     the last turn, which fit_to_context then cuts like a plain prompt if it still does not fit."""
     strict = dataclasses.replace(s, on_too_long="error")
 
-    def fits(ids: list[int]) -> bool:
+    def fits(candidate: list[int]) -> bool:
         try:
-            fit_to_context(ids, strict, g)
+            fit_to_context(candidate, strict, g)
             return True
         except RowError:
             return False
@@ -314,8 +314,8 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     # A chat template already holds the special tokens the model expects.
     encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat) if texts else []
     # BOS and the like, and the special tokens added for chat templates (<|im_start|>, <|user|>)
-    special_ids = frozenset(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
-                                                          if t.special}
+    special_ids = frozenset(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)
