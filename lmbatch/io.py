@@ -425,22 +425,27 @@ def _read_columns(parquet: pq.ParquetFile, uri: str, path: str, groups: tuple, c
     return table.select(list(columns))
 
 
+def _row_groups_of(fs: pafs.FileSystem, uri: str, path: str, column: str) -> Iterator[pa.ChunkedArray]:
+    """One column of a file, a row group at a time: a scan of the whole input holds one row group."""
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        for g in range(parquet.metadata.num_row_groups):
+            yield _read_columns(parquet, uri, path, (g,), (column,))[column]
+
+
 def long_strings(uri: str, files: list[InputFile], column: str, min_bytes: int) -> list[str]:
     """The distinct values of a string column at least `min_bytes` long in UTF-8, over the input's
-    rows (a file's `num_rows`, which a limit may cut), read a row group at a time."""
+    rows (a file's `num_rows`, which a limit may cut)."""
     fs, _ = resolve_filesystem(uri)
 
     def of_file(f: InputFile) -> set[str]:
         found, offset = set(), 0
-        with fs.open_input_file(f.path) as handle:
-            parquet = pq.ParquetFile(handle)
-            for g in range(parquet.metadata.num_row_groups):
-                if offset >= f.num_rows:
-                    break
-                values = _read_columns(parquet, uri, f.path, (g,), (column,))[column]
-                values = values.slice(0, f.num_rows - offset).cast(pa.large_string())
-                offset += len(values)
-                found.update(values.filter(pc.greater_equal(pc.binary_length(values), min_bytes)).to_pylist())
+        for values in _row_groups_of(fs, uri, f.path, column):
+            if offset >= f.num_rows:
+                break
+            values = values.slice(0, f.num_rows - offset).cast(pa.large_string())
+            offset += len(values)
+            found.update(values.filter(pc.greater_equal(pc.binary_length(values), min_bytes)).to_pylist())
         return found
     return sorted(set().union(*in_threads(of_file, files)))
 
@@ -468,13 +473,10 @@ def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> list
 def _id_hashes(fs: pafs.FileSystem, uri: str, path: str, id_column: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(hashes of a file's non-null ids, their row positions, the file's rows), a row group at a time."""
     hashes, positions, offset = [np.empty(0, np.int64)], [np.empty(0, np.int64)], 0  # a file may have no rows
-    with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        for g in range(parquet.metadata.num_row_groups):
-            ids = _read_columns(parquet, uri, path, (g,), (id_column,))[id_column]
-            hashes.append(_id_keys(ids.drop_null()))
-            positions.append(np.flatnonzero(ids.is_valid().to_numpy(zero_copy_only=False)) + offset)
-            offset += len(ids)
+    for ids in _row_groups_of(fs, uri, path, id_column):
+        hashes.append(_id_keys(ids.drop_null()))
+        positions.append(np.flatnonzero(ids.is_valid().to_numpy(zero_copy_only=False)) + offset)
+        offset += len(ids)
     return np.concatenate(hashes), np.concatenate(positions), offset
 
 

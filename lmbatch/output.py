@@ -78,7 +78,6 @@ MAX_NAME_BYTES = 255
 """The longest file or directory name most file systems take (ext4, XFS, APFS, NTFS)."""
 
 
-
 class OutputDir:
     def __init__(self, uri: str, partition_by: Optional[str] = None, compression: str = "snappy"):
         self.uri, self.partition_by, self.compression = uri, partition_by, compression
