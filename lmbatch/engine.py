@@ -66,31 +66,53 @@ FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
 
 
 class PerRowSampler(LogitsProcessor):
-    """Sample each sequence from its own seeded generator, as a logits processor.
+    """Sample each sequence from its own seeded stream, as a logits processor.
 
     transformers samples a whole batch from one global random stream, so a row's draws would
-    depend on its batch neighbours. Here every (row, sample) has a generator seeded from the
-    row's id: its text is the same however rows are chunked, batched or spread over replicas.
-    The chosen token is returned as the only finite score, and generate decodes greedily.
+    depend on its batch neighbours. Here every (row, sample) draws its uniforms up front, one per
+    step, from a generator seeded from the row's id: its text is the same however rows are
+    chunked, batched or spread over replicas. A step then samples the whole batch at once, by
+    inverse CDF over the top-k and top-p candidates (a multinomial per row per step, in a Python
+    loop, cost more than the model's own step). The chosen token is returned as the only finite
+    score, and generate decodes greedily.
     """
 
-    def __init__(self, params: SamplingParams, seeds: list[int], device):
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    def __init__(self, params: SamplingParams, seeds: list[int], device, steps: int):
+        self.temperature, self.top_k, self.top_p = params.temperature, params.top_k, params.top_p
+        self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(seed))
+                                     for seed in seeds]).to(device)
+        self.step = 0
 
-        self.warpers = [TemperatureLogitsWarper(params.temperature)]
-        if params.top_k:
-            self.warpers.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(params.top_p))
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    def distribution(self, scores):
+        """(probabilities, their tokens or None for all) of each row, as transformers' temperature,
+        top-k and top-p warpers leave them (the probabilities not normalized)."""
+        scores = scores.float() / self.temperature
+        if self.top_k and self.top_k < scores.shape[-1]:
+            values, tokens = scores.topk(self.top_k)  # largest first
+        elif self.top_p < 1.0:
+            values, tokens = scores.sort(descending=True)
+        else:
+            values, tokens = scores, None
+        probs = torch.softmax(values, dim=-1)
+        if self.top_p < 1.0:  # the nucleus: largest first, while those before hold under top_p
+            probs = probs * (probs.cumsum(-1) - probs < self.top_p)
+        return probs, tokens
 
     def __call__(self, input_ids, scores):
-        for warp in self.warpers:
-            scores = warp(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        chosen = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        picked = torch.full_like(scores, float("-inf"))
-        return picked.scatter_(1, chosen.unsqueeze(1), 0.0)
+        probs, tokens = self.distribution(scores)
+        cdf = probs.cumsum(-1)
+        total = cdf[:, -1:]
+        if not bool(torch.isfinite(total).all() and (total > 0).all()):
+            raise ValueError("probability tensor contains either inf, nan or element < 0")  # as multinomial says
+        x = self.uniforms[:, self.step, None] * total
+        self.step += 1
+        # The first candidate whose CDF passes x has a positive probability; x rounded up to the
+        # total finds none, and takes the last candidate that has one.
+        last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), 0).amax(-1, keepdim=True)
+        chosen = torch.minimum(torch.searchsorted(cdf, x, right=True), last)
+        if tokens is not None:
+            chosen = tokens.gather(1, chosen)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
 
 class StopStrings(StoppingCriteria):
@@ -268,8 +290,8 @@ class HFEngine:
             disable_compile=True,
         )
         device = self.model.device
-        processors = [PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device)] \
-            if params.do_sample else []
+        processors = [PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device,
+                                    config.max_new_tokens)] if params.do_sample else []
         criteria = [StopStrings(self.tokenizer, params.stop, longest)] if params.stop else []
         start = time.perf_counter()
         with torch.inference_mode():
