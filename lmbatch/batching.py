@@ -8,7 +8,9 @@ whose padded size stays under a token budget and whose prefill padding and decod
 efficient. `fixed` is the naive baseline:
 input order, a fixed number of rows per batch.
 
-Rows with different group keys (e.g. different sampling parameters) never share a batch.
+Rows with different group keys (e.g. different sampling parameters) never share a batch. A row
+sampled several times (num_return_sequences) is that many sequences in its batch, and the bucketed
+budget and row cap count sequences, which are what a batch computes and holds in memory.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import math
 from typing import Hashable, Optional, Sequence
 
 
-def padded_size(rows: int, longest_prompt: int, max_new_tokens: int) -> int:
-    """Tokens a micro-batch computes: every row is padded to the longest prompt plus the longest output."""
-    return rows * (longest_prompt + max_new_tokens)
+def padded_size(sequences: int, longest_prompt: int, max_new_tokens: int) -> int:
+    """Tokens a micro-batch computes: every sequence is padded to the longest prompt plus the longest output."""
+    return sequences * (longest_prompt + max_new_tokens)
 
 
 def plan_micro_batches(
@@ -33,6 +35,7 @@ def plan_micro_batches(
     min_padding_efficiency: float = 0.0,
     min_decode_efficiency: float = 0.0,
     group_keys: Optional[Sequence[Hashable]] = None,
+    sequences: Optional[Sequence[int]] = None,
 ) -> list[list[int]]:
     """Return micro-batches as lists of row indices; every index appears exactly once.
 
@@ -40,16 +43,17 @@ def plan_micro_batches(
     batches, it never drops rows. A bucketed batch also closes before real prompt tokens / padded
     prompt tokens would fall below min_padding_efficiency, or before the rows' max_new_tokens /
     (rows x the largest max_new_tokens), the share of decode slots that can do useful work,
-    would fall below min_decode_efficiency.
+    would fall below min_decode_efficiency. `sequences` are the sequences each row generates (1 each
+    by default); bucketed budget and row cap count them.
     """
     n = len(prompt_lengths)
-    if len(max_new_tokens) != n or (group_keys is not None and len(group_keys) != n):
-        raise ValueError("prompt_lengths, max_new_tokens and group_keys must have the same length")
+    if any(x is not None and len(x) != n for x in (max_new_tokens, group_keys, sequences)):
+        raise ValueError("prompt_lengths, max_new_tokens, group_keys and sequences must have the same length")
     keys = group_keys if group_keys is not None else [0] * n
     if strategy == "fixed":
         return _fixed(n, keys, fixed_batch_size)
     if strategy == "bucketed":
-        return _bucketed(prompt_lengths, max_new_tokens, keys, max_batch_tokens, max_batch_rows,
+        return _bucketed(prompt_lengths, max_new_tokens, keys, sequences or [1] * n, max_batch_tokens, max_batch_rows,
                          min_padding_efficiency, min_decode_efficiency)
     raise ValueError(f"unknown batching strategy {strategy!r}")
 
@@ -68,6 +72,7 @@ def _bucketed(
     lengths: Sequence[int],
     new_tokens: Sequence[int],
     keys: Sequence[Hashable],
+    sequences: Sequence[int],
     budget: int,
     max_rows: int,
     min_padding: float,
@@ -84,25 +89,25 @@ def _bucketed(
         return group_rank[keys[i]], length_band, new_tokens[i], lengths[i], i
 
     batches: list[list[int]] = []
-    longest = most_new = real = useful = 0
+    longest = most_new = real = useful = seqs = 0
     for i in sorted(range(len(lengths)), key=order_key):
         if batches:
             current = batches[-1]
             rows, new_longest, new_most = len(current) + 1, max(longest, lengths[i]), max(most_new, new_tokens[i])
             fits = (
                 keys[current[0]] == keys[i]
-                and rows <= max_rows
-                and padded_size(rows, new_longest, new_most) <= budget
+                and seqs + sequences[i] <= max_rows
+                and padded_size(seqs + sequences[i], new_longest, new_most) <= budget
                 and real + lengths[i] >= min_padding * rows * new_longest
                 and useful + new_tokens[i] >= min_decode * rows * new_most
             )
             if fits:
                 current.append(i)
                 longest, most_new = new_longest, new_most
-                real, useful = real + lengths[i], useful + new_tokens[i]
+                real, useful, seqs = real + lengths[i], useful + new_tokens[i], seqs + sequences[i]
                 continue
         batches.append([i])
-        longest, most_new, real, useful = lengths[i], new_tokens[i], lengths[i], new_tokens[i]
+        longest, most_new, real, useful, seqs = lengths[i], new_tokens[i], lengths[i], new_tokens[i], sequences[i]
     return batches
 
 

@@ -179,9 +179,10 @@ class BatchingConfig:
     strategy: str = "bucketed"
     """`bucketed`: order a window by length and cut token-budget micro-batches; `fixed`: input order, fixed size."""
     max_batch_tokens: int = 16384
-    """Budget for one micro-batch: rows x (longest prompt + max_new_tokens), padding included."""
+    """Budget for one micro-batch: sequences x (longest prompt + max_new_tokens), padding included; a
+    row sampled generation.num_return_sequences times is that many sequences."""
     max_batch_rows: int = 64
-    """Row cap for one bucketed micro-batch."""
+    """Cap on the sequences of one bucketed micro-batch (rows, unless num_return_sequences > 1)."""
     min_padding_efficiency: float = 0.8
     """A bucketed micro-batch closes before real / padded prompt tokens would drop below this."""
     min_decode_efficiency: float = 0.8
@@ -202,13 +203,14 @@ class BatchingConfig:
             _require(0 <= getattr(self, key) <= 1, f"batching.{key} must be in [0, 1], got {getattr(self, key)}")
 
     def plan(self, prompt_lengths: Sequence[int], max_new_tokens: Sequence[int],
-             group_keys: Optional[Sequence[Hashable]] = None) -> list[list[int]]:
+             group_keys: Optional[Sequence[Hashable]] = None,
+             sequences: Optional[Sequence[int]] = None) -> list[list[int]]:
         """The planner's micro-batches (row indices) with these settings."""
         return plan_micro_batches(
             prompt_lengths, max_new_tokens, strategy=self.strategy, max_batch_tokens=self.max_batch_tokens,
             max_batch_rows=self.max_batch_rows, fixed_batch_size=self.fixed_batch_size,
             min_padding_efficiency=self.min_padding_efficiency, min_decode_efficiency=self.min_decode_efficiency,
-            group_keys=group_keys)
+            group_keys=group_keys, sequences=sequences)
 
 
 @dataclass

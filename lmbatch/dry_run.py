@@ -34,7 +34,8 @@ def dry_run(plan) -> dict:
         new_tokens = [table[MAX_NEW][i] for i in ok]
         # rows with different sampling settings never share a micro-batch: group them as replicas do
         groups = [sampling_params(row_options(plan.job.generation, table[PARAMS][i])) for i in ok]
-        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=groups)
+        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=groups,
+                       sequences=[g.num_return_sequences for g in groups])
         batches += len(plan_)
         steps += decode_steps(plan_, new_tokens)
         real += sum(chunk_lengths)

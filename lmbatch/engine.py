@@ -178,7 +178,8 @@ class HFEngine:
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
         batches = self.batching.plan([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
-                                     group_keys=[r.params for r in requests])
+                                     group_keys=[r.params for r in requests],
+                                     sequences=[r.params.num_return_sequences for r in requests])
         return [[requests[i] for i in batch] for batch in batches]
 
     def generate(self, requests: Sequence[Request],
@@ -238,7 +239,8 @@ class HFEngine:
         the batch's longest prompt, so a batch that failed for one huge row leaves a budget that
         ordinary rows still fill; a single row never shrinks it (it fails alone, as an error row)."""
         b = self.batching
-        size = padded_size(len(batch), max(len(r.prompt_ids) for r in batch), max(r.max_new_tokens for r in batch))
+        size = padded_size(len(batch) * batch[0].params.num_return_sequences, max(len(r.prompt_ids) for r in batch),
+                           max(r.max_new_tokens for r in batch))
         shrunk = dataclasses.replace(b, max_batch_tokens=min(b.max_batch_tokens, size // 2),
                                      fixed_batch_size=min(b.fixed_batch_size, len(batch) // 2))
         if shrunk != b:

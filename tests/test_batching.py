@@ -29,6 +29,15 @@ def test_groups_never_share_a_batch():
     assert fixed == [[0, 1], [2], [3]]
 
 
+def test_a_row_sampled_n_times_counts_as_n_sequences():
+    """num_return_sequences=4: each row is 4 sequences in its batch, in the row cap and the budget."""
+    lengths, new = [20] * 8, [10] * 8
+    assert plan_micro_batches(lengths, new, max_batch_rows=16) == [list(range(8))]
+    assert plan_micro_batches(lengths, new, max_batch_rows=16, sequences=[4] * 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # 2 rows x 4 sequences x (20 + 10) tokens = 240
+    assert plan_micro_batches(lengths, new, max_batch_tokens=240, sequences=[4] * 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
 def test_min_padding_efficiency_closes_batches():
     lengths = [10, 11, 40, 41]
     assert plan_micro_batches(lengths, [1] * 4, min_padding_efficiency=0.9) == [[0, 1], [2, 3]]
@@ -59,9 +68,10 @@ def test_padding_efficiency():
 )
 def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff, min_decode):
     lengths, new, keys = ([r[i] for r in rows] for i in range(3))
+    sequences = [{"a": 1, "b": 3, "c": 1}[k] for k in keys]  # samples per row, one setting per group
     batches = plan_micro_batches(lengths, new, strategy=strategy, max_batch_tokens=budget, max_batch_rows=max_rows,
                                  fixed_batch_size=fixed, min_padding_efficiency=min_eff,
-                                 min_decode_efficiency=min_decode, group_keys=keys)
+                                 min_decode_efficiency=min_decode, group_keys=keys, sequences=sequences)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(rows)))  # every row exactly once
     for b in batches:
@@ -69,7 +79,8 @@ def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff, min_d
         if strategy == "fixed":
             assert len(b) <= fixed and b == sorted(b)
         elif len(b) > 1:  # a lone oversized row is allowed; a shared batch must fit
-            assert len(b) <= max_rows
-            assert padded_size(len(b), max(lengths[i] for i in b), max(new[i] for i in b)) <= budget
+            seqs = sum(sequences[i] for i in b)
+            assert seqs <= max_rows
+            assert padded_size(seqs, max(lengths[i] for i in b), max(new[i] for i in b)) <= budget
             assert sum(lengths[i] for i in b) >= min_eff * len(b) * max(lengths[i] for i in b) - 1e-9
             assert sum(new[i] for i in b) >= min_decode * len(b) * max(new[i] for i in b) - 1e-9

@@ -131,9 +131,10 @@ def test_eos_ends_a_row_with_stop(tiny_llama):
 
 
 def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
-    engine = make_engine(tiny_llama)
+    engine = make_engine(tiny_llama, max_batch_rows=6)
     params = SamplingParams(do_sample=True, temperature=0.9, num_return_sequences=3)
     reqs = [Request(i, engine.tokenizer(p)["input_ids"], 12, params, seed=100 + i) for i, p in enumerate(varied_prompts(6))]
+    assert max(len(b) for b in engine.plan(reqs)) == 2  # 3 samples a row: 6 sequences
     first, second = engine.generate(reqs), engine.generate(reqs)
     assert [(c.key, c.sample_index, c.text) for c in first] == [(c.key, c.sample_index, c.text) for c in second]
     assert sorted((c.key, c.sample_index) for c in first) == [(i, s) for i in range(6) for s in range(3)]
