@@ -46,7 +46,8 @@ class InputConfig:
     messages_column: Optional[str] = None
     """Column of chat messages (a list of {role, content}) used instead of prompt_column."""
     system_prompt: Optional[str] = None
-    """System message put before each row's messages (implies the chat template)."""
+    """System message put before each row's messages (implies the chat template); a row whose
+    messages begin with a system message keeps its own."""
     apply_chat_template: bool = False
     """Render plain prompts as one user message with the tokenizer's chat template."""
     on_too_long: str = "error"

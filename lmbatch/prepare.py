@@ -161,7 +161,8 @@ def row_prompt(row: dict, s: PrepareSettings) -> str | list[dict]:
         if not s.chat:
             return text
         messages = [{"role": "user", "content": text}]
-    if s.system_prompt:
+    # A row's own system message wins: two would render as two (most templates) or fail the row.
+    if s.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": s.system_prompt}, *messages]
     return messages
 

@@ -173,9 +173,10 @@ def test_chat_messages_and_system_prompt_use_the_chat_template(local_ray, tmp_pa
         [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
          {"role": "user", "content": "summarize the report"}],
         [],  # no messages: an error row
+        [{"role": "system", "content": "You are wordy."}, {"role": "user", "content": "hello"}],  # keeps its own
     ]
     path = tmp_path / "chats.parquet"
-    pq.write_table(pa.table({"id": [1, 2, 3], "messages": chats}), path)
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "messages": chats}), path)
     out = tmp_path / "out"
     run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "input.messages_column=messages",
                 "input.system_prompt=You are terse.", "generation.max_new_tokens=8", "cluster.num_replicas=1"))
@@ -184,6 +185,7 @@ def test_chat_messages_and_system_prompt_use_the_chat_template(local_ray, tmp_pa
     for row, chat in zip(rows[:2], chats):
         assert row["generated_text"] == chat_oracle(tiny_llama, system + chat, 8)
     assert rows[2]["error"].startswith("empty prompt")
+    assert rows[3]["generated_text"] == chat_oracle(tiny_llama, chats[3], 8)
 
     plain = write_prompts(tmp_path / "plain.parquet", ["Explain the data table"])
     run(compose(f"input.path={plain}", f"output.path={tmp_path / 'plain'}", f"model.path={tiny_llama}",
