@@ -42,6 +42,8 @@ class Piece:
     file_index: int
     start: int
     stop: int
+    file_size: int
+    """The file's size when the job was planned (see `_check_unchanged`)."""
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,7 @@ def plan_chunks(files: list[InputFile], chunk_rows: int) -> list[Chunk]:
         row = 0
         while row < f.num_rows:
             take = min(f.num_rows - row, chunk_start + chunk_rows - position)
-            pieces.append(Piece(f.path, index, row, row + take))
+            pieces.append(Piece(f.path, index, row, row + take, f.size))
             row, position = row + take, position + take
             if position - chunk_start == chunk_rows:
                 chunks.append(_chunk(chunk_start, position, pieces))
@@ -385,6 +387,7 @@ def read_chunk(uri: str, chunk: Chunk, columns: list[str], schema: Optional[pa.S
 
 def _read_piece(uri: str, piece: Piece, columns: tuple) -> pa.Table:
     """Rows [start, stop) of one file: only the row groups that hold them are read."""
+    _check_unchanged(uri, piece)
     meta = _open_parquet(uri, piece.file).metadata
     groups, first_row, offset = [], None, 0
     for g in range(meta.num_row_groups):
@@ -397,10 +400,26 @@ def _read_piece(uri: str, piece: Piece, columns: tuple) -> pa.Table:
     return table.slice(piece.start - first_row, piece.stop - piece.start)
 
 
+def _check_unchanged(uri: str, piece: Piece) -> None:
+    """Refuse a file rewritten since the job was planned (a producer replacing its table while the
+    job runs): its rows would not be those planned, and the output would mix two versions of the
+    input. Checked at every read, as a worker keeps files open from chunk to chunk."""
+    size = _filesystem(uri).get_file_info(piece.file).size
+    if size != piece.file_size:
+        now = "it is gone" if size is None else f"{size:,} now"
+        raise JobError(f"input file {with_scheme(uri, piece.file)} changed while the job ran ({piece.file_size:,} bytes "
+                       f"when planned, {now}): the job stops rather than mix two versions of the input in one output; "
+                       "once the input is settled, run it again into a new output.path (or with output.mode=overwrite)")
+
+
+@functools.lru_cache(maxsize=4)
+def _filesystem(uri: str) -> pafs.FileSystem:
+    return resolve_filesystem(uri)[0]
+
+
 @functools.lru_cache(maxsize=8)
 def _open_parquet(uri: str, path: str) -> pq.ParquetFile:
-    fs, _ = resolve_filesystem(uri)
-    return pq.ParquetFile(fs.open_input_file(path))
+    return pq.ParquetFile(_filesystem(uri).open_input_file(path))
 
 
 # Consecutive chunks of one large row group often come to the same worker: keep the last read.

@@ -59,6 +59,23 @@ def test_hive_partition_directories_become_string_columns(tmp_path):
         inspect_inputs(str(tmp_path / "in"), {"prompt": "string"})
 
 
+def test_a_file_rewritten_while_the_job_runs_is_refused_not_mixed_in(tmp_path):
+    """A producer replaces its table while the job reads it: the rows of later chunks would come from
+    the new version, the earlier ones from the old, all in one output."""
+    source = write_prompts(tmp_path / "in.parquet", ["a", "b", "c", "d"])
+    plan = inspect_inputs(str(source), {"prompt": "string", "id": "any"})
+    first, second = plan_chunks(plan.files, 2)
+    assert read_chunk(plan.uri, first, ["prompt"])["prompt"].to_pylist() == ["a", "b"]
+    size = source.stat().st_size
+    write_prompts(source, ["a new day", "of prompts", "in the same file", "and more"])
+    with pytest.raises(JobError, match=rf"^input file {source} changed while the job ran \({size:,} bytes when "
+                                       rf"planned, {source.stat().st_size:,} now\): the job stops rather than mix"):
+        read_chunk(plan.uri, second, ["prompt"])
+    source.unlink()
+    with pytest.raises(JobError, match=r"bytes when planned, it is gone\)"):
+        read_chunk(plan.uri, first, ["prompt"])
+
+
 @pytest.mark.parametrize("prompts", [
     pa.array(["a", "b"], pa.large_string()),
     pa.array(["a", "b"]).dictionary_encode(),  # what pandas writes for a `category` column
