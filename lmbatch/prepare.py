@@ -273,12 +273,25 @@ def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, 
 
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
-    while len(turns) > 1 and not fits(ids):
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            turns = turns[1:]
-        ids = encode(tokenizer, [render_chat(tokenizer, system + turns)], add_special_tokens=False)[0]
-    return ids
+    if len(turns) <= 1 or fits(ids):
+        return ids
+    # Where the kept turns may begin: at a user turn, or at the last turn. Fewer turns never render
+    # longer, so the first start that fits is found by bisection: a long chat is rendered and
+    # tokenized a few times, not once per turn dropped.
+    starts = [k for k in range(1, len(turns) - 1) if turns[k]["role"] == "user"] + [len(turns) - 1]
+    rendered: dict[int, list[int]] = {}
+
+    def kept(start: int) -> list[int]:
+        if start not in rendered:
+            chat = render_chat(tokenizer, system + turns[start:])
+            rendered[start] = encode(tokenizer, [chat], add_special_tokens=False)[0]
+        return rendered[start]
+
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(kept(starts[mid])) else (mid + 1, hi)
+    return kept(starts[lo])
 
 
 def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int] = ()) -> pa.Table:

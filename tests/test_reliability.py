@@ -242,8 +242,10 @@ def test_truncating_a_chat_drops_its_oldest_turns_and_keeps_the_system_message(t
     old = [{"role": "user", "content": "word " * 500}, {"role": "assistant", "content": "ok"}]
     recent = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "fine"},
               {"role": "user", "content": "What now?"}]
-    chats = [[system, *old, *recent], [{"role": "user", "content": "word " * 3000}], [system, *recent]]
-    source = write_prompts(tmp_path / "in.parquet", ["x"] * 3, messages=chats)
+    # and a long conversation: 41 turns of different lengths, about 3,000 tokens in all
+    turns = [{"role": ("user", "assistant")[i % 2], "content": "word " * (40 + i * 37 % 60)} for i in range(41)]
+    chats = [[system, *old, *recent], [{"role": "user", "content": "word " * 3000}], [system, *recent], [system, *turns]]
+    source = write_prompts(tmp_path / "in.parquet", ["x"] * 4, messages=chats)
     plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
                                           f"model.path={tiny_llama}", "input.messages_column=messages",
                                           "input.on_too_long=truncate", "generation.max_new_tokens=4")))
@@ -254,14 +256,17 @@ def test_truncating_a_chat_drops_its_oldest_turns_and_keeps_the_system_message(t
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    assert rows[ERROR].to_pylist() == [None, None, None]
-    dropped, alone, short = rows[PROMPT_IDS].to_pylist()
+    assert rows[ERROR].to_pylist() == [None] * 4
+    dropped, alone, short, long = rows[PROMPT_IDS].to_pylist()
     assert len(ids(chats[0])) > 2048 - 4 >= len(ids([system, *recent]))
     assert dropped == ids([system, *recent]) == short
     # One turn too long on its own is cut like a plain prompt, after its leading special tokens.
     whole = ids(chats[1])
     assert alone == whole[:1] + whole[-(2048 - 4 - 1):] and tokenizer.convert_ids_to_tokens(alone[0]) == "<|user|>"
-    assert rows["num_prompt_tokens"].to_pylist() == [len(ids(chats[0])), len(whole), len(short)]
+    assert rows["num_prompt_tokens"].to_pylist()[:3] == [len(ids(chats[0])), len(whole), len(short)]
+    # The long one keeps its turns from the first user turn where they fit on.
+    first = next(k for k in range(1, 41) if turns[k]["role"] == "user" and len(ids([system, *turns[k:]])) <= 2048 - 4)
+    assert first > 2 and long == ids([system, *turns[first:]])
 
 
 # -- bad jobs: stop before any model loads, one message, nothing touched -------------------------
