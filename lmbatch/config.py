@@ -273,6 +273,13 @@ class JobConfig:
     progress_every_s: float = 5.0
     """Seconds between progress lines (raise it for the logs of long scheduled jobs)."""
 
+    @property
+    def replica_dtype(self) -> str:
+        """The dtype replicas hold the model in: model.dtype, `auto` being bfloat16 on GPU, float32 on CPU."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "bfloat16" if self.cluster.gpus_per_replica else "float32"
+
     def __post_init__(self) -> None:
         _require(self.engine in ("hf", "echo"), f"engine must be 'hf' or 'echo', got {self.engine!r}")
         _require(self.progress_every_s > 0, f"progress_every_s must be > 0, got {self.progress_every_s}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lmbatch.batching import decode_steps, padding_efficiency
+from lmbatch.batching import decode_steps, padded_size, padding_efficiency
 from lmbatch.prepare import ERROR, MAX_NEW, NUM_PROMPT_TOKENS, PARAMS, prepare_chunk
 from lmbatch.replica import row_options, sampling_params
 
@@ -20,10 +20,14 @@ def histogram(lengths: list[int]) -> list[tuple[str, int]]:
     return [(f"{2 ** b}-{2 ** (b + 1) - 1}", counts[b]) for b in sorted(counts)]
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
 def dry_run(plan) -> dict:
     b = plan.job.batching
     lengths, errors, batches, steps, rows_seen = [], 0, 0, 0, 0
-    real = padded = 0
+    real = padded = largest = 0
     for chunk in plan.pending:
         if rows_seen >= SAMPLE_ROWS:
             break
@@ -34,10 +38,12 @@ def dry_run(plan) -> dict:
         new_tokens = [table[MAX_NEW][i] for i in ok]
         # rows with different sampling settings never share a micro-batch: group them as replicas do
         groups = [sampling_params(row_options(plan.job.generation, table[PARAMS][i])) for i in ok]
-        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=groups,
-                       sequences=[g.num_return_sequences for g in groups])
+        sequences = [g.num_return_sequences for g in groups]
+        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=groups, sequences=sequences)
         batches += len(plan_)
         steps += decode_steps(plan_, new_tokens)
+        largest = max([largest] + [padded_size(sum(sequences[i] for i in batch), max(chunk_lengths[i] for i in batch),
+                                               max(new_tokens[i] for i in batch)) for batch in plan_])
         real += sum(chunk_lengths)
         padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0
         lengths += chunk_lengths
@@ -57,7 +63,13 @@ def dry_run(plan) -> dict:
     # On a GPU a decode step costs about the same for one row as for hundreds: steps are the cost.
     print(f"planned decode steps for the sampled rows: at most {steps:,} "
           "(a micro-batch runs to its largest max_new_tokens)")
+    kv = plan.kv_bytes_per_token
+    if kv and largest:  # what a GPU must hold for a micro-batch besides the weights: sizes max_batch_tokens
+        print(f"KV cache of the largest planned micro-batch: {largest:,} tokens x {kv:,} bytes "
+              f"({plan.job.replica_dtype}) = {_size(largest * kv)} (batching.max_batch_tokens="
+              f"{b.max_batch_tokens:,} allows {_size(b.max_batch_tokens * kv)})")
     print("no model was loaded for generation and nothing was written")
     return {"output": plan.output.uri, "dry_run": True, "sampled_rows": rows_seen, "error_rows": errors,
             "micro_batches": batches, "decode_steps": steps, "padding_efficiency": efficiency,
+            "largest_micro_batch_tokens": largest, "kv_cache_bytes_per_token": kv,
             "histogram": histogram(lengths)}

@@ -76,6 +76,19 @@ def parameter_count(directory: str) -> Optional[int]:
     return total
 
 
+def kv_cache_bytes_per_token(config, dtype: str) -> Optional[int]:
+    """Bytes of KV cache one token of a sequence takes: layers x 2 (keys, values) x KV heads x head
+    dim x bytes per value, from a model's (text) config; None where the config does not say. Models
+    with sliding-window or compressed attention take less."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return layers * 2 * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+
+
 SPECIAL_TOKEN_SETTINGS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 # Settings that shape how generate() reports, not what it generates; and the KV cache, which
 # model.kv_cache chooses (transformers itself drops the "hybrid" some models ship).

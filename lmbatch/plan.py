@@ -41,6 +41,8 @@ class JobPlan:
     chunks: list[Chunk]
     model_identity: Optional[str] = None
     """`models.model_identity` of the model, recorded with the output so that a resume can check it."""
+    kv_bytes_per_token: Optional[int] = None
+    """KV cache a token of a sequence takes in the replicas' dtype (`models.kv_cache_bytes_per_token`)."""
     duplicate_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     """Chunk id -> positions of rows repeating an earlier id (empty with on_duplicate_id=ignore)."""
 
@@ -99,11 +101,13 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
-    """(model path as workers should see it, context length); fails early on a missing model."""
+def check_model(job: JobConfig) -> tuple[str, Optional[int], Optional[int]]:
+    """(model path as workers should see it, context length, KV cache bytes per token in the replicas'
+    dtype); fails early on a missing model."""
     from transformers import AutoConfig
 
-    from lmbatch.models import BUILTIN, check_weights, load_generation_config, resolve_model_path, settings_not_applied
+    from lmbatch.models import (BUILTIN, check_weights, kv_cache_bytes_per_token, load_generation_config,
+                                resolve_model_path, settings_not_applied)
 
     path = job.model.path
     if not path.startswith(BUILTIN):
@@ -137,7 +141,7 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int]]:
         print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    return path, limit
+    return path, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
 
 def check_chat_template(job: JobConfig, tokenizer) -> None:
@@ -218,7 +222,7 @@ def plan_job(job: JobConfig) -> JobPlan:
                 i.text_column: "messages" if i.messages_column else "string"}  # the kinds checked win over "any"
     inputs = io.inspect_inputs(input_uri, required).head(i.limit)
     passthrough = _passthrough_columns(job, inputs)
-    model_path, context_limit = check_model(job)
+    model_path, context_limit, kv_bytes_per_token = check_model(job)
 
     if job.output.partition_by:
         _check_partition_by(job, inputs, passthrough)
@@ -242,7 +246,8 @@ def plan_job(job: JobConfig) -> JobPlan:
     check_room_for_prompts(job, settings)
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
     chunks = io.plan_chunks(inputs.files, chunk_rows)
-    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity)
+    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity,
+                   kv_bytes_per_token=kv_bytes_per_token)
     if i.on_duplicate_id != "ignore" and not state.finished:
         plan.duplicate_rows = _duplicates_by_chunk(chunks, io.find_duplicate_ids(input_uri, inputs.files, i.id_column))
     return plan

@@ -48,7 +48,7 @@ def gpu_mismatch(cluster: ClusterConfig, gpus: float, replicas: int) -> Optional
 def memory_shortfall(job: JobConfig, parameters: int, available: int) -> Optional[str]:
     """Whether the replicas' copies of the weights alone exceed the `available` memory of this
     machine, in a job that runs its replicas here, on CPU: they would be killed as they load."""
-    dtype = "float32" if job.model.dtype == "auto" else job.model.dtype  # "auto" is float32 on CPU
+    dtype = job.replica_dtype
     per_replica = parameters * (4 if dtype == "float32" else 2)
     replicas = job.cluster.num_replicas
     if per_replica * replicas <= available:

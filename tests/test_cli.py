@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, write_prompts
+from lmbatch.models import resolve_model_path
+from lmbatch.prepare import load_tokenizer
 
 
 def run_cli(args, cwd, timeout=300, entry=None):
@@ -86,6 +88,12 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     batches = int(done.stdout.split("planned micro-batches (bucketed): ")[1].split()[0])
     assert f"planned decode steps for the sampled rows: at most {7 * batches} " in done.stdout
     assert "1 would be error rows" in done.stdout
+    # what a micro-batch needs besides the weights: here the long prompt alone, in the tiny model's
+    # float32 (2 layers x 2 (keys, values) x 2 KV heads x 16 dims x 4 bytes = 512 bytes a token)
+    tokens = len(load_tokenizer(resolve_model_path("builtin://tiny-llama"))("a much longer prompt " * 20)["input_ids"])
+    tokens += 7
+    assert (f"KV cache of the largest planned micro-batch: {tokens:,} tokens x 512 bytes (float32) = "
+            f"{tokens * 512 / 1e6:.1f} MB (batching.max_batch_tokens=16,384 allows 8.4 MB)\n") in done.stdout
     assert not (tmp_path / "out").exists()
 
     # Rows with their own sampling settings get micro-batches of their own, as in the job:

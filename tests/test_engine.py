@@ -218,6 +218,19 @@ def test_a_models_own_generation_settings_do_not_change_the_output(tiny_llama, t
         "min_new_tokens=12, num_beams=3, no_repeat_ngram_size=2"
 
 
+def test_kv_cache_per_token_is_read_from_the_models_config():
+    """What the dry run multiplies its largest micro-batch by, for the shapes conf/batching/gpu.yaml cites."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    from lmbatch.models import kv_cache_bytes_per_token
+
+    qwen_0_5b = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+    llama_8b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_cache_bytes_per_token(qwen_0_5b, "bfloat16") == 12 * 1024
+    assert kv_cache_bytes_per_token(llama_8b, "bfloat16") == 128 * 1024
+    assert kv_cache_bytes_per_token(GPT2Config(n_layer=12, n_head=12, n_embd=768), "float32") == 12 * 2 * 768 * 4
+
+
 def test_device_map_auto_loads_through_accelerate(tiny_llama):
     """model.device_map=auto (how a replica spans its GPUs) loads and generates the same text; here on the CPU."""
     plain = make_engine(tiny_llama)
