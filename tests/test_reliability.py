@@ -244,7 +244,8 @@ def test_truncating_a_chat_drops_its_oldest_turns_and_keeps_the_system_message(t
               {"role": "user", "content": "What now?"}]
     # and a long conversation: 41 turns of different lengths, about 3,000 tokens in all
     turns = [{"role": ("user", "assistant")[i % 2], "content": "word " * (40 + i * 37 % 60)} for i in range(41)]
-    chats = [[system, *old, *recent], [{"role": "user", "content": "word " * 3000}], [system, *recent], [system, *turns]]
+    chats = [[system, *old, *recent], [{"role": "user", "content": "word " * 3000}], [system, *recent],
+             [system, *turns]]
     source = write_prompts(tmp_path / "in.parquet", ["x"] * 4, messages=chats)
     plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
                                           f"model.path={tiny_llama}", "input.messages_column=messages",
