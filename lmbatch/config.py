@@ -124,6 +124,10 @@ class ModelConfig:
     on GPU, where growing the cache cost 1.4-5x more per decode step on an H200, dynamic on CPU."""
     trust_remote_code: bool = False
     """Allow model repositories that ship their own code."""
+    revision: Optional[str] = None
+    """A hub model's branch, tag or commit; null: where `main` points when the job is planned. Either
+    way the plan pins the commit, and every replica and tokenizer loads that one (each node of a
+    cluster downloads a hub model itself): a job never mixes two commits of a model."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path must be set")

@@ -170,10 +170,11 @@ class HFEngine:
             kwargs["attn_implementation"] = attention
         if model.device_map:
             kwargs["device_map"] = model.device_map
-        loaded = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(model_path, revision=model.revision, **kwargs)
         if not model.device_map:
             loaded.to(device)
-        return cls(loaded.eval(), load_tokenizer(model_path, model.trust_remote_code), batching, model.kv_cache)
+        tokenizer = load_tokenizer(model_path, model.trust_remote_code, revision=model.revision)
+        return cls(loaded.eval(), tokenizer, batching, model.kv_cache)
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:

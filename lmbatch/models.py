@@ -107,12 +107,12 @@ def special_tokens_only(generation_config):
                                if (v := getattr(generation_config, k, None)) is not None})
 
 
-def load_generation_config(path: str):
+def load_generation_config(path: str, revision: Optional[str] = None):
     """The model's generation config; a default one where it ships none."""
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(resolve_model_path(path))
+        return GenerationConfig.from_pretrained(resolve_model_path(path), revision=revision)
     except OSError:
         return GenerationConfig()
 
@@ -131,7 +131,16 @@ def settings_not_applied(generation_config) -> dict:
 IDENTITY_SAMPLES, IDENTITY_SAMPLE_BYTES = 16, 64 * 1024
 
 
-def model_identity(path: str) -> Optional[str]:
+def hub_commit(path: str, revision: Optional[str] = None) -> Optional[str]:
+    """The commit of a hub model's files in the local cache (of `revision`, else of `main`); None
+    where the cache does not hold them (a local directory, a model not fetched yet)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json", revision=revision)  # cached by the plan's check
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def model_identity(path: str, revision: Optional[str] = None) -> Optional[str]:
     """What the model at `path` is, to tell whether it changed between two runs of one job (a model
     directory updated in place, a symlink moved to a new model, a hub id with a new commit): a local
     directory by its content, a hub id by its commit in the local cache; None where neither is known.
@@ -142,10 +151,8 @@ def model_identity(path: str) -> Optional[str]:
     Hidden files are left out (`hf download --local-dir` keeps its download records in `.cache/`)."""
     local = Path(os.path.expanduser(resolve_model_path(path)))
     if not local.is_dir():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(path, "config.json")  # cached by the plan's check of the model
-        return f"commit {Path(cached).parent.name}" if isinstance(cached, str) else None
+        commit = hub_commit(path, revision)
+        return f"commit {commit}" if commit else None
     digest = hashlib.sha256()
     for file in sorted(p for p in local.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(local).parts)):

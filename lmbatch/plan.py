@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmbatch import io
-from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
+from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig, ModelConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.models import model_identity
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
@@ -101,15 +101,16 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def check_model(job: JobConfig) -> tuple[str, Optional[int], Optional[int]]:
-    """(model path as workers should see it, context length, KV cache bytes per token in the replicas'
-    dtype); fails early on a missing model."""
+def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[int]]:
+    """(the model config as workers should see it: a local path absolute, a hub model pinned to its
+    commit; context length; KV cache bytes per token in the replicas' dtype). Fails early on a
+    missing model."""
     from transformers import AutoConfig
 
-    from lmbatch.models import (BUILTIN, check_weights, kv_cache_bytes_per_token, load_generation_config,
+    from lmbatch.models import (BUILTIN, check_weights, hub_commit, kv_cache_bytes_per_token, load_generation_config,
                                 resolve_model_path, settings_not_applied)
 
-    path = job.model.path
+    path, revision = job.model.path, job.model.revision
     if not path.startswith(BUILTIN):
         expanded = os.path.expanduser(path)
         if os.path.exists(expanded):
@@ -121,13 +122,14 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int], Optional[int]]:
         elif expanded.startswith(("/", ".")):
             raise JobError(f"model.path {job.model.path} does not exist")
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=job.model.trust_remote_code)
-        tokenizer = load_tokenizer(path, job.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=job.model.trust_remote_code,
+                                            revision=revision)
+        tokenizer = load_tokenizer(path, job.model.trust_remote_code, revision=revision)
     except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
         raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
     if job.input.chat:
         check_chat_template(job, tokenizer)
-    ignored = {k: v for k, v in settings_not_applied(load_generation_config(path)).items()
+    ignored = {k: v for k, v in settings_not_applied(load_generation_config(path, revision)).items()
                if getattr(job.generation, k, None) != v}  # what the job sets alike is applied, as the job's
     if ignored:
         print(f"lmbatch: note: the generation_config.json of {job.model.path} sets "
@@ -141,7 +143,13 @@ def check_model(job: JobConfig) -> tuple[str, Optional[int], Optional[int]]:
         print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    return path, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
+    if not os.path.isdir(resolve_model_path(path)):  # a hub model: the commit its files came from
+        revision = hub_commit(path, revision) or revision
+    elif revision:
+        raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
+                       "is a local directory")
+    model = dataclasses.replace(job.model, path=path, revision=revision)
+    return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
 
 def check_chat_template(job: JobConfig, tokenizer) -> None:
@@ -196,8 +204,10 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # limit is left to "files", which hold the rows taken: a limit above the input's rows is the
         # same job as none (and jobs from before the key keep their fingerprint)
         "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")},
-        # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume)
-        "model": {k: v for k, v in dataclasses.asdict(job.model).items() if k != "kv_cache"},
+        # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume);
+        # revision, added later, counts when set (jobs from before it keep their fingerprint)
+        "model": {k: v for k, v in dataclasses.asdict(job.model).items()
+                  if k != "kv_cache" and not (k == "revision" and v is None)},
         "generation": dataclasses.asdict(job.generation),
         "engine": job.engine,
         "partition_by": job.output.partition_by,
@@ -222,13 +232,13 @@ def plan_job(job: JobConfig) -> JobPlan:
                 i.text_column: "messages" if i.messages_column else "string"}  # the kinds checked win over "any"
     inputs = io.inspect_inputs(input_uri, required).head(i.limit)
     passthrough = _passthrough_columns(job, inputs)
-    model_path, context_limit, kv_bytes_per_token = check_model(job)
+    model, context_limit, kv_bytes_per_token = check_model(job)
 
     if job.output.partition_by:
         _check_partition_by(job, inputs, passthrough)
     output = OutputDir(output_uri, job.output.partition_by)
     fingerprint = _fingerprint(job, inputs)
-    identity = model_identity(model_path)
+    identity = model_identity(model.path, model.revision)
     state = output.inspect(fingerprint, job.output.mode, identity)
     configured = job.batching.chunk_rows
     if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
@@ -236,15 +246,17 @@ def plan_job(job: JobConfig) -> JobPlan:
     chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, configured, job.cluster.num_replicas)
     settings = PrepareSettings(
         input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
-        tokenizer_path=model_path, generation=job.generation, param_columns=tuple(i.param_columns),
+        tokenizer_path=model.path, tokenizer_revision=model.revision, generation=job.generation,
+        param_columns=tuple(i.param_columns),
         context_limit=context_limit, on_too_long=i.on_too_long,
         template=i.template, chat=i.chat, system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,
-        tokenizer_class=direct_class_path(load_tokenizer(model_path, job.model.trust_remote_code), model_path),
+        tokenizer_class=direct_class_path(load_tokenizer(model.path, model.trust_remote_code, revision=model.revision),
+                                          model.path, model.revision),
         input_schema=inputs.schema,
     )
     check_room_for_prompts(job, settings)
-    job = dataclasses.replace(job, model=dataclasses.replace(job.model, path=model_path))
+    job = dataclasses.replace(job, model=model)
     chunks = io.plan_chunks(inputs.files, chunk_rows)
     plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity,
                    kv_bytes_per_token=kv_bytes_per_token)

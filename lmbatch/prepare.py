@@ -52,6 +52,8 @@ class PrepareSettings:
     trust_remote_code: bool = False
     tokenizer_class: Optional[str] = None
     """The tokenizer's class as `direct_class_path` gives it: workers load it without AutoTokenizer."""
+    tokenizer_revision: Optional[str] = None
+    """The hub commit the plan pinned (model.revision); None for a local model."""
     input_schema: Optional[pa.Schema] = None
     """The input's columns and types, merged over its files (`io.inspect_inputs`)."""
 
@@ -75,7 +77,8 @@ def template_fields(template: Optional[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False, class_path: Optional[str] = None):
+def load_tokenizer(path: str, trust_remote_code: bool = False, class_path: Optional[str] = None,
+                   revision: Optional[str] = None):
     """One tokenizer per worker process: Ray reuses workers, so this loads once, not per chunk.
 
     class_path ("module:Class", from `direct_class_path`) loads that class itself instead of
@@ -87,11 +90,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, class_path: Optio
     local = resolve_model_path(path)
     if class_path:
         module, name = class_path.split(":")
-        tokenizer = getattr(importlib.import_module(module), name).from_pretrained(local)
+        tokenizer = getattr(importlib.import_module(module), name).from_pretrained(local, revision=revision)
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code, revision=revision)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -103,7 +106,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, class_path: Optio
     return tokenizer
 
 
-def direct_class_path(tokenizer, path: str) -> Optional[str]:
+def direct_class_path(tokenizer, path: str, revision: Optional[str] = None) -> Optional[str]:
     """The `class_path` that loads `tokenizer` (loaded through AutoTokenizer) without AutoTokenizer,
     or None where that is remote code or loads a tokenizer that differs in what prepare uses."""
     cls = type(tokenizer)
@@ -117,7 +120,7 @@ def direct_class_path(tokenizer, path: str) -> Optional[str]:
 
     probe = ["Hello, world!  <s> </s> <|im_end|> 12345 ünïcödé 🚀\n\tend", ""]
     try:
-        direct = load_tokenizer.__wrapped__(path, class_path=class_path)
+        direct = load_tokenizer.__wrapped__(path, class_path=class_path, revision=revision)
         same = (type(direct) is cls and pipeline(direct) == pipeline(tokenizer)
                 and direct.all_special_ids == tokenizer.all_special_ids
                 and direct.chat_template == tokenizer.chat_template
@@ -303,7 +306,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     rows = table.select(s.row_columns).to_pylist()  # kept columns stay in Arrow: they are only copied
     id_column = s.passthrough_columns[0]
     duplicates = set(duplicate_rows)
-    tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class)
+    tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class, s.tokenizer_revision)
     texts: dict[int, str] = {}
     chats: dict[int, list[dict]] = {}  # the messages of chat rows, which truncation drops turns of
     errors: list[Optional[str]] = [None] * len(rows)

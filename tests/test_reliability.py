@@ -353,6 +353,8 @@ BAD_JOBS = {
     "mismatched files": (mismatched_files, [], "b.parquet does not match the files before it: its column 'id' is "
                                                "string, theirs int64"),
     "model path missing": (one_prompt, ["model.path=/no/such/model"], "model.path /no/such/model does not exist"),
+    "a revision of a local model": (one_prompt, ["model.revision=v2"],
+                                    "model.revision=v2 names a commit of a hub model, but model.path builtin://"),
     "model path a file": (one_prompt, [f"model.path={sys.executable}"], "is a file, not a model directory"),
     "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
     "no room for a prompt": (one_prompt, ["generation.max_new_tokens=2048"], "leaves no room for a prompt"),
@@ -585,6 +587,48 @@ def test_a_hub_model_is_known_by_its_commit(tmp_path, tiny_llama):
                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.strip() == f"commit {commit}"
+
+
+def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_job(tmp_path, tiny_llama):
+    """Replicas and tokenizer workers load a hub model themselves (each node downloads it): `main`
+    moving on while the job runs (a new commit pushed) would mix two models in one output. The plan
+    pins the commit it saw, or the one model.revision names, and every load takes that one."""
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    first, second = "1" * 40, "2" * 40
+    for commit in (first, second):
+        shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    # the second commit is another model, with another tokenizer
+    for name, key, value in (("config.json", "rms_norm_eps", 1e-3), ("tokenizer_config.json", "model_max_length", 77)):
+        settings = json.loads((repo / "snapshots" / second / name).read_text())
+        (repo / "snapshots" / second / name).write_text(json.dumps({**settings, key: value}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    (repo / "refs" / "v2").write_text(second)
+    source = write_prompts(tmp_path / "in.parquet", ["hello"])
+    script = f"""
+import json
+from lmbatch.config import InputConfig, JobConfig, ModelConfig, OutputConfig
+from lmbatch.plan import plan_job
+from lmbatch.prepare import load_tokenizer
+from lmbatch.replica import load_engine
+
+def plan(revision=None):
+    return plan_job(JobConfig(input=InputConfig(path={str(source)!r}),
+                              output=OutputConfig(path={str(tmp_path / 'out')!r}),
+                              model=ModelConfig(path="acme/tiny", revision=revision)))
+
+job = plan()
+open({str(repo / "refs" / "main")!r}, "w").write({second!r})  # main moves on as the job runs
+s, engine = job.settings, load_engine(job.job, "cpu")  # what replicas and prepare workers load
+tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class, s.tokenizer_revision)
+same_tokenizer = engine.tokenizer.model_max_length == tokenizer.model_max_length != 77
+print(json.dumps([job.job.model.revision, job.model_identity, engine.model.config.rms_norm_eps, same_tokenizer,
+                  plan("v2").job.model.revision]))
+"""
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert json.loads(found.stdout.splitlines()[-1]) == [first, f"commit {first}", 1e-6, True, second]
 
 
 def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(tmp_path, tiny_llama):
