@@ -144,7 +144,9 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
         self.model.generation_config = special_tokens_only(self.model.generation_config)
-        self.pad_id = self.tokenizer.pad_token_id
+        # No pad token and no EOS to pad with (load_tokenizer pads with EOS): any id will do, as
+        # padding is masked out.
+        self.pad_id = 0 if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
         self.batching = batching
         self.stats = EngineStats()
         self.rows_failed_alone = 0  # not out of memory: with none done yet, many say the engine is broken

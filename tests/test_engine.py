@@ -76,13 +76,30 @@ def test_finish_reasons_and_stop_strings(tiny_llama):
 @pytest.fixture(scope="module")
 def tiny_llama_without_pad(tiny_llama, tmp_path_factory):
     """The tiny model with no pad token, as GPT-2's and Llama 3's tokenizers come: the job pads with EOS."""
-    path = tmp_path_factory.mktemp("no-pad") / "model"
-    shutil.copytree(tiny_llama, path)
+    return without_tokens(tiny_llama, tmp_path_factory.mktemp("no-pad") / "model", "pad")
+
+
+def without_tokens(model, path, *kinds):
+    """A copy of `model` whose tokenizer, config and generation config name no such special tokens."""
+    shutil.copytree(model, path)
     for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
         settings = json.loads((path / name).read_text())
-        settings.pop("pad_token", None), settings.pop("pad_token_id", None)
+        for kind in kinds:
+            settings.pop(f"{kind}_token", None), settings.pop(f"{kind}_token_id", None)
         (path / name).write_text(json.dumps(settings))
     return str(path)
+
+
+def test_a_tokenizer_without_pad_or_eos_pads_with_any_id(tiny_llama, tmp_path):
+    """With neither a pad token nor an EOS to pad with, every micro-batch failed. Any id will do:
+    padding is masked out. Rows then end only at their length (or a stop string)."""
+    engine = make_engine(without_tokens(tiny_llama, tmp_path / "model", "pad", "eos"))
+    assert engine.eos_ids == set() and engine.pad_id == 0
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 6) for i, p in enumerate(varied_prompts(8, max_words=20))]
+    got = sorted(engine.generate(requests), key=lambda c: c.key)
+    assert engine.stats.micro_batches < len(requests)
+    for r, c in zip(requests, got):
+        assert (c.text, c.finish_reason) == (engine._decode(alone(engine, r)), "length"), f"row {r.key}"
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_llama_without_pad"])
