@@ -408,8 +408,9 @@ def _check_unchanged(uri: str, piece: Piece) -> None:
     if size != piece.file_size:
         now = "it is gone" if size is None else f"{size:,} now"
         raise JobError(f"input file {with_scheme(uri, piece.file)} changed while the job ran "
-                       f"({piece.file_size:,} bytes when planned, {now}): the job stops rather than mix two versions of the input in one output; "
-                       "once the input is settled, run it again into a new output.path (or with output.mode=overwrite)")
+                       f"({piece.file_size:,} bytes when planned, {now}): the job stops rather than mix two "
+                       "versions of the input in one output; once the input is settled, run it again into a new "
+                       "output.path (or with output.mode=overwrite)")
 
 
 @functools.lru_cache(maxsize=4)

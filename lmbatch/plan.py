@@ -122,11 +122,17 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         elif expanded.startswith(("/", ".")):
             raise JobError(f"model.path {job.model.path} does not exist")
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=job.model.trust_remote_code,
-                                            revision=revision)
+        local = resolve_model_path(path)
+        config = AutoConfig.from_pretrained(local, trust_remote_code=job.model.trust_remote_code, revision=revision)
+        hub = not os.path.isdir(local)
+        if hub:  # pinned to the commit its config came from: the checks below and every worker load that one
+            revision = hub_commit(path, revision) or revision
         tokenizer = load_tokenizer(path, job.model.trust_remote_code, revision=revision)
     except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
         raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
+    if revision and not hub:
+        raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
+                       "is a local directory")
     if job.input.chat:
         check_chat_template(job, tokenizer)
     ignored = {k: v for k, v in settings_not_applied(load_generation_config(path, revision)).items()
@@ -143,11 +149,6 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    if not os.path.isdir(resolve_model_path(path)):  # a hub model: the commit its files came from
-        revision = hub_commit(path, revision) or revision
-    elif revision:
-        raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
-                       "is a local directory")
     model = dataclasses.replace(job.model, path=path, revision=revision)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
