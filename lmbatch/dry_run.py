@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 from lmbatch.batching import decode_steps, padded_size, padding_efficiency
-from lmbatch.prepare import ERROR, MAX_NEW, NUM_PROMPT_TOKENS, PARAMS, prepare_chunk
-from lmbatch.replica import row_options, sampling_params
+from lmbatch.interface import identical_requests
+from lmbatch.prepare import NUM_PROMPT_TOKENS, prepare_chunk
+from lmbatch.replica import chunk_requests
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
 
@@ -26,33 +27,36 @@ def _size(n: float) -> str:
 
 def dry_run(plan) -> dict:
     b = plan.job.batching
-    lengths, errors, batches, steps, rows_seen = [], 0, 0, 0, 0
+    lengths, errors, repeats, batches, steps, rows_seen = [], 0, 0, 0, 0, 0
     real = padded = largest = 0
     for chunk in plan.pending:
         if rows_seen >= SAMPLE_ROWS:
             break
-        table = prepare_chunk(chunk, plan.settings, plan.error_duplicates(chunk.id)).to_pydict()
-        ok = [i for i, e in enumerate(table[ERROR]) if e is None]
-        errors += len(table[ERROR]) - len(ok)
-        chunk_lengths = [table[NUM_PROMPT_TOKENS][i] for i in ok]
-        new_tokens = [table[MAX_NEW][i] for i in ok]
-        # rows with different sampling settings never share a micro-batch: group them as replicas do
-        groups = [sampling_params(row_options(plan.job.generation, table[PARAMS][i])) for i in ok]
-        sequences = [g.num_return_sequences for g in groups]
-        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=groups, sequences=sequences)
+        table = prepare_chunk(chunk, plan.settings, plan.error_duplicates(chunk.id))
+        requests = chunk_requests(table, plan.job.generation, plan.settings.passthrough_columns[0])
+        errors += table.num_rows - len(requests)
+        true_lengths = table[NUM_PROMPT_TOKENS].to_pylist()
+        lengths += [true_lengths[r.key] for r in requests]
+        # planned as replicas plan: a repeat of a row is not generated, and rows with different
+        # sampling settings never share a micro-batch
+        requests, repeated = identical_requests(requests)
+        repeats += sum(map(len, repeated.values()))
+        chunk_lengths = [len(r.prompt_ids) for r in requests]
+        new_tokens = [r.max_new_tokens for r in requests]
+        sequences = [r.params.num_return_sequences for r in requests]
+        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=[r.params for r in requests], sequences=sequences)
         batches += len(plan_)
         steps += decode_steps(plan_, new_tokens)
         largest = max([largest] + [padded_size(sum(sequences[i] for i in batch), max(chunk_lengths[i] for i in batch),
                                                max(new_tokens[i] for i in batch)) for batch in plan_])
         real += sum(chunk_lengths)
         padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0
-        lengths += chunk_lengths
         rows_seen += chunk.num_rows
 
     print(f"lmbatch dry run: {plan.inputs.num_rows:,} rows in {len(plan.inputs.files)} files, "
           f"{len(plan.chunks)} chunks of <= {plan.chunk_rows} rows, {len(plan.pending)} to generate")
-    print(f"sampled {rows_seen:,} rows: {errors} would be error rows; "
-          f"{plan.num_duplicate_rows} rows in the input repeat an earlier id")
+    print(f"sampled {rows_seen:,} rows: {errors} would be error rows, {repeats} repeat an earlier row's prompt and "
+          f"greedy settings (copied, not generated); {plan.num_duplicate_rows} rows in the input repeat an earlier id")
     print("prompt tokens   rows")
     peak = max((c for _, c in histogram(lengths)), default=1)
     for label, count in histogram(lengths):
@@ -70,6 +74,7 @@ def dry_run(plan) -> dict:
               f"{b.max_batch_tokens:,} allows {_size(b.max_batch_tokens * kv)})")
     print("no model was loaded for generation and nothing was written")
     return {"output": plan.output.uri, "dry_run": True, "sampled_rows": rows_seen, "error_rows": errors,
+            "repeated_rows": repeats,
             "micro_batches": batches, "decode_steps": steps, "padding_efficiency": efficiency,
             "largest_micro_batch_tokens": largest, "kv_cache_bytes_per_token": kv,
             "histogram": histogram(lengths)}

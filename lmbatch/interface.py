@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,29 @@ class EngineStats:
     decode_steps: int = 0
     """Forward passes of decoding; decode_slots / decode_steps is the average batch per step."""
     split_retries: int = 0
+
+
+def identical_requests(requests: Sequence[Request]) -> tuple[list[Request], dict[int, list[int]]]:
+    """Greedy requests equal to an earlier one (prompt tokens, max_new_tokens, settings) are generated
+    once: greedy decoding gives them the same completion. Returns the requests to generate and, by the
+    key of each that has them, the keys of its repeats. Sampled rows each draw their own samples."""
+    first: dict[tuple, int] = {}
+    unique: list[Request] = []
+    repeats: dict[int, list[int]] = {}
+    for r in requests:
+        same = None if r.params.do_sample else (tuple(r.prompt_ids), r.max_new_tokens, r.params)
+        if same in first:
+            repeats.setdefault(first[same], []).append(r.key)
+            continue
+        if same is not None:
+            first[same] = r.key
+        unique.append(r)
+    return unique, repeats
+
+
+def with_repeats(completions: Sequence[Completion], repeats: dict[int, list[int]]) -> list[Completion]:
+    """The completions, and a copy of each for every repeat of its request (`identical_requests`)."""
+    return [*completions, *(dataclasses.replace(c, key=k) for c in completions for k in repeats.get(c.key, ()))]
 
 
 def row_seed(seed: int, *parts: object) -> int:

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from lmbatch import prepare as P
 from lmbatch.config import GenerationOptions, JobConfig
-from lmbatch.interface import Completion, Request, SamplingParams, row_seed
+from lmbatch.interface import Completion, Request, SamplingParams, identical_requests, row_seed, with_repeats
 from lmbatch.output import OutputDir, with_part_metadata
 from lmbatch.report import LiveReporter
 
@@ -72,6 +72,23 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
 def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
     """The job's generation settings with a row's parameter overrides (JSON, as prepare wrote them)."""
     return dataclasses.replace(generation, **json.loads(overrides)) if overrides else generation
+
+
+def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str) -> list[Request]:
+    """A request per valid row of a prepared chunk (error rows have none), keyed by its position."""
+    job_params = sampling_params(generation)
+    requests = []
+    for i, (ids, max_new, err, row_id, overrides) in enumerate(zip(
+            rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), rows[P.ERROR].to_pylist(),
+            rows[id_column].to_pylist(), rows[P.PARAMS].to_pylist())):
+        if err is not None:
+            continue
+        g = row_options(generation, overrides)
+        params = sampling_params(g) if overrides else job_params
+        # The seed comes from the row's id, not its position: samples do not depend on chunking.
+        requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
+                                seed=row_seed(g.seed, row_id) if params.do_sample else 0))
+    return requests
 
 
 def load_engine(job: JobConfig, device: str | None = None):
@@ -189,33 +206,26 @@ class Replica:
                 raise RuntimeError(f"chunk {chunk_id} arrived with {rows.num_rows} of {expected} rows")
             started = time.perf_counter()
             before = dict(vars(self.engine.stats))
-            table = self.generate_chunk(chunk_id, rows)
+            table, repeats = self.generate_chunk(chunk_id, rows)
             self.output.write_part(chunk_id, with_part_metadata(table, self.fingerprint, chunk_id))
-            summaries.append(self._summary(chunk_id, table, before, time.perf_counter() - started))
+            summaries.append(self._summary(chunk_id, table, repeats, before, time.perf_counter() - started))
         return pa.Table.from_pylist(summaries)
 
-    def generate_chunk(self, chunk_id: str, rows: pa.Table) -> pa.Table:
-        """Generate every valid row of a chunk; return the output rows in input order."""
+    def generate_chunk(self, chunk_id: str, rows: pa.Table) -> tuple[pa.Table, int]:
+        """Generate every valid row of a chunk; return the output rows in input order, and how many
+        rows repeated an earlier one's prompt and settings (greedy), so took a copy of its completion."""
         rows = rows.sort_by(P.ROW)
         positions = rows[P.ROW].to_pylist()
         if positions != list(range(len(positions))):
             raise RuntimeError(f"chunk {chunk_id}: row positions are not 0..{len(positions) - 1}")
         errors = rows[P.ERROR].to_pylist()
-        requests = []
-        for i, (ids, max_new, err, row_id, overrides) in enumerate(zip(
-                rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), errors,
-                rows[self.passthrough[0]].to_pylist(), rows[P.PARAMS].to_pylist())):
-            if err is not None:
-                continue
-            g = row_options(self.generation, overrides)
-            params = sampling_params(g) if overrides else self.params
-            # The seed comes from the row's id, not its position: samples do not depend on chunking.
-            requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
-                                    seed=row_seed(g.seed, row_id) if params.do_sample else 0))
+        requests = chunk_requests(rows, self.generation, self.passthrough[0])
+        unique, repeats = identical_requests(requests)
         live = LiveReporter(self.live_chunks, self.name, chunk_id) if self.live_chunks is not None else None
+        on_batch = self.watchdog.rearming(live)
         with self.watchdog:
-            completions = self._generate(chunk_id, requests, self.watchdog.rearming(live))
-        by_row = self._index(completions, {r.key for r in requests}, chunk_id)
+            completions = self._generate(chunk_id, unique, lambda done: on_batch(with_repeats(done, repeats)))
+        by_row = self._index(with_repeats(completions, repeats), {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences
         done: list[Completion] = []
@@ -234,7 +244,7 @@ class Replica:
         }
         for f in output_columns(n):
             out = out.append_column(f, pa.array(values[f.name], f.type))
-        return out
+        return out, len(requests) - len(unique)
 
     def _generate(self, chunk_id: str, requests: list[Request], on_batch) -> list[Completion]:
         """Generate a chunk's requests together, or, once DEATHS_BEFORE_ISOLATING processes have died
@@ -274,7 +284,7 @@ class Replica:
                                f"or unexpected ones present")
         return index
 
-    def _summary(self, chunk_id: str, table: pa.Table, before: dict, seconds: float) -> dict:
+    def _summary(self, chunk_id: str, table: pa.Table, repeats: int, before: dict, seconds: float) -> dict:
         stats = vars(self.engine.stats)
         reasons = table["finish_reason"].to_pylist()
         kinds = collections.Counter(error_kind(e) for e in table["error"].to_pylist() if e is not None)
@@ -283,6 +293,7 @@ class Replica:
             "replica": self.name,
             "rows": table.num_rows,
             "errors": reasons.count("error"),
+            "repeated_rows": repeats,
             "error_kinds": json.dumps(dict(kinds)),  # JSON: the set of kinds varies per chunk
             "seconds": seconds,
             "ready_at": self.ready_at,

@@ -49,8 +49,8 @@ class Progress:
                 self.finished.add(s["chunk"])
                 self.live.pop(s["chunk"], None)
                 self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
-                for key in ("rows", "errors", "prompt_tokens", "padded_prompt_tokens", "generated_tokens",
-                            "decode_slots", "split_retries"):
+                for key in ("rows", "errors", "repeated_rows", "prompt_tokens", "padded_prompt_tokens",
+                            "generated_tokens", "decode_slots", "split_retries"):
                     self.sums[key] += s[key]
                 self.error_kinds.update(json.loads(s["error_kinds"]))
                 replica = self.replicas[s["replica"]]
@@ -110,6 +110,7 @@ class Progress:
             "rows_ok_this_run": s["rows"] - s["errors"],
             "rows_error_this_run": s["errors"],
             "errors_by_kind": dict(self.error_kinds),
+            "rows_repeating_a_prompt": s["repeated_rows"],
             "chunks_this_run": self.chunks,
             "prompt_tokens": s["prompt_tokens"],
             "generated_tokens": s["generated_tokens"],
@@ -318,6 +319,9 @@ def format_summary(metrics: dict, totals: dict) -> str:
     ]
     if metrics.get("startup_seconds") is not None:  # what tokens/s above are diluted by on short jobs
         rows.append(("start-up", f"{metrics['startup_seconds']:,.1f}s (Ray, replicas, model loads)"))
+    if metrics.get("rows_repeating_a_prompt"):  # fewer rows generated than written: say why
+        rows.append(("rows repeating a prompt", f"{metrics['rows_repeating_a_prompt']:,} (greedy: each copied from "
+                                                "the first row of its chunk with that prompt and settings)"))
     if metrics.get("chunk_restarts"):  # each a replica process that died: killed, crashed, its node lost
         rows.append(("chunks restarted", f"{metrics['chunk_restarts']:,} (their replica process died: see the log)"))
     if metrics.get("object_store_peak_mb") is not None:

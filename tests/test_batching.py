@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmbatch.batching import decode_steps, padded_size, padding_efficiency, plan_micro_batches
+from lmbatch.interface import Completion, Request, SamplingParams, identical_requests, with_repeats
 
 
 def test_bucketed_orders_by_length_and_respects_budget():
@@ -84,3 +85,17 @@ def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff, min_d
             assert padded_size(seqs, max(lengths[i] for i in b), max(new[i] for i in b)) <= budget
             assert sum(lengths[i] for i in b) >= min_eff * len(b) * max(lengths[i] for i in b) - 1e-9
             assert sum(new[i] for i in b) >= min_decode * len(b) * max(new[i] for i in b) - 1e-9
+
+
+def test_a_greedy_row_equal_to_an_earlier_one_is_generated_once():
+    greedy, sampled = SamplingParams(), SamplingParams(do_sample=True)
+    requests = [Request(0, [5, 6], 8), Request(1, [5, 6], 8), Request(2, [5, 6], 9),  # more new tokens
+                Request(3, [5, 6], 8, SamplingParams(stop=("x",))), Request(4, [5, 6, 7], 8),
+                Request(5, [5, 6], 8, sampled, seed=1), Request(6, [5, 6], 8, sampled, seed=1),  # own samples
+                Request(7, [5, 6], 8, greedy)]
+    unique, repeats = identical_requests(requests)
+    assert [r.key for r in unique] == [0, 2, 3, 4, 5, 6] and repeats == {0: [1, 7]}
+    done = [Completion(r.key, 0, f"text {r.key}", 3, "stop") for r in unique]
+    copies = with_repeats(done, repeats)
+    assert sorted((c.key, c.text) for c in copies) == sorted([(r.key, f"text {r.key}") for r in unique]
+                                                            + [(1, "text 0"), (7, "text 0")])

@@ -103,6 +103,11 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     done = run_cli([f"input.path={tmp_path / 'params.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true",
                     "generation=sampling", "input.param_columns=[temperature]", "cluster.num_replicas=1"], cwd=tmp_path)
     assert "planned micro-batches (bucketed): 6 " in done.stdout, done.stdout + done.stderr[-3000:]
+    # Greedy, a chunk's repeats of one prompt are copied from its first row, not generated: one row a chunk.
+    done = run_cli([f"input.path={tmp_path / 'params.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true",
+                    "cluster.num_replicas=1"], cwd=tmp_path)
+    assert "0 would be error rows, 38 repeat an earlier row's prompt" in done.stdout, done.stdout
+    assert "planned micro-batches (bucketed): 2 " in done.stdout
 
 
 def test_a_bad_job_exits_with_one_readable_line(tmp_path):
