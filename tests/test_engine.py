@@ -122,6 +122,29 @@ def test_stop_strings_cut_rows_in_a_batch_as_alone(model, request):
     assert stopped >= 8
 
 
+def test_stop_strings_are_checked_on_rows_still_going_and_confirmed_as_finish_cuts():
+    """At every step only the rows still going are decoded (a row whose newest token is an EOS or the
+    pad has ended), by the fast backend, and a match is confirmed with transformers' decode, which
+    `_finish` cuts by: here its clean-up of spaces ("a ." -> "a.") removes what the backend's text has."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from lmbatch.engine import StopStrings
+
+    vocab = {"[PAD]": 0, "[EOS]": 1, "a": 2, ".": 3, "b": 4, "[UNK]": 5}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                        pad_token="[PAD]", eos_token="[EOS]", clean_up_tokenization_spaces=True)
+    assert tokenizer.backend_tokenizer.decode([2, 3]) == "a ." and tokenizer.decode([2, 3]) == "a."
+    prompt = [4, 4]
+    generated = [[4, 4, 2], [4, 4, 4], [2, 4, 0], [4, 2, 3], [4, 4, 3]]  # "b b a", ..., "b b ."
+    ids = torch.tensor([prompt + g for g in generated])
+    stopped = StopStrings(tokenizer, ("a", " ."), len(prompt), frozenset({0, 1}))(ids, None)
+    # row 2 holds "a" but has ended (padded); row 4's " ." is in the backend's text only
+    assert stopped.tolist() == [True, False, False, True, False]
+    stopped = StopStrings(tokenizer, (" .",), len(prompt), frozenset({0, 1}))(ids, None)
+    assert stopped.tolist() == [False] * 5
+
+
 def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     """A generation config that leaves out the tokenizer's EOS (the token a chat model ends its turn
     with, say) made model.generate run on past every answer: the engine stops at both."""
