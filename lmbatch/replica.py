@@ -181,11 +181,12 @@ class Replica:
         device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.output = OutputDir(output_uri, job.output.partition_by, job.output.compression)
-        self.output.check_shared(fingerprint, f"replica {self.name}")  # before minutes of model loading
         actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
         if live_chunks is not None and actor is not None:
             check_load_deaths(*ray.get(live_chunks.start_load.remote(actor)))
-        with StallWatchdog(job.cluster.load_timeout_s):  # a hung mount or download: end, and be restarted
+        # A hung mount (the output's, the model's) or download: end, and be restarted.
+        with StallWatchdog(job.cluster.load_timeout_s):
+            self.output.check_shared(fingerprint, f"replica {self.name}")  # before minutes of model loading
             self.engine = load_engine(job, device)
         self.generation = job.generation
         self.params = sampling_params(job.generation)
@@ -206,8 +207,9 @@ class Replica:
                 raise RuntimeError(f"chunk {chunk_id} arrived with {rows.num_rows} of {expected} rows")
             started = time.perf_counter()
             before = dict(vars(self.engine.stats))
-            table, repeats = self.generate_chunk(chunk_id, rows)
-            self.output.write_part(chunk_id, with_part_metadata(table, self.fingerprint, chunk_id))
+            with self.watchdog:  # re-armed by each micro-batch; a write that hangs (a stale mount) ends it too
+                table, repeats = self.generate_chunk(chunk_id, rows)
+                self.output.write_part(chunk_id, with_part_metadata(table, self.fingerprint, chunk_id))
             summaries.append(self._summary(chunk_id, table, repeats, before, time.perf_counter() - started))
         return pa.Table.from_pylist(summaries)
 
@@ -223,8 +225,7 @@ class Replica:
         unique, repeats = identical_requests(requests)
         live = LiveReporter(self.live_chunks, self.name, chunk_id) if self.live_chunks is not None else None
         on_batch = self.watchdog.rearming(live)
-        with self.watchdog:
-            completions = self._generate(chunk_id, unique, lambda done: on_batch(with_repeats(done, repeats)))
+        completions = self._generate(chunk_id, unique, lambda done: on_batch(with_repeats(done, repeats)))
         by_row = self._index(with_repeats(completions, repeats), {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences

@@ -487,6 +487,24 @@ def test_a_replica_that_cannot_see_the_output_fails_at_start(tmp_path):
         Replica(job, str(tmp_path / "out"), ["id"], fingerprint="0123456789abcdef")
 
 
+def test_a_replica_whose_check_of_the_output_hangs_ends_its_process(tmp_path):
+    """A hung mount (a stale NFS handle) blocks a replica's first read of the output, before its model
+    load: like a hung load it must end within cluster.load_timeout_s, not keep the job at `replicas
+    starting` forever. A named pipe blocks its reader just so, until a writer opens it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "_lmbatch_job.json")
+    script = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+              "from conftest import compose\n"
+              "from lmbatch.plan import to_job_config\n"
+              "from lmbatch.replica import Replica\n"
+              f"job = to_job_config(compose('output.path={out}', 'cluster.load_timeout_s=2'))\n"
+              f"Replica(job, {str(out)!r}, ['id'], fingerprint='0123456789abcdef')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Timeout (0:00:02)!" in done.stderr, done.stderr[-3000:]
+    assert "check_shared" in done.stderr  # the stack printed says where it hung
+
+
 def snapshot(directory):
     return {p: (os.stat(os.path.join(directory, p)).st_mtime_ns, os.path.getsize(os.path.join(directory, p)))
             for p in os.listdir(directory)}
