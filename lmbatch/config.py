@@ -235,15 +235,16 @@ class ClusterConfig:
     stall_timeout_s: Optional[float] = 1800
     """A replica whose generation makes no progress (no micro-batch done, or a chunk's part not
     written) for this long ends its process, printing every thread's stack: a hung GPU kernel, a
-    deadlock in native code or a write to a hung mount would otherwise stall the job forever. Ray restarts it and retries the chunk; a chunk that stalls
-    again is generated a row at a time, so the row that hangs becomes an error row. Set it well
-    above the slowest micro-batch; null: never."""
+    deadlock in native code or a write to a hung mount would otherwise stall the job forever. Ray
+    restarts it and retries the chunk; a chunk that stalls again is generated a row at a time, so
+    the row that hangs becomes an error row. Set it well above the slowest micro-batch; null: never."""
     load_timeout_s: Optional[float] = 3600
-    """A replica whose start (its check that it sees the output, then the model load from disk, network
-    storage or the hub) has not finished after this long ends its process, printing every thread's stack, as a stalled one does: a hung mount or
-    download would otherwise keep the job at `replicas starting` forever. Ray starts it again; a
-    replica whose loads die or hang twice in a row, while none has the model loaded, stops the job.
-    Set it well above the slowest load (a 140 GB model at 200 MB/s takes 12 minutes); null: never."""
+    """A replica whose start (its check that it sees the output, then the model load from disk,
+    network storage or the hub) has not finished after this long ends its process, printing every
+    thread's stack, as a stalled one does: a hung mount or download would otherwise keep the job at
+    `replicas starting` forever. Ray starts it again; a replica whose loads die or hang twice in a
+    row, while none has the model loaded, stops the job. Set it well above the slowest load (a
+    140 GB model at 200 MB/s takes 12 minutes); null: never."""
 
     def __post_init__(self) -> None:
         _require(self.num_replicas >= 1, f"cluster.num_replicas must be >= 1, got {self.num_replicas}")
