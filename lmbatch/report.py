@@ -307,7 +307,7 @@ def format_summary(metrics: dict, totals: dict) -> str:
     rows = [
         ("rows in output", f"{totals['rows']:,}"),
         ("rows ok / error", f"{totals['rows_ok']:,} / {totals['rows_error']:,}"),
-        ("rows generated this run", f"{metrics['rows_this_run']:,} (skipped as done: {metrics['rows_skipped_as_done']:,})"),
+        ("rows written this run", f"{metrics['rows_this_run']:,} (skipped as done: {metrics['rows_skipped_as_done']:,})"),
         ("errors by kind (this run)", ", ".join(f"{k}: {v}" for k, v in metrics["errors_by_kind"].items()) or "none"),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
         ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
