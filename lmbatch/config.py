@@ -146,7 +146,7 @@ class GenerationOptions:
     do_sample: bool = False
     """Sample (true) or decode greedily (false)."""
     temperature: float = 1.0
-    """Softmax temperature when sampling."""
+    """Softmax temperature when sampling; 0 decodes greedily (as OpenAI's API and vLLM read it)."""
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     top_k: int = 50
@@ -164,8 +164,8 @@ class GenerationOptions:
         _require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _require(self.max_length is None or self.max_length >= 2,
                  f"generation.max_length must be >= 2 or null, got {self.max_length}")
-        _require(self.temperature > 0 and math.isfinite(self.temperature),
-                 f"generation.temperature must be > 0, got {self.temperature}")
+        _require(self.temperature >= 0 and math.isfinite(self.temperature),
+                 f"generation.temperature must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, f"generation.top_k must be >= 0, got {self.top_k}")
         _require(self.repetition_penalty > 0,

@@ -64,8 +64,14 @@ def output_columns(num_return_sequences: int) -> list[pa.Field]:
 
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:
-    return SamplingParams(do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                          repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
+    """What the engine needs of a row's settings. Temperature 0 decodes greedily, as in OpenAI's API
+    and vLLM; a greedy row's sampling controls are left at their defaults, as they change nothing,
+    so that greedy rows share micro-batches (and repeats) whatever their columns say."""
+    if g.do_sample and g.temperature > 0:
+        sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    else:
+        sampling = {}
+    return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
                           num_return_sequences=g.num_return_sequences)
 
 

@@ -79,7 +79,7 @@ def test_wrong_type_fails():
     ("generation.max_new_tokens=-3", "max_new_tokens must be >= 1"),
     ("generation.top_p=0", "top_p must be in (0, 1]"),
     ("generation.top_p=1.5", "top_p must be in (0, 1]"),
-    ("generation.temperature=0", "temperature must be > 0"),
+    ("generation.temperature=-0.5", "temperature must be >= 0"),
     ("generation.num_return_sequences=3", "needs generation.do_sample=true"),
     ("batching.strategy=random", "batching.strategy must be"),
     ("batching.max_batch_tokens=0", "max_batch_tokens must be >= 1"),

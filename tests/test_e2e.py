@@ -137,15 +137,20 @@ def test_stop_strings_cut_the_text(local_ray, tmp_path, prompts_file, tiny_llama
     assert stopped >= 10
 
 
+GENERATED = ["generated_text", "num_generated_tokens", "finish_reason", "error"]
+
+
 def test_per_row_parameters_override_the_config(local_ray, tmp_path, tiny_llama):
     prompts = varied_prompts(6, seed=11, max_words=30)
-    # Rows 6-9 repeat prompts, in the second of the two chunks (rows 5-9): 6 samples as row 5 does and
-    # 9 has another max_new_tokens than 7, so both are generated; 8 repeats 7 (greedy: copied).
-    path = write_prompts(tmp_path / "in.parquet", prompts + [prompts[5], prompts[0], prompts[0], prompts[0]],
-                         max_new_tokens=pa.array([3, None, 7, 2, 5, 4, 4, None, None, 3], pa.int64()),
-                         temperature=pa.array([None, None, None, -1.0, None, 0.5, 0.5, None, None, None]),
-                         do_sample=pa.array([None, None, None, True, None, True, True, None, None, None]),
-                         stop=pa.array([None, None, None, None, "e", None, None, None, None, None]))
+    # Rows 6-11 repeat prompts, in the second of the two chunks (rows 6-11): 9 has another max_new_tokens
+    # than 7, so it is generated; 8 repeats 7 (greedy: copied). Row 10 samples at temperature 0, which is
+    # greedy (as in OpenAI's API), so 11, greedy at another temperature, repeats it.
+    path = write_prompts(tmp_path / "in.parquet", prompts + [prompts[5], prompts[0], prompts[0], prompts[0],
+                                                             prompts[2], prompts[2]],
+                         max_new_tokens=pa.array([3, None, 7, 2, 5, 4, 4, None, None, 3, 5, 5], pa.int64()),
+                         temperature=pa.array([None, None, None, -1.0, None, 0.5, 0.5, None, None, None, 0.0, 0.3]),
+                         do_sample=pa.array([None, None, None, True, None, True, True, None, None, None, True, None]),
+                         stop=pa.array([None, None, None, None, "e", None, None, None, None, None, None, None]))
     out = tmp_path / "out"
     run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "generation.max_new_tokens=6",
                 "input.param_columns=[max_new_tokens,temperature,do_sample,stop]", "cluster.num_replicas=1"))
@@ -160,9 +165,12 @@ def test_per_row_parameters_override_the_config(local_ray, tmp_path, tiny_llama)
     assert not any(r["error"] for i, r in enumerate(rows) if i != 3)
     assert rows[7]["generated_text"] == oracle(tiny_llama, prompts[0], 6) and rows[8] == {**rows[7], "id": 8}
     assert rows[9]["generated_text"] == rows[0]["generated_text"]  # generated: the same prompt in another chunk
+    assert rows[10]["generated_text"] == oracle(tiny_llama, prompts[2], 5)
+    assert {k: rows[11][k] for k in GENERATED} == {k: rows[10][k] for k in GENERATED}
     metrics = json.loads((out / "_metrics.json").read_text())
-    assert metrics["rows_repeating_a_prompt"] == 1
-    assert metrics["generated_tokens"] == sum(r["num_generated_tokens"] for r in rows) - rows[8]["num_generated_tokens"]
+    assert metrics["rows_repeating_a_prompt"] == 2
+    copied = rows[8]["num_generated_tokens"] + rows[11]["num_generated_tokens"]
+    assert metrics["generated_tokens"] == sum(r["num_generated_tokens"] for r in rows) - copied
     assert "temperature" in rows[0] and "max_new_tokens" in rows[0]  # parameter columns are kept like any other
 
 
