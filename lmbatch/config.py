@@ -150,7 +150,7 @@ class GenerationOptions:
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     top_k: int = 50
-    """Sample among the k most likely tokens; 0 disables it."""
+    """Sample among the k most likely tokens; 0 (or -1, as vLLM writes it) disables it."""
     repetition_penalty: float = 1.0
     """Penalty > 1 discourages repeated tokens; 1 disables it."""
     stop: list[str] = field(default_factory=list)
@@ -167,7 +167,7 @@ class GenerationOptions:
         _require(self.temperature >= 0 and math.isfinite(self.temperature),
                  f"generation.temperature must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k >= 0, f"generation.top_k must be >= 0, got {self.top_k}")
+        _require(self.top_k >= -1, f"generation.top_k must be >= 0 (or -1: disabled), got {self.top_k}")
         _require(self.repetition_penalty > 0,
                  f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
         _require(all(isinstance(s, str) and s for s in self.stop),

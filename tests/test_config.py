@@ -80,6 +80,7 @@ def test_wrong_type_fails():
     ("generation.top_p=0", "top_p must be in (0, 1]"),
     ("generation.top_p=1.5", "top_p must be in (0, 1]"),
     ("generation.temperature=-0.5", "temperature must be >= 0"),
+    ("generation.top_k=-2", "top_k must be >= 0 (or -1: disabled)"),
     ("generation.num_return_sequences=3", "needs generation.do_sample=true"),
     ("batching.strategy=random", "batching.strategy must be"),
     ("batching.max_batch_tokens=0", "max_batch_tokens must be >= 1"),
@@ -145,3 +146,15 @@ def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
     plan = plan_job(to_job_config(compose("input.path='~/in.parquet'", "output.path='~/out'")))
     assert plan.inputs.uri == str(tmp_path / "home" / "in.parquet")
     assert plan.output.uri == str(tmp_path / "home" / "out")
+
+
+def test_openai_and_vllm_conventions_mean_what_they_mean_there():
+    """Request files exported from OpenAI's API or vLLM hold temperature 0 (greedy) and top_k -1 (off)."""
+    from lmbatch.config import GenerationOptions
+    from lmbatch.interface import SamplingParams
+    from lmbatch.replica import sampling_params
+
+    assert sampling_params(GenerationOptions(do_sample=True, temperature=0.0, top_k=5, top_p=0.5)) == SamplingParams()
+    assert sampling_params(GenerationOptions(temperature=0.3, top_k=5)) == SamplingParams()  # greedy: nothing to sample
+    sampled = sampling_params(GenerationOptions(do_sample=True, temperature=0.7, top_k=-1))
+    assert (sampled.do_sample, sampled.temperature, sampled.top_k) == (True, 0.7, 0)
