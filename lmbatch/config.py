@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_sample": "boolean",
                       "temperature": "number", "top_p": "number", "top_k": "integer",
-                      "repetition_penalty": "number", "stop": "strings", "seed": "integer"}
+                      "repetition_penalty": "number", "stop": "strings", "seed": "integer", "choices": "strings"}
 """Generation settings a row may override through input.param_columns, and the kind of value each takes."""
 
 
@@ -159,6 +159,10 @@ class GenerationOptions:
     """Seed for sampling; the same seed, config and input give the same output on a rerun."""
     num_return_sequences: int = 1
     """Samples per prompt; above 1 each sample is its own output row with `sample_index`."""
+    choices: list[str] = field(default_factory=list)
+    """The texts a row may answer with (labels, for classification): decoding keeps, step by step,
+    only the tokens that continue one of them, so the text is exactly one. Such a row generates as
+    many tokens as its longest choice needs (max_new_tokens does not apply). Empty: free text."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -172,6 +176,8 @@ class GenerationOptions:
                  f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
         _require(all(isinstance(s, str) and s for s in self.stop),
                  "generation.stop must be a list of non-empty strings")
+        _require(all(isinstance(c, str) and c for c in self.choices),
+                 "generation.choices must be a list of non-empty strings")
         _require(self.num_return_sequences >= 1,
                  f"generation.num_return_sequences must be >= 1, got {self.num_return_sequences}")
         _require(self.num_return_sequences == 1 or self.do_sample,

@@ -115,6 +115,49 @@ class PerRowSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
 
+class Choices(LogitsProcessor):
+    """Keep, for each row with choices, only the tokens that continue one of them, and an EOS once
+    one is complete (the only token left when no longer choice continues it), so its text is exactly
+    one of them. Greedy, a row thus takes the likeliest token among those at each step (as guided
+    choice does in vLLM), not the choice likeliest as a whole. Rows without choices are untouched."""
+
+    END = -1  # marks a complete choice in the trie
+
+    def __init__(self, choices: list[tuple[tuple[str, tuple[int, ...]], ...]], prompt_length: int, eos: int):
+        self.tries: list[Optional[dict]] = [self._trie(c) if c else None for c in choices]
+        self.start, self.eos = prompt_length, eos
+
+    @classmethod
+    def _trie(cls, choices) -> dict:
+        root: dict = {}
+        for _, ids in choices:
+            node = root
+            for t in ids:
+                node = node.setdefault(t, {})
+            node[cls.END] = {}
+        return root
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.start:].tolist()
+        rows, tokens = [], []
+        for i, node in enumerate(self.tries):
+            for t in generated[i] if node is not None else ():
+                node = node.get(t)
+                if node is None:  # ended (an EOS, then padding): what it is given no longer matters
+                    break
+            if node is not None:
+                allowed = [self.eos if t == self.END else t for t in node]
+                rows += [i] * len(allowed)
+                tokens += allowed
+        if rows:  # in place: a copy of the scores (rows x vocabulary) would double their memory
+            rows_t = torch.tensor(rows, device=scores.device)
+            tokens_t = torch.tensor(tokens, device=scores.device)
+            kept = scores[rows_t, tokens_t]
+            scores[rows_t.unique()] = float("-inf")
+            scores[rows_t, tokens_t] = kept
+        return scores
+
+
 class StopStrings(StoppingCriteria):
     """End a row once its newest tokens hold a stop string, so no decode steps are wasted past it.
 
@@ -315,8 +358,15 @@ class HFEngine:
             disable_compile=True,
         )
         device = self.model.device
-        processors = [PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device,
-                                    config.max_new_tokens)] if params.do_sample else []
+        processors = []
+        if any(r.choices for r in batch):
+            if not self.eos_ids:
+                raise ValueError("generation.choices needs an EOS token to end a row with, and the tokenizer and "
+                                 "generation config name none")
+            processors.append(Choices([r.choices for r in batch for _ in range(n)], longest, min(self.eos_ids)))
+        if params.do_sample:
+            processors.append(PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device,
+                                            config.max_new_tokens))
         criteria = [StopStrings(self.tokenizer, params.stop, longest, frozenset({*self.eos_ids, self.pad_id}))
                     ] if params.stop else []
         start = time.perf_counter()
@@ -344,6 +394,9 @@ class HFEngine:
         # neighbours went on is padded, and where the tokenizer has no pad token (GPT-2, Llama 3)
         # the padding is EOS, right after the stop string.
         body = tokens if eos is None else tokens[:eos]
+        chosen = next((text for text, ids in r.choices if list(ids) == body), None)
+        if chosen is not None and eos is not None:  # the choice's own text, however the tokenizer decodes it
+            return Completion(r.key, sample, chosen, eos + 1, "stop")
         text = self._decode(body)
         hits = sorted((text.find(s), s) for s in r.params.stop if s in text)
         if hits:

@@ -30,6 +30,8 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
     """Sampling seed of this row (derived from the job seed and the row's id)."""
+    choices: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(text, token ids) of each text the row must answer with (generation.choices); () for free text."""
 
 
 @dataclass
@@ -65,7 +67,7 @@ def identical_requests(requests: Sequence[Request]) -> tuple[list[Request], dict
     unique: list[Request] = []
     repeats: dict[int, list[int]] = {}
     for r in requests:
-        same = None if r.params.do_sample else (tuple(r.prompt_ids), r.max_new_tokens, r.params)
+        same = None if r.params.do_sample else (tuple(r.prompt_ids), r.max_new_tokens, r.params, r.choices)
         if same in first:
             repeats.setdefault(first[same], []).append(r.key)
             continue

@@ -176,8 +176,8 @@ def check_room_for_prompts(job: JobConfig, settings: PrepareSettings) -> None:
     """Refuse a job whose generation settings leave no room for even a one-token prompt (by
     prepare's own rule, fit_to_context): every row would become a `too long` error row after the
     whole job had run."""
-    if {"max_new_tokens", "max_length"} & set(job.input.param_columns):
-        return  # per-row settings may make room
+    if {"max_new_tokens", "max_length", "choices"} & set(job.input.param_columns) or job.generation.choices:
+        return  # per-row settings may make room (choices replace max_new_tokens)
     try:
         fit_to_context([0], settings, job.generation)
     except RowError:
@@ -209,7 +209,8 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # revision, added later, counts when set (jobs from before it keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
                   if k != "kv_cache" and not (k == "revision" and v is None)},
-        "generation": dataclasses.asdict(job.generation),
+        # choices, added later, count when set (jobs from before them keep their fingerprint)
+        "generation": {k: v for k, v in dataclasses.asdict(job.generation).items() if not (k == "choices" and not v)},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed

@@ -25,6 +25,7 @@ from lmbatch.io import Chunk, read_chunk
 # Columns the prepare step adds; the replica consumes them and the writer drops the underscored ones.
 CHUNK, CHUNK_ROWS, ROW = "_chunk", "_chunk_rows", "_row"
 PROMPT_IDS, MAX_NEW, ERROR, PARAMS = "_prompt_ids", "_max_new_tokens", "_error", "_params"
+CHOICES = "_choices"  # the token ids of each of a row's generation.choices
 NUM_PROMPT_TOKENS = "num_prompt_tokens"
 
 
@@ -297,6 +298,19 @@ def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, 
     return kept(starts[lo])
 
 
+def with_choices(g: GenerationOptions, tokenizer, cache: dict) -> tuple[list[list[int]], GenerationOptions]:
+    """The token ids of a row's choices, and its settings with as many new tokens as the longest
+    needs, and one more for the EOS that ends it (`cache`: choices tokenized so far in the chunk)."""
+    choices = tuple(g.choices)
+    if choices not in cache:
+        cache[choices] = encode(tokenizer, list(choices), add_special_tokens=False)
+    ids = cache[choices]
+    empty = [c for c, t in zip(choices, ids) if not t]
+    if empty:
+        raise RowError(f"invalid parameter: choice {empty[0]!r} has no tokens")
+    return ids, dataclasses.replace(g, max_new_tokens=max(map(len, ids)) + 1)
+
+
 def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int] = ()) -> pa.Table:
     """Read one chunk and add the columns the replica needs; one output row per input row.
 
@@ -336,9 +350,13 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)
+    choice_ids: list[Optional[list[list[int]]]] = [None] * len(rows)
+    tokenized_choices: dict[tuple[str, ...], list[list[int]]] = {}
     for i, ids in zip(texts, encoded):
         counts[i] = len(ids)  # the true count, before any truncation
         try:
+            if settings[i].choices:
+                choice_ids[i], settings[i] = with_choices(settings[i], tokenizer, tokenized_choices)
             if i in chats and s.on_too_long == "truncate":
                 ids = drop_oldest_turns(chats[i], ids, s, settings[i], tokenizer)
             prompt_ids[i], max_new[i] = fit_to_context(ids, s, settings[i], special_ids)
@@ -355,6 +373,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
         MAX_NEW: pa.array(max_new, pa.int64()),
         ERROR: pa.array(errors, pa.string()),
         PARAMS: pa.array(overrides, pa.string()),
+        CHOICES: pa.array(choice_ids, pa.list_(pa.list_(pa.int32()))),
     }
     for name, column in extra.items():
         out = out.append_column(name, column)

@@ -92,9 +92,9 @@ def test_a_greedy_row_equal_to_an_earlier_one_is_generated_once():
     requests = [Request(0, [5, 6], 8), Request(1, [5, 6], 8), Request(2, [5, 6], 9),  # more new tokens
                 Request(3, [5, 6], 8, SamplingParams(stop=("x",))), Request(4, [5, 6, 7], 8),
                 Request(5, [5, 6], 8, sampled, seed=1), Request(6, [5, 6], 8, sampled, seed=1),  # own samples
-                Request(7, [5, 6], 8, greedy)]
+                Request(7, [5, 6], 8, greedy), Request(8, [5, 6], 8, choices=(("a", (9,)),))]  # constrained
     unique, repeats = identical_requests(requests)
-    assert [r.key for r in unique] == [0, 2, 3, 4, 5, 6] and repeats == {0: [1, 7]}
+    assert [r.key for r in unique] == [0, 2, 3, 4, 5, 6, 8] and repeats == {0: [1, 7]}
     done = [Completion(r.key, 0, f"text {r.key}", 3, "stop") for r in unique]
     copies = with_repeats(done, repeats)
     assert sorted((c.key, c.text) for c in copies) == sorted([(r.key, f"text {r.key}") for r in unique]

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import compose, oracle, varied_prompts, write_prompts
+from conftest import choice_oracle, compose, oracle, varied_prompts, write_prompts
 from lmbatch.io import JobError
 from lmbatch.models import model_identity
 from lmbatch.output import OutputDir, OutputState
@@ -172,6 +172,23 @@ def test_per_row_parameters_override_the_config(local_ray, tmp_path, tiny_llama)
     copied = rows[8]["num_generated_tokens"] + rows[11]["num_generated_tokens"]
     assert metrics["generated_tokens"] == sum(r["num_generated_tokens"] for r in rows) - copied
     assert "temperature" in rows[0] and "max_new_tokens" in rows[0]  # parameter columns are kept like any other
+
+
+def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
+    """Classification: generation.choices for the job, a choices column for some rows (multiple choice
+    with options of their own); max_new_tokens does not cut a choice short."""
+    prompts = varied_prompts(8, seed=2, max_words=20)
+    own = [None] * 5 + [["red", "green", "dark blue"], ["red", "green", "dark blue"], [""]]
+    path = write_prompts(tmp_path / "in.parquet", prompts, choices=pa.array(own, pa.list_(pa.string())))
+    out = tmp_path / "out"
+    run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "cluster.num_replicas=1",
+                "generation.choices=[positive,negative,neutral]", "generation.max_new_tokens=1",
+                "input.param_columns=[choices]"))
+    rows = pq.read_table(out).to_pylist()
+    for row, prompt, choices in zip(rows[:7], prompts, [["positive", "negative", "neutral"]] * 5 + own[5:7]):
+        assert (row["generated_text"], row["num_generated_tokens"]) == choice_oracle(tiny_llama, prompt, choices)
+        assert row["finish_reason"] == "stop"
+    assert rows[7]["error"] == "invalid parameter: choices must be a list of non-empty strings"
 
 
 def chat_oracle(model_path, messages, max_new_tokens):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import varied_prompts
+from conftest import choice_oracle, varied_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import HFEngine, PerRowSampler, Request, SamplingParams, choose_attention, choose_kv_cache
 
@@ -143,6 +143,33 @@ def test_stop_strings_are_checked_on_rows_still_going_and_confirmed_as_finish_cu
     assert stopped.tolist() == [True, False, False, True, False]
     stopped = StopStrings(tokenizer, (" .",), len(prompt), frozenset({0, 1}))(ids, None)
     assert stopped.tolist() == [False] * 5
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_row_with_choices_answers_with_exactly_one_as_transformers_constrained_generate_does(model_path, do_sample):
+    """Rows with choices (one a prefix of another) beside free rows, batched: each constrained row's
+    answer is that of model.generate on its prompt alone with transformers' own constraint, and is
+    one of the choices (sampled too); free rows are untouched."""
+    engine = make_engine(model_path, min_padding_efficiency=0, min_decode_efficiency=0)  # one micro-batch
+    texts = ["positive", "negative", "yes", "yes please", "no"]
+    labels = tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
+    params = SamplingParams(do_sample=do_sample, temperature=5.0)
+    prompts = varied_prompts(8, seed=5, max_words=12)
+    needed = max(len(ids) for _, ids in labels) + 1  # as prepare sets it: the longest choice, then an EOS
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], needed if i % 4 else 6, params, seed=i,
+                        choices=labels if i % 4 else ()) for i, p in enumerate(prompts)]
+    got = sorted(engine.generate(requests), key=lambda c: c.key)
+    assert engine.stats.micro_batches == 1
+    for r, c, prompt in zip(requests, got, prompts):
+        if not r.choices:
+            assert c.num_generated_tokens <= 6 and c.finish_reason in ("stop", "length")
+        elif do_sample:
+            assert c.text in texts and c.finish_reason == "stop"
+        else:
+            assert (c.text, c.num_generated_tokens, c.finish_reason) == (*choice_oracle(model_path, prompt, texts),
+                                                                        "stop"), r.key
+    if do_sample:  # at a high temperature, the rows do not all agree
+        assert len({c.text for c in got if requests[c.key].choices}) > 1
 
 
 def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
