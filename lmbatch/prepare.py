@@ -359,7 +359,12 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
                 choice_ids[i], settings[i] = with_choices(settings[i], tokenizer, tokenized_choices)
             if i in chats and s.on_too_long == "truncate":
                 ids = drop_oldest_turns(chats[i], ids, s, settings[i], tokenizer)
-            prompt_ids[i], max_new[i] = fit_to_context(ids, s, settings[i], special_ids)
+            ids, new = fit_to_context(ids, s, settings[i], special_ids)
+            if choice_ids[i] and new < settings[i].max_new_tokens:  # a choice cut short is none of them
+                raise RowError(f"too long: prompt has {len(ids)} tokens, leaving {new} under max_length="
+                               f"{settings[i].max_length}, and the longest choice and an EOS take "
+                               f"{settings[i].max_new_tokens}")
+            prompt_ids[i], max_new[i] = ids, new
         except RowError as e:
             errors[i] = str(e)
 

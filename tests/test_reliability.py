@@ -183,6 +183,24 @@ def test_rows_that_a_template_refuses_become_error_rows(tmp_path, tiny_llama):
                                      "a system prompt the chat template refuses"])
 
 
+def test_rows_with_choices_get_the_tokens_their_longest_choice_needs(tmp_path, tiny_llama):
+    """max_new_tokens does not cut a choice short; a max_length that would is a `too long` error row."""
+    source = write_prompts(tmp_path / "in.parquet", ["a b", "the data table " * 3, "c d"],
+                           choices=[None, None, ["x"]])
+    plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                          f"model.path={tiny_llama}", "generation.max_new_tokens=1",
+                                          "generation.max_length=16", "generation.choices=[positive,negative]",
+                                          "input.param_columns=[choices]")))
+    tokenizer = load_tokenizer(tiny_llama)
+    need = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in ["positive", "negative"]) + 1
+    rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
+    errors = rows[ERROR].to_pylist()
+    assert errors[0] is None and errors[2] is None
+    assert errors[1].startswith("too long: prompt has ") and errors[1].endswith(f"max_length=16, and the longest "
+                                                                                 f"choice and an EOS take {need}")
+    assert rows[MAX_NEW].to_pylist() == [need, 0, len(tokenizer("x", add_special_tokens=False)["input_ids"]) + 1]
+
+
 def test_parameter_cells_are_read_as_their_settings_type(tmp_path, tiny_llama):
     """pandas writes an integer column with nulls as float64 (and polars keeps NaN apart from null):
     whole floats are integers and NaN keeps the config's value. A top_k of 5.0 used to fail
