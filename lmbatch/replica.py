@@ -231,8 +231,12 @@ class Replica:
         requests = chunk_requests(rows, self.generation, self.passthrough[0])
         unique, repeats = identical_requests(requests)
         live = LiveReporter(self.live_chunks, self.name, chunk_id) if self.live_chunks is not None else None
-        on_batch = self.watchdog.rearming(live)
-        completions = self._generate(chunk_id, unique, lambda done: on_batch(with_repeats(done, repeats)))
+        rearm_and_report = self.watchdog.rearming(live)
+
+        def on_batch(done: list[Completion]) -> None:  # a repeat counts as a row done, not as tokens generated
+            copies = with_repeats(done, repeats)[len(done):]
+            rearm_and_report([*done, *(dataclasses.replace(c, num_generated_tokens=0) for c in copies)])
+        completions = self._generate(chunk_id, unique, on_batch)
         by_row = self._index(with_repeats(completions, repeats), {r.key for r in requests}, chunk_id)
 
         n = self.params.num_return_sequences
