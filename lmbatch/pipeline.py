@@ -284,10 +284,11 @@ def say_notices(plan: JobPlan) -> None:
 def notices(plan: JobPlan) -> list[str]:
     """What the job says before it generates: warnings, and what a resumed job finds done."""
     job, uri, found = plan.job, plan.output.uri, []
-    if plan.num_duplicate_rows:
-        kept = "kept" if job.input.on_duplicate_id == "report" else "written as error rows"
-        found.append(f"warning: {plan.num_duplicate_rows} rows repeat an earlier {job.input.id_column!r} value; "
-                     f"they are {kept} (input.on_duplicate_id={job.input.on_duplicate_id})")
+    if n := plan.num_duplicate_rows:
+        mode = job.input.on_duplicate_id
+        kept = "kept" if mode == "report" else f"written as {'an error row' if n == 1 else 'error rows'}"
+        found.append(f"warning: {n:,} {'row repeats' if n == 1 else 'rows repeat'} an earlier {job.input.id_column!r} "
+                     f"value; {'it is' if n == 1 else 'they are'} {kept} (input.on_duplicate_id={mode})")
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and io.is_inside(uri, os.getcwd()):  # `ray job submit`
         found.append(f"warning: output.path {uri} lies in the working directory Ray made for this submitted job, "
                      "which Ray may delete after it and other nodes do not see; set output.path to shared storage "

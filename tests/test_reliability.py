@@ -129,8 +129,10 @@ def test_bad_rows_become_error_rows_and_neighbours_succeed(tmp_path):
     ids = [1, 2, 3, 4, 5, 6, 1, None]
     path = write_prompts(tmp_path / "in.parquet", prompts, ids)
     out = tmp_path / "out"
-    finish(start_job(tmp_path, f"input.path={path}", f"output.path={out}", "input.on_duplicate_id=error",
-                     "generation.max_new_tokens=4", "cluster.num_replicas=1"))
+    log = finish(start_job(tmp_path, f"input.path={path}", f"output.path={out}", "input.on_duplicate_id=error",
+                           "generation.max_new_tokens=4", "cluster.num_replicas=1"))
+    assert ("lmbatch: warning: 1 row repeats an earlier 'id' value; it is written as an error row "
+            "(input.on_duplicate_id=error)") in log
     rows = pq.read_table(out).to_pylist()
     assert [r["id"] for r in rows] == ids
     errors = [r["error"] and r["error"].split(":")[0] for r in rows]
