@@ -65,8 +65,9 @@ def output_columns(num_return_sequences: int) -> list[pa.Field]:
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:
     """What the engine needs of a row's settings. Temperature 0 decodes greedily, as in OpenAI's API
-    and vLLM, and top_k -1 is vLLM's "disabled", our 0; a greedy row's sampling controls are left at their defaults, as they change nothing,
-    so that greedy rows share micro-batches (and repeats) whatever their columns say."""
+    and vLLM, and top_k -1 is vLLM's "disabled", our 0. A greedy row's sampling controls are left at
+    their defaults, as they change nothing, so that greedy rows share micro-batches (and repeats)
+    whatever their columns say."""
     if g.do_sample and g.temperature > 0:
         sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0))
     else:
