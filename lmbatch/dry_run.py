@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from lmbatch.batching import decode_steps, padded_size, padding_efficiency
-from lmbatch.interface import identical_requests
+from lmbatch.batching import decode_steps, padding_efficiency
+from lmbatch.interface import identical_requests, padded_tokens, plan_requests
 from lmbatch.prepare import NUM_PROMPT_TOKENS, prepare_chunk
 from lmbatch.replica import chunk_requests
 
@@ -43,12 +43,10 @@ def dry_run(plan) -> dict:
         repeats += sum(map(len, repeated.values()))
         chunk_lengths = [len(r.prompt_ids) for r in requests]
         new_tokens = [r.max_new_tokens for r in requests]
-        sequences = [r.params.num_return_sequences for r in requests]
-        plan_ = b.plan(chunk_lengths, new_tokens, group_keys=[r.params for r in requests], sequences=sequences)
+        plan_ = plan_requests(b, requests)
         batches += len(plan_)
         steps += decode_steps(plan_, new_tokens)
-        largest = max([largest] + [padded_size(sum(sequences[i] for i in batch), max(chunk_lengths[i] for i in batch),
-                                               max(new_tokens[i] for i in batch)) for batch in plan_])
+        largest = max([largest] + [padded_tokens([requests[i] for i in batch]) for batch in plan_])
         real += sum(chunk_lengths)
         padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0
         rows_seen += chunk.num_rows

@@ -19,9 +19,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from lmbatch.batching import padded_size
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, row_seed
+from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, padded_tokens, plan_requests, row_seed
 from lmbatch.models import special_tokens_only
 
 log = logging.getLogger("lmbatch.engine")
@@ -243,10 +242,7 @@ class HFEngine:
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
-        batches = self.batching.plan([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
-                                     group_keys=[r.params for r in requests],
-                                     sequences=[r.params.num_return_sequences for r in requests])
-        return [[requests[i] for i in batch] for batch in batches]
+        return [[requests[i] for i in batch] for batch in plan_requests(self.batching, requests)]
 
     def generate(self, requests: Sequence[Request],
                  on_batch: Optional[Callable[[list[Completion]], None]] = None) -> list[Completion]:
@@ -305,9 +301,7 @@ class HFEngine:
         the batch's longest prompt, so a batch that failed for one huge row leaves a budget that
         ordinary rows still fill; a single row never shrinks it (it fails alone, as an error row)."""
         b = self.batching
-        size = padded_size(len(batch) * batch[0].params.num_return_sequences, max(len(r.prompt_ids) for r in batch),
-                           max(r.max_new_tokens for r in batch))
-        shrunk = dataclasses.replace(b, max_batch_tokens=min(b.max_batch_tokens, size // 2),
+        shrunk = dataclasses.replace(b, max_batch_tokens=min(b.max_batch_tokens, padded_tokens(batch) // 2),
                                      fixed_batch_size=min(b.fixed_batch_size, len(batch) // 2))
         if shrunk != b:
             self.batching = shrunk

@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from lmbatch.batching import padded_size
+
+if TYPE_CHECKING:
+    from lmbatch.config import BatchingConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,20 @@ class EngineStats:
     decode_steps: int = 0
     """Forward passes of decoding; decode_slots / decode_steps is the average batch per step."""
     split_retries: int = 0
+
+
+def plan_requests(batching: BatchingConfig, requests: Sequence[Request]) -> list[list[int]]:
+    """The planner's micro-batches (indices into `requests`): rows with other sampling settings never
+    share one, and a row sampled num_return_sequences times is that many sequences."""
+    return batching.plan([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
+                         group_keys=[r.params for r in requests],
+                         sequences=[r.params.num_return_sequences for r in requests])
+
+
+def padded_tokens(batch: Sequence[Request]) -> int:
+    """Tokens a micro-batch of these requests computes (`batching.padded_size`): what the budget holds."""
+    return padded_size(sum(r.params.num_return_sequences for r in batch), max(len(r.prompt_ids) for r in batch),
+                       max(r.max_new_tokens for r in batch))
 
 
 def identical_requests(requests: Sequence[Request]) -> tuple[list[Request], dict[int, list[int]]]:
