@@ -163,6 +163,10 @@ class GenerationOptions:
     """The texts a row may answer with (labels, for classification): decoding keeps, step by step,
     only the tokens that continue one of them, so the text is exactly one. Such a row generates as
     many tokens as its longest choice needs (max_new_tokens does not apply). Empty: free text."""
+    logprobs: bool = False
+    """Add a `logprob` column: the log-probability the model gives each row's generated tokens (those
+    `num_generated_tokens` counts, less an EOS that ends the row) given its prompt, from its own logits
+    (before repetition penalty, temperature, top-k/top-p or choices). With choices: the chosen one's."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -17,7 +17,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor, StoppingCriteria
 
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, padded_tokens, plan_requests, row_seed
@@ -155,6 +155,38 @@ class Choices(LogitsProcessor):
             scores[rows_t.unique()] = float("-inf")
             scores[rows_t, tokens_t] = kept
         return scores
+
+
+class TokenLogprobs:
+    """The model's log-probability of each token generated, from its own scores: `first` runs before
+    any processor (keeping those scores and their log-normalizer), `last` after all of them, where the
+    token generate picks is the argmax of the scores it returns (decoding is greedy: the sampler leaves
+    only its draw). No processor changes the picked token's score in place (Choices restores the scores
+    of the tokens it keeps), so it is read from the kept scores without a copy of them."""
+
+    class _Hook(LogitsProcessor):
+        def __init__(self, see):
+            self.see = see
+
+        def __call__(self, input_ids, scores):
+            self.see(scores)
+            return scores
+
+    def __init__(self):
+        self.first, self.last = self._Hook(self._keep), self._Hook(self._take)
+        self.scores = self.normalizer = None
+        self.steps: list = []  # per decode step, each sequence's log-probability of its token
+
+    def _keep(self, scores):
+        self.scores, self.normalizer = scores, torch.logsumexp(scores.float(), dim=-1)
+
+    def _take(self, final):
+        chosen = final.argmax(dim=-1, keepdim=True)
+        self.steps.append(self.scores.float().gather(1, chosen).squeeze(1) - self.normalizer)
+        self.scores = self.normalizer = None
+
+    def per_sequence(self) -> list[list[float]]:
+        return torch.stack(self.steps, dim=1).tolist() if self.steps else []
 
 
 class StopStrings(StoppingCriteria):
@@ -343,7 +375,6 @@ class HFEngine:
         config = GenerationConfig(
             max_new_tokens=max(r.max_new_tokens for r in batch),
             do_sample=False, temperature=None, top_p=None, top_k=None,
-            repetition_penalty=params.repetition_penalty,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
             # A static cache is sized to this batch (longest prompt + most new tokens, what the planner
@@ -353,6 +384,12 @@ class HFEngine:
         )
         device = self.model.device
         processors = []
+        logprobs = TokenLogprobs() if params.logprobs else None
+        if logprobs:
+            processors.append(logprobs.first)
+        if params.repetition_penalty != 1.0:  # here, not by generate, which would apply it before logprobs.first
+            padding = (attention_mask != 0).int().argmax(dim=1).to(device)  # as generate sets it: padding is skipped
+            processors.append(RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty), padding))
         if any(r.choices for r in batch):
             if not self.eos_ids:
                 raise ValueError("generation.choices needs an EOS token to end a row with, and the tokenizer and "
@@ -361,6 +398,8 @@ class HFEngine:
         if params.do_sample:
             processors.append(PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device,
                                             config.max_new_tokens))
+        if logprobs:
+            processors.append(logprobs.last)
         criteria = [StopStrings(self.tokenizer, params.stop, longest, frozenset({*self.eos_ids, self.pad_id}))
                     ] if params.stop else []
         start = time.perf_counter()
@@ -374,10 +413,17 @@ class HFEngine:
         log.debug("micro-batch of %d rows, prompts up to %d tokens, %d decode steps: %.2fs", len(batch), longest,
                   steps, time.perf_counter() - start)
 
+        token_logprobs = logprobs.per_sequence() if logprobs else None
         completions = []
         for i, r in enumerate(batch):
             for s in range(n):
-                completions.append(self._finish(r, s, new_tokens[i * n + s][: r.max_new_tokens]))
+                tokens = new_tokens[i * n + s][: r.max_new_tokens]
+                c = self._finish(r, s, tokens)
+                if token_logprobs:  # the tokens counted, less an EOS that ended the row
+                    counted = c.num_generated_tokens - (c.num_generated_tokens > 0 and
+                                                        tokens[c.num_generated_tokens - 1] in self.eos_ids)
+                    c.logprob = sum(token_logprobs[i * n + s][:counted])
+                completions.append(c)
         self._count(batch, steps, completions)
         return completions
 

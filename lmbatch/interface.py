@@ -24,6 +24,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     num_return_sequences: int = 1
+    logprobs: bool = False
+    """Record each row's log-probability (generation.logprobs); the same for every row of a job."""
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Completion:
     num_generated_tokens: int
     finish_reason: str  # stop | length | error
     error: Optional[str] = None
+    logprob: Optional[float] = None
+    """With generation.logprobs: the model's log-probability of the text's tokens given the prompt."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from lmbatch.models import model_identity
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
                              template_fields)
-from lmbatch.replica import output_columns
+from lmbatch.replica import SAMPLE_INDEX, output_columns
 
 
 @dataclass
@@ -191,7 +191,7 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
     i = job.input
     keep = inputs.schema.names if i.keep_columns is None else i.keep_columns
     columns = list(dict.fromkeys([i.id_column, *keep]))
-    clash = set(columns) & {f.name for f in output_columns(2)}
+    clash = set(columns) & {f.name for f in [*output_columns(job.generation), SAMPLE_INDEX]}
     if clash:
         raise JobError(f"input columns {sorted(clash)} clash with output columns; "
                        "rename them or leave them out with input.keep_columns")
@@ -209,8 +209,9 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # revision, added later, counts when set (jobs from before it keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
                   if k != "kv_cache" and not (k == "revision" and v is None)},
-        # choices, added later, count when set (jobs from before them keep their fingerprint)
-        "generation": {k: v for k, v in dataclasses.asdict(job.generation).items() if not (k == "choices" and not v)},
+        # choices and logprobs, added later, count when set (jobs from before them keep their fingerprint)
+        "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
+                       if not (k in ("choices", "logprobs") and not v)},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed

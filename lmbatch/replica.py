@@ -37,6 +37,7 @@ GENERATED_COLUMNS = pa.schema([
     ("error", pa.string()),
 ])
 SAMPLE_INDEX = pa.field("sample_index", pa.int64())
+LOGPROB = pa.field("logprob", pa.float64())
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
@@ -57,10 +58,10 @@ CRASHED = ("crashed: the replica process died generating this row alone (a crash
 log = logging.getLogger("lmbatch.replica")
 
 
-def output_columns(num_return_sequences: int) -> list[pa.Field]:
+def output_columns(generation: GenerationOptions) -> list[pa.Field]:
     """The columns lmbatch adds to every output row, after the kept input columns."""
-    fields = list(GENERATED_COLUMNS)
-    return fields + [SAMPLE_INDEX] if num_return_sequences > 1 else fields
+    return [*GENERATED_COLUMNS, *[SAMPLE_INDEX] * (generation.num_return_sequences > 1),
+            *[LOGPROB] * generation.logprobs]
 
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:
@@ -73,7 +74,7 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
     else:
         sampling = {}
     return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
-                          num_return_sequences=g.num_return_sequences)
+                          num_return_sequences=g.num_return_sequences, logprobs=g.logprobs)
 
 
 def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
@@ -254,8 +255,9 @@ class Replica:
             "finish_reason": [c.finish_reason for c in done],
             "error": [c.error for c in done],
             "sample_index": [c.sample_index for c in done],
+            "logprob": [c.logprob for c in done],
         }
-        for f in output_columns(n):
+        for f in output_columns(self.generation):
             out = out.append_column(f, pa.array(values[f.name], f.type))
         return out, len(requests) - len(unique)
 

@@ -176,19 +176,23 @@ def test_per_row_parameters_override_the_config(local_ray, tmp_path, tiny_llama)
 
 def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
     """Classification: generation.choices for the job, a choices column for some rows (multiple choice
-    with options of their own); max_new_tokens does not cut a choice short."""
+    with options of their own); max_new_tokens does not cut a choice short. With generation.logprobs
+    each row has the model's log-probability of its answer (its value: test_engine)."""
     prompts = varied_prompts(8, seed=2, max_words=20)
     own = [None] * 5 + [["red", "green", "dark blue"], ["red", "green", "dark blue"], [""]]
     path = write_prompts(tmp_path / "in.parquet", prompts, choices=pa.array(own, pa.list_(pa.string())))
     out = tmp_path / "out"
     run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "cluster.num_replicas=1",
                 "generation.choices=[positive,negative,neutral]", "generation.max_new_tokens=1",
-                "input.param_columns=[choices]"))
-    rows = pq.read_table(out).to_pylist()
+                "input.param_columns=[choices]", "generation.logprobs=true"))
+    table = pq.read_table(out)
+    assert table.schema.names[-1] == "logprob" and table.schema.field("logprob").type == pa.float64()
+    rows = table.to_pylist()
     for row, prompt, choices in zip(rows[:7], prompts, [["positive", "negative", "neutral"]] * 5 + own[5:7]):
         assert (row["generated_text"], row["num_generated_tokens"]) == choice_oracle(tiny_llama, prompt, choices)
-        assert row["finish_reason"] == "stop"
+        assert row["finish_reason"] == "stop" and row["logprob"] < 0
     assert rows[7]["error"] == "invalid parameter: choices must be a list of non-empty strings"
+    assert rows[7]["logprob"] is None
 
 
 def chat_oracle(model_path, messages, max_new_tokens):
@@ -374,6 +378,8 @@ def test_an_input_without_rows_gives_a_finished_empty_output(tmp_path, capsys):
                                   "num_generated_tokens", "finish_reason", "error"]
     assert table.schema.field("id").type == pa.int64() and table.schema.field("num_prompt_tokens").type == pa.int64()
     assert run(compose(f"input.path={source}", f"output.path={out}"))["already_finished"]
+    run(compose(f"input.path={source}", f"output.path={tmp_path / 'scored'}", "generation.logprobs=true"))
+    assert pq.read_schema(next((tmp_path / "scored").glob("part-*"))).field("logprob").type == pa.float64()
 
     partitioned = run(compose(f"input.path={source}", f"output.path={tmp_path / 'by_topic'}",
                               "output.partition_by=topic"))

@@ -172,6 +172,59 @@ def test_a_row_with_choices_answers_with_exactly_one_as_transformers_constrained
         assert len({c.text for c in got if requests[c.key].choices}) > 1
 
 
+def logprob_alone(engine, request, **settings):
+    """The oracle: model.generate on the prompt alone, its raw logits (before any processor) turned into
+    the log-probability of each token, summed over the tokens the completion counts less an ending EOS."""
+    out = engine.model.generate(torch.tensor([request.prompt_ids]), max_new_tokens=request.max_new_tokens,
+                                do_sample=False, pad_token_id=engine.pad_id, eos_token_id=sorted(engine.eos_ids),
+                                output_logits=True, return_dict_in_generate=True, **settings)
+    tokens = out.sequences[0, len(request.prompt_ids):].tolist()
+    c = engine._finish(request, 0, tokens)
+    counted = c.num_generated_tokens - (tokens[c.num_generated_tokens - 1] in engine.eos_ids)
+    return c, sum(torch.log_softmax(out.logits[t][0], -1)[tokens[t]].item() for t in range(counted))
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_logprobs_are_the_models_own_for_each_row_as_alone(model_path, repetition_penalty):
+    """generation.logprobs, batched: each row's text and logprob are those of model.generate on its
+    prompt alone, the logprob from the raw logits (the penalty shapes the text, not the probability),
+    summed over the counted tokens less an EOS; rows that end early and rows cut by a stop string too."""
+    engine = make_engine(model_path, max_batch_tokens=4096)
+    stop = ("e",)
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 2 + (5 * i) % 14,
+                        SamplingParams(repetition_penalty=repetition_penalty, stop=stop if i % 3 == 0 else (),
+                                       logprobs=True))
+                for i, p in enumerate(varied_prompts(18, seed=4, max_words=60))]
+    got = {c.key: c for c in engine.generate(requests)}
+    assert engine.stats.micro_batches < len(requests)
+    for r in requests:
+        expected, logprob = logprob_alone(engine, r, repetition_penalty=repetition_penalty)
+        c = got[r.key]
+        assert (c.text, c.num_generated_tokens, c.finish_reason) == (
+            expected.text, expected.num_generated_tokens, expected.finish_reason), r.key
+        assert c.logprob == pytest.approx(logprob, rel=1e-4, abs=1e-4) and c.logprob < 0, r.key
+    assert {"stop", "length"} <= {c.finish_reason for c in got.values()}
+
+
+def test_a_choice_logprob_is_the_models_probability_of_that_choice(tiny_llama):
+    """With choices, greedy or sampled, logprob is log P(choice | prompt), as one forward pass over
+    the prompt and the choice's tokens gives it: the ending EOS is not part of it."""
+    engine = make_engine(tiny_llama, min_padding_efficiency=0, min_decode_efficiency=0)
+    texts = ["positive", "negative", "yes please"]
+    labels = tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
+    needed = max(len(ids) for _, ids in labels) + 1  # as prepare sets it
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], needed, SamplingParams(do_sample=i % 2 == 1,
+                                                                                    logprobs=True),
+                        seed=i, choices=labels) for i, p in enumerate(varied_prompts(6, seed=6, max_words=12))]
+    for r, c in zip(requests, sorted(engine.generate(requests), key=lambda c: c.key)):
+        ids = dict(labels)[c.text]
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([r.prompt_ids + list(ids)])).logits[0].log_softmax(-1)
+        start = len(r.prompt_ids) - 1
+        assert c.logprob == pytest.approx(sum(logits[start + t, token].item() for t, token in enumerate(ids)),
+                                          rel=1e-4, abs=1e-4)
+
+
 def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     """A generation config that leaves out the tokenizer's EOS (the token a chat model ends its turn
     with, say) made model.generate run on past every answer: the engine stops at both."""
@@ -186,7 +239,7 @@ def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     for eos in (3, 4, tokenizer_eos):
         assert engine._finish(r, 0, [11, 12, eos, 13]).__dict__ == dict(
             key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop",
-            error=None)
+            error=None, logprob=None)
 
 
 def test_eos_ends_a_row_with_stop(tiny_llama):
@@ -194,7 +247,8 @@ def test_eos_ends_a_row_with_stop(tiny_llama):
     eos = next(iter(engine.eos_ids))
     r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
     assert engine._finish(r, 0, [11, 12, eos, engine.pad_id]).__dict__ == dict(
-        key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop", error=None)
+        key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop", error=None,
+        logprob=None)
 
 
 def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
