@@ -6,10 +6,12 @@ import math
 
 from lmbatch.batching import decode_steps, padding_efficiency
 from lmbatch.interface import identical_requests, padded_tokens, plan_requests
-from lmbatch.prepare import NUM_PROMPT_TOKENS, prepare_chunk
+from lmbatch.prepare import ERROR, NUM_PROMPT_TOKENS, load_tokenizer, prepare_chunk
 from lmbatch.replica import chunk_requests
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
+ERROR_EXAMPLES = 3
+SHOWN_PROMPT_CHARS = 1500
 
 
 def histogram(lengths: list[int]) -> list[tuple[str, int]]:
@@ -25,16 +27,32 @@ def _size(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
+def shown_prompt(text: str) -> str:
+    """A prompt as printed: indented, and a long one cut in its middle (its start and its end, where a
+    chat template puts the system turn and the generation prompt, are what a reader checks)."""
+    half = SHOWN_PROMPT_CHARS // 2
+    if len(text) > SHOWN_PROMPT_CHARS:
+        text = f"{text[:half]}[... {len(text) - 2 * half:,} characters ...]{text[-half:]}"
+    return "\n".join(f"  | {line}" for line in text.split("\n"))
+
+
 def dry_run(plan) -> dict:
     b = plan.job.batching
+    s = plan.settings
+    id_column = s.passthrough_columns[0]
     lengths, errors, repeats, batches, steps, rows_seen = [], 0, 0, 0, 0, 0
     real = padded = largest = 0
+    first_prompt, error_examples = None, []
     for chunk in plan.pending:
         if rows_seen >= SAMPLE_ROWS:
             break
-        table = prepare_chunk(chunk, plan.settings, plan.error_duplicates(chunk.id))
-        requests = chunk_requests(table, plan.job.generation, plan.settings.passthrough_columns[0])
+        table = prepare_chunk(chunk, s, plan.error_duplicates(chunk.id))
+        requests = chunk_requests(table, plan.job.generation, id_column)
         errors += table.num_rows - len(requests)
+        if requests and first_prompt is None:
+            first_prompt = (table[id_column][requests[0].key].as_py(), requests[0].prompt_ids)
+        examples = [(row_id, e) for row_id, e in zip(table[id_column].to_pylist(), table[ERROR].to_pylist()) if e]
+        error_examples += examples[:ERROR_EXAMPLES - len(error_examples)]
         true_lengths = table[NUM_PROMPT_TOKENS].to_pylist()
         lengths += [true_lengths[r.key] for r in requests]
         # planned as replicas plan: a repeat of a row is not generated, and rows with different
@@ -55,6 +73,14 @@ def dry_run(plan) -> dict:
           f"{len(plan.chunks)} chunks of <= {plan.chunk_rows} rows, {len(plan.pending)} to generate")
     print(f"sampled {rows_seen:,} rows: {errors} would be error rows, {repeats} repeat an earlier row's prompt and "
           f"greedy settings (copied, not generated); {plan.num_duplicate_rows} rows in the input repeat an earlier id")
+    for row_id, error in error_examples:
+        print(f"  error row {id_column}={row_id!r}: {error}")
+    if first_prompt:  # exactly what the model is given: template, chat template and special tokens shown
+        row_id, ids = first_prompt
+        tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class, s.tokenizer_revision)
+        print(f"the first row's prompt as the model is given it ({id_column}={row_id!r}, {len(ids)} tokens, "
+              "special tokens shown):")
+        print(shown_prompt(tokenizer.decode(ids, skip_special_tokens=False)))
     print("prompt tokens   rows")
     peak = max((c for _, c in histogram(lengths)), default=1)
     for label, count in histogram(lengths):
@@ -75,4 +101,4 @@ def dry_run(plan) -> dict:
             "repeated_rows": repeats,
             "micro_batches": batches, "decode_steps": steps, "padding_efficiency": efficiency,
             "largest_micro_batch_tokens": largest, "kv_cache_bytes_per_token": kv,
-            "histogram": histogram(lengths)}
+            "histogram": histogram(lengths), "error_examples": error_examples}

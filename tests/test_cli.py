@@ -81,17 +81,22 @@ def test_progress_moves_inside_a_chunk_and_counts_a_chunk_as_soon_as_its_part_is
 
 def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     write_prompts(tmp_path / "in.parquet", ["short one", "a much longer prompt " * 20, None])
+    # a template over two lines, as the shell's $'...' quoting passes it (Hydra reads "\n" as two characters)
     done = run_cli([f"input.path={tmp_path / 'in.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true",
-                    "generation.max_new_tokens=7"], cwd=tmp_path)
+                    "generation.max_new_tokens=7", 'input.template="Q: {prompt}\nA:"'], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prompt tokens" in done.stdout
     batches = int(done.stdout.split("planned micro-batches (bucketed): ")[1].split()[0])
     assert f"planned decode steps for the sampled rows: at most {7 * batches} " in done.stdout
     assert "1 would be error rows" in done.stdout
+    assert "  error row id=2: null prompt: column 'prompt' is null\n" in done.stdout  # what makes it one
+    tokenizer = load_tokenizer(resolve_model_path("builtin://tiny-llama"))
+    tokens = len(tokenizer("Q: short one\nA:")["input_ids"])
+    assert (f"the first row's prompt as the model is given it (id=0, {tokens} tokens, special tokens shown):\n"
+            "  | Q: short one\n  | A:\n") in done.stdout
     # what a micro-batch needs besides the weights: here the long prompt alone, in the tiny model's
     # float32 (2 layers x 2 (keys, values) x 2 KV heads x 16 dims x 4 bytes = 512 bytes a token)
-    tokens = len(load_tokenizer(resolve_model_path("builtin://tiny-llama"))("a much longer prompt " * 20)["input_ids"])
-    tokens += 7
+    tokens = len(tokenizer("Q: " + "a much longer prompt " * 20 + "\nA:")["input_ids"]) + 7
     assert (f"KV cache of the largest planned micro-batch: {tokens:,} tokens x 512 bytes (float32) = "
             f"{tokens * 512 / 1e6:.1f} MB (batching.max_batch_tokens=16,384 allows 8.4 MB)\n") in done.stdout
     assert not (tmp_path / "out").exists()
@@ -108,6 +113,16 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
                     "cluster.num_replicas=1"], cwd=tmp_path)
     assert "0 would be error rows, 38 repeat an earlier row's prompt" in done.stdout, done.stdout
     assert "planned micro-batches (bucketed): 2 " in done.stdout
+
+
+def test_a_long_prompt_is_shown_by_its_start_and_end():
+    from lmbatch.dry_run import SHOWN_PROMPT_CHARS, shown_prompt
+
+    prompt = "<|system|>\nBe brief.\n" + "word " * 1000 + "\n<|assistant|>\n"
+    shown = shown_prompt(prompt)
+    assert shown.startswith("  | <|system|>\n  | Be brief.\n") and shown.endswith("\n  | <|assistant|>\n  | ")
+    assert f"[... {len(prompt) - SHOWN_PROMPT_CHARS:,} characters ...]" in shown
+    assert shown_prompt("short") == "  | short"
 
 
 def test_a_bad_job_exits_with_one_readable_line(tmp_path):
