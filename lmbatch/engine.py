@@ -10,8 +10,10 @@ costs one failed micro-batch, not one per micro-batch. The engine without a mode
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
+import inspect
 import logging
 import time
 from typing import Callable, Optional, Sequence
@@ -62,6 +64,9 @@ class EngineFailed(RuntimeError):
 
 FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
 """Rows failing alone, none done yet, that say the engine is broken: a bad row is one in thousands."""
+SCORING_LOGITS = 2 ** 27
+"""Logits (rows x choice tokens x vocabulary) one forward pass of choice scoring may return: rows are
+scored in groups under it (0.5 GB as float32), as a micro-batch of 1,024 rows could otherwise need many GB."""
 
 
 class PerRowSampler(LogitsProcessor):
@@ -368,6 +373,7 @@ class HFEngine:
             input_ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             attention_mask[i, longest - len(r.prompt_ids):] = 1
 
+        prompts = input_ids, attention_mask
         n = params.num_return_sequences
         if n > 1:  # one sequence per (row, sample), so that each gets its own random stream
             input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
@@ -424,8 +430,52 @@ class HFEngine:
                                                         tokens[c.num_generated_tokens - 1] in self.eos_ids)
                     c.logprob = sum(token_logprobs[i * n + s][:counted])
                 completions.append(c)
+        if params.logprobs and any(r.choices for r in batch):
+            scores = self._score_choices(batch, *prompts)
+            for c in completions:
+                c.choice_logprobs = scores.get(c.key)
         self._count(batch, steps, completions)
         return completions
+
+    def _score_choices(self, batch: list[Request], input_ids, attention_mask) -> dict[int, list[float]]:
+        """Each choice's log-probability given its row's prompt (by request key), as one forward pass
+        over prompt and choice gives it. The prompts run once; then, for each choice index, the
+        choices' tokens run on a copy of the prompts' KV cache (choices are short, prompts may not be)."""
+        model, device = self.model, self.model.device
+        parameters = inspect.signature(model.forward).parameters
+        cache = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        rows = [i for i, r in enumerate(batch) if r.choices]
+        longest = max(len(ids) for i in rows for _, ids in batch[i].choices)
+        group = max(1, SCORING_LOGITS // (longest * model.config.get_text_config().vocab_size))
+        scores = {}
+        for start in range(0, len(rows), group):
+            part = rows[start:start + group]
+            choices = [[ids for _, ids in batch[i].choices] for i in part]
+            ids, mask = input_ids[part].to(device), attention_mask[part].to(device)
+            positions = mask.sum(-1, keepdim=True) + torch.arange(longest, device=device)
+            table = torch.zeros((len(part), max(map(len, choices))), device=device)
+            with torch.inference_mode():
+                prefill = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                use_cache=True, **last_only)
+                first = prefill.logits[:, -1].float().log_softmax(-1)
+                for j in range(table.shape[1]):  # the j-th choice of every row (padding where a row has fewer)
+                    tokens = torch.full((len(part), longest), self.pad_id, dtype=torch.long)
+                    for k, cs in enumerate(choices):
+                        if j < len(cs):
+                            tokens[k, :len(cs[j])] = torch.tensor(cs[j])
+                    length = torch.tensor([len(cs[j]) if j < len(cs) else 0 for cs in choices])
+                    seen = (torch.arange(longest) < length[:, None]).long().to(device)
+                    tokens = tokens.to(device)
+                    out = model(input_ids=tokens, attention_mask=torch.cat([mask, seen], 1), position_ids=positions,
+                                use_cache=True, **{cache: copy.deepcopy(getattr(prefill, cache))})
+                    table[:, j] = first.gather(1, tokens[:, :1]).squeeze(1)
+                    for t in range(1, longest):  # position t-1 predicts token t: one position at a time
+                        following = out.logits[:, t - 1].float().log_softmax(-1).gather(1, tokens[:, t:t + 1])
+                        table[:, j] += torch.where(seen[:, t] == 1, following.squeeze(1), 0.0)
+            for i, cs, row in zip(part, choices, table.tolist()):
+                scores[batch[i].key] = row[:len(cs)]
+        return scores
 
     def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:
         """Cut at EOS or the first stop string; tell `stop` from `length`; count true tokens."""

@@ -51,6 +51,8 @@ class Completion:
     error: Optional[str] = None
     logprob: Optional[float] = None
     """With generation.logprobs: the model's log-probability of the text's tokens given the prompt."""
+    choice_logprobs: Optional[list[float]] = None
+    """With generation.logprobs, for a row with choices: each choice's log-probability given the prompt."""
 
 
 @dataclass

@@ -202,7 +202,7 @@ def write_empty_part(plan: JobPlan) -> None:
     """An input without rows (a scheduled job's quiet day) still gives a finished output, with one
     part that holds no rows but every column, typed, so that readers find the table's schema."""
     fields = [plan.inputs.schema.field(c) for c in plan.settings.passthrough_columns]
-    table = pa.schema(fields + output_columns(plan.job.generation)).empty_table()
+    table = pa.schema(fields + output_columns(plan.job)).empty_table()
     plan.output.write_part(EMPTY_INPUT_CHUNK, with_part_metadata(table, plan.fingerprint, EMPTY_INPUT_CHUNK))
 
 

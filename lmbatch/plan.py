@@ -191,7 +191,7 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
     i = job.input
     keep = inputs.schema.names if i.keep_columns is None else i.keep_columns
     columns = list(dict.fromkeys([i.id_column, *keep]))
-    clash = set(columns) & {f.name for f in [*output_columns(job.generation), SAMPLE_INDEX]}
+    clash = set(columns) & {f.name for f in [*output_columns(job), SAMPLE_INDEX]}
     if clash:
         raise JobError(f"input columns {sorted(clash)} clash with output columns; "
                        "rename them or leave them out with input.keep_columns")

@@ -38,6 +38,7 @@ GENERATED_COLUMNS = pa.schema([
 ])
 SAMPLE_INDEX = pa.field("sample_index", pa.int64())
 LOGPROB = pa.field("logprob", pa.float64())
+CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
@@ -58,10 +59,12 @@ CRASHED = ("crashed: the replica process died generating this row alone (a crash
 log = logging.getLogger("lmbatch.replica")
 
 
-def output_columns(generation: GenerationOptions) -> list[pa.Field]:
+def output_columns(job: JobConfig) -> list[pa.Field]:
     """The columns lmbatch adds to every output row, after the kept input columns."""
-    return [*GENERATED_COLUMNS, *[SAMPLE_INDEX] * (generation.num_return_sequences > 1),
-            *[LOGPROB] * generation.logprobs]
+    g = job.generation
+    choices = bool(g.choices) or "choices" in job.input.param_columns
+    return [*GENERATED_COLUMNS, *[SAMPLE_INDEX] * (g.num_return_sequences > 1), *[LOGPROB] * g.logprobs,
+            *[CHOICE_LOGPROBS] * (g.logprobs and choices)]
 
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:
@@ -198,6 +201,7 @@ class Replica:
             self.output.check_shared(fingerprint, f"replica {self.name}")  # before minutes of model loading
             self.engine = load_engine(job, device)
         self.generation = job.generation
+        self.columns = output_columns(job)
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
         self.fingerprint = fingerprint
@@ -256,8 +260,9 @@ class Replica:
             "error": [c.error for c in done],
             "sample_index": [c.sample_index for c in done],
             "logprob": [c.logprob for c in done],
+            "choice_logprobs": [c.choice_logprobs for c in done],
         }
-        for f in output_columns(self.generation):
+        for f in self.columns:
             out = out.append_column(f, pa.array(values[f.name], f.type))
         return out, len(requests) - len(unique)
 

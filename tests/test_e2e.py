@@ -186,13 +186,17 @@ def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
                 "generation.choices=[positive,negative,neutral]", "generation.max_new_tokens=1",
                 "input.param_columns=[choices]", "generation.logprobs=true"))
     table = pq.read_table(out)
-    assert table.schema.names[-1] == "logprob" and table.schema.field("logprob").type == pa.float64()
+    assert table.schema.names[-2:] == ["logprob", "choice_logprobs"]
+    assert table.schema.field("choice_logprobs").type == pa.list_(pa.float64())
     rows = table.to_pylist()
     for row, prompt, choices in zip(rows[:7], prompts, [["positive", "negative", "neutral"]] * 5 + own[5:7]):
         assert (row["generated_text"], row["num_generated_tokens"]) == choice_oracle(tiny_llama, prompt, choices)
         assert row["finish_reason"] == "stop" and row["logprob"] < 0
+        scores = row["choice_logprobs"]  # in the order of the row's choices, the answer's its logprob
+        assert len(scores) == len(choices)
+        assert scores[choices.index(row["generated_text"])] == pytest.approx(row["logprob"], rel=1e-4, abs=1e-4)
     assert rows[7]["error"] == "invalid parameter: choices must be a list of non-empty strings"
-    assert rows[7]["logprob"] is None
+    assert rows[7]["logprob"] is None and rows[7]["choice_logprobs"] is None
 
 
 def chat_oracle(model_path, messages, max_new_tokens):

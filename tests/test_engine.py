@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import choice_oracle, varied_prompts
+from lmbatch import engine as engine_module
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import HFEngine, PerRowSampler, Request, SamplingParams, choose_attention, choose_kv_cache
 
@@ -206,23 +207,37 @@ def test_logprobs_are_the_models_own_for_each_row_as_alone(model_path, repetitio
     assert {"stop", "length"} <= {c.finish_reason for c in got.values()}
 
 
-def test_a_choice_logprob_is_the_models_probability_of_that_choice(tiny_llama):
-    """With choices, greedy or sampled, logprob is log P(choice | prompt), as one forward pass over
-    the prompt and the choice's tokens gives it: the ending EOS is not part of it."""
-    engine = make_engine(tiny_llama, min_padding_efficiency=0, min_decode_efficiency=0)
-    texts = ["positive", "negative", "yes please"]
-    labels = tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
-    needed = max(len(ids) for _, ids in labels) + 1  # as prepare sets it
+def choice_logprob_alone(model, prompt_ids, choice_ids) -> float:
+    """The oracle of a choice's log-probability: one forward pass over the prompt and the choice alone."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + list(choice_ids)])).logits[0].log_softmax(-1)
+    return sum(logits[len(prompt_ids) - 1 + t, token].item() for t, token in enumerate(choice_ids))
+
+
+@pytest.mark.parametrize("scoring_logits", [engine_module.SCORING_LOGITS, 1])  # 1: rows scored one at a time
+def test_choices_get_the_models_log_probability_each(model_path, scoring_logits, monkeypatch):
+    """With choices and logprobs, greedy or sampled, beside free rows: logprob is log P(answer | prompt),
+    the EOS after it left out, and choice_logprobs holds every choice's, in the row's order (rows with
+    choices of their own too), each as one forward pass over the prompt and that choice alone gives it."""
+    monkeypatch.setattr(engine_module, "SCORING_LOGITS", scoring_logits)
+    engine = make_engine(model_path, min_padding_efficiency=0, min_decode_efficiency=0)  # one micro-batch
+
+    def labels(*texts):
+        return tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
+    own = [labels("positive", "negative", "yes please"), labels("no", "yes"), ()]
+    needed = max(len(ids) for cs in own for _, ids in cs) + 1  # as prepare sets it
     requests = [Request(i, engine.tokenizer(p)["input_ids"], needed, SamplingParams(do_sample=i % 2 == 1,
                                                                                     logprobs=True),
-                        seed=i, choices=labels) for i, p in enumerate(varied_prompts(6, seed=6, max_words=12))]
-    for r, c in zip(requests, sorted(engine.generate(requests), key=lambda c: c.key)):
-        ids = dict(labels)[c.text]
-        with torch.no_grad():
-            logits = engine.model(torch.tensor([r.prompt_ids + list(ids)])).logits[0].log_softmax(-1)
-        start = len(r.prompt_ids) - 1
-        assert c.logprob == pytest.approx(sum(logits[start + t, token].item() for t, token in enumerate(ids)),
-                                          rel=1e-4, abs=1e-4)
+                        seed=i, choices=own[i % 3]) for i, p in enumerate(varied_prompts(8, seed=6, max_words=12))]
+    got = sorted(engine.generate(requests), key=lambda c: c.key)
+    assert engine.stats.micro_batches == 2  # greedy and sampled rows
+    for r, c in zip(requests, got):
+        if not r.choices:
+            assert c.choice_logprobs is None and c.logprob < 0
+            continue
+        expected = [choice_logprob_alone(engine.model, r.prompt_ids, ids) for _, ids in r.choices]
+        assert c.choice_logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4), r.key
+        assert c.logprob == pytest.approx(expected[[t for t, _ in r.choices].index(c.text)], rel=1e-4, abs=1e-4)
 
 
 def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
@@ -239,7 +254,7 @@ def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     for eos in (3, 4, tokenizer_eos):
         assert engine._finish(r, 0, [11, 12, eos, 13]).__dict__ == dict(
             key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop",
-            error=None, logprob=None)
+            error=None, logprob=None, choice_logprobs=None)
 
 
 def test_eos_ends_a_row_with_stop(tiny_llama):
@@ -248,7 +263,7 @@ def test_eos_ends_a_row_with_stop(tiny_llama):
     r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
     assert engine._finish(r, 0, [11, 12, eos, engine.pad_id]).__dict__ == dict(
         key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop", error=None,
-        logprob=None)
+        logprob=None, choice_logprobs=None)
 
 
 def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
