@@ -90,7 +90,9 @@ class OutputConfig:
     path: str = "${hydra:runtime.output_dir}/output"
     """Directory (or URI) that receives the Parquet parts, `_manifest.json`, `_metrics.json`, `_SUCCESS`."""
     mode: str = "resume"
-    """`resume`: continue this job's partial output (a finished one is a no-op); `overwrite`: start afresh."""
+    """`resume`: continue this job's partial output (a finished one is a no-op); `overwrite`: start afresh;
+    `retry_errors`: resume, and generate again the chunks holding rows that failed in generation (out of
+    memory, a crash, the model raising), not for their input, as a larger GPU or a fix may make them pass."""
     max_rows_per_file: Optional[int] = None
     """Cap on rows per output part (each chunk is one part, so this caps batching.chunk_rows too)."""
     partition_by: Optional[str] = None
@@ -104,8 +106,8 @@ class OutputConfig:
                  f"output.compression must be one of {', '.join(PARQUET_CODECS)}, got {self.compression!r}")
         _require(self.max_rows_per_file is None or self.max_rows_per_file >= 1,
                  f"output.max_rows_per_file must be >= 1 or null, got {self.max_rows_per_file}")
-        _require(self.mode in ("resume", "overwrite"),
-                 f"output.mode must be 'resume' or 'overwrite', got {self.mode!r}")
+        _require(self.mode in ("resume", "overwrite", "retry_errors"),
+                 f"output.mode must be 'resume', 'overwrite' or 'retry_errors', got {self.mode!r}")
 
 
 @dataclass

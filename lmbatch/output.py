@@ -202,6 +202,17 @@ class OutputDir:
                 found.setdefault(name[len(PART_PREFIX):-len(PART_SUFFIX)], []).append(info.path)
         return found
 
+    def errors(self, chunk_ids) -> dict[str, list[str]]:
+        """Chunk id -> the error messages of its rows, read from its parts' `error` column alone."""
+        files = self.part_files()
+
+        def read(chunk_id: str) -> list[str]:
+            return [message for path in files.get(chunk_id, ())
+                    for message in pq.read_table(path, columns=["error"], filesystem=self.fs)["error"]
+                    .drop_null().to_pylist()]
+        chunk_ids = sorted(chunk_ids)
+        return dict(zip(chunk_ids, in_threads(read, chunk_ids)))
+
     def _write_table(self, name: str, table: pa.Table) -> None:
         final = self._file(name)
         if "/" in name:

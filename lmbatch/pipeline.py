@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -297,7 +298,13 @@ def notices(plan: JobPlan) -> list[str]:
         found.append(f"warning: {shortfall}")
     if not plan.chunks:
         found.append(f"warning: input.path {plan.inputs.uri} holds no rows; the output holds none either")
-    if not plan.state.fresh:
+    if plan.retrying:
+        kinds = sum(plan.retrying.values(), collections.Counter())
+        found.append(f"retrying the rows that failed in generation in {uri} "
+                     f"({', '.join(f'{kind}: {n:,}' for kind, n in sorted(kinds.items()))}), with the rest of "
+                     f"their chunks: {len(plan.pending)} of {len(plan.chunks)} chunks to generate, "
+                     f"{len(plan.chunks) - len(plan.pending)} kept")
+    elif not plan.state.fresh:
         found.append(f"resuming {uri}: {len(plan.chunks) - len(plan.pending)} of {len(plan.chunks)} chunks "
                      "already committed")
     return found
@@ -331,7 +338,8 @@ def run(cfg: DictConfig | JobConfig) -> dict:
 def already_finished(plan: JobPlan) -> dict:
     changed = (" It was made, all of it, with the model files model.path held then, not those it holds "
                "now.") if plan.state.model_changed else ""
-    print(f"lmbatch: {plan.output.uri} already holds this job, finished (_SUCCESS); nothing to do.{changed} "
+    retry = " (output.mode=retry_errors: no row failed in generation)" if plan.job.output.mode == "retry_errors" else ""
+    print(f"lmbatch: {plan.output.uri} already holds this job, finished (_SUCCESS); nothing to do{retry}.{changed} "
           "Use output.mode=overwrite to run it again.")
     return {"output": plan.output.uri, "already_finished": True}
 

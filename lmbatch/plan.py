@@ -8,6 +8,7 @@ committed, so that a resumed job skips them. `lmbatch.pipeline` runs the plan.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ from lmbatch.models import model_identity
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
                              template_fields)
-from lmbatch.replica import SAMPLE_INDEX, output_columns
+from lmbatch.replica import FAILED_IN_GENERATION, SAMPLE_INDEX, error_kind, output_columns
 
 
 @dataclass
@@ -45,6 +46,9 @@ class JobPlan:
     """KV cache a token of a sequence takes in the replicas' dtype (`models.kv_cache_bytes_per_token`)."""
     duplicate_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     """Chunk id -> positions of rows repeating an earlier id (empty with on_duplicate_id=ignore)."""
+    retrying: dict[str, collections.Counter] = dataclasses.field(default_factory=dict)
+    """With output.mode=retry_errors: chunk id -> kinds of its rows that failed in generation, for the
+    committed chunks that hold any; these chunks are generated again."""
 
     @property
     def num_duplicate_rows(self) -> int:
@@ -243,6 +247,13 @@ def plan_job(job: JobConfig) -> JobPlan:
     fingerprint = _fingerprint(job, inputs)
     identity = model_identity(model.path, model.revision)
     state = output.inspect(fingerprint, job.output.mode, identity)
+    retrying = _failed_in_generation(output, state.done_chunks) if job.output.mode == "retry_errors" else {}
+    if retrying:
+        if state.model_changed:
+            raise JobError(f"output.path {output_uri} was made with other model files than model.path holds now: "
+                           "retrying its failed rows would mix the outputs of two models; point model.path at the "
+                           "model it was made with, or use output.mode=overwrite to start again")
+        state = dataclasses.replace(state, done_chunks=state.done_chunks - retrying.keys(), finished=False)
     configured = job.batching.chunk_rows
     if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
         configured = min(configured, max(1, job.output.max_rows_per_file // job.generation.num_return_sequences))
@@ -262,10 +273,20 @@ def plan_job(job: JobConfig) -> JobPlan:
     job = dataclasses.replace(job, model=model)
     chunks = io.plan_chunks(inputs.files, chunk_rows)
     plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity,
-                   kv_bytes_per_token=kv_bytes_per_token)
+                   kv_bytes_per_token=kv_bytes_per_token, retrying=retrying)
     if i.on_duplicate_id != "ignore" and not state.finished:
         plan.duplicate_rows = _duplicates_by_chunk(chunks, io.find_duplicate_ids(input_uri, inputs.files, i.id_column))
     return plan
+
+
+def _failed_in_generation(output: OutputDir, chunk_ids) -> dict[str, collections.Counter]:
+    """Committed chunks holding rows that failed in generation -> how many of each kind."""
+    found = {}
+    for chunk_id, messages in output.errors(chunk_ids).items():
+        kinds = collections.Counter(k for k in map(error_kind, messages) if k in FAILED_IN_GENERATION)
+        if kinds:
+            found[chunk_id] = kinds
+    return found
 
 
 def _check_partition_by(job: JobConfig, inputs: InputPlan, passthrough: list[str]) -> None:

@@ -604,12 +604,19 @@ def test_a_model_changed_in_place_is_not_mixed_into_a_resumed_job(tmp_path, tiny
 
     # Finished, the output is all of one model: a rerun is the usual no-op, and says so.
     for chunk in plan.chunks[1:]:
-        plan.output.write_part(chunk.id, pa.table({"finish_reason": ["stop"] * chunk.num_rows}))
+        plan.output.write_part(chunk.id, pa.table({"finish_reason": ["stop"] * chunk.num_rows,
+                                                   "error": pa.nulls(chunk.num_rows, pa.string())}))
     plan.output.commit({}, {})
     capsys.readouterr()
     assert run(job) == {"output": str(out), "already_finished": True}
     assert "It was made, all of it, with the model files model.path held then, not those it holds now" in \
         capsys.readouterr().out
+    # Nor are its rows that failed in generation retried with the other model.
+    plan.output.write_part(first.id, pa.table({"finish_reason": ["error"] + ["stop"] * (first.num_rows - 1),
+                                               "error": ["out of memory: injected"] + [None] * (first.num_rows - 1)}))
+    with pytest.raises(JobError, match="retrying its failed rows would mix the outputs of two models"):
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}", f"model.path={model}",
+                                       "batching.chunk_rows=4", "output.mode=retry_errors")))
 
 
 def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_job(tmp_path, tiny_llama):
@@ -931,6 +938,50 @@ def test_a_lost_device_stops_the_replica_instead_of_failing_every_row(tiny_llama
                                          r"\(AcceleratorError: CUDA error: an illegal memory access was encountered\); "
                                          "the job stops rather than write every later row as an error row"):
         engine.generate(requests)
+    TALLY["faults"] += 1
+
+
+def test_retry_errors_generates_again_only_the_chunks_of_rows_that_failed_in_generation(tmp_path, tiny_llama):
+    """A row that ran out of memory alone (here injected while a flag file exists: a GPU too small)
+    stays an error row in a finished output. output.mode=retry_errors generates again the chunks
+    that hold such rows, once the cause is gone, and keeps the others' parts untouched; a row that
+    failed for its input (a null prompt) fails the same way again and is not a reason to retry."""
+    flag = tmp_path / "out-of-memory"
+    flag.touch()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = llama_with_remote_code(tiny_llama, tmp_path, f"""
+import os, torch
+class RemoteLlama(LlamaForCausalLM):
+    def forward(self, input_ids=None, **kwargs):
+        if os.path.exists({str(flag)!r}) and ({tokenizer.convert_tokens_to_ids("<|system|>")} == input_ids).any():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return super().forward(input_ids=input_ids, **kwargs)
+""")
+    prompts = [f"row {i} says hello" for i in range(12)]
+    prompts[5], prompts[9] = "row 5 holds <|system|> in its text", None
+    out = tmp_path / "out"
+    job = [f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
+           f"model.path={model}", "model.trust_remote_code=true", "batching.chunk_rows=4", "cluster.num_replicas=1",
+           "generation.max_new_tokens=4"]
+    env = {"HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+    finish(start_job(tmp_path, *job, env=env))
+    errors = {r["id"]: r["error"] for r in pq.read_table(out).to_pylist() if r["error"]}
+    assert errors == {5: "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB (injected)",
+                      9: "null prompt: column 'prompt' is null"}
+    kept = {p: os.stat(out / p).st_mtime_ns for p in parts(out) if p != part_name("00000-000000004")}
+
+    flag.unlink()  # a larger GPU, a smaller budget
+    log = finish(start_job(tmp_path, *job, "output.mode=retry_errors", env=env))
+    assert (f"lmbatch: retrying the rows that failed in generation in {out} (out of memory: 1), with the rest of "
+            "their chunks: 1 of 3 chunks to generate, 2 kept") in log
+    assert account(out, range(12)) == (0, 0)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows if r["error"]] == [9]
+    assert rows[5]["generated_text"] == oracle(tiny_llama, prompts[5], 4)
+    assert {p: os.stat(out / p).st_mtime_ns for p in kept} == kept
+    assert json.loads((out / "_metrics.json").read_text())["rows_error"] == 1
+    log = finish(start_job(tmp_path, *job, "output.mode=retry_errors", env=env))
+    assert "nothing to do (output.mode=retry_errors: no row failed in generation)" in log
     TALLY["faults"] += 1
 
 
