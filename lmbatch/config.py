@@ -130,6 +130,10 @@ class ModelConfig:
     """A hub model's branch, tag or commit; null: where `main` points when the job is planned. Either
     way the plan pins the commit, and every replica and tokenizer loads that one (each node of a
     cluster downloads a hub model itself): a job never mixes two commits of a model."""
+    adapter: Optional[str] = None
+    """A PEFT adapter (LoRA and kin) fine-tuned from this model: a local directory with its
+    `adapter_config.json` and weights, as peft's `save_pretrained` writes it. Each replica merges it
+    into the weights as it loads them, so it costs nothing per token. Needs `pip install peft`."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path must be set")

@@ -272,6 +272,10 @@ class HFEngine:
         if model.device_map:
             kwargs["device_map"] = model.device_map
         loaded = AutoModelForCausalLM.from_pretrained(model_path, revision=model.revision, **kwargs)
+        if model.adapter:  # merged: the adapter then costs nothing per token
+            from peft import PeftModel
+
+            loaded = PeftModel.from_pretrained(loaded, model.adapter).merge_and_unload()
         if not model.device_map:
             loaded.to(device)
         tokenizer = load_tokenizer(model_path, model.trust_remote_code, revision=model.revision)

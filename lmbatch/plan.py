@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -119,6 +120,11 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         expanded = os.path.expanduser(path)
         if os.path.exists(expanded):
             path = os.path.abspath(expanded)
+            if Path(path, ADAPTER_CONFIG).is_file() and not Path(path, "config.json").exists():
+                base = json.loads(Path(path, ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+                raise JobError(f"model.path {job.model.path} holds a PEFT adapter, not a model: set model.path to "
+                               f"the model it was fine-tuned from (its {ADAPTER_CONFIG} names {base}) and "
+                               f"model.adapter={job.model.path}")
             try:
                 check_weights(path)
             except ValueError as e:
@@ -153,8 +159,34 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    model = dataclasses.replace(job.model, path=path, revision=revision)
+    model = dataclasses.replace(job.model, path=path, revision=revision, adapter=check_adapter(job.model.adapter))
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def check_adapter(adapter: Optional[str]) -> Optional[str]:
+    """model.adapter, absolute, once it is found to be an adapter peft can merge into the weights."""
+    if adapter is None:
+        return None
+    path = absolute(adapter)
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        found = f"holds no {ADAPTER_CONFIG}" if os.path.isdir(path) else "does not exist"
+        raise JobError(f"model.adapter {adapter} {found}: it must be a local directory that peft's save_pretrained "
+                       "wrote (download a hub adapter first, with `hf download`)")
+    try:
+        from peft import PeftConfig
+    except ImportError:
+        raise JobError("model.adapter needs the peft package: pip install peft") from None
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - a config peft cannot read, of whatever kind
+        raise JobError(f"model.adapter {adapter} cannot be read: {str(e).splitlines()[0]}") from None
+    if config.is_prompt_learning:
+        raise JobError(f"model.adapter {adapter} is a {config.peft_type} adapter, which does not merge into the "
+                       "weights; lmbatch takes adapters that do (LoRA and its kin)")
+    return path
 
 
 def check_chat_template(job: JobConfig, tokenizer) -> None:
@@ -210,9 +242,9 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # same job as none (and jobs from before the key keep their fingerprint)
         "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")},
         # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume);
-        # revision, added later, counts when set (jobs from before it keep their fingerprint)
+        # revision and adapter, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
-                  if k != "kv_cache" and not (k == "revision" and v is None)},
+                  if k != "kv_cache" and not (k in ("revision", "adapter") and v is None)},
         # choices and logprobs, added later, count when set (jobs from before them keep their fingerprint)
         "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
                        if not (k in ("choices", "logprobs") and not v)},
@@ -246,6 +278,8 @@ def plan_job(job: JobConfig) -> JobPlan:
     output = OutputDir(output_uri, job.output.partition_by)
     fingerprint = _fingerprint(job, inputs)
     identity = model_identity(model.path, model.revision)
+    if model.adapter:  # a retrained adapter is another model as much as retrained weights are
+        identity = f"{identity} with adapter {model_identity(model.adapter)}"
     state = output.inspect(fingerprint, job.output.mode, identity)
     retrying = _failed_in_generation(output, state.done_chunks) if job.output.mode == "retry_errors" else {}
     if retrying:

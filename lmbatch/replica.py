@@ -117,9 +117,10 @@ def load_engine(job: JobConfig, device: str | None = None):
     from lmbatch.models import resolve_model_path
 
     path = resolve_model_path(job.model.path)
-    if os.path.isabs(path) and not os.path.exists(path):  # the driver found it, on its own node
-        raise FileNotFoundError(f"model.path {path} does not exist on {socket.gethostname()}: "
-                                "a local model directory must exist on every node")
+    for key, local in (("model.path", path), ("model.adapter", job.model.adapter)):
+        if local and os.path.isabs(local) and not os.path.exists(local):  # the driver found it, on its own node
+            raise FileNotFoundError(f"{key} {local} does not exist on {socket.gethostname()}: "
+                                    "a local model directory must exist on every node")
     # One progress line is the driver's; a "Loading weights" bar per replica would interleave with it.
     transformers_logging.disable_progress_bar()
     return HFEngine.load(path, job.model, job.batching, device=device, threads=job.cluster.threads)

@@ -59,6 +59,24 @@ def tiny_gpt2(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "tiny-gpt2"))
 
 
+@pytest.fixture(scope="session")
+def lora_adapter(tiny_llama, tmp_path_factory) -> str:
+    """A LoRA adapter of tiny_llama (random, not zero, so that it changes the output), as peft saves one."""
+    return str(save_lora_adapter(tiny_llama, tmp_path_factory.mktemp("lora"), seed=0))
+
+
+def save_lora_adapter(base: str, directory, seed: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(directory)
+    return directory
+
+
 def varied_prompts(n: int, seed: int = 0, max_words: int = 300) -> list[str]:
     """Prompts from one word to several hundred tokens, in shuffled order."""
     from lmbatch.samples import WORDS

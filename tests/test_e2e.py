@@ -199,6 +199,29 @@ def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
     assert rows[7]["logprob"] is None and rows[7]["choice_logprobs"] is None
 
 
+def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):
+    """model.adapter through the whole job: each text is that of the base model with the adapter
+    (loaded by transformers, unmerged) on the prompt alone; the manifest names the adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = varied_prompts(6, seed=8, max_words=30)
+    out = tmp_path / "out"
+    run(compose(f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
+                f"model.path={tiny_llama}", f"model.adapter={lora_adapter}", "generation.max_new_tokens=6",
+                "cluster.num_replicas=1"))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    model.load_adapter(lora_adapter)
+    for row, prompt in zip(pq.read_table(out).to_pylist(), prompts):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        new = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0]
+        new = new[ids.shape[1]:].tolist()
+        new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+        assert row["generated_text"] == tokenizer.decode(new, skip_special_tokens=True), row["id"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["config"]["model"]["adapter"] == lora_adapter
+    assert "with adapter content" in manifest["model_identity"]
+
+
 def chat_oracle(model_path, messages, max_new_tokens):
     from transformers import AutoTokenizer
 

@@ -240,6 +240,28 @@ def test_choices_get_the_models_log_probability_each(model_path, scoring_logits,
         assert c.logprob == pytest.approx(expected[[t for t, _ in r.choices].index(c.text)], rel=1e-4, abs=1e-4)
 
 
+def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_llama, lora_adapter):
+    """model.adapter, merged into the weights as the engine loads: batched greedy output equals that of
+    the base model with the adapter loaded by transformers (unmerged: the adapter runs beside each
+    layer) on each prompt alone, and differs from the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    engine = HFEngine.load(tiny_llama, ModelConfig(path=tiny_llama, dtype="float32", adapter=lora_adapter),
+                           BatchingConfig(), device="cpu")
+    assert not any("lora" in name for name, _ in engine.model.named_modules())  # merged: no adapter layers left
+    adapted = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    adapted.load_adapter(lora_adapter)
+    base = make_engine(tiny_llama)
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 8) for i, p in enumerate(varied_prompts(12, seed=7,
+                                                                                                     max_words=40))]
+    got = {c.key: c.text for c in engine.generate(requests)}
+    for r in requests:
+        alone = adapted.generate(torch.tensor([r.prompt_ids]), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=engine.pad_id)
+        assert got[r.key] == engine._finish(r, 0, alone[0, len(r.prompt_ids):].tolist()).text, r.key
+    assert got != {c.key: c.text for c in base.generate(requests)}
+
+
 def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     """A generation config that leaves out the tokenizer's EOS (the token a chat model ends its turn
     with, say) made model.generate run on past every answer: the engine stops at both."""

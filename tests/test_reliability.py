@@ -27,7 +27,7 @@ import torch
 from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, compose, oracle, varied_prompts, write_prompts
+from conftest import REPO, compose, oracle, save_lora_adapter, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
@@ -376,6 +376,10 @@ BAD_JOBS = {
     "a revision of a local model": (one_prompt, ["model.revision=v2"],
                                     "model.revision=v2 names a commit of a hub model, but model.path builtin://"),
     "model path a file": (one_prompt, [f"model.path={sys.executable}"], "is a file, not a model directory"),
+    "adapter missing": (one_prompt, ["model.adapter=/no/such/adapter"], "model.adapter /no/such/adapter does not "
+                                                                         "exist: it must be a local directory"),
+    "adapter not an adapter": (one_prompt, [f"model.adapter={REPO}"], f"model.adapter {REPO} holds no "
+                                                                      "adapter_config.json"),
     "template column missing": (one_prompt, ["input.template='Q: {question}'"], "has no column 'question'"),
     "no room for a prompt": (one_prompt, ["generation.max_new_tokens=2048"], "leaves no room for a prompt"),
     "parameter column of text": (lambda d: write_prompts(d / "in.parquet", ["a"], max_new_tokens=["5"]),
@@ -617,6 +621,31 @@ def test_a_model_changed_in_place_is_not_mixed_into_a_resumed_job(tmp_path, tiny
     with pytest.raises(JobError, match="retrying its failed rows would mix the outputs of two models"):
         plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}", f"model.path={model}",
                                        "batching.chunk_rows=4", "output.mode=retry_errors")))
+
+
+def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny_llama):
+    """model.adapter makes another job (fingerprint), an adapter retrained in place is another model
+    (a partial output is not resumed with it), and an adapter given as model.path is named as one."""
+    adapter = save_lora_adapter(tiny_llama, tmp_path / "adapter", seed=0)
+    source = one_prompt(tmp_path)
+    out = tmp_path / "out"
+
+    def plan(*extra):
+        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={out}", f"model.path={tiny_llama}",
+                                              *extra)))
+    with_adapter = plan(f"model.adapter={adapter}")
+    assert with_adapter.fingerprint != plan().fingerprint
+    assert with_adapter.model_identity == f"{model_identity(tiny_llama)} with adapter {model_identity(str(adapter))}"
+    with_adapter.begin_output()  # a run that died before its first part
+    save_lora_adapter(tiny_llama, adapter, seed=1)  # retrained in place
+    with pytest.raises(JobError, match="holds part of this job made with other model files than model.path holds now"):
+        plan(f"model.adapter={adapter}")
+    said = (f"model.path {adapter} holds a PEFT adapter, not a model: set model.path to the model it was fine-tuned "
+            f"from (its adapter_config.json names {tiny_llama}) and model.adapter={adapter}")
+    with pytest.raises(JobError, match=f"^{re.escape(said)}$"):
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'other'}",
+                                       f"model.path={adapter}")))
+    TALLY["bad_input_kinds"].update(["an adapter retrained during a job", "an adapter as model.path"])
 
 
 def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_job(tmp_path, tiny_llama):
