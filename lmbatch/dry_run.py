@@ -50,7 +50,7 @@ def dry_run(plan) -> dict:
         requests = chunk_requests(table, plan.job.generation, id_column)
         errors += table.num_rows - len(requests)
         if requests and first_prompt is None:
-            first_prompt = (table[id_column][requests[0].key].as_py(), requests[0].prompt_ids)
+            first_prompt = (table[id_column][requests[0].key].as_py(), requests[0])
         examples = [(row_id, e) for row_id, e in zip(table[id_column].to_pylist(), table[ERROR].to_pylist()) if e]
         error_examples += examples[:ERROR_EXAMPLES - len(error_examples)]
         true_lengths = table[NUM_PROMPT_TOKENS].to_pylist()
@@ -76,11 +76,14 @@ def dry_run(plan) -> dict:
     for row_id, error in error_examples:
         print(f"  error row {id_column}={row_id!r}: {error}")
     if first_prompt:  # exactly what the model is given: template, chat template and special tokens shown
-        row_id, ids = first_prompt
+        row_id, request = first_prompt
         tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class, s.tokenizer_revision)
-        print(f"the first row's prompt as the model is given it ({id_column}={row_id!r}, {len(ids)} tokens, "
-              "special tokens shown):")
-        print(shown_prompt(tokenizer.decode(ids, skip_special_tokens=False)))
+        print(f"the first row's prompt as the model is given it ({id_column}={row_id!r}, {len(request.prompt_ids)} "
+              "tokens, special tokens shown):")
+        print(shown_prompt(tokenizer.decode(request.prompt_ids, skip_special_tokens=False)))
+        if request.choices:  # how a label is written decides its tokens (" positive" or "positive")
+            print("its choices as the model's tokens: " + "; ".join(
+                f"{text!r} = {' + '.join(repr(tokenizer.decode([t])) for t in ids)}" for text, ids in request.choices))
     print("prompt tokens   rows")
     peak = max((c for _, c in histogram(lengths)), default=1)
     for label, count in histogram(lengths):

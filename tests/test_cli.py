@@ -109,10 +109,14 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
                     "generation=sampling", "input.param_columns=[temperature]", "cluster.num_replicas=1"], cwd=tmp_path)
     assert "planned micro-batches (bucketed): 6 " in done.stdout, done.stdout + done.stderr[-3000:]
     # Greedy, a chunk's repeats of one prompt are copied from its first row, not generated: one row a chunk.
+    # (with choices, the dry run shows how the model's tokens spell them: a leading space is a token's)
     done = run_cli([f"input.path={tmp_path / 'params.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true",
-                    "cluster.num_replicas=1"], cwd=tmp_path)
+                    "cluster.num_replicas=1", 'generation.choices=[" few",words]'], cwd=tmp_path)
     assert "0 would be error rows, 38 repeat an earlier row's prompt" in done.stdout, done.stdout
     assert "planned micro-batches (bucketed): 2 " in done.stdout
+    spelled = {c: " + ".join(repr(tokenizer.decode([t])) for t in tokenizer(c, add_special_tokens=False)["input_ids"])
+               for c in (" few", "words")}
+    assert f"its choices as the model's tokens: ' few' = {spelled[' few']}; 'words' = {spelled['words']}\n" in done.stdout
 
 
 def test_a_long_prompt_is_shown_by_its_start_and_end():
