@@ -116,7 +116,8 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     assert "planned micro-batches (bucketed): 2 " in done.stdout
     spelled = {c: " + ".join(repr(tokenizer.decode([t])) for t in tokenizer(c, add_special_tokens=False)["input_ids"])
                for c in (" few", "words")}
-    assert f"its choices as the model's tokens: ' few' = {spelled[' few']}; 'words' = {spelled['words']}\n" in done.stdout
+    said = f"its choices as the model's tokens: ' few' = {spelled[' few']}; 'words' = {spelled['words']}\n"
+    assert said in done.stdout
 
 
 def test_a_long_prompt_is_shown_by_its_start_and_end():
