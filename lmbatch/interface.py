@@ -55,6 +55,11 @@ class Completion:
     """With generation.logprobs, for a row with choices: each choice's log-probability given the prompt."""
 
 
+FAILED_IN_GENERATION = ("out of memory", "generation failed", "crashed")
+"""Error kinds of rows that failed in generation, not for their input: another try may succeed
+(output.mode=retry_errors), where a row too long or without a prompt fails the same way again."""
+
+
 @dataclass
 class EngineStats:
     """Counters for the efficiency figures of the benchmark and the run summary."""

@@ -28,7 +28,8 @@ from lmbatch.models import model_identity
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
                              template_fields)
-from lmbatch.replica import FAILED_IN_GENERATION, SAMPLE_INDEX, error_kind, output_columns
+from lmbatch.interface import FAILED_IN_GENERATION
+from lmbatch.replica import SAMPLE_INDEX, error_kind, output_columns
 
 
 @dataclass
@@ -184,7 +185,8 @@ def check_adapter(adapter: Optional[str]) -> Optional[str]:
     except Exception as e:  # noqa: BLE001 - a config peft cannot read, of whatever kind
         raise JobError(f"model.adapter {adapter} cannot be read: {str(e).splitlines()[0]}") from None
     if config.is_prompt_learning:
-        raise JobError(f"model.adapter {adapter} is a {config.peft_type} adapter, which does not merge into the "
+        kind = getattr(config.peft_type, "value", config.peft_type)  # an enum of strings
+        raise JobError(f"model.adapter {adapter} is a {kind} adapter, which does not merge into the "
                        "weights; lmbatch takes adapters that do (LoRA and its kin)")
     return path
 

@@ -55,9 +55,6 @@ replica has the model loaded, the job stops instead of letting Ray restart the r
 While others generate, it goes on."""
 CRASHED = ("crashed: the replica process died generating this row alone (a crash in native code, killed for "
            "memory, or stalled past cluster.stall_timeout_s)")
-FAILED_IN_GENERATION = ("out of memory", "generation failed", "crashed")
-"""Error kinds of rows that failed in generation, not for their input: another try may succeed
-(output.mode=retry_errors), where a row too long or without a prompt fails the same way again."""
 
 log = logging.getLogger("lmbatch.replica")
 

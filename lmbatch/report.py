@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any, Callable, Optional, TextIO
 
+from lmbatch.interface import FAILED_IN_GENERATION
+
 
 class Progress:
     def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = 5.0, stream: TextIO = sys.stdout,
@@ -304,11 +306,15 @@ def _or_dash(value) -> str:
 
 def format_summary(metrics: dict, totals: dict) -> str:
     """A short table for the terminal; the same numbers are saved as _metrics.json."""
+    retry = [("rows failed in generation", "once the cause is gone (a GPU too small, a bug), "
+                                           "output.mode=retry_errors generates them again")
+             ] if any(kind in FAILED_IN_GENERATION for kind in metrics["errors_by_kind"]) else []
     rows = [
         ("rows in output", f"{totals['rows']:,}"),
         ("rows ok / error", f"{totals['rows_ok']:,} / {totals['rows_error']:,}"),
         ("rows written this run", f"{metrics['rows_this_run']:,} (skipped as done: {metrics['rows_skipped_as_done']:,})"),
         ("errors by kind (this run)", ", ".join(f"{k}: {v}" for k, v in metrics["errors_by_kind"].items()) or "none"),
+        *retry,
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
         ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),

@@ -645,7 +645,13 @@ def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny
     with pytest.raises(JobError, match=f"^{re.escape(said)}$"):
         plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'other'}",
                                        f"model.path={adapter}")))
-    TALLY["bad_input_kinds"].update(["an adapter retrained during a job", "an adapter as model.path"])
+    from peft import PromptTuningConfig
+
+    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4).save_pretrained(tmp_path / "prompt-tuning")
+    with pytest.raises(JobError, match="is a PROMPT_TUNING adapter, which does not merge into the weights"):
+        plan(f"model.adapter={tmp_path / 'prompt-tuning'}")
+    TALLY["bad_input_kinds"].update(["an adapter retrained during a job", "an adapter as model.path",
+                                     "an adapter that does not merge"])
 
 
 def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_job(tmp_path, tiny_llama):
@@ -993,7 +999,9 @@ class RemoteLlama(LlamaForCausalLM):
            f"model.path={model}", "model.trust_remote_code=true", "batching.chunk_rows=4", "cluster.num_replicas=1",
            "generation.max_new_tokens=4"]
     env = {"HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
-    finish(start_job(tmp_path, *job, env=env))
+    log = finish(start_job(tmp_path, *job, env=env))
+    assert ("rows failed in generation  once the cause is gone (a GPU too small, a bug), output.mode=retry_errors "
+            "generates them again") in log  # the summary says how
     errors = {r["id"]: r["error"] for r in pq.read_table(out).to_pylist() if r["error"]}
     assert errors == {5: "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB (injected)",
                       9: "null prompt: column 'prompt' is null"}
