@@ -120,6 +120,22 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     assert said in done.stdout
 
 
+def test_the_sentiment_experiment_labels_reviews(tmp_path, capsys):
+    """conf/experiment/sentiment.yaml, as the README shows it: a template over two lines, the labels
+    as choices and their log-probabilities; its dry run shows the prompt and the labels' tokens."""
+    from conftest import compose
+    from lmbatch.pipeline import run
+
+    pq.write_table(pa.table({"id": [1], "review": ["Broke in a day."]}), tmp_path / "reviews.parquet")
+    job = compose("experiment=sentiment", f"input.path={tmp_path / 'reviews.parquet'}", "dry_run=true",
+                  f"output.path={tmp_path / 'out'}")
+    assert (job.generation.choices, job.generation.logprobs) == ([" positive", " negative", " neutral"], True)
+    run(job)
+    printed = capsys.readouterr().out
+    assert "  | Review: Broke in a day.\n  | Sentiment:\n" in printed
+    assert "its choices as the model's tokens: ' positive' = " in printed
+
+
 def test_a_long_prompt_is_shown_by_its_start_and_end():
     from lmbatch.dry_run import SHOWN_PROMPT_CHARS, shown_prompt
 
