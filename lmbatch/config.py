@@ -173,7 +173,8 @@ class GenerationOptions:
     """Add a `logprob` column: the log-probability the model gives each row's generated tokens (those
     `num_generated_tokens` counts, less an EOS that ends the row) given its prompt, from its own logits
     (before repetition penalty, temperature, top-k/top-p or choices). Rows with choices also get
-    `choice_logprobs`: each choice's log-probability given the prompt (one more forward pass over it)."""
+    `choice_logprobs`: each choice's log-probability given the prompt (free for choices of one token
+    each; longer ones cost one more forward pass over the prompt)."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -167,7 +167,8 @@ class TokenLogprobs:
     any processor (keeping those scores and their log-normalizer), `last` after all of them, where the
     token generate picks is the argmax of the scores it returns (decoding is greedy: the sampler leaves
     only its draw). No processor changes the picked token's score in place (Choices restores the scores
-    of the tokens it keeps), so it is read from the kept scores without a copy of them."""
+    of the tokens it keeps), so it is read from the kept scores without a copy of them. At the first
+    step it also keeps the log-probabilities of `candidates` (sequences x k token ids), if given."""
 
     class _Hook(LogitsProcessor):
         def __init__(self, see):
@@ -177,13 +178,16 @@ class TokenLogprobs:
             self.see(scores)
             return scores
 
-    def __init__(self):
+    def __init__(self, candidates: Optional[torch.Tensor] = None):
         self.first, self.last = self._Hook(self._keep), self._Hook(self._take)
         self.scores = self.normalizer = None
         self.steps: list = []  # per decode step, each sequence's log-probability of its token
+        self.candidates, self.first_step = candidates, None
 
     def _keep(self, scores):
         self.scores, self.normalizer = scores, torch.logsumexp(scores.float(), dim=-1)
+        if self.candidates is not None and not self.steps:
+            self.first_step = scores.float().gather(1, self.candidates) - self.normalizer[:, None]
 
     def _take(self, final):
         chosen = final.argmax(dim=-1, keepdim=True)
@@ -192,6 +196,12 @@ class TokenLogprobs:
 
     def per_sequence(self) -> list[list[float]]:
         return torch.stack(self.steps, dim=1).tolist() if self.steps else []
+
+
+def first_tokens(batch: list[Request], n: int) -> list[list[int]]:
+    """Each sequence's choices' first tokens, padded with token 0 to the most choices of a row."""
+    width = max(len(r.choices) for r in batch)
+    return [[ids[0] for _, ids in r.choices] + [0] * (width - len(r.choices)) for r in batch for _ in range(n)]
 
 
 class StopStrings(StoppingCriteria):
@@ -394,7 +404,12 @@ class HFEngine:
         )
         device = self.model.device
         processors = []
-        logprobs = TokenLogprobs() if params.logprobs else None
+        scored = params.logprobs and any(r.choices for r in batch)  # every choice's log-probability
+        # Choices of one token each (labels, in a real vocabulary, mostly are) are all scored at the first
+        # step, from the scores generate computes anyway; longer ones need forward passes of their own.
+        at_first_step = scored and all(len(ids) == 1 for r in batch for _, ids in r.choices)
+        logprobs = TokenLogprobs(torch.tensor(first_tokens(batch, n), device=device) if at_first_step else None
+                                 ) if params.logprobs else None
         if logprobs:
             processors.append(logprobs.first)
         if params.repetition_penalty != 1.0:  # here, not by generate, which would apply it before logprobs.first
@@ -434,8 +449,12 @@ class HFEngine:
                                                         tokens[c.num_generated_tokens - 1] in self.eos_ids)
                     c.logprob = sum(token_logprobs[i * n + s][:counted])
                 completions.append(c)
-        if params.logprobs and any(r.choices for r in batch):
-            scores = self._score_choices(batch, *prompts)
+        if scored:
+            if at_first_step:
+                first_step = logprobs.first_step.tolist()
+                scores = {r.key: first_step[i * n][:len(r.choices)] for i, r in enumerate(batch) if r.choices}
+            else:
+                scores = self._score_choices(batch, *prompts)
             for c in completions:
                 c.choice_logprobs = scores.get(c.key)
         self._count(batch, steps, completions)

@@ -262,6 +262,35 @@ def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_
     assert got != {c.key: c.text for c in base.generate(requests)}
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_choices_of_one_token_are_scored_at_the_first_step(model_path, do_sample, monkeypatch):
+    """Labels of one token each are scored from the scores generate computes at its first step, with
+    no forward pass of their own (rows with fewer choices, and free rows, beside them), and their
+    log-probabilities are those one forward pass over the prompt and the label gives."""
+    engine = make_engine(model_path, min_padding_efficiency=0, min_decode_efficiency=0)  # one micro-batch
+
+    def labels(*texts):
+        found = tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
+        assert all(len(ids) == 1 for _, ids in found)
+        return found
+    own = [labels("a", " the", "it"), labels("e", " a"), ()]
+    params = SamplingParams(do_sample=do_sample, temperature=3.0, num_return_sequences=2 if do_sample else 1,
+                            logprobs=True)
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 2, params, seed=i, choices=own[i % 3])
+                for i, p in enumerate(varied_prompts(9, seed=9, max_words=20))]
+    monkeypatch.setattr(HFEngine, "_score_choices", None)  # fails if called
+    got = engine.generate(requests)
+    assert engine.stats.micro_batches == 1 and len(got) == 9 * params.num_return_sequences
+    for c in got:
+        r = requests[c.key]
+        if not r.choices:
+            assert c.choice_logprobs is None
+            continue
+        expected = [choice_logprob_alone(engine.model, r.prompt_ids, ids) for _, ids in r.choices]
+        assert c.choice_logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4), r.key
+        assert c.logprob == pytest.approx(expected[[t for t, _ in r.choices].index(c.text)], rel=1e-4, abs=1e-4)
+
+
 def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     """A generation config that leaves out the tokenizer's EOS (the token a chat model ends its turn
     with, say) made model.generate run on past every answer: the engine stops at both."""
