@@ -168,6 +168,38 @@ def model_identity(path: str, revision: Optional[str] = None) -> Optional[str]:
     return f"content {digest.hexdigest()[:16]}"
 
 
+def adapter_misfit(model_config, adapter: str, trust_remote_code: bool = False) -> Optional[str]:
+    """How the PEFT adapter in `adapter` fails to fit the model of `model_config`, or None: layers it
+    targets that the model lacks, or tensors of other shapes than the model's layers give them.
+    Checked on an empty (meta-device) copy of the model and the adapter file's header: no weights read."""
+    import warnings
+
+    from accelerate import init_empty_weights
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():  # peft warns that the copy is not the base model its config names
+        warnings.simplefilter("ignore")
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+        try:
+            expected = get_peft_model_state_dict(get_peft_model(empty, PeftConfig.from_pretrained(adapter)))
+        except ValueError as e:  # peft's NoMatchingPeftModuleError: no layer of the model is a target
+            return str(e).splitlines()[0]
+    weights = Path(adapter, "adapter_model.safetensors")
+    if not weights.exists():  # an older adapter_model.bin: no header to read without loading it
+        return None
+    with safe_open(str(weights), "pt") as f:
+        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    other = [name for name, shape in found.items() if name in expected and tuple(expected[name].shape) != shape]
+    if not other:
+        return None
+    name = other[0]
+    return (f"{len(other)} of its {len(found)} tensors have other shapes than the model's layers give them "
+            f"({name}: {list(found[name])} in the adapter, {list(expected[name].shape)} for the model)")
+
+
 def check_weights(directory: str) -> None:
     """Raise ValueError, naming the file, when a local model's weights cannot be loaded: none at all
     (a download or copy that stopped before them), a Git LFS pointer where the weights should be (a

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lmbatch import io
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig, ModelConfig
 from lmbatch.io import Chunk, InputPlan, JobError
-from lmbatch.models import model_identity
+from lmbatch.models import adapter_misfit, model_identity
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
                              template_fields)
@@ -160,15 +160,17 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    model = dataclasses.replace(job.model, path=path, revision=revision, adapter=check_adapter(job.model.adapter))
+    adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
+    model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def check_adapter(adapter: Optional[str]) -> Optional[str]:
-    """model.adapter, absolute, once it is found to be an adapter peft can merge into the weights."""
+def check_adapter(adapter: Optional[str], model_config, trust_remote_code: bool) -> Optional[str]:
+    """model.adapter, absolute, once it is found to be an adapter peft can merge into the weights of
+    the model `model_config` describes (its layers and their sizes: replicas would fail to load it)."""
     if adapter is None:
         return None
     path = absolute(adapter)
@@ -188,6 +190,10 @@ def check_adapter(adapter: Optional[str]) -> Optional[str]:
         kind = getattr(config.peft_type, "value", config.peft_type)  # an enum of strings
         raise JobError(f"model.adapter {adapter} is a {kind} adapter, which does not merge into the "
                        "weights; lmbatch takes adapters that do (LoRA and its kin)")
+    misfit = adapter_misfit(model_config, path, trust_remote_code)
+    if misfit:
+        raise JobError(f"model.adapter {adapter} does not fit model.path: {misfit}; was it fine-tuned from another "
+                       f"model? (its {ADAPTER_CONFIG} names {config.base_model_name_or_path})")
     return path
 
 

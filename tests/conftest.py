@@ -65,13 +65,14 @@ def lora_adapter(tiny_llama, tmp_path_factory) -> str:
     return str(save_lora_adapter(tiny_llama, tmp_path_factory.mktemp("lora"), seed=0))
 
 
-def save_lora_adapter(base: str, directory, seed: int):
+def save_lora_adapter(base, directory, seed: int):
+    """A LoRA adapter of `base` (a model directory, or a model), random, saved in `directory`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base) if isinstance(base, str) else base,
                            LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.save_pretrained(directory)
     return directory

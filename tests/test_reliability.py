@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers import processors
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, compose, oracle, save_lora_adapter, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ModelConfig
@@ -623,7 +623,7 @@ def test_a_model_changed_in_place_is_not_mixed_into_a_resumed_job(tmp_path, tiny
                                        "batching.chunk_rows=4", "output.mode=retry_errors")))
 
 
-def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny_llama):
+def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny_llama, tiny_gpt2):
     """model.adapter makes another job (fingerprint), an adapter retrained in place is another model
     (a partial output is not resumed with it), and an adapter given as model.path is named as one."""
     adapter = save_lora_adapter(tiny_llama, tmp_path / "adapter", seed=0)
@@ -645,6 +645,19 @@ def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny
     with pytest.raises(JobError, match=f"^{re.escape(said)}$"):
         plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'other'}",
                                        f"model.path={adapter}")))
+    # An adapter fine-tuned from another model: one with other layers, one with wider ones.
+    with pytest.raises(JobError, match=f"^model.adapter {adapter} does not fit model.path: Target modules .* not "
+                                       "found in the base model"):
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'other'}",
+                                       f"model.path={tiny_gpt2}", f"model.adapter={adapter}")))
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.hidden_size *= 2
+    wider = save_lora_adapter(AutoModelForCausalLM.from_config(config), tmp_path / "wider", seed=0)
+    with pytest.raises(JobError, match=r"does not fit model.path: 4 of its 8 tensors have other shapes than the "
+                                       r"model's layers give them \(base_model.model.model.layers.0.self_attn.q_proj."
+                                       r"lora_A.weight: \[4, 128\] in the adapter, \[4, 64\] for the model\)"):
+        plan(f"model.adapter={wider}")
+
     from peft import PromptTuningConfig
 
     PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4).save_pretrained(tmp_path / "prompt-tuning")
