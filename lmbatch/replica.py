@@ -61,10 +61,14 @@ log = logging.getLogger("lmbatch.replica")
 
 def output_columns(job: JobConfig) -> list[pa.Field]:
     """The columns lmbatch adds to every output row, after the kept input columns."""
-    g = job.generation
-    choices = bool(g.choices) or "choices" in job.input.param_columns
-    return [*GENERATED_COLUMNS, *[SAMPLE_INDEX] * (g.num_return_sequences > 1), *[LOGPROB] * g.logprobs,
-            *[CHOICE_LOGPROBS] * (g.logprobs and choices)]
+    g, columns = job.generation, list(GENERATED_COLUMNS)
+    if g.num_return_sequences > 1:
+        columns.append(SAMPLE_INDEX)
+    if g.logprobs:
+        columns.append(LOGPROB)
+        if g.choices or "choices" in job.input.param_columns:  # rows with choices, maybe all
+            columns.append(CHOICE_LOGPROBS)
+    return columns
 
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:
