@@ -19,7 +19,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor, StoppingCriteria
 
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, SamplingParams, padded_tokens, plan_requests, row_seed
@@ -160,6 +160,26 @@ class Choices(LogitsProcessor):
             scores[rows_t.unique()] = float("-inf")
             scores[rows_t, tokens_t] = kept
         return scores
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty (a seen token's score divided by the penalty, or multiplied where
+    negative), blind to each row's left padding as generate is since transformers 5: padding is often
+    the EOS, which a batch would otherwise penalize in every row that has neighbours longer than it.
+    lmbatch applies it itself, after `TokenLogprobs.first` reads the model's own scores, and the same
+    on every transformers version."""
+
+    def __init__(self, penalty: float, attention_mask):
+        self.penalty, self.padding = penalty, attention_mask == 0
+
+    def __call__(self, input_ids, scores):
+        vocabulary = scores.shape[-1]
+        padding = torch.nn.functional.pad(self.padding, (0, input_ids.shape[1] - self.padding.shape[1]))
+        seen = input_ids.masked_fill(padding, vocabulary)  # padding points at an extra column, then dropped
+        widened = torch.nn.functional.pad(scores, (0, 1))
+        score = widened.gather(1, seen)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return widened.scatter(1, seen, score)[:, :vocabulary]
 
 
 class TokenLogprobs:
@@ -412,9 +432,8 @@ class HFEngine:
                                  ) if params.logprobs else None
         if logprobs:
             processors.append(logprobs.first)
-        if params.repetition_penalty != 1.0:  # here, not by generate, which would apply it before logprobs.first
-            padding = (attention_mask != 0).int().argmax(dim=1).to(device)  # as generate sets it: padding is skipped
-            processors.append(RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty), padding))
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenalty(params.repetition_penalty, attention_mask.to(device)))
         if any(r.choices for r in batch):
             if not self.eos_ids:
                 raise ValueError("generation.choices needs an EOS token to end a row with, and the tokenizer and "

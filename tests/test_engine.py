@@ -13,7 +13,8 @@ import torch
 from conftest import choice_oracle, varied_prompts
 from lmbatch import engine as engine_module
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import HFEngine, PerRowSampler, Request, SamplingParams, choose_attention, choose_kv_cache
+from lmbatch.engine import (HFEngine, PerRowSampler, RepetitionPenalty, Request, SamplingParams, choose_attention,
+                            choose_kv_cache)
 
 
 def make_engine(path, kv_cache=None, **batching):
@@ -171,6 +172,20 @@ def test_a_row_with_choices_answers_with_exactly_one_as_transformers_constrained
                                                                         "stop"), r.key
     if do_sample:  # at a high temperature, the rows do not all agree
         assert len({c.text for c in got if requests[c.key].choices}) > 1
+
+
+def test_the_repetition_penalty_is_transformers_and_skips_padding():
+    """RepetitionPenalty scores as transformers' processor does, but a token seen only in a row's left
+    padding (often the EOS) is not penalized."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    scores = torch.randn(2, 10)
+    input_ids = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])  # row 0: two tokens of padding (id 0)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    got = RepetitionPenalty(1.3, mask[:, :4])(input_ids, scores.clone())  # the prompt, then one new token
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(input_ids, scores.clone())
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0, 1:], expected[0, 1:])
+    assert got[0, 0] == scores[0, 0] != expected[0, 0]  # id 0 only in row 0's padding
 
 
 def logprob_alone(engine, request, **settings):
