@@ -26,7 +26,7 @@ from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig, ModelConf
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.models import adapter_misfit, model_identity
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
-from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
+from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, encode, fit_to_context, load_tokenizer,
                              template_fields)
 from lmbatch.interface import FAILED_IN_GENERATION
 from lmbatch.replica import SAMPLE_INDEX, error_kind, output_columns
@@ -146,6 +146,8 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
                        "is a local directory")
     if job.input.chat:
         check_chat_template(job, tokenizer)
+    if note := unspaced_choices(job, tokenizer):
+        print(f"lmbatch: note: {note}")
     ignored = {k: v for k, v in settings_not_applied(load_generation_config(path, revision)).items()
                if getattr(job.generation, k, None) != v}  # what the job sets alike is applied, as the job's
     if ignored:
@@ -163,6 +165,22 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
+
+
+def unspaced_choices(job: JobConfig, tokenizer) -> Optional[str]:
+    """A likely mistake in generation.choices: labels without the leading space a model writes after a
+    prompt that ends in a word or a colon ("Sentiment:"), where the space is part of the label's token.
+    Forced to spell the label otherwise, the model's answer and its probabilities mean little."""
+    template = job.input.template or "?"  # a prompt of its own most often ends in a word or a colon
+    if job.input.chat or template[-1:].isspace():
+        return None
+    for choice in job.generation.choices:
+        alone, spaced = (encode(tokenizer, [text], add_special_tokens=False)[0] for text in (choice, " " + choice))
+        if not choice[:1].isspace() and len(spaced) < len(alone):
+            return (f"generation.choices holds {choice!r}, which the model's tokens spell in {len(alone)} but "
+                    f"{' ' + choice!r} in {len(spaced)}: after a prompt that ends in a word or a colon a model "
+                    f"writes the space, so write the labels with it ({' ' + choice!r}) unless the prompt ends in one")
+    return None
 
 
 ADAPTER_CONFIG = "adapter_config.json"

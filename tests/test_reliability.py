@@ -623,6 +623,20 @@ def test_a_model_changed_in_place_is_not_mixed_into_a_resumed_job(tmp_path, tiny
                                        "batching.chunk_rows=4", "output.mode=retry_errors")))
 
 
+def test_labels_without_the_space_a_model_writes_are_noted(tmp_path, capsys):
+    """generation.choices=[the] after "Answer:": the tiny tokenizer spells " the" in one token and
+    "the" in two, so the model would be forced into unlikely tokens. The job says so, and is quiet
+    for " the", and for a template that ends in a space."""
+    source = one_prompt(tmp_path)
+    for choices, template, noted in [("[the,a]", "Q: {prompt} Answer:", True), ('[" the"," a"]', "Q: {prompt} Answer:",
+                                      False), ("[the,a]", "Q: {prompt} Answer: ", False)]:
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                       f"generation.choices={choices}", f"input.template='{template}'")))
+        said = capsys.readouterr().out
+        assert ("lmbatch: note: generation.choices holds 'the', which the model's tokens spell in 2 but ' the' in 1"
+                in said) == noted, (choices, template, said)
+
+
 def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny_llama, tiny_gpt2):
     """model.adapter makes another job (fingerprint), an adapter retrained in place is another model
     (a partial output is not resumed with it), and an adapter given as model.path is named as one."""
