@@ -154,12 +154,12 @@ def test_a_row_with_choices_answers_with_exactly_one_as_transformers_constrained
     one of the choices (sampled too); free rows are untouched."""
     engine = make_engine(model_path, min_padding_efficiency=0, min_decode_efficiency=0)  # one micro-batch
     texts = ["positive", "negative", "yes", "yes please", "no"]
-    labels = tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
+    choices = labels(engine, *texts)
     params = SamplingParams(do_sample=do_sample, temperature=5.0)
     prompts = varied_prompts(8, seed=5, max_words=12)
-    needed = max(len(ids) for _, ids in labels) + 1  # as prepare sets it: the longest choice, then an EOS
+    needed = max(len(ids) for _, ids in choices) + 1  # as prepare sets it: the longest choice, then an EOS
     requests = [Request(i, engine.tokenizer(p)["input_ids"], needed if i % 4 else 6, params, seed=i,
-                        choices=labels if i % 4 else ()) for i, p in enumerate(prompts)]
+                        choices=choices if i % 4 else ()) for i, p in enumerate(prompts)]
     got = sorted(engine.generate(requests), key=lambda c: c.key)
     assert engine.stats.micro_batches == 1
     for r, c, prompt in zip(requests, got, prompts):
@@ -229,6 +229,24 @@ def choice_logprob_alone(model, prompt_ids, choice_ids) -> float:
     return sum(logits[len(prompt_ids) - 1 + t, token].item() for t, token in enumerate(choice_ids))
 
 
+def labels(engine, *texts):
+    """Choices as a Request holds them: (text, its token ids)."""
+    return tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
+
+
+def assert_choices_scored_as_alone(engine, requests, completions):
+    """Each row with choices has every choice's log-probability as the oracle gives it, and its answer's
+    as its logprob; a row without has none."""
+    for c in completions:
+        r = requests[c.key]
+        if not r.choices:
+            assert c.choice_logprobs is None and c.logprob < 0
+            continue
+        expected = [choice_logprob_alone(engine.model, r.prompt_ids, ids) for _, ids in r.choices]
+        assert c.choice_logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4), r.key
+        assert c.logprob == pytest.approx(expected[[t for t, _ in r.choices].index(c.text)], rel=1e-4, abs=1e-4)
+
+
 @pytest.mark.parametrize("scoring_logits", [engine_module.SCORING_LOGITS, 1])  # 1: rows scored one at a time
 def test_choices_get_the_models_log_probability_each(model_path, scoring_logits, monkeypatch):
     """With choices and logprobs, greedy or sampled, beside free rows: logprob is log P(answer | prompt),
@@ -236,23 +254,14 @@ def test_choices_get_the_models_log_probability_each(model_path, scoring_logits,
     choices of their own too), each as one forward pass over the prompt and that choice alone gives it."""
     monkeypatch.setattr(engine_module, "SCORING_LOGITS", scoring_logits)
     engine = make_engine(model_path, min_padding_efficiency=0, min_decode_efficiency=0)  # one micro-batch
-
-    def labels(*texts):
-        return tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
-    own = [labels("positive", "negative", "yes please"), labels("no", "yes"), ()]
+    own = [labels(engine, "positive", "negative", "yes please"), labels(engine, "no", "yes"), ()]
     needed = max(len(ids) for cs in own for _, ids in cs) + 1  # as prepare sets it
     requests = [Request(i, engine.tokenizer(p)["input_ids"], needed, SamplingParams(do_sample=i % 2 == 1,
                                                                                     logprobs=True),
                         seed=i, choices=own[i % 3]) for i, p in enumerate(varied_prompts(8, seed=6, max_words=12))]
-    got = sorted(engine.generate(requests), key=lambda c: c.key)
+    got = engine.generate(requests)
     assert engine.stats.micro_batches == 2  # greedy and sampled rows
-    for r, c in zip(requests, got):
-        if not r.choices:
-            assert c.choice_logprobs is None and c.logprob < 0
-            continue
-        expected = [choice_logprob_alone(engine.model, r.prompt_ids, ids) for _, ids in r.choices]
-        assert c.choice_logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4), r.key
-        assert c.logprob == pytest.approx(expected[[t for t, _ in r.choices].index(c.text)], rel=1e-4, abs=1e-4)
+    assert_choices_scored_as_alone(engine, requests, got)
 
 
 def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_llama, lora_adapter):
@@ -283,12 +292,8 @@ def test_choices_of_one_token_are_scored_at_the_first_step(model_path, do_sample
     no forward pass of their own (rows with fewer choices, and free rows, beside them), and their
     log-probabilities are those one forward pass over the prompt and the label gives."""
     engine = make_engine(model_path, min_padding_efficiency=0, min_decode_efficiency=0)  # one micro-batch
-
-    def labels(*texts):
-        found = tuple((t, tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
-        assert all(len(ids) == 1 for _, ids in found)
-        return found
-    own = [labels("a", " the", "it"), labels("e", " a"), ()]
+    own = [labels(engine, "a", " the", "it"), labels(engine, "e", " a"), ()]
+    assert all(len(ids) == 1 for cs in own for _, ids in cs)
     params = SamplingParams(do_sample=do_sample, temperature=3.0, num_return_sequences=2 if do_sample else 1,
                             logprobs=True)
     requests = [Request(i, engine.tokenizer(p)["input_ids"], 2, params, seed=i, choices=own[i % 3])
@@ -296,14 +301,7 @@ def test_choices_of_one_token_are_scored_at_the_first_step(model_path, do_sample
     monkeypatch.setattr(HFEngine, "_score_choices", None)  # fails if called
     got = engine.generate(requests)
     assert engine.stats.micro_batches == 1 and len(got) == 9 * params.num_return_sequences
-    for c in got:
-        r = requests[c.key]
-        if not r.choices:
-            assert c.choice_logprobs is None
-            continue
-        expected = [choice_logprob_alone(engine.model, r.prompt_ids, ids) for _, ids in r.choices]
-        assert c.choice_logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4), r.key
-        assert c.logprob == pytest.approx(expected[[t for t, _ in r.choices].index(c.text)], rel=1e-4, abs=1e-4)
+    assert_choices_scored_as_alone(engine, requests, got)
 
 
 def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
