@@ -13,8 +13,9 @@ import torch
 from conftest import choice_oracle, varied_prompts
 from lmbatch import engine as engine_module
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import (HFEngine, PerRowSampler, RepetitionPenalty, Request, SamplingParams, choose_attention,
-                            choose_kv_cache)
+from lmbatch.engine import HFEngine, choose_attention, choose_kv_cache
+from lmbatch.interface import Request, SamplingParams
+from lmbatch.processors import PerRowSampler, RepetitionPenalty
 
 
 def make_engine(path, kv_cache=None, **batching):
@@ -131,7 +132,7 @@ def test_stop_strings_are_checked_on_rows_still_going_and_confirmed_as_finish_cu
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from lmbatch.engine import StopStrings
+    from lmbatch.processors import StopStrings
 
     vocab = {"[PAD]": 0, "[EOS]": 1, "a": 2, ".": 3, "b": 4, "[UNK]": 5}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
