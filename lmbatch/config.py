@@ -99,15 +99,24 @@ class OutputConfig:
     """Input column to partition the output by, Hive style: `COLUMN=value/part-*.parquet`."""
     compression: str = "snappy"
     """Parquet codec of the parts: `snappy` (read everywhere), `zstd` (smaller), `gzip`, `lz4`, `brotli`, `none`."""
+    max_error_fraction: Optional[float] = None
+    """The share of error rows a job may have: more, and it stops once 1,000 rows are done in a run (a
+    template naming the wrong column, a model failing every row), or, for a smaller job, ends without
+    `_SUCCESS`, exit status 1 either way. 0: any error row fails the job; null: never (the default)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "output.path must be set")
+        _require(self.max_error_fraction is None or 0 <= self.max_error_fraction <= 1,
+                 f"output.max_error_fraction must be between 0 and 1 or null, got {self.max_error_fraction}")
         _require(self.compression in PARQUET_CODECS,
                  f"output.compression must be one of {', '.join(PARQUET_CODECS)}, got {self.compression!r}")
         _require(self.max_rows_per_file is None or self.max_rows_per_file >= 1,
                  f"output.max_rows_per_file must be >= 1 or null, got {self.max_rows_per_file}")
         _require(self.mode in ("resume", "overwrite", "retry_errors"),
                  f"output.mode must be 'resume', 'overwrite' or 'retry_errors', got {self.mode!r}")
+
+    def too_many_errors(self, rows: int, errors: int) -> bool:
+        return self.max_error_fraction is not None and errors > self.max_error_fraction * rows
 
 
 @dataclass

@@ -75,6 +75,9 @@ def dry_run(plan) -> dict:
           f"greedy settings (copied, not generated); {plan.num_duplicate_rows} rows in the input repeat an earlier id")
     for row_id, error in error_examples:
         print(f"  error row {id_column}={row_id!r}: {error}")
+    if plan.job.output.too_many_errors(rows_seen, errors):
+        print(f"warning: {errors / rows_seen:.1%} of the sampled rows would be error rows, over "
+              f"output.max_error_fraction={plan.job.output.max_error_fraction}: the job would stop")
     if first_prompt:  # exactly what the model is given: template, chat template and special tokens shown
         row_id, request = first_prompt
         tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class, s.tokenizer_revision)

@@ -273,6 +273,25 @@ def say_how_to_resume(plan: JobPlan):
         raise JobFailed(failure_cause(e)) from e
 
 
+# Rows done in a run before its share of error rows can stop it: a first chunk that happens to hold
+# most of a table's bad rows should not stop a job whose rows mostly succeed.
+ERROR_CHECK_MIN_ROWS = 1000
+TOO_MANY_ERRORS = ("Their error column says why (dry_run=true shows the first few). Fix the cause and run the same "
+                   "command again (with output.mode=overwrite if the fix changes the job), or raise "
+                   "output.max_error_fraction to accept such rows.")
+
+
+def check_errors_so_far(plan: JobPlan, progress: Progress) -> None:
+    """Stop a job whose rows mostly fail (a template naming the wrong column, a model that fails every
+    row) once ERROR_CHECK_MIN_ROWS rows are done in this run, rather than write millions of error rows."""
+    rows, errors = progress.sums["rows"], progress.sums["errors"]
+    if rows >= ERROR_CHECK_MIN_ROWS and plan.job.output.too_many_errors(rows, errors):
+        kinds = ", ".join(f"{kind}: {n:,}" for kind, n in progress.error_kinds.most_common(3))
+        raise JobFailed(f"stopped: {errors:,} of the {rows:,} rows done in this run are error rows ({errors / rows:.1%}; "
+                        f"{kinds}), over output.max_error_fraction={plan.job.output.max_error_fraction}; the "
+                        f"chunks committed in {plan.output.uri} are kept. {TOO_MANY_ERRORS}")
+
+
 def say(line: str) -> None:
     print(f"lmbatch: {line}", flush=True)
 
@@ -365,6 +384,7 @@ def generate(plan: JobPlan) -> dict:
                                                                           prefetch_batches=0)
                 for batch in summaries:
                     progress.add(batch.to_pylist())
+                    check_errors_so_far(plan, progress)
         store_peak = store.peak
     progress.print_line(final=True)
     if not plan.chunks:
@@ -372,6 +392,12 @@ def generate(plan: JobPlan) -> dict:
 
     totals = count_committed(plan)
     metrics = {**progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}
+    if job.output.too_many_errors(totals["rows"], totals["rows_error"]):
+        print(format_summary(metrics, totals))
+        raise JobFailed(f"{totals['rows_error']:,} of the {totals['rows']:,} rows in {uri} are error rows "
+                        f"({totals['rows_error'] / totals['rows']:.1%}), over output.max_error_fraction="
+                        f"{job.output.max_error_fraction}: every row is written, but the output is not marked "
+                        f"finished (no _SUCCESS). {TOO_MANY_ERRORS}")
     plan.output.commit(manifest(plan, totals), {**totals, "duplicate_id_rows": plan.num_duplicate_rows, **metrics})
     print(f"lmbatch: wrote {totals['rows']:,} rows in {totals['parts']} parts to {uri}\n"
           + format_summary(metrics, totals))

@@ -83,13 +83,16 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
     write_prompts(tmp_path / "in.parquet", ["short one", "a much longer prompt " * 20, None])
     # a template over two lines, as the shell's $'...' quoting passes it (Hydra reads "\n" as two characters)
     done = run_cli([f"input.path={tmp_path / 'in.parquet'}", f"output.path={tmp_path / 'out'}", "dry_run=true",
-                    "generation.max_new_tokens=7", 'input.template="Q: {prompt}\nA:"'], cwd=tmp_path)
+                    "generation.max_new_tokens=7", 'input.template="Q: {prompt}\nA:"',
+                    "output.max_error_fraction=0.25"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prompt tokens" in done.stdout
     batches = int(done.stdout.split("planned micro-batches (bucketed): ")[1].split()[0])
     assert f"planned decode steps for the sampled rows: at most {7 * batches} " in done.stdout
     assert "1 would be error rows" in done.stdout
     assert "  error row id=2: null prompt: column 'prompt' is null\n" in done.stdout  # what makes it one
+    assert ("warning: 33.3% of the sampled rows would be error rows, over output.max_error_fraction=0.25: "
+            "the job would stop\n") in done.stdout
     tokenizer = load_tokenizer(resolve_model_path("builtin://tiny-llama"))
     tokens = len(tokenizer("Q: short one\nA:")["input_ids"])
     assert (f"the first row's prompt as the model is given it (id=0, {tokens} tokens, special tokens shown):\n"

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ from conftest import choice_oracle, compose, oracle, varied_prompts, write_promp
 from lmbatch.io import JobError
 from lmbatch.models import model_identity
 from lmbatch.output import OutputDir, OutputState
-from lmbatch.pipeline import failure_cause, run
+from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, JobFailed, failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
 
 pytestmark = pytest.mark.slow
@@ -387,6 +388,40 @@ def test_a_limit_runs_the_first_rows_as_a_job_of_its_own(local_ray, tmp_path, ti
     whole = plan_job(to_job_config(job(tmp_path / "full", "input.limit=1000")))
     assert whole.inputs.num_rows == 15
     assert whole.fingerprint == plan_job(to_job_config(job(tmp_path / "full"))).fingerprint
+
+
+def test_a_job_with_too_many_error_rows_stops_and_goes_on_once_they_are_accepted(local_ray, tmp_path, tiny_llama,
+                                                                                 capsys):
+    """output.max_error_fraction: a job whose rows mostly fail stops once 1,000 rows are done, keeping
+    what it committed; a smaller one writes every row but no _SUCCESS; a raised fraction goes on."""
+    n, chunk = 2400, 200
+    path = write_prompts(tmp_path / "in.parquet", [f"prompt {i}" if i % 5 == 0 else None for i in range(n)],
+                         list(range(n)))  # 80% null prompts
+
+    def job(out, fraction, *extra):
+        return run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "engine=echo",
+                           f"batching.chunk_rows={chunk}", "cluster.num_replicas=1",
+                           f"output.max_error_fraction={fraction}", *extra))
+
+    out = tmp_path / "out"
+    with pytest.raises(JobFailed, match=r"^stopped: [\d,]+ of the [\d,]+ rows done in this run are error rows "
+                                        r"\(80.0%; null prompt: [\d,]+\), over output.max_error_fraction=0.5; "):
+        job(out, 0.5)
+    committed = len(list(out.glob("part-*")))
+    assert ERROR_CHECK_MIN_ROWS // chunk <= committed < n // chunk and not (out / "_SUCCESS").exists()
+    finished = job(out, 0.9)  # the fraction is no part of the job: it resumes
+    assert f"resuming {out}: {committed} of {n // chunk} chunks already committed" in capsys.readouterr().out
+    assert (finished["rows"], finished["rows_error"]) == (n, n * 4 // 5) and (out / "_SUCCESS").exists()
+    assert sorted(pq.read_table(out)["id"].to_pylist()) == list(range(n))
+
+    small = tmp_path / "small"  # under 1,000 rows the whole output is judged, at the end
+    with pytest.raises(JobFailed, match=rf"^480 of the 600 rows in {re.escape(str(small))} are error rows \(80.0%\), over "
+                                        r"output.max_error_fraction=0.5: every row is written, but the output is "
+                                        r"not marked finished \(no _SUCCESS\)"):
+        job(small, 0.5, "input.limit=600")
+    assert len(list(small.glob("part-*"))) == 3 and not (small / "_SUCCESS").exists()
+    accepted = job(small, 0.8, "input.limit=600")  # 80% is not over 0.8: finished, without generating again
+    assert accepted["metrics"]["rows_this_run"] == 0 and (small / "_SUCCESS").exists()
 
 
 def test_an_input_without_rows_gives_a_finished_empty_output(tmp_path, capsys):
