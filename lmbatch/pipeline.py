@@ -284,12 +284,12 @@ TOO_MANY_ERRORS = ("Their error column says why (dry_run=true shows the first fe
 def check_errors_so_far(plan: JobPlan, progress: Progress) -> None:
     """Stop a job whose rows mostly fail (a template naming the wrong column, a model that fails every
     row) once ERROR_CHECK_MIN_ROWS rows are done in this run, rather than write millions of error rows."""
-    rows, errors = progress.sums["rows"], progress.sums["errors"]
-    if rows >= ERROR_CHECK_MIN_ROWS and plan.job.output.too_many_errors(rows, errors):
+    output, rows, errors = plan.job.output, progress.sums["rows"], progress.sums["errors"]
+    if rows >= ERROR_CHECK_MIN_ROWS and output.too_many_errors(rows, errors):
         kinds = ", ".join(f"{kind}: {n:,}" for kind, n in progress.error_kinds.most_common(3))
-        raise JobFailed(f"stopped: {errors:,} of the {rows:,} rows done in this run are error rows ({errors / rows:.1%}; "
-                        f"{kinds}), over output.max_error_fraction={plan.job.output.max_error_fraction}; the "
-                        f"chunks committed in {plan.output.uri} are kept. {TOO_MANY_ERRORS}")
+        raise JobFailed(f"stopped: {errors:,} of the {rows:,} rows done in this run are error rows "
+                        f"({errors / rows:.1%}; {kinds}), over output.max_error_fraction={output.max_error_fraction}; "
+                        f"the chunks committed in {plan.output.uri} are kept. {TOO_MANY_ERRORS}")
 
 
 def say(line: str) -> None:

@@ -415,9 +415,9 @@ def test_a_job_with_too_many_error_rows_stops_and_goes_on_once_they_are_accepted
     assert sorted(pq.read_table(out)["id"].to_pylist()) == list(range(n))
 
     small = tmp_path / "small"  # under 1,000 rows the whole output is judged, at the end
-    with pytest.raises(JobFailed, match=rf"^480 of the 600 rows in {re.escape(str(small))} are error rows \(80.0%\), over "
-                                        r"output.max_error_fraction=0.5: every row is written, but the output is "
-                                        r"not marked finished \(no _SUCCESS\)"):
+    with pytest.raises(JobFailed, match=rf"^480 of the 600 rows in {re.escape(str(small))} are error rows "
+                                        r"\(80.0%\), over output.max_error_fraction=0.5: every row is written, "
+                                        r"but the output is not marked finished \(no _SUCCESS\)"):
         job(small, 0.5, "input.limit=600")
     assert len(list(small.glob("part-*"))) == 3 and not (small / "_SUCCESS").exists()
     accepted = job(small, 0.8, "input.limit=600")  # 80% is not over 0.8: finished, without generating again
