@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
@@ -50,6 +50,10 @@ class InputConfig:
     messages begin with a system message keeps its own."""
     apply_chat_template: bool = False
     """Render plain prompts as one user message with the tokenizer's chat template."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Variables for the chat template besides the messages (implies the chat template), e.g.
+    `{enable_thinking: false}` (Qwen3: answer without thinking first) or `{reasoning_effort: low}`
+    (gpt-oss). A variable the template does not read stops the job at the start."""
     on_too_long: str = "error"
     """A prompt longer than the model's context minus max_new_tokens: `error` row or `truncate` from the left."""
     param_columns: list[str] = field(default_factory=list)
@@ -62,7 +66,8 @@ class InputConfig:
     @property
     def chat(self) -> bool:
         """Whether prompts go through the tokenizer's chat template."""
-        return bool(self.messages_column or self.system_prompt or self.apply_chat_template)
+        return bool(self.messages_column or self.system_prompt or self.apply_chat_template
+                    or self.chat_template_kwargs)
 
     @property
     def text_column(self) -> str:

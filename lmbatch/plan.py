@@ -222,16 +222,35 @@ def check_chat_template(job: JobConfig, tokenizer) -> None:
     column vary by row, so there only the system prompt is tried."""
     if not tokenizer.chat_template:
         raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
-                       "input.system_prompt and input.apply_chat_template need")
+                       "input.system_prompt, input.apply_chat_template and input.chat_template_kwargs need")
+    variables, read = job.input.chat_template_kwargs, template_variables(tokenizer.chat_template)
+    if variables and read is not None and set(variables) - read:
+        raise JobError(f"input.chat_template_kwargs sets {', '.join(sorted(set(variables) - read))}, which the chat "
+                       f"template of {job.model.path} does not read, so it would change nothing; it reads "
+                       f"{', '.join(sorted(read))}")
     if job.input.messages_column and not job.input.system_prompt:
         return
     system = [{"role": "system", "content": job.input.system_prompt}] if job.input.system_prompt else []
     try:
         tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
-                                      add_generation_prompt=True)
+                                      add_generation_prompt=True, **variables)
     except Exception as e:  # noqa: BLE001 - whatever the template raises
         raise JobError(f"the chat template of {job.model.path} fails on a single user message"
                        f"{' after input.system_prompt' if system else ''}: {e}") from None
+
+
+def template_variables(chat_template) -> Optional[set[str]]:
+    """The variables a chat template reads from its caller; None where it cannot be parsed here (a
+    template of tags that transformers alone knows), so that nothing is refused for that."""
+    import jinja2.meta
+    from transformers.utils import chat_template_utils
+
+    sources = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    try:  # parsed in the environment transformers renders it in (its tags and extensions)
+        environment = chat_template_utils._compile_jinja_template("").environment
+        return set().union(*(jinja2.meta.find_undeclared_variables(environment.parse(s)) for s in sources))
+    except Exception:  # noqa: BLE001 - a private function of transformers, or a template it alone parses
+        return None
 
 
 def check_room_for_prompts(job: JobConfig, settings: PrepareSettings) -> None:
@@ -266,7 +285,9 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
         # limit is left to "files", which hold the rows taken: a limit above the input's rows is the
         # same job as none (and jobs from before the key keep their fingerprint)
-        "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")},
+        # (chat_template_kwargs, added later, counts when set: jobs from before it keep their fingerprint)
+        "input": {k: v for k, v in dataclasses.asdict(job.input).items()
+                  if k not in ("path", "limit") and not (k == "chat_template_kwargs" and not v)},
         # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume);
         # revision and adapter, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
@@ -323,7 +344,8 @@ def plan_job(job: JobConfig) -> JobPlan:
         tokenizer_path=model.path, tokenizer_revision=model.revision, generation=job.generation,
         param_columns=tuple(i.param_columns),
         context_limit=context_limit, on_too_long=i.on_too_long,
-        template=i.template, chat=i.chat, system_prompt=i.system_prompt,
+        template=i.template, chat=i.chat, chat_template_kwargs=i.chat_template_kwargs,
+        system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,
         tokenizer_class=direct_class_path(load_tokenizer(model.path, model.trust_remote_code, revision=model.revision),
                                           model.path, model.revision),

@@ -49,6 +49,8 @@ class PrepareSettings:
     template: Optional[str] = None
     chat: bool = False
     """Render with the tokenizer's chat template (then no extra special tokens are added)."""
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Variables for the chat template besides the messages (input.chat_template_kwargs)."""
     system_prompt: Optional[str] = None
     trust_remote_code: bool = False
     tokenizer_class: Optional[str] = None
@@ -171,9 +173,9 @@ def row_prompt(row: dict, s: PrepareSettings) -> str | list[dict]:
     return messages
 
 
-def render_chat(tokenizer, messages: list[dict]) -> str:
+def render_chat(tokenizer, messages: list[dict], variables: dict) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **variables)
     except Exception as e:  # noqa: BLE001 - templates raise on what they refuse, e.g. roles that do not alternate
         raise RowError(f"chat template: {e}") from None
 
@@ -287,7 +289,7 @@ def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, 
 
     def kept(start: int) -> list[int]:
         if start not in rendered:
-            chat = render_chat(tokenizer, system + turns[start:])
+            chat = render_chat(tokenizer, system + turns[start:], s.chat_template_kwargs)
             rendered[start] = encode(tokenizer, [chat], add_special_tokens=False)[0]
         return rendered[start]
 
@@ -337,7 +339,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
             prompt = row_prompt(row, s)
             if isinstance(prompt, list):
                 chats[i] = prompt
-                prompt = render_chat(tokenizer, prompt)
+                prompt = render_chat(tokenizer, prompt, s.chat_template_kwargs)
             texts[i] = prompt
         except RowError as e:
             errors[i] = str(e)

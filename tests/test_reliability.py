@@ -185,6 +185,45 @@ def test_rows_that_a_template_refuses_become_error_rows(tmp_path, tiny_llama):
                                      "a system prompt the chat template refuses"])
 
 
+# Qwen3's way: with enable_thinking false, an empty thinking block follows the generation prompt.
+THINKING_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}"
+    "<|assistant|>\n{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}")
+
+
+def test_chat_template_variables_reach_the_template(tmp_path, tiny_llama):
+    """input.chat_template_kwargs are the chat template's variables (Qwen3's enable_thinking here),
+    in every row's prompt and in the job's identity; one the template does not read stops the job."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "chat_template.jinja").write_text(THINKING_CHAT_TEMPLATE)
+    prompts = ["hi there", "what is two and two?"]
+    source = write_prompts(tmp_path / "in.parquet", prompts)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def plan(*overrides):
+        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                              f"model.path={model}", "cluster.num_replicas=1", *overrides)))
+
+    def rendered(**variables):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True, **variables) for p in prompts]
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def prompt_ids(p):
+        return [ids for chunk in p.chunks for ids in prepare_chunk(chunk, p.settings)[PROMPT_IDS].to_pylist()]
+
+    no_thinking = plan("+input.chat_template_kwargs={enable_thinking:false}")  # implies the chat template
+    assert prompt_ids(no_thinking) == rendered(enable_thinking=False) != rendered()
+    assert prompt_ids(plan("input.apply_chat_template=true")) == rendered()
+    assert no_thinking.fingerprint != plan("input.apply_chat_template=true").fingerprint
+    with pytest.raises(JobError, match=f"input.chat_template_kwargs sets enable_thinkng, which the chat template of "
+                                       f"{model} does not read, so it would change nothing; it reads "
+                                       "add_generation_prompt, enable_thinking, messages$"):
+        plan("+input.chat_template_kwargs.enable_thinkng=false")
+
+
 def test_rows_with_choices_get_the_tokens_their_longest_choice_needs(tmp_path, tiny_llama):
     """max_new_tokens does not cut a choice short; a max_length that would is a `too long` error row."""
     source = write_prompts(tmp_path / "in.parquet", ["a b", "the data table " * 3, "c d"],
