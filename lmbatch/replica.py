@@ -318,6 +318,7 @@ class Replica:
             "replica": self.name,
             "rows": table.num_rows,
             "errors": reasons.count("error"),
+            "cut_rows": reasons.count("length"),
             "repeated_rows": repeats,
             "error_kinds": json.dumps(dict(kinds)),  # JSON: the set of kinds varies per chunk
             "seconds": seconds,

@@ -51,7 +51,7 @@ class Progress:
                 self.finished.add(s["chunk"])
                 self.live.pop(s["chunk"], None)
                 self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
-                for key in ("rows", "errors", "repeated_rows", "prompt_tokens", "padded_prompt_tokens",
+                for key in ("rows", "errors", "cut_rows", "repeated_rows", "prompt_tokens", "padded_prompt_tokens",
                             "generated_tokens", "decode_slots", "split_retries"):
                     self.sums[key] += s[key]
                 self.error_kinds.update(json.loads(s["error_kinds"]))
@@ -112,6 +112,7 @@ class Progress:
             "rows_ok_this_run": s["rows"] - s["errors"],
             "rows_error_this_run": s["errors"],
             "errors_by_kind": dict(self.error_kinds),
+            "rows_cut_at_token_limit": s["cut_rows"],
             "rows_repeating_a_prompt": s["repeated_rows"],
             "chunks_this_run": self.chunks,
             "prompt_tokens": s["prompt_tokens"],
@@ -304,6 +305,16 @@ def _or_dash(value) -> str:
     return "-" if value is None else str(value)
 
 
+def cut_rows(metrics: dict) -> list[tuple[str, str]]:
+    """The rows whose text ended at max_new_tokens (or max_length) rather than on its own, when they
+    are many: a limit set too low cuts answers short, with nothing else to tell of it."""
+    cut, ok = metrics["rows_cut_at_token_limit"], metrics["rows_ok_this_run"]
+    if not ok or cut / ok < 0.1:
+        return []
+    return [("rows cut at token limit", f"{cut:,} ({cut / ok:.0%} of the rows ok this run: finish_reason "
+                                            "length); raise generation.max_new_tokens if they should end on their own")]
+
+
 def format_summary(metrics: dict, totals: dict) -> str:
     """A short table for the terminal; the same numbers are saved as _metrics.json."""
     retry = [("rows failed in generation", "once the cause is gone (a GPU too small, a bug), "
@@ -315,6 +326,7 @@ def format_summary(metrics: dict, totals: dict) -> str:
         ("rows written this run", f"{metrics['rows_this_run']:,} (skipped as done: {metrics['rows_skipped_as_done']:,})"),
         ("errors by kind (this run)", ", ".join(f"{k}: {v}" for k, v in metrics["errors_by_kind"].items()) or "none"),
         *retry,
+        *cut_rows(metrics),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
         ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),

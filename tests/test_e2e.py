@@ -61,6 +61,7 @@ def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
     assert manifest["model_identity"] == recorded == model_identity(tiny_llama)
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["rows_this_run"] == 70 and metrics["generated_tokens"] == sum(table["num_generated_tokens"].to_pylist())
+    assert metrics["rows_cut_at_token_limit"] == table["finish_reason"].to_pylist().count("length")
 
     again = run_job(out, prompts_file, tiny_llama)  # a finished job is a no-op
     assert again["already_finished"] and pq.read_table(out).equals(table)
