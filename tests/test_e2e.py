@@ -317,6 +317,23 @@ def test_output_partitioned_by_an_input_column(local_ray, tmp_path, prompts_file
     assert again["metrics"]["chunks_this_run"] == 1 and again["rows"] == 70
     assert ds.dataset(out, format="parquet", partitioning="hive").to_table().equals(table)
 
+    # A row that ran out of memory (written here into a part of one chunk, as a GPU too small would):
+    # output.mode=retry_errors generates that chunk again, its part in every partition, and no other.
+    part = sorted(out.glob("topic=b/part-*.parquet"))[-1]
+    rows = pq.read_table(part)
+    failed = {"generated_text": pa.array([None], pa.string()), "finish_reason": pa.array(["error"]),
+              "error": pa.array(["out of memory: CUDA out of memory (injected)"])}
+    for name, value in failed.items():
+        i = rows.schema.get_field_index(name)
+        rows = rows.set_column(i, rows.schema.field(i), pa.concat_arrays([value, rows[name].combine_chunks()[1:]]))
+    pq.write_table(rows, part)  # its metadata (job, chunk) kept
+    others = {p: p.stat().st_mtime_ns for p in out.glob("*/part-*.parquet") if p.name != part.name}
+    retried = run_job(out, prompts_file, tiny_llama, "output.partition_by=topic", "generation.max_new_tokens=3",
+                      "output.mode=retry_errors")
+    assert retried["metrics"]["chunks_this_run"] == 1 and retried["rows_error"] == 0
+    assert ds.dataset(out, format="parquet", partitioning="hive").to_table().equals(table)
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+
     # Read back as input, the topic=... directories give the topic column again (strings, as Spark's would).
     second = tmp_path / "second"
     run_job(second, out, tiny_llama, "engine=echo", "input.keep_columns=[topic]")
