@@ -34,8 +34,7 @@ starts, so it is short: a write takes milliseconds on a disk, tens of them on an
 class Lease:
     def __init__(self, output: OutputDir):
         self.output = output
-        self.record = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        self.record = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": now(),
                        "renewals": 0}
 
     def acquire(self, say: Callable[[str], None]) -> bool:
@@ -57,26 +56,29 @@ class Lease:
                 seen, seen_since = held, time.monotonic()
             if held["run"] != announced:
                 announced = held["run"]
-                say(f"another run of this job (host {held['host']}, pid {held['pid']}, started {held['started']}) "
-                    f"is writing {self.output.uri}; waiting for it to end (or for its lease to lapse, "
+                done = f", {held['rows_done']:,} of {held['rows_total']:,} rows done" if "rows_done" in held else ""
+                say(f"another run of this job (host {held['host']}, pid {held['pid']}, started {held['started']}"
+                    f"{done}) is writing {self.output.uri}; waiting for it to end (or for its lease to lapse, "
                     f"{EXPIRE_S:g} s after it was last renewed)")
             waited = True
             time.sleep(RENEW_S / 2)
 
-    def renew(self) -> None:
-        """Called every RENEW_S seconds while the run goes on."""
+    def renew(self, status: Optional[dict] = None) -> None:
+        """Called every RENEW_S seconds while the run goes on; `status` (rows done and in all) goes
+        into the lease, for a run waiting on it and anyone watching the job."""
         try:
-            self._renew()
+            self._renew(status or {})
         except OSError:  # the storage did not answer this time: the lease lapses only after EXPIRE_S
             pass
 
-    def _renew(self) -> None:
+    def _renew(self, status: dict) -> None:
         if (self._read() or {}).get("run") != self.record["run"]:  # ours went unrenewed for EXPIRE_S
             print(f"lmbatch: warning: another run has taken over {self.output.uri}, as this run could not renew "
                   f"its lease there for {EXPIRE_S:g} s; both now generate what is pending (each row is still "
                   "written once)", file=sys.stderr)
             raise RuntimeError("lease taken over")  # ends the renewals
         self.record["renewals"] += 1
+        self.record.update(status, renewed=now())
         self.output.write_lease(json.dumps(self.record))
 
     def release(self) -> None:
@@ -92,6 +94,10 @@ class Lease:
                 time.sleep(0.2)
         raise JobError(f"{LEASE_FILE} in {self.output.uri} is not what lmbatch writes; delete it if no run of "
                        "this job is going on")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _process_gone(held: dict) -> bool:

@@ -348,8 +348,10 @@ def run(cfg: DictConfig | JobConfig) -> dict:
             if plan.state.finished:
                 return already_finished(plan)
         say_notices(plan)
-        with Periodic(lease.renew, RENEW_S):
-            return generate(plan)
+        progress = job_progress(plan)
+        # The lease tells how far the run has got: to a run waiting on it, and to anyone who reads it.
+        with Periodic(lambda: lease.renew(progress.status()), RENEW_S):
+            return generate(plan, progress)
     finally:
         lease.release()
 
@@ -363,13 +365,16 @@ def already_finished(plan: JobPlan) -> dict:
     return {"output": plan.output.uri, "already_finished": True}
 
 
-def generate(plan: JobPlan) -> dict:
+def job_progress(plan: JobPlan) -> Progress:
+    total_rows = plan.inputs.num_rows * plan.rows_per_input_row
+    done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in plan.pending)) * plan.rows_per_input_row
+    return Progress(total_rows, done_rows, every_s=plan.job.progress_every_s, replicas=plan.replicas)
+
+
+def generate(plan: JobPlan, progress: Progress) -> dict:
     """Generate a planned job's pending chunks, under its lease, and commit the output."""
     job, uri = plan.job, plan.output.uri
     pending = plan.pending
-    total_rows = plan.inputs.num_rows * plan.rows_per_input_row
-    done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in pending)) * plan.rows_per_input_row
-    progress = Progress(total_rows, done_rows, every_s=job.progress_every_s, replicas=plan.replicas)
     store_peak = None
     if not pending:
         plan.begin_output()

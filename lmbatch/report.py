@@ -103,6 +103,11 @@ class Progress:
             self.stream.write(line + ("\n" if final or not self.tty else ""))
             self.stream.flush()
 
+    def status(self) -> dict:
+        """How far the run has got, as its last progress line said."""
+        with self.lock:
+            return {"rows_done": self.shown_rows, "rows_total": self.total_rows}
+
     def metrics(self) -> dict:
         wall = time.perf_counter() - self.started
         s = self.sums

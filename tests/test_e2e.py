@@ -442,6 +442,27 @@ def test_a_job_with_too_many_error_rows_stops_and_goes_on_once_they_are_accepted
     assert accepted["metrics"]["rows_this_run"] == 0 and (small / "_SUCCESS").exists()
 
 
+def test_a_running_job_says_in_its_lease_how_far_it_has_got(local_ray, tmp_path, tiny_llama, monkeypatch):
+    """The lease a run renews (every 10 s; 0.1 s here) carries its rows done and in all, as its
+    progress line last said, for a run waiting on it and for anyone watching the output."""
+    from lmbatch import pipeline
+
+    renewed, write = [], OutputDir.write_lease
+
+    def write_lease(self, text):  # the real write, remembered
+        renewed.append(json.loads(text))
+        write(self, text)
+
+    monkeypatch.setattr(pipeline, "RENEW_S", 0.1)
+    monkeypatch.setattr(OutputDir, "write_lease", write_lease)
+    path = write_prompts(tmp_path / "in.parquet", varied_prompts(40, seed=2, max_words=20))
+    run(compose(f"input.path={path}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_llama}",
+                "cluster.num_replicas=1", "batching.chunk_rows=10", "progress_every_s=0.1"))
+    done = [record["rows_done"] for record in renewed if record["renewals"]]
+    assert done and done == sorted(done) and done[-1] <= 40
+    assert {record["rows_total"] for record in renewed if record["renewals"]} == {40}
+
+
 def test_an_input_without_rows_gives_a_finished_empty_output(tmp_path, capsys):
     """A scheduled job's quiet day: no rows in, none out, and the job finishes (no Ray, no model).
     One part holds no rows but every column, typed, so readers find the schema (Spark does the same)."""

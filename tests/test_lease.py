@@ -34,19 +34,24 @@ def test_a_lease_renewed_by_a_running_job_is_waited_on_until_it_ends(tmp_path):
     output = OutputDir(str(tmp_path / "out"))
     first, second, said = Lease(output), Lease(output), []
     assert first.acquire(said.append) is False and said == []
+    status = {"rows_done": 1200, "rows_total": 5000}  # what its progress line last said
+    first.renew(status)
+    held = json.loads((tmp_path / "out" / LEASE_FILE).read_text())
+    assert held["rows_done"] == 1200 and held["rows_total"] == 5000 and held["renewed"] >= held["started"]
     stop = threading.Event()
 
     def run_for(seconds):  # the first run: renews its lease, then ends and releases it
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             time.sleep(lease_module.RENEW_S)
-            first.renew()
+            first.renew(status)
         first.release()
         stop.set()
     threading.Thread(target=run_for, args=(2.5,)).start()  # well past EXPIRE_S: renewals keep it
     assert second.acquire(said.append) is True
     assert stop.is_set()  # it got the lease only once the first run had ended
     assert len(said) == 1 and said[0].startswith(f"another run of this job (host {first.record['host']}, pid ")
+    assert f", 1,200 of 5,000 rows done) is writing {output.uri}; waiting for it to end" in said[0]
     assert json.loads((tmp_path / "out" / LEASE_FILE).read_text())["run"] == second.record["run"]
     second.release()
     assert not (tmp_path / "out" / LEASE_FILE).exists()
