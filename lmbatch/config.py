@@ -104,6 +104,10 @@ class OutputConfig:
     """Input column to partition the output by, Hive style: `COLUMN=value/part-*.parquet`."""
     compression: str = "snappy"
     """Parquet codec of the parts: `snappy` (read everywhere), `zstd` (smaller), `gzip`, `lz4`, `brotli`, `none`."""
+    reasoning_tags: list[str] = field(default_factory=list)
+    """The tags around a reasoning model's thinking, e.g. `["<think>", "</think>"]` (Qwen3, DeepSeek-R1,
+    QwQ): the text before the closing tag goes to a `reasoning` column and `generated_text` holds the
+    answer after it. []: the text as generated."""
     max_error_fraction: Optional[float] = None
     """The share of error rows a job may have: more, and it stops once 1,000 rows are done in a run (a
     template naming the wrong column, a model failing every row), or, for a smaller job, ends without
@@ -111,6 +115,8 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "output.path must be set")
+        _require(not self.reasoning_tags or (len(self.reasoning_tags) == 2 and all(self.reasoning_tags)),
+                 f"output.reasoning_tags must be [] or an opening and a closing tag, got {self.reasoning_tags}")
         _require(self.max_error_fraction is None or 0 <= self.max_error_fraction <= 1,
                  f"output.max_error_fraction must be between 0 and 1 or null, got {self.max_error_fraction}")
         _require(self.compression in PARQUET_CODECS,

@@ -297,6 +297,7 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
                        if not (k in ("choices", "logprobs") and not v)},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
+        **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later
         "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed
     }
     # Parts written before partition columns were read lack them: not the same job. Added only when

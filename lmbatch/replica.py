@@ -36,6 +36,7 @@ GENERATED_COLUMNS = pa.schema([
     ("finish_reason", pa.string()),
     ("error", pa.string()),
 ])
+REASONING = pa.field("reasoning", pa.string())
 SAMPLE_INDEX = pa.field("sample_index", pa.int64())
 LOGPROB = pa.field("logprob", pa.float64())
 CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
@@ -62,6 +63,8 @@ log = logging.getLogger("lmbatch.replica")
 def output_columns(job: JobConfig) -> list[pa.Field]:
     """The columns lmbatch adds to every output row, after the kept input columns."""
     g, columns = job.generation, list(GENERATED_COLUMNS)
+    if job.output.reasoning_tags:
+        columns.append(REASONING)
     if g.num_return_sequences > 1:
         columns.append(SAMPLE_INDEX)
     if g.logprobs:
@@ -69,6 +72,22 @@ def output_columns(job: JobConfig) -> list[pa.Field]:
         if g.choices or "choices" in job.input.param_columns:  # rows with choices, maybe all
             columns.append(CHOICE_LOGPROBS)
     return columns
+
+
+def split_reasoning(text: Optional[str], opening: str, closing: str) -> tuple[Optional[str], Optional[str]]:
+    """(reasoning, answer) of a reasoning model's text: the reasoning is what comes before the first
+    closing tag (its opening tag dropped: a chat template may put that in the prompt instead), the
+    answer what follows. Without a closing tag, a text that opens with the tag was cut short while
+    reasoning (its answer is empty), and any other text is all answer (thinking turned off)."""
+    if text is None:  # an error row
+        return None, None
+    head, closed, answer = text.partition(closing)
+    head = head.strip()
+    if head.startswith(opening):
+        head = head[len(opening):].strip()
+    elif not closed:
+        return None, text
+    return head, answer.lstrip() if closed else ""
 
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:
@@ -207,6 +226,7 @@ class Replica:
             self.engine = load_engine(job, device)
         self.generation = job.generation
         self.columns = output_columns(job)
+        self.reasoning_tags = job.output.reasoning_tags
         self.params = sampling_params(job.generation)
         self.passthrough = passthrough_columns
         self.fingerprint = fingerprint
@@ -257,8 +277,12 @@ class Replica:
                 done.append(Completion(i, s, None, 0, "error", err) if err is not None else by_row[(i, s)])
         out = rows.select(self.passthrough).take(pa.array([c.key for c in done], pa.int64()))
         prompt_tokens = rows[P.NUM_PROMPT_TOKENS].to_pylist()
+        texts, reasoning = [c.text for c in done], [None] * len(done)
+        if self.reasoning_tags:
+            reasoning, texts = zip(*(split_reasoning(text, *self.reasoning_tags) for text in texts))
         values = {
-            "generated_text": [c.text for c in done],
+            "generated_text": texts,
+            "reasoning": reasoning,
             "num_prompt_tokens": [prompt_tokens[c.key] for c in done],
             "num_generated_tokens": [c.num_generated_tokens for c in done],
             "finish_reason": [c.finish_reason for c in done],

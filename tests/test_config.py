@@ -93,6 +93,7 @@ def test_wrong_type_fails():
     ("model.dtype=int8", "model.dtype must be"),
     ("model.kv_cache=paged", "model.kv_cache must be static, dynamic or null"),
     ("output.compression=lzma", "output.compression must be one of snappy, zstd"),
+    ('output.reasoning_tags=["<think>"]', "output.reasoning_tags must be [] or an opening and a closing tag"),
     ("output.max_error_fraction=1.5", "output.max_error_fraction must be between 0 and 1 or null, got 1.5"),
 ])
 def test_invalid_values_fail_with_the_key_named(override, message, tmp_path):

@@ -15,6 +15,7 @@ from lmbatch.models import model_identity
 from lmbatch.output import OutputDir, OutputState
 from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, JobFailed, failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
+from lmbatch.replica import split_reasoning
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +124,17 @@ def test_seeded_sampling_is_reproducible_with_samples_per_prompt(local_ray, tmp_
     assert pq.read_table(tmp_path / "three")["generated_text"] != one["generated_text"]
 
 
-def test_stop_strings_cut_the_text(local_ray, tmp_path, prompts_file, tiny_llama):
+def test_reasoning_is_what_comes_before_the_closing_tag():
+    think = ("<think>", "</think>")
+    assert split_reasoning("<think>\nsteps\n</think>\n\nAnswer", *think) == ("steps", "Answer")
+    assert split_reasoning("steps\n</think>\n\nAnswer", *think) == ("steps", "Answer")  # opened in the prompt
+    assert split_reasoning("<think>\nsteps, cut sh", *think) == ("steps, cut sh", "")  # at the token limit
+    assert split_reasoning("Answer alone", *think) == (None, "Answer alone")  # thinking turned off
+    assert split_reasoning("<think></think>A</think>B", *think) == ("", "A</think>B")
+    assert split_reasoning(None, *think) == (None, None)  # an error row
+
+
+def test_stop_strings_cut_the_text_and_reasoning_tags_split_it(local_ray, tmp_path, prompts_file, tiny_llama):
     run_job(tmp_path / "full", prompts_file, tiny_llama)
     run_job(tmp_path / "cut", prompts_file, tiny_llama, "generation.stop=[e,XYZ]")
     full, cut = pq.read_table(tmp_path / "full").to_pylist(), pq.read_table(tmp_path / "cut").to_pylist()
@@ -137,6 +148,15 @@ def test_stop_strings_cut_the_text(local_ray, tmp_path, prompts_file, tiny_llama
         else:
             assert (c["generated_text"], c["finish_reason"]) == (f["generated_text"], f["finish_reason"])
     assert stopped >= 10
+
+    # Letters of the random model's texts stand in for a reasoning model's tags.
+    run_job(tmp_path / "split", prompts_file, tiny_llama, 'output.reasoning_tags=["t","e"]')
+    split = pq.read_table(tmp_path / "split")
+    assert split.schema.field("reasoning").type == pa.string()
+    for f, r in zip(full, split.to_pylist()):
+        assert (r["reasoning"], r["generated_text"]) == split_reasoning(f["generated_text"], "t", "e")
+        assert (r["num_generated_tokens"], r["finish_reason"]) == (f["num_generated_tokens"], f["finish_reason"])
+    assert split["reasoning"].null_count < split.num_rows
 
 
 GENERATED = ["generated_text", "num_generated_tokens", "finish_reason", "error"]
