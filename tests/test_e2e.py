@@ -157,6 +157,8 @@ def test_stop_strings_cut_the_text_and_reasoning_tags_split_it(local_ray, tmp_pa
         assert (r["reasoning"], r["generated_text"]) == split_reasoning(f["generated_text"], "t", "e")
         assert (r["num_generated_tokens"], r["finish_reason"]) == (f["num_generated_tokens"], f["finish_reason"])
     assert split["reasoning"].null_count < split.num_rows
+    with pytest.raises(JobError, match="holds the output of a different job"):  # unsplit texts are another job's
+        run_job(tmp_path / "split", prompts_file, tiny_llama)
 
 
 GENERATED = ["generated_text", "num_generated_tokens", "finish_reason", "error"]
