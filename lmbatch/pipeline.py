@@ -276,9 +276,9 @@ def say_how_to_resume(plan: JobPlan):
 # Rows done in a run before its share of error rows can stop it: a first chunk that happens to hold
 # most of a table's bad rows should not stop a job whose rows mostly succeed.
 ERROR_CHECK_MIN_ROWS = 1000
-TOO_MANY_ERRORS = ("Their error column says why (dry_run=true shows the first few). Fix the cause and run the same "
-                   "command again (with output.mode=overwrite if the fix changes the job), or raise "
-                   "output.max_error_fraction to accept such rows.")
+TOO_MANY_ERRORS = ("The error column of the parts says why each row failed (dry_run=true shows the first few). Fix "
+                   "the cause and run the same command again (with output.mode=overwrite if the fix changes the job), "
+                   "or raise output.max_error_fraction to accept such rows.")
 
 
 def check_errors_so_far(plan: JobPlan, progress: Progress) -> None:

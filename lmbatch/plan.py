@@ -224,6 +224,9 @@ def check_chat_template(job: JobConfig, tokenizer) -> None:
         raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
                        "input.system_prompt, input.apply_chat_template and input.chat_template_kwargs need")
     variables, read = job.input.chat_template_kwargs, template_variables(tokenizer.chat_template)
+    if taken := sorted(set(variables) & {"conversation", "messages", "tokenize", "add_generation_prompt"}):
+        raise JobError(f"input.chat_template_kwargs cannot set {', '.join(taken)}: lmbatch passes the chat template "
+                       "each row's messages, with the prompt for the model's turn")
     if variables and read is not None and set(variables) - read:
         raise JobError(f"input.chat_template_kwargs sets {', '.join(sorted(set(variables) - read))}, which the chat "
                        f"template of {job.model.path} does not read, so it would change nothing; it reads "

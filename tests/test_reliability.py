@@ -222,6 +222,8 @@ def test_chat_template_variables_reach_the_template(tmp_path, tiny_llama):
                                        f"{model} does not read, so it would change nothing; it reads "
                                        "add_generation_prompt, enable_thinking, messages$"):
         plan("+input.chat_template_kwargs.enable_thinkng=false")
+    with pytest.raises(JobError, match="input.chat_template_kwargs cannot set add_generation_prompt: lmbatch passes"):
+        plan("+input.chat_template_kwargs.add_generation_prompt=false")
 
 
 def test_rows_with_choices_get_the_tokens_their_longest_choice_needs(tmp_path, tiny_llama):
