@@ -202,14 +202,15 @@ class OutputDir:
                 found.setdefault(name[len(PART_PREFIX):-len(PART_SUFFIX)], []).append(info.path)
         return found
 
-    def errors(self, chunk_ids) -> dict[str, list[str]]:
-        """Chunk id -> the error messages of its rows, read from its parts' `error` column alone."""
+    def errors(self, chunk_ids) -> dict[str, tuple[int, list[str]]]:
+        """Chunk id -> its rows and the error messages among them, read from its parts' `error` column
+        alone (null on every row but an error row)."""
         files = self.part_files()
 
-        def read(chunk_id: str) -> list[str]:
-            return [message for path in files.get(chunk_id, ())
-                    for message in pq.read_table(path, columns=["error"], filesystem=self.fs)["error"]
-                    .drop_null().to_pylist()]
+        def read(chunk_id: str) -> tuple[int, list[str]]:
+            columns = [pq.read_table(path, columns=["error"], filesystem=self.fs)["error"]
+                       for path in files.get(chunk_id, ())]
+            return sum(map(len, columns)), [message for c in columns for message in c.drop_null().to_pylist()]
         chunk_ids = sorted(chunk_ids)
         return dict(zip(chunk_ids, in_threads(read, chunk_ids)))
 

@@ -25,7 +25,6 @@ import time
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 import lmbatch
@@ -36,8 +35,8 @@ from lmbatch.lease import RENEW_S, Lease
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
 from lmbatch.prepare import PrepareSettings, prepare_chunk
-from lmbatch.replica import Replica, output_columns
-from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, format_summary, megabytes,
+from lmbatch.replica import Replica, error_kind, output_columns
+from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, by_kind, format_summary, megabytes,
                             object_store_bytes)
 
 log = logging.getLogger("lmbatch.pipeline")
@@ -174,26 +173,26 @@ def live_progress(progress: Progress):
 
 
 def count_committed(plan: JobPlan) -> dict:
-    """Check that every planned chunk has its part with exactly its rows; count ok and error rows."""
+    """Check that every planned chunk has its part with exactly its rows; count ok and error rows, and
+    the error rows of each kind (over the whole output: a resumed run's own count has only its own)."""
     files = plan.output.part_files()
     missing = [c.id for c in plan.chunks if c.id not in files]
     if missing:
         raise JobFailed(f"parts for chunks {missing[:5]} are missing after the run (was the output changed while "
                         "the job ran?); run the same command again to generate them")
-
-    def count(chunk: Chunk) -> tuple[int, int]:
-        reasons = [pq.read_table(path, columns=["finish_reason"], filesystem=plan.output.fs)["finish_reason"]
-                   for path in files[chunk.id]]
-        return sum(map(len, reasons)), sum(r.to_pylist().count("error") for r in reasons)
-
-    ok = error = 0
-    for chunk, (rows, errors) in zip(plan.chunks, io.in_threads(count, plan.chunks)):
+    rows, kinds = 0, collections.Counter()
+    counted = plan.output.errors(c.id for c in plan.chunks)
+    for chunk in plan.chunks:
+        found, errors = counted[chunk.id]
         expected = chunk.num_rows * plan.rows_per_input_row
-        if rows != expected:
-            raise JobFailed(f"parts of chunk {chunk.id} hold {rows} rows, expected {expected}: delete "
+        if found != expected:
+            raise JobFailed(f"parts of chunk {chunk.id} hold {found} rows, expected {expected}: delete "
                             f"{', '.join(files[chunk.id])} and run the same command again to generate the chunk anew")
-        ok, error = ok + rows - errors, error + errors
-    return {"rows": ok + error, "rows_ok": ok, "rows_error": error, "parts": sum(map(len, files.values()))}
+        rows += found
+        kinds.update(map(error_kind, errors))
+    error = sum(kinds.values())
+    return {"rows": rows, "rows_ok": rows - error, "rows_error": error, "rows_error_by_kind": dict(kinds.most_common()),
+            "parts": sum(map(len, files.values()))}
 
 
 EMPTY_INPUT_CHUNK = "00000-000000000"  # the id of the chunk that would begin at the first row
@@ -286,7 +285,7 @@ def check_errors_so_far(plan: JobPlan, progress: Progress) -> None:
     row) once ERROR_CHECK_MIN_ROWS rows are done in this run, rather than write millions of error rows."""
     output, rows, errors = plan.job.output, progress.sums["rows"], progress.sums["errors"]
     if rows >= ERROR_CHECK_MIN_ROWS and output.too_many_errors(rows, errors):
-        kinds = ", ".join(f"{kind}: {n:,}" for kind, n in progress.error_kinds.most_common(3))
+        kinds = by_kind(dict(progress.error_kinds.most_common()), most=3)
         raise JobFailed(f"stopped: {errors:,} of the {rows:,} rows done in this run are error rows "
                         f"({errors / rows:.1%}; {kinds}), over output.max_error_fraction={output.max_error_fraction}; "
                         f"the chunks committed in {plan.output.uri} are kept. {TOO_MANY_ERRORS}")
@@ -399,8 +398,9 @@ def generate(plan: JobPlan, progress: Progress) -> dict:
     metrics = {**progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}
     if job.output.too_many_errors(totals["rows"], totals["rows_error"]):
         print(format_summary(metrics, totals))
+        kinds = by_kind(totals["rows_error_by_kind"], most=3)
         raise JobFailed(f"{totals['rows_error']:,} of the {totals['rows']:,} rows in {uri} are error rows "
-                        f"({totals['rows_error'] / totals['rows']:.1%}), over output.max_error_fraction="
+                        f"({totals['rows_error'] / totals['rows']:.1%}; {kinds}), over output.max_error_fraction="
                         f"{job.output.max_error_fraction}: every row is written, but the output is not marked "
                         f"finished (no _SUCCESS). {TOO_MANY_ERRORS}")
     plan.output.commit(manifest(plan, totals), {**totals, "duplicate_id_rows": plan.num_duplicate_rows, **metrics})

@@ -368,7 +368,7 @@ def plan_job(job: JobConfig) -> JobPlan:
 def _failed_in_generation(output: OutputDir, chunk_ids) -> dict[str, collections.Counter]:
     """Committed chunks holding rows that failed in generation -> how many of each kind."""
     found = {}
-    for chunk_id, messages in output.errors(chunk_ids).items():
+    for chunk_id, (_, messages) in output.errors(chunk_ids).items():
         kinds = collections.Counter(k for k in map(error_kind, messages) if k in FAILED_IN_GENERATION)
         if kinds:
             found[chunk_id] = kinds

@@ -320,16 +320,24 @@ def cut_rows(metrics: dict) -> list[tuple[str, str]]:
                                             "length); raise generation.max_new_tokens if they should end on their own")]
 
 
+def by_kind(counts: dict, most: Optional[int] = None) -> str:
+    return ", ".join(f"{kind}: {n:,}" for kind, n in list(counts.items())[:most]) or "none"
+
+
 def format_summary(metrics: dict, totals: dict) -> str:
     """A short table for the terminal; the same numbers are saved as _metrics.json."""
+    kinds = totals["rows_error_by_kind"]  # in the whole output
     retry = [("rows failed in generation", "once the cause is gone (a GPU too small, a bug), "
                                            "output.mode=retry_errors generates them again")
-             ] if any(kind in FAILED_IN_GENERATION for kind in metrics["errors_by_kind"]) else []
+             ] if any(kind in FAILED_IN_GENERATION for kind in kinds) else []
+    # A resumed run's own errors are only some of the output's.
+    this_run = [("errors by kind (this run)", by_kind(metrics["errors_by_kind"]))]
     rows = [
         ("rows in output", f"{totals['rows']:,}"),
         ("rows ok / error", f"{totals['rows_ok']:,} / {totals['rows_error']:,}"),
         ("rows written this run", f"{metrics['rows_this_run']:,} (skipped as done: {metrics['rows_skipped_as_done']:,})"),
-        ("errors by kind (this run)", ", ".join(f"{k}: {v}" for k, v in metrics["errors_by_kind"].items()) or "none"),
+        ("errors by kind", by_kind(kinds)),
+        *(this_run if metrics["rows_skipped_as_done"] else []),
         *retry,
         *cut_rows(metrics),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),

@@ -145,7 +145,7 @@ def test_bad_rows_become_error_rows_and_neighbours_succeed(tmp_path):
     assert account(out, ids) == (0, 0)
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["errors_by_kind"] == {"null prompt": 1, "empty prompt": 2, "too long": 1, "duplicate id": 1,
-                                         "null id": 1}
+                                         "null id": 1} == metrics["rows_error_by_kind"]  # the run made the output
     assert metrics["duplicate_id_rows"] == 1
 
 
@@ -774,10 +774,11 @@ def test_the_commit_check_counts_every_part_and_fails_on_a_short_or_missing_one(
                                           "batching.chunk_rows=4", "cluster.num_replicas=1")))
     plan.begin_output()
     for chunk in plan.chunks:
-        plan.output.write_part(chunk.id, pa.table({"finish_reason": ["stop"] * (chunk.num_rows - 1) + ["error"]}))
-    assert count_committed(plan) == {"rows": 10, "rows_ok": 7, "rows_error": 3, "parts": 3}
+        plan.output.write_part(chunk.id, pa.table({"error": [None] * (chunk.num_rows - 1) + ["too long: ..."]}))
+    assert count_committed(plan) == {"rows": 10, "rows_ok": 7, "rows_error": 3, "rows_error_by_kind": {"too long": 3},
+                                     "parts": 3}
     last = plan.chunks[-1]
-    plan.output.write_part(last.id, pa.table({"finish_reason": ["stop"] * (last.num_rows - 1)}))
+    plan.output.write_part(last.id, pa.table({"error": pa.array([None] * (last.num_rows - 1), pa.string())}))
     with pytest.raises(JobFailed, match=f"parts of chunk {last.id} hold {last.num_rows - 1} rows, expected "
                                         f"{last.num_rows}: delete {out / part_name(last.id)} and run"):
         count_committed(plan)
