@@ -19,11 +19,13 @@ import sys
 import threading
 import time
 
+import fsspec
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -31,9 +33,10 @@ from conftest import REPO, compose, oracle, save_lora_adapter, varied_prompts, w
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
+from lmbatch import io as lmbatch_io
 from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
-from lmbatch.pipeline import JobFailed, count_committed, run
+from lmbatch.pipeline import JobFailed, ReadStalled, count_committed, prepare_within, run
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, load_tokenizer, prepare_chunk
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
@@ -471,6 +474,42 @@ def test_data_that_cannot_be_read_mid_job_stops_it_naming_the_file(tmp_path):
                         cause), cause
     assert not (out / "_SUCCESS").exists() and "part-00001-000000030.parquet" not in parts(out)
     TALLY["bad_input_kinds"].add("data that cannot be read, found mid-job")
+
+
+class HangingFileSystem(LocalFileSystem):
+    """Local files behind a mount that stops answering: once `hung` is set, opening a file blocks
+    until `released` is, as a read from a stale NFS mount blocks."""
+    protocol = "hanging"
+    hung, released = threading.Event(), threading.Event()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("hanging://"))
+
+    def _open(self, path, *args, **kwargs):
+        if self.hung.is_set():
+            self.released.wait()
+        return super()._open(path, *args, **kwargs)
+
+
+def test_a_read_that_hangs_stops_the_job_naming_its_files(tmp_path, tiny_llama):
+    """A chunk whose input read does not return within cluster.stall_timeout_s stops the job (Ray
+    Data reports the task's error, as for a file that cannot be read, above), naming the files."""
+    fsspec.register_implementation("hanging", HangingFileSystem, clobber=True)
+    source = write_prompts(tmp_path / "in.parquet", ["a prompt", "another one"])
+    plan = plan_job(to_job_config(compose(f"input.path=hanging://{source}", f"output.path={tmp_path / 'out'}",
+                                          f"model.path={tiny_llama}", "cluster.num_replicas=1")))
+    chunk = plan.chunks[0]
+    assert prepare_within(chunk, plan.settings, [], timeout_s=30).equals(prepare_chunk(chunk, plan.settings))
+    lmbatch_io._open_parquet.cache_clear()  # a prepare worker's process opens the file afresh
+    HangingFileSystem.hung.set()
+    try:
+        with pytest.raises(ReadStalled, match=rf"reading chunk {chunk.id} of the input \(hanging://{source}\) did not "
+                                              r"finish within cluster.stall_timeout_s=0.5 s: is its storage hung"):
+            prepare_within(chunk, plan.settings, [], timeout_s=0.5)
+    finally:
+        HangingFileSystem.released.set()
+    TALLY["bad_input_kinds"].add("a read that hangs")
 
 
 def lfs_pointer(weights):
