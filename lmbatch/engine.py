@@ -24,7 +24,7 @@ import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, padded_tokens, plan_requests, row_seed
-from lmbatch.models import special_tokens_only
+from lmbatch.models import special_tokens_only, tokenizer_source
 from lmbatch.processors import Choices, PerRowSampler, RepetitionPenalty, StopStrings, TokenLogprobs, first_tokens
 
 log = logging.getLogger("lmbatch.engine")
@@ -117,7 +117,8 @@ class HFEngine:
             loaded = PeftModel.from_pretrained(loaded, model.adapter).merge_and_unload()
         if not model.device_map:
             loaded.to(device)
-        tokenizer = load_tokenizer(model_path, model.trust_remote_code, revision=model.revision)
+        tokenizer_path, revision = tokenizer_source(model_path, model.revision, model.adapter)
+        tokenizer = load_tokenizer(tokenizer_path, model.trust_remote_code, revision=revision)
         return cls(loaded.eval(), tokenizer, batching, model.kv_cache)
 
     # -- planning ---------------------------------------------------------------------------

@@ -39,6 +39,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMBATCH_CACHE", Path.home() / ".cache" / "lmbatch"))
 
 
+def tokenizer_source(path: str, revision: Optional[str], adapter: Optional[str]) -> tuple[str, Optional[str]]:
+    """Where a job's tokenizer comes from, as (path, revision): the adapter's directory when it holds
+    a tokenizer (a fine-tune that set a chat template or added tokens saves its own there, as TRL's
+    trainers do), else the model's."""
+    if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        return adapter, None
+    return path, revision
+
+
 def resolve_model_path(path: str) -> str:
     """A local directory or hub id passes through; `builtin://NAME` is built once and cached."""
     if not path.startswith(BUILTIN):

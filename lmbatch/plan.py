@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lmbatch import io
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig, ModelConfig
 from lmbatch.io import Chunk, InputPlan, JobError
-from lmbatch.models import adapter_misfit, model_identity
+from lmbatch.models import adapter_misfit, model_identity, tokenizer_source
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, encode, fit_to_context, load_tokenizer,
                              template_fields)
@@ -144,8 +144,19 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     if revision and not hub:
         raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
                        "is a local directory")
+    adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
+    source, _ = tokenizer_source(path, revision, adapter)
+    if source != path:  # the adapter's own
+        try:
+            tokenizer = load_tokenizer(source, job.model.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - whatever its files hold
+            raise JobError(f"the tokenizer in model.adapter {job.model.adapter} cannot be loaded: "
+                           f"{str(e).splitlines()[0]}") from None
+        source = f"model.adapter {job.model.adapter}"
+    else:
+        source = job.model.path
     if job.input.chat:
-        check_chat_template(job, tokenizer)
+        check_chat_template(job, tokenizer, source)
     if note := unspaced_choices(job, tokenizer):
         print(f"lmbatch: note: {note}")
     ignored = {k: v for k, v in settings_not_applied(load_generation_config(path, revision)).items()
@@ -159,10 +170,9 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     vocab = getattr(text_config, "vocab_size", None)
     if vocab and len(tokenizer) > vocab:  # tokens added to the tokenizer, the model's embedding not resized
-        print(f"lmbatch: warning: the tokenizer of {job.model.path} has {len(tokenizer):,} tokens, the model's "
+        print(f"lmbatch: warning: the tokenizer of {source} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
@@ -215,13 +225,13 @@ def check_adapter(adapter: Optional[str], model_config, trust_remote_code: bool)
     return path
 
 
-def check_chat_template(job: JobConfig, tokenizer) -> None:
+def check_chat_template(job: JobConfig, tokenizer, source: str) -> None:
     """The chat template must render the conversation the job builds around each row's text (a
     user message, after the system prompt if any): else every row would become an error row
     (templates raise on what they refuse, e.g. a system message). Conversations of a messages
     column vary by row, so there only the system prompt is tried."""
     if not tokenizer.chat_template:
-        raise JobError(f"the tokenizer of {job.model.path} has no chat template, which input.messages_column, "
+        raise JobError(f"the tokenizer of {source} has no chat template, which input.messages_column, "
                        "input.system_prompt, input.apply_chat_template and input.chat_template_kwargs need")
     variables, read = job.input.chat_template_kwargs, template_variables(tokenizer.chat_template)
     if taken := sorted(set(variables) & {"conversation", "messages", "tokenize", "add_generation_prompt"}):
@@ -229,7 +239,7 @@ def check_chat_template(job: JobConfig, tokenizer) -> None:
                        "each row's messages, with the prompt for the model's turn")
     if variables and read is not None and set(variables) - read:
         raise JobError(f"input.chat_template_kwargs sets {', '.join(sorted(set(variables) - read))}, which the chat "
-                       f"template of {job.model.path} does not read, so it would change nothing; it reads "
+                       f"template of {source} does not read, so it would change nothing; it reads "
                        f"{', '.join(sorted(read))}")
     if job.input.messages_column and not job.input.system_prompt:
         return
@@ -238,7 +248,7 @@ def check_chat_template(job: JobConfig, tokenizer) -> None:
         tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
                                       add_generation_prompt=True, **variables)
     except Exception as e:  # noqa: BLE001 - whatever the template raises
-        raise JobError(f"the chat template of {job.model.path} fails on a single user message"
+        raise JobError(f"the chat template of {source} fails on a single user message"
                        f"{' after input.system_prompt' if system else ''}: {e}") from None
 
 
@@ -343,16 +353,18 @@ def plan_job(job: JobConfig) -> JobPlan:
     if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
         configured = min(configured, max(1, job.output.max_rows_per_file // job.generation.num_return_sequences))
     chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, configured, job.cluster.num_replicas)
+    tokenizer_path, tokenizer_revision = tokenizer_source(model.path, model.revision, model.adapter)
     settings = PrepareSettings(
         input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
-        tokenizer_path=model.path, tokenizer_revision=model.revision, generation=job.generation,
+        tokenizer_path=tokenizer_path, tokenizer_revision=tokenizer_revision, generation=job.generation,
         param_columns=tuple(i.param_columns),
         context_limit=context_limit, on_too_long=i.on_too_long,
         template=i.template, chat=i.chat, chat_template_kwargs=i.chat_template_kwargs,
         system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,
-        tokenizer_class=direct_class_path(load_tokenizer(model.path, model.trust_remote_code, revision=model.revision),
-                                          model.path, model.revision),
+        tokenizer_class=direct_class_path(
+            load_tokenizer(tokenizer_path, model.trust_remote_code, revision=tokenizer_revision),
+            tokenizer_path, tokenizer_revision),
         input_schema=inputs.schema,
     )
     check_room_for_prompts(job, settings)

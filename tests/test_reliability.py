@@ -761,6 +761,27 @@ def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny
                                      "an adapter that does not merge"])
 
 
+def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
+    """A fine-tune that set a chat template saves its tokenizer beside the adapter (TRL's trainers do):
+    the job checks, renders and decodes with that one, in the plan, the prepare step and the replica."""
+    adapter = save_lora_adapter(tiny_llama, tmp_path / "adapter", seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE
+    tokenizer.save_pretrained(adapter)
+    source = write_prompts(tmp_path / "in.parquet", ["what is two and two?"])
+    # enable_thinking: a variable only the adapter's template reads
+    plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                          f"model.path={tiny_llama}", f"model.adapter={adapter}",
+                                          "+input.chat_template_kwargs.enable_thinking=false")))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "what is two and two?"}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    assert "<think>" in text
+    ids = prepare_chunk(plan.chunks[0], plan.settings)[PROMPT_IDS].to_pylist()
+    assert ids == [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    engine = HFEngine.load(tiny_llama, plan.job.model, BatchingConfig(), device="cpu")
+    assert engine.tokenizer.chat_template == THINKING_CHAT_TEMPLATE
+
+
 def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_job(tmp_path, tiny_llama):
     """Replicas and tokenizer workers load a hub model themselves (each node downloads it): `main`
     moving on while the job runs (a new commit pushed) would mix two models in one output. The plan
