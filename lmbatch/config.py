@@ -153,7 +153,8 @@ class ModelConfig:
     adapter: Optional[str] = None
     """A PEFT adapter (LoRA and kin) fine-tuned from this model: a local directory with its
     `adapter_config.json` and weights, as peft's `save_pretrained` writes it. Each replica merges it
-    into the weights as it loads them, so it costs nothing per token. Needs `pip install peft`."""
+    into the weights as it loads them, so it costs nothing per token; a tokenizer saved with it (a
+    fine-tune's own chat template) is used instead of the model's. Needs `pip install peft`."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path must be set")
