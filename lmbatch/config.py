@@ -277,7 +277,8 @@ class ClusterConfig:
     deadlock in native code or a write to a hung mount would otherwise stall the job forever. Ray
     restarts it and retries the chunk; a chunk that stalls again is generated a row at a time, so
     the row that hangs becomes an error row. A chunk's input not read (and prepared) in this long, as
-    from a hung mount, stops the job naming its files. Set it well above the slowest micro-batch; null: never."""
+    from a hung mount, stops the job naming its files. Set it well above the slowest micro-batch;
+    null: never."""
     load_timeout_s: Optional[float] = 3600
     """A replica whose start (its check that it sees the output, then the model load from disk,
     network storage or the hub) has not finished after this long ends its process, printing every

@@ -145,16 +145,13 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
                        "is a local directory")
     adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
-    source, _ = tokenizer_source(path, revision, adapter)
-    if source != path:  # the adapter's own
-        try:
-            tokenizer = load_tokenizer(source, job.model.trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - whatever its files hold
-            raise JobError(f"the tokenizer in model.adapter {job.model.adapter} cannot be loaded: "
-                           f"{str(e).splitlines()[0]}") from None
+    source = job.model.path  # of the tokenizer, as messages name it
+    if tokenizer_source(path, revision, adapter)[0] == adapter:  # the adapter holds a tokenizer of its own
         source = f"model.adapter {job.model.adapter}"
-    else:
-        source = job.model.path
+        try:
+            tokenizer = load_tokenizer(adapter, job.model.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - whatever its files hold
+            raise JobError(f"the tokenizer in {source} cannot be loaded: {str(e).splitlines()[0]}") from None
     if job.input.chat:
         check_chat_template(job, tokenizer, source)
     if note := unspaced_choices(job, tokenizer):
