@@ -246,14 +246,15 @@ class Replica:
             started = time.perf_counter()
             before = dict(vars(self.engine.stats))
             with self.watchdog:  # re-armed by each micro-batch; a write that hangs (a stale mount) ends it too
-                table, repeats = self.generate_chunk(chunk_id, rows)
+                table, counts = self.generate_chunk(chunk_id, rows)
                 self.output.write_part(chunk_id, with_part_metadata(table, self.fingerprint, chunk_id))
-            summaries.append(self._summary(chunk_id, table, repeats, before, time.perf_counter() - started))
+            summaries.append(self._summary(chunk_id, table, counts, before, time.perf_counter() - started))
         return pa.Table.from_pylist(summaries)
 
-    def generate_chunk(self, chunk_id: str, rows: pa.Table) -> tuple[pa.Table, int]:
-        """Generate every valid row of a chunk; return the output rows in input order, and how many
-        rows repeated an earlier one's prompt and settings (greedy), so took a copy of its completion."""
+    def generate_chunk(self, chunk_id: str, rows: pa.Table) -> tuple[pa.Table, dict]:
+        """Generate every valid row of a chunk; return the output rows in input order, and counts for
+        the chunk's summary: rows that repeated an earlier one's prompt and settings (greedy), so took a
+        copy of its completion, and rows whose prompt was cut to fit the context (on_too_long=truncate)."""
         rows = rows.sort_by(P.ROW)
         positions = rows[P.ROW].to_pylist()
         if positions != list(range(len(positions))):
@@ -293,7 +294,8 @@ class Replica:
         }
         for f in self.columns:
             out = out.append_column(f, pa.array(values[f.name], f.type))
-        return out, len(requests) - len(unique)
+        truncated = sum(len(r.prompt_ids) < prompt_tokens[r.key] for r in requests)
+        return out, {"repeated_rows": len(requests) - len(unique), "truncated_rows": truncated}
 
     def _generate(self, chunk_id: str, requests: list[Request], on_batch) -> list[Completion]:
         """Generate a chunk's requests together, or, once DEATHS_BEFORE_ISOLATING processes have died
@@ -333,7 +335,7 @@ class Replica:
                                f"or unexpected ones present")
         return index
 
-    def _summary(self, chunk_id: str, table: pa.Table, repeats: int, before: dict, seconds: float) -> dict:
+    def _summary(self, chunk_id: str, table: pa.Table, counts: dict, before: dict, seconds: float) -> dict:
         stats = vars(self.engine.stats)
         reasons = table["finish_reason"].to_pylist()
         kinds = collections.Counter(error_kind(e) for e in table["error"].to_pylist() if e is not None)
@@ -343,7 +345,7 @@ class Replica:
             "rows": table.num_rows,
             "errors": reasons.count("error"),
             "cut_rows": reasons.count("length"),
-            "repeated_rows": repeats,
+            **counts,
             "error_kinds": json.dumps(dict(kinds)),  # JSON: the set of kinds varies per chunk
             "seconds": seconds,
             "ready_at": self.ready_at,

@@ -51,8 +51,8 @@ class Progress:
                 self.finished.add(s["chunk"])
                 self.live.pop(s["chunk"], None)
                 self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
-                for key in ("rows", "errors", "cut_rows", "repeated_rows", "prompt_tokens", "padded_prompt_tokens",
-                            "generated_tokens", "decode_slots", "split_retries"):
+                for key in ("rows", "errors", "cut_rows", "repeated_rows", "truncated_rows", "prompt_tokens",
+                            "padded_prompt_tokens", "generated_tokens", "decode_slots", "split_retries"):
                     self.sums[key] += s[key]
                 self.error_kinds.update(json.loads(s["error_kinds"]))
                 replica = self.replicas[s["replica"]]
@@ -119,6 +119,7 @@ class Progress:
             "errors_by_kind": dict(self.error_kinds),
             "rows_cut_at_token_limit": s["cut_rows"],
             "rows_repeating_a_prompt": s["repeated_rows"],
+            "rows_truncated": s["truncated_rows"],
             "chunks_this_run": self.chunks,
             "prompt_tokens": s["prompt_tokens"],
             "generated_tokens": s["generated_tokens"],
@@ -353,6 +354,9 @@ def format_summary(metrics: dict, totals: dict) -> str:
     if metrics.get("rows_repeating_a_prompt"):  # fewer rows generated than written: say why
         rows.append(("rows repeating a prompt", f"{metrics['rows_repeating_a_prompt']:,} (greedy: each copied from "
                                                 "the first row of its chunk with that prompt and settings)"))
+    if metrics.get("rows_truncated"):  # what input.on_too_long=truncate cut: the model saw less of them
+        rows.append(("prompts truncated", f"{metrics['rows_truncated']:,} (too long for the context: their start "
+                                          "was cut, input.on_too_long=truncate)"))
     if metrics.get("chunk_restarts"):  # each a replica process that died: killed, crashed, its node lost
         rows.append(("chunks restarted", f"{metrics['chunk_restarts']:,} (their replica process died: see the log)"))
     if metrics.get("object_store_peak_mb") is not None:

@@ -275,6 +275,7 @@ def test_too_long_prompts_can_be_truncated_from_the_left(tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert [r["error"] for r in rows] == [None, None]
     assert rows[0]["num_prompt_tokens"] > 2048 and rows[0]["num_generated_tokens"] >= 1
+    assert json.loads((out / "_metrics.json").read_text())["rows_truncated"] == 1
     TALLY["bad_input_kinds"].add("too long (truncate)")
 
 
