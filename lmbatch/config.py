@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_sample": "boolean",
                       "temperature": "number", "top_p": "number", "top_k": "integer",
-                      "repetition_penalty": "number", "stop": "strings", "seed": "integer", "choices": "strings"}
+                      "repetition_penalty": "number", "presence_penalty": "number", "frequency_penalty": "number",
+                      "stop": "strings", "seed": "integer", "choices": "strings"}
 """Generation settings a row may override through input.param_columns, and the kind of value each takes."""
 
 
@@ -180,6 +181,13 @@ class GenerationOptions:
     """Sample among the k most likely tokens; 0 (or -1, as vLLM writes it) disables it."""
     repetition_penalty: float = 1.0
     """Penalty > 1 discourages repeated tokens; 1 disables it."""
+    presence_penalty: float = 0.0
+    """OpenAI's and vLLM's: subtracted, in [-2, 2], from the score of every token the row has already
+    generated (its prompt's do not count); > 0 discourages repeats (Qwen3 suggests up to 1.5 against
+    endless repetitions). 0 disables it."""
+    frequency_penalty: float = 0.0
+    """OpenAI's and vLLM's: in [-2, 2], times how often the row has already generated a token,
+    subtracted from that token's score. 0 disables it."""
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation of a row ends at the first one, which is cut from the text."""
     seed: int = 0
@@ -207,6 +215,8 @@ class GenerationOptions:
         _require(self.top_k >= -1, f"generation.top_k must be >= 0 (or -1: disabled), got {self.top_k}")
         _require(self.repetition_penalty > 0,
                  f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _require(-2 <= getattr(self, name) <= 2, f"generation.{name} must be in [-2, 2], got {getattr(self, name)}")
         _require(all(isinstance(s, str) and s for s in self.stop),
                  "generation.stop must be a list of non-empty strings")
         _require(all(isinstance(c, str) and c for c in self.choices),

@@ -25,7 +25,8 @@ import torch
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, padded_tokens, plan_requests, row_seed
 from lmbatch.models import special_tokens_only, tokenizer_source
-from lmbatch.processors import Choices, PerRowSampler, RepetitionPenalty, StopStrings, TokenLogprobs, first_tokens
+from lmbatch.processors import (Choices, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings, TokenLogprobs,
+                                first_tokens)
 
 log = logging.getLogger("lmbatch.engine")
 
@@ -244,6 +245,8 @@ class HFEngine:
             processors.append(logprobs.first)
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenalty(params.repetition_penalty, attention_mask.to(device)))
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(OutputPenalties(params.presence_penalty, params.frequency_penalty, longest))
         if any(r.choices for r in batch):
             if not self.eos_ids:
                 raise ValueError("generation.choices needs an EOS token to end a row with, and the tokenizer and "

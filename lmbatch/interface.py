@@ -22,6 +22,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 50
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     num_return_sequences: int = 1
     logprobs: bool = False

@@ -302,9 +302,10 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # revision and adapter, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
                   if k != "kv_cache" and not (k in ("revision", "adapter") and v is None)},
-        # choices and logprobs, added later, count when set (jobs from before them keep their fingerprint)
+        # choices, logprobs and the OpenAI penalties, added later, count when set (jobs from before them keep
+        # their fingerprint)
         "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
-                       if not (k in ("choices", "logprobs") and not v)},
+                       if not (k in ("choices", "logprobs", "presence_penalty", "frequency_penalty") and not v)},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later

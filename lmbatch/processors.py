@@ -1,8 +1,8 @@
 """The logits processors and stopping criteria `lmbatch.engine` steers transformers' `generate` with.
 
 Each works per row, so that a row's output does not depend on its micro-batch neighbours: sampling
-from the row's own seeded stream, choices, the repetition penalty (blind to left padding), the
-model's own log-probabilities, and stop strings.
+from the row's own seeded stream, choices, the repetition penalty (blind to left padding), OpenAI's
+presence and frequency penalties, the model's own log-probabilities, and stop strings.
 """
 
 from __future__ import annotations
@@ -126,6 +126,21 @@ class RepetitionPenalty(LogitsProcessor):
         score = widened.gather(1, seen)
         score = torch.where(score < 0, score * self.penalty, score / self.penalty)
         return widened.scatter(1, seen, score)[:, :vocabulary]
+
+
+class OutputPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties, as vLLM applies them: a token's score loses
+    `frequency` times the count of it among the tokens the row has generated so far, and `presence`
+    once if it is among them at all. The prompt's tokens do not count (unlike the repetition penalty)."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int):
+        self.presence, self.frequency, self.start = presence, frequency, prompt_length
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.start:]
+        counts = torch.zeros_like(scores, dtype=torch.float32)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=torch.float32))
+        return scores - (self.frequency * counts + self.presence * (counts > 0)).to(scores.dtype)
 
 
 class TokenLogprobs:

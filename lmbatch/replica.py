@@ -99,7 +99,8 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
         sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0))
     else:
         sampling = {}
-    return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
+    return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
+                          frequency_penalty=g.frequency_penalty, stop=tuple(g.stop),
                           num_return_sequences=g.num_return_sequences, logprobs=g.logprobs)
 
 

@@ -81,6 +81,7 @@ def test_wrong_type_fails():
     ("generation.top_p=1.5", "top_p must be in (0, 1]"),
     ("generation.temperature=-0.5", "temperature must be >= 0"),
     ("generation.top_k=-2", "top_k must be >= 0 (or -1: disabled)"),
+    ("generation.presence_penalty=2.5", "generation.presence_penalty must be in [-2, 2], got 2.5"),
     ("generation.num_return_sequences=3", "needs generation.do_sample=true"),
     ("batching.strategy=random", "batching.strategy must be"),
     ("batching.max_batch_tokens=0", "max_batch_tokens must be >= 1"),

@@ -4,11 +4,13 @@ Runs in-process (no Ray) on both a rotary (Llama) and a learned-position (GPT-2)
 in float32: batched left-padded greedy output must equal unbatched output token for token.
 """
 
+import collections
 import json
 import shutil
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import choice_oracle, varied_prompts
 from lmbatch import engine as engine_module
@@ -187,6 +189,41 @@ def test_the_repetition_penalty_is_transformers_and_skips_padding():
     expected = RepetitionPenaltyLogitsProcessor(1.3)(input_ids, scores.clone())
     assert torch.equal(got[1], expected[1]) and torch.equal(got[0, 1:], expected[0, 1:])
     assert got[0, 0] == scores[0, 0] != expected[0, 0]  # id 0 only in row 0's padding
+
+
+class PenaltiesOneByOne(LogitsProcessor):
+    """The oracle of OpenAI's presence and frequency penalties: the formula, token by token."""
+
+    def __init__(self, presence, frequency, prompt_length):
+        self.presence, self.frequency, self.start = presence, frequency, prompt_length
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for i, row in enumerate(input_ids[:, self.start:].tolist()):
+            for token, count in collections.Counter(row).items():
+                scores[i, token] -= self.frequency * count + self.presence
+        return scores
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (-0.5, 1.0)])
+def test_presence_and_frequency_penalties_count_each_rows_own_tokens_as_alone(model_path, presence, frequency):
+    """Batched, each row is penalized for the tokens it generated itself (not its prompt's, nor its
+    neighbours'), as model.generate on its prompt alone with the formula applied token by token."""
+    engine = make_engine(model_path, max_batch_tokens=4096)
+    penalized = SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 6 + (5 * i) % 12, penalized)
+                for i, p in enumerate(varied_prompts(12, seed=6, max_words=30))]
+    got = {c.key: c for c in engine.generate(requests)}
+    assert engine.stats.micro_batches < len(requests)
+    changed = 0
+    for r in requests:
+        penalties = LogitsProcessorList([PenaltiesOneByOne(presence, frequency, len(r.prompt_ids))])
+        out = engine.model.generate(torch.tensor([r.prompt_ids]), max_new_tokens=r.max_new_tokens, do_sample=False,
+                                    pad_token_id=engine.pad_id, logits_processor=penalties)
+        expected = engine._finish(r, 0, out[0, len(r.prompt_ids):].tolist())
+        assert (got[r.key].text, got[r.key].num_generated_tokens) == (expected.text, expected.num_generated_tokens)
+        changed += expected.text != engine._finish(r, 0, alone(engine, r)).text
+    assert changed >= 3  # the penalties shape the texts
 
 
 def logprob_alone(engine, request, **settings):
