@@ -131,16 +131,21 @@ class RepetitionPenalty(LogitsProcessor):
 class OutputPenalties(LogitsProcessor):
     """OpenAI's presence and frequency penalties, as vLLM applies them: a token's score loses
     `frequency` times the count of it among the tokens the row has generated so far, and `presence`
-    once if it is among them at all. The prompt's tokens do not count (unlike the repetition penalty)."""
+    once if it is among them at all. The prompt's tokens do not count (unlike the repetition penalty).
+
+    Worked out on the generated tokens (rows x steps), then added to a copy of the scores in one
+    scatter: the scores (rows x vocabulary, 300 MB at 512 rows of a 150k vocabulary in float32) are
+    copied once, and never changed in place, as `TokenLogprobs` reads the model's own from them."""
 
     def __init__(self, presence: float, frequency: float, prompt_length: int):
         self.presence, self.frequency, self.start = presence, frequency, prompt_length
 
     def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.start:]
-        counts = torch.zeros_like(scores, dtype=torch.float32)
-        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=torch.float32))
-        return scores - (self.frequency * counts + self.presence * (counts > 0)).to(scores.dtype)
+        generated = input_ids[:, self.start:].sort(dim=1).values
+        first = torch.ones_like(generated, dtype=torch.bool)  # a token's first occurrence in its sorted row
+        first[:, 1:] = generated[:, 1:] != generated[:, :-1]
+        penalty = self.frequency + self.presence * first.to(scores.dtype)
+        return scores.scatter_add(1, generated, -penalty)
 
 
 class TokenLogprobs:

@@ -238,21 +238,22 @@ def logprob_alone(engine, request, **settings):
     return c, sum(torch.log_softmax(out.logits[t][0], -1)[tokens[t]].item() for t in range(counted))
 
 
-@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
-def test_logprobs_are_the_models_own_for_each_row_as_alone(model_path, repetition_penalty):
+@pytest.mark.parametrize("repetition_penalty, presence", [(1.0, 0.0), (1.3, 0.0), (1.0, 1.5)])
+def test_logprobs_are_the_models_own_for_each_row_as_alone(model_path, repetition_penalty, presence):
     """generation.logprobs, batched: each row's text and logprob are those of model.generate on its
-    prompt alone, the logprob from the raw logits (the penalty shapes the text, not the probability),
+    prompt alone, the logprob from the raw logits (a penalty shapes the text, not the probability),
     summed over the counted tokens less an EOS; rows that end early and rows cut by a stop string too."""
     engine = make_engine(model_path, max_batch_tokens=4096)
     stop = ("e",)
     requests = [Request(i, engine.tokenizer(p)["input_ids"], 2 + (5 * i) % 14,
-                        SamplingParams(repetition_penalty=repetition_penalty, stop=stop if i % 3 == 0 else (),
-                                       logprobs=True))
+                        SamplingParams(repetition_penalty=repetition_penalty, presence_penalty=presence,
+                                       stop=stop if i % 3 == 0 else (), logprobs=True))
                 for i, p in enumerate(varied_prompts(18, seed=4, max_words=60))]
     got = {c.key: c for c in engine.generate(requests)}
     assert engine.stats.micro_batches < len(requests)
     for r in requests:
-        expected, logprob = logprob_alone(engine, r, repetition_penalty=repetition_penalty)
+        penalties = LogitsProcessorList([PenaltiesOneByOne(presence, 0.0, len(r.prompt_ids))])
+        expected, logprob = logprob_alone(engine, r, repetition_penalty=repetition_penalty, logits_processor=penalties)
         c = got[r.key]
         assert (c.text, c.num_generated_tokens, c.finish_reason) == (
             expected.text, expected.num_generated_tokens, expected.finish_reason), r.key
