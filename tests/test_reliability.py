@@ -40,7 +40,7 @@ from lmbatch.pipeline import JobFailed, ReadStalled, count_committed, prepare_wi
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, load_tokenizer, prepare_chunk
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
-                             isolating, load_engine)
+                             isolating, load_engine, row_options, sampling_params)
 from lmbatch.report import LiveChunks
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
@@ -265,6 +265,17 @@ def test_parameter_cells_are_read_as_their_settings_type(tmp_path, tiny_llama):
     assert [json.loads(p) if p else None for p in rows[PARAMS].to_pylist()] == [
         {"max_new_tokens": 5, "top_k": 5, "do_sample": True, "stop": ["x"]}, None, None, None,
         {"max_new_tokens": 2, "do_sample": False, "stop": ["y", "z"]}]
+
+    # OpenAI's penalties, as a request file exported from its API holds them, reach the replica's settings.
+    source = write_prompts(tmp_path / "penalties.parquet", ["a b", "c d"], presence_penalty=[0.5, 2.5],
+                           frequency_penalty=[1, None])
+    plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out2'}",
+                                          f"model.path={tiny_llama}",
+                                          "input.param_columns=[presence_penalty,frequency_penalty]")))
+    rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
+    assert rows[ERROR].to_pylist() == [None, "invalid parameter: presence_penalty must be in [-2, 2], got 2.5"]
+    params = sampling_params(row_options(plan.job.generation, rows[PARAMS][0].as_py()))
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, 1.0)
 
 
 def test_too_long_prompts_can_be_truncated_from_the_left(tmp_path):
