@@ -202,10 +202,10 @@ class OutputDir:
                 found.setdefault(name[len(PART_PREFIX):-len(PART_SUFFIX)], []).append(info.path)
         return found
 
-    def errors(self, chunk_ids) -> dict[str, tuple[int, list[str]]]:
+    def errors(self, chunk_ids, files: Optional[dict[str, list[str]]] = None) -> dict[str, tuple[int, list[str]]]:
         """Chunk id -> its rows and the error messages among them, read from its parts' `error` column
-        alone (null on every row but an error row)."""
-        files = self.part_files()
+        alone (null on every row but an error row). `files`: `part_files()`, if the caller has listed them."""
+        files = self.part_files() if files is None else files
 
         def read(chunk_id: str) -> tuple[int, list[str]]:
             columns = [pq.read_table(path, columns=["error"], filesystem=self.fs)["error"]

@@ -212,7 +212,7 @@ def count_committed(plan: JobPlan) -> dict:
         raise JobFailed(f"parts for chunks {missing[:5]} are missing after the run (was the output changed while "
                         "the job ran?); run the same command again to generate them")
     rows, kinds = 0, collections.Counter()
-    counted = plan.output.errors(c.id for c in plan.chunks)
+    counted = plan.output.errors((c.id for c in plan.chunks), files)
     for chunk in plan.chunks:
         found, errors = counted[chunk.id]
         expected = chunk.num_rows * plan.rows_per_input_row

@@ -138,20 +138,21 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         hub = not os.path.isdir(local)
         if hub:  # pinned to the commit its config came from: the checks below and every worker load that one
             revision = hub_commit(path, revision) or revision
-        tokenizer = load_tokenizer(path, job.model.trust_remote_code, revision=revision)
     except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
         raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
     if revision and not hub:
         raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
                        "is a local directory")
     adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
-    source = job.model.path  # of the tokenizer, as messages name it
-    if tokenizer_source(path, revision, adapter)[0] == adapter:  # the adapter holds a tokenizer of its own
-        source = f"model.adapter {job.model.adapter}"
-        try:
-            tokenizer = load_tokenizer(adapter, job.model.trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - whatever its files hold
-            raise JobError(f"the tokenizer in {source} cannot be loaded: {str(e).splitlines()[0]}") from None
+    # The model's tokenizer, or the adapter's own where it holds one; `source` names it in messages.
+    tokenizer_path, tokenizer_revision = tokenizer_source(path, revision, adapter)
+    own = tokenizer_path == adapter
+    source = f"model.adapter {job.model.adapter}" if own else job.model.path
+    try:  # called as plan_job calls it again, which then finds this load cached
+        tokenizer = load_tokenizer(tokenizer_path, job.model.trust_remote_code, revision=tokenizer_revision)
+    except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
+        what = f"the tokenizer in {source}" if own else f"model.path {job.model.path}"
+        raise JobError(f"{what} cannot be loaded: {str(e).splitlines()[0]}") from None
     if job.input.chat:
         check_chat_template(job, tokenizer, source)
     if note := unspaced_choices(job, tokenizer):

@@ -332,13 +332,14 @@ def format_summary(metrics: dict, totals: dict) -> str:
                                            "output.mode=retry_errors generates them again")
              ] if any(kind in FAILED_IN_GENERATION for kind in kinds) else []
     # A resumed run's own errors are only some of the output's.
-    this_run = [("errors by kind (this run)", by_kind(metrics["errors_by_kind"]))]
+    this_run = [("errors by kind (this run)", by_kind(metrics["errors_by_kind"]))
+                ] if metrics["rows_skipped_as_done"] else []
     rows = [
         ("rows in output", f"{totals['rows']:,}"),
         ("rows ok / error", f"{totals['rows_ok']:,} / {totals['rows_error']:,}"),
         ("rows written this run", f"{metrics['rows_this_run']:,} (skipped as done: {metrics['rows_skipped_as_done']:,})"),
         ("errors by kind", by_kind(kinds)),
-        *(this_run if metrics["rows_skipped_as_done"] else []),
+        *this_run,
         *retry,
         *cut_rows(metrics),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
