@@ -7,6 +7,7 @@ and each `__post_init__` checks values when `OmegaConf.to_object` builds the job
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Sequence
@@ -23,7 +24,8 @@ class ConfigError(ValueError):
 PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_sample": "boolean",
                       "temperature": "number", "top_p": "number", "top_k": "integer",
                       "repetition_penalty": "number", "presence_penalty": "number", "frequency_penalty": "number",
-                      "stop": "strings", "seed": "integer", "choices": "strings"}
+                      "stop": "strings", "seed": "integer", "choices": "strings", "json_schema": "string",
+                      "regex": "string"}
 """Generation settings a row may override through input.param_columns, and the kind of value each takes."""
 
 
@@ -198,6 +200,12 @@ class GenerationOptions:
     """The texts a row may answer with (labels, for classification): decoding keeps, step by step,
     only the tokens that continue one of them, so the text is exactly one. Such a row generates as
     many tokens as its longest choice needs (max_new_tokens does not apply). Empty: free text."""
+    json_schema: Any = None
+    """A JSON schema (a mapping, or a string of JSON) every text is held to: decoding keeps, step by
+    step, only the tokens that continue a text the schema accepts, then ends the row with an EOS
+    (structured output, as vLLM's guided decoding; needs outlines-core). Null: free text."""
+    regex: Optional[str] = None
+    """A regular expression every text is held to, as json_schema is (the whole text matches it)."""
     logprobs: bool = False
     """Add a `logprob` column: the log-probability the model gives each row's generated tokens (those
     `num_generated_tokens` counts, less an EOS that ends the row) given its prompt, from its own logits
@@ -221,6 +229,18 @@ class GenerationOptions:
                  "generation.stop must be a list of non-empty strings")
         _require(all(isinstance(c, str) and c for c in self.choices),
                  "generation.choices must be a list of non-empty strings")
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise ConfigError(f"generation.json_schema is not JSON: {e}") from None
+        _require(self.json_schema is None or isinstance(self.json_schema, dict),
+                 f"generation.json_schema must be a mapping (a JSON object), got {self.json_schema!r}")
+        _require(self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
+                 "generation.regex must be a non-empty string or null")
+        held = [name for name in ("choices", "json_schema", "regex") if getattr(self, name) not in (None, [])]
+        if len(held) > 1:
+            raise ConfigError(f"generation.{held[0]} and generation.{held[1]} both say what a text may be: set one")
         _require(self.num_return_sequences >= 1,
                  f"generation.num_return_sequences must be >= 1, got {self.num_return_sequences}")
         _require(self.num_return_sequences == 1 or self.do_sample,

@@ -87,6 +87,9 @@ def dry_run(plan) -> dict:
         if request.choices:  # how a label is written decides its tokens (" positive" or "positive")
             print("its choices as the model's tokens: " + "; ".join(
                 f"{text!r} = {' + '.join(repr(tokenizer.decode([t])) for t in ids)}" for text, ids in request.choices))
+        if request.pattern:  # what a json_schema becomes: what the text will match, whitespace and all
+            shown = request.pattern if len(request.pattern) <= 400 else f"{request.pattern[:400]}... ({len(request.pattern):,} characters)"
+            print(f"its text is held to the regular expression {shown}")
     print("prompt tokens   rows")
     peak = max((c for _, c in histogram(lengths)), default=1)
     for label, count in histogram(lengths):

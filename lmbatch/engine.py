@@ -25,8 +25,9 @@ import torch
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import Completion, EngineStats, Request, padded_tokens, plan_requests, row_seed
 from lmbatch.models import special_tokens_only, tokenizer_source
-from lmbatch.processors import (Choices, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings, TokenLogprobs,
-                                first_tokens)
+from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
+                                TokenLogprobs, first_tokens)
+from lmbatch.structured import Indexes, PatternError
 
 log = logging.getLogger("lmbatch.engine")
 
@@ -89,6 +90,7 @@ class HFEngine:
         self.batching = batching
         self.stats = EngineStats()
         self.rows_failed_alone = 0  # not out of memory: with none done yet, many say the engine is broken
+        self._indexes: Optional[Indexes] = None  # the compiled patterns of structured output, made on first use
 
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
@@ -129,7 +131,12 @@ class HFEngine:
     def generate(self, requests: Sequence[Request],
                  on_batch: Optional[Callable[[list[Completion]], None]] = None) -> list[Completion]:
         """Complete every request; `on_batch` is told each micro-batch's completions as they come."""
-        completions: list[Completion] = []
+        completions = self._unfollowable(requests)
+        if completions:
+            if on_batch:
+                on_batch(completions)
+            refused = {c.key for c in completions}
+            requests = [r for r in requests if r.key not in refused]
         batches = self.plan(requests)
         while batches:
             budget = self.batching
@@ -140,6 +147,24 @@ class HFEngine:
             if self.batching is not budget:  # out of memory: the rest is planned under the smaller budget
                 batches = self.plan([r for batch in batches for r in batch])
         return completions
+
+    def _unfollowable(self, requests: Sequence[Request]) -> list[Completion]:
+        """Error completions for the rows held to a pattern (json_schema or regex) that no text of this
+        tokenizer's can follow (compiling each pattern once, for the batches that follow it)."""
+        failed = []
+        for r in requests:
+            if r.pattern is not None:
+                try:
+                    if self._indexes is None:
+                        if not self.eos_ids:
+                            raise PatternError("invalid parameter: structured output needs an EOS token to end "
+                                               "a row with, and the tokenizer and generation config name none")
+                        self._indexes = Indexes(self.tokenizer, min(self.eos_ids), self.eos_ids)
+                    self._indexes.index(r.pattern)
+                except PatternError as e:
+                    failed += [Completion(r.key, s, None, 0, "error", str(e)[:500])
+                               for s in range(r.params.num_return_sequences)]
+        return failed
 
     # -- failure isolation ------------------------------------------------------------------
     def _generate_isolating(self, batch: list[Request]) -> list[Completion]:
@@ -252,6 +277,9 @@ class HFEngine:
                 raise ValueError("generation.choices needs an EOS token to end a row with, and the tokenizer and "
                                  "generation config name none")
             processors.append(Choices([r.choices for r in batch for _ in range(n)], longest, min(self.eos_ids)))
+        if any(r.pattern for r in batch):
+            processors.append(Guided([self._indexes.guide(r.pattern) if r.pattern else None
+                                      for r in batch for _ in range(n)], longest))
         if params.do_sample:
             processors.append(PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device,
                                             config.max_new_tokens))

@@ -41,6 +41,8 @@ class Request:
     """Sampling seed of this row (derived from the job seed and the row's id)."""
     choices: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """(text, token ids) of each text the row must answer with (generation.choices); () for free text."""
+    pattern: Optional[str] = None
+    """The regular expression the row's text must match whole (generation.json_schema or regex), or None."""
 
 
 @dataclass
@@ -99,7 +101,7 @@ def identical_requests(requests: Sequence[Request]) -> tuple[list[Request], dict
     unique: list[Request] = []
     repeats: dict[int, list[int]] = {}
     for r in requests:
-        same = None if r.params.do_sample else (tuple(r.prompt_ids), r.max_new_tokens, r.params, r.choices)
+        same = None if r.params.do_sample else (tuple(r.prompt_ids), r.max_new_tokens, r.params, r.choices, r.pattern)
         if same in first:
             repeats.setdefault(first[same], []).append(r.key)
             continue

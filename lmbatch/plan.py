@@ -21,7 +21,7 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmbatch import io
+from lmbatch import io, structured
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig, ModelConfig
 from lmbatch.io import Chunk, InputPlan, JobError
 from lmbatch.models import adapter_misfit, model_identity, tokenizer_source
@@ -30,6 +30,7 @@ from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, encod
                              template_fields)
 from lmbatch.interface import FAILED_IN_GENERATION
 from lmbatch.replica import SAMPLE_INDEX, error_kind, output_columns
+from lmbatch.structured import Indexes, PatternError
 
 
 @dataclass
@@ -157,7 +158,9 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         check_chat_template(job, tokenizer, source)
     if note := unspaced_choices(job, tokenizer):
         print(f"lmbatch: note: {note}")
-    ignored = {k: v for k, v in settings_not_applied(load_generation_config(path, revision)).items()
+    generation_config = load_generation_config(path, revision)
+    check_structured(job, tokenizer, generation_config.eos_token_id)
+    ignored = {k: v for k, v in settings_not_applied(generation_config).items()
                if getattr(job.generation, k, None) != v}  # what the job sets alike is applied, as the job's
     if ignored:
         print(f"lmbatch: note: the generation_config.json of {job.model.path} sets "
@@ -173,6 +176,27 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
               "(index out of range)")
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
+
+
+def check_structured(job: JobConfig, tokenizer, model_eos) -> None:
+    """Structured output that cannot run stops the job here, not as every row's error: no outlines-core, a
+    tokenizer whose tokens cannot be spelled as bytes, no EOS, or a job-level json_schema or regex that no
+    text of the tokenizer's can match (compiled once here, as each replica compiles it again)."""
+    g = job.generation
+    if g.json_schema is None and g.regex is None and not {"json_schema", "regex"} & set(job.input.param_columns):
+        return
+    key = "generation.regex" if g.regex is not None else "generation.json_schema"
+    eos_ids = {*(model_eos if isinstance(model_eos, list) else [model_eos]), tokenizer.eos_token_id} - {None}
+    try:
+        if not eos_ids:
+            raise PatternError("structured output needs an EOS token to end a row with, and the tokenizer and "
+                               "generation config name none")
+        indexes = Indexes(tokenizer, min(eos_ids), eos_ids)
+        if regex := structured.pattern(g):
+            indexes.index(regex)
+    except PatternError as e:
+        message = str(e).removeprefix("invalid parameter: ")
+        raise JobError(f"generation.{message}" if message.startswith("json_schema") else f"{key}: {message}") from None
 
 
 def unspaced_choices(job: JobConfig, tokenizer) -> Optional[str]:
@@ -303,10 +327,11 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # revision and adapter, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
                   if k != "kv_cache" and not (k in ("revision", "adapter") and v is None)},
-        # choices, logprobs and the OpenAI penalties, added later, count when set (jobs from before them keep
-        # their fingerprint)
+        # choices, logprobs, the OpenAI penalties, json_schema and regex, added later, count when set (jobs
+        # from before them keep their fingerprint; an empty schema, any JSON, is set)
         "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
-                       if not (k in ("choices", "logprobs", "presence_penalty", "frequency_penalty") and not v)},
+                       if not (k in ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema",
+                                     "regex") and v in (None, [], False, 0))},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 
+from lmbatch import structured
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, GenerationOptions
 from lmbatch.io import Chunk, read_chunk
 
@@ -206,15 +207,26 @@ def _text(content) -> Optional[str]:
     return None
 
 
+HELD_TO = {"choices": [], "json_schema": None, "regex": None}
+"""The settings that say what a text may be, unset: a row that sets one sets the others so."""
+
+
 def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Optional[dict]]:
     """The row's generation settings: the job's, overridden by its non-null parameter columns."""
     overrides = {c: row_setting(c, row[c]) for c in s.param_columns if not _missing(row.get(c))}
     if not overrides:
         return s.generation, None
+    if HELD_TO.keys() & overrides.keys():  # a row's own choices, schema or regex replaces the job's
+        overrides = {**HELD_TO, **overrides}
     try:
-        return dataclasses.replace(s.generation, **overrides), overrides
+        g = dataclasses.replace(s.generation, **overrides)
+        if "json_schema" in overrides:
+            structured.pattern(g)  # one outlines-core cannot follow is an error row here, not in the replica
+        return g, overrides
     except ConfigError as e:  # a value out of range (row_setting made the types right)
         raise RowError(f"invalid parameter: {str(e).replace('generation.', '')}") from None
+    except structured.PatternError as e:
+        raise RowError(str(e)) from None
 
 
 def _missing(value) -> bool:
@@ -233,12 +245,14 @@ def row_setting(name: str, value):
             return int(value)
     elif kind == "boolean" and isinstance(value, bool):
         return value
+    elif kind == "string" and isinstance(value, str):
+        return value
     elif kind == "strings" and isinstance(value, str):
         return [value]
     elif kind == "strings" and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     what = {"integer": "a whole number", "number": "a number", "boolean": "true or false",
-            "strings": "a string or a list of strings"}[kind]
+            "strings": "a string or a list of strings", "string": "a string"}[kind]
     raise RowError(f"invalid parameter: {name} must be {what}, got {value!r}")
 
 

@@ -1,8 +1,9 @@
 """The logits processors and stopping criteria `lmbatch.engine` steers transformers' `generate` with.
 
 Each works per row, so that a row's output does not depend on its micro-batch neighbours: sampling
-from the row's own seeded stream, choices, the repetition penalty (blind to left padding), OpenAI's
-presence and frequency penalties, the model's own log-probabilities, and stop strings.
+from the row's own seeded stream, choices, structured output (a JSON schema or a regular expression),
+the repetition penalty (blind to left padding), OpenAI's presence and frequency penalties, the
+model's own log-probabilities, and stop strings.
 """
 
 from __future__ import annotations
@@ -106,6 +107,43 @@ class Choices(LogitsProcessor):
             scores[rows_t.unique()] = float("-inf")
             scores[rows_t, tokens_t] = kept
         return scores
+
+
+class Guided(LogitsProcessor):
+    """Keep, for each row held to a pattern (generation.json_schema or regex), only the tokens its guide
+    allows: those after which the text can still match the pattern, and an EOS once it matches whole
+    (the only token left when nothing may follow). Rows without a guide are untouched.
+
+    A guide (outlines-core's) steps through the pattern's index one generated token at a time and
+    writes the tokens it allows as a bitmask, 32 tokens to a word, which is unpacked on the scores'
+    device. The scores of the allowed tokens are kept as they are (TokenLogprobs reads the chosen one's
+    from them)."""
+
+    def __init__(self, guides: list, prompt_length: int):
+        self.guides, self.start = guides, prompt_length
+        self.rows = [i for i, g in enumerate(guides) if g is not None]
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] > self.start:  # the token each row took at the last step
+            last = input_ids[:, -1].tolist()
+            for i in list(self.rows):
+                try:
+                    self.guides[i].advance(last[i], return_tokens=False)
+                except ValueError:  # ended (an EOS, a stop string, then padding): what it is given no longer matters
+                    self.rows.remove(i)
+        if not self.rows:
+            return scores
+        words = (scores.shape[-1] + 31) // 32
+        bitmask = torch.zeros((len(self.rows), words), dtype=torch.int32)
+        for k, i in enumerate(self.rows):
+            self.guides[i].write_mask_into(bitmask[k].data_ptr(), words, 4)
+        bits = 1 << torch.arange(8, dtype=torch.uint8, device=scores.device)  # a word's bytes, lowest first
+        bytes_ = bitmask.to(scores.device).view(torch.uint8)
+        blocked = ((bytes_[:, :, None] & bits) == 0).view(len(self.rows), -1)[:, :scores.shape[-1]]
+        if len(self.rows) < len(scores):  # rows without a guide, or ended, keep every token
+            blocked = torch.zeros_like(scores, dtype=torch.bool).index_copy_(
+                0, torch.tensor(self.rows, device=scores.device), blocked)
+        return scores.masked_fill_(blocked, float("-inf"))  # in place: a copy of the scores would double them
 
 
 class RepetitionPenalty(LogitsProcessor):

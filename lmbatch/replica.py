@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmbatch import prepare as P
+from lmbatch import structured
 from lmbatch.config import GenerationOptions, JobConfig
 from lmbatch.interface import Completion, Request, SamplingParams, identical_requests, row_seed, with_repeats
 from lmbatch.output import OutputDir, with_part_metadata
@@ -111,7 +112,7 @@ def row_options(generation: GenerationOptions, overrides: str | None) -> Generat
 
 def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str) -> list[Request]:
     """A request per valid row of a prepared chunk (error rows have none), keyed by its position."""
-    job_params = sampling_params(generation)
+    job_params, job_pattern = sampling_params(generation), structured.pattern(generation)
     requests = []
     for i, (ids, max_new, err, row_id, overrides, choices) in enumerate(zip(
             rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), rows[P.ERROR].to_pylist(),
@@ -123,7 +124,8 @@ def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str
         # The seed comes from the row's id, not its position: samples do not depend on chunking.
         requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
                                 seed=row_seed(g.seed, row_id) if params.do_sample else 0,
-                                choices=tuple(zip(g.choices, map(tuple, choices))) if choices else ()))
+                                choices=tuple(zip(g.choices, map(tuple, choices))) if choices else (),
+                                pattern=structured.pattern(g) if overrides else job_pattern))
     return requests
 
 

@@ -223,6 +223,32 @@ def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
     assert rows[7]["logprob"] is None and rows[7]["choice_logprobs"] is None
 
 
+def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_llama):
+    """generation.json_schema for the job; json_schema and regex columns for some rows, which replace it.
+    Each text is what its schema or regex allows (its tokens: test_structured); a schema or regex that
+    cannot be followed, or both on one row, make that row an error row."""
+    schema = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
+              "required": ["label", "sure"]}
+    sentence = r"(yes|no), [0-9]{1,3} (apples|pears)\."
+    regexes = [None, sentence, "(ab", None, None, "a"]
+    schemas = [None, None, None, '{"type": "boolean"}', "{not json", '{"type": "boolean"}']
+    path = write_prompts(tmp_path / "in.parquet", varied_prompts(6, seed=9, max_words=20), regex=regexes,
+                         json_schema=schemas)
+    out = tmp_path / "out"
+    run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "cluster.num_replicas=1",
+                "generation.max_new_tokens=40", "input.param_columns=[regex,json_schema]",
+                f"generation.json_schema='{json.dumps(schema)}'"))
+    rows = pq.read_table(out).to_pylist()
+    answer = json.loads(rows[0]["generated_text"])
+    assert set(answer) == {"label", "sure"} and answer["label"] in ("yes", "no")
+    assert re.fullmatch(sentence, rows[1]["generated_text"])
+    assert rows[3]["generated_text"] in ("true", "false")
+    assert [r["finish_reason"] for r in rows] == ["stop", "stop", "error", "stop", "error", "error"]
+    assert rows[2]["error"].startswith("invalid parameter: the pattern '(ab' cannot be followed with this tokenizer")
+    assert rows[4]["error"].startswith("invalid parameter: json_schema is not JSON")
+    assert rows[5]["error"] == "invalid parameter: json_schema and regex both say what a text may be: set one"
+
+
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):
     """model.adapter through the whole job: each text is that of the base model with the adapter
     (loaded by transformers, unmerged) on the prompt alone; the manifest names the adapter."""
