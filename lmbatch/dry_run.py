@@ -88,8 +88,9 @@ def dry_run(plan) -> dict:
             print("its choices as the model's tokens: " + "; ".join(
                 f"{text!r} = {' + '.join(repr(tokenizer.decode([t])) for t in ids)}" for text, ids in request.choices))
         if request.pattern:  # what a json_schema becomes: what the text will match, whitespace and all
-            shown = request.pattern if len(request.pattern) <= 400 else f"{request.pattern[:400]}... ({len(request.pattern):,} characters)"
-            print(f"its text is held to the regular expression {shown}")
+            shown, more = request.pattern[:400], len(request.pattern) - 400
+            print(f"its text is held to the regular expression {shown}"
+                  + (f"... ({more:,} characters more)" if more > 0 else ""))
     print("prompt tokens   rows")
     peak = max((c for _, c in histogram(lengths)), default=1)
     for label, count in histogram(lengths):

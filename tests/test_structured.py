@@ -175,3 +175,13 @@ def test_a_job_whose_pattern_cannot_be_followed_stops_as_it_is_planned(tmp_path,
                   "tech]}}, required: [urgent, team]}")  # the README's, in Hydra's own syntax
     assert readme.job.generation.json_schema == {"type": "object", "required": ["urgent", "team"], "properties": {
         "urgent": {"type": "boolean"}, "team": {"enum": ["billing", "tech"]}}}
+
+
+def test_a_dry_run_shows_the_expression_a_schema_becomes(tmp_path, tiny_llama, capsys):
+    from lmbatch.pipeline import run
+
+    source = write_prompts(tmp_path / "in.parquet", ["a b"])
+    run(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_llama}", "dry_run=true",
+                "generation.json_schema={type: object, properties: {sure: {type: boolean}}, required: [sure]}"))
+    assert ('its text is held to the regular expression \\{[ ]?"sure"[ ]?:[ ]?(true|false)[ ]?\\}\n'
+            in capsys.readouterr().out)
