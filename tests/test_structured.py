@@ -79,11 +79,13 @@ def test_rows_held_to_a_schema_or_a_regex_answer_as_generate_alone_held_to_it(en
 
 
 def test_sampled_rows_keep_to_their_pattern(engine):
-    requests = [Request(i, engine.tokenizer(p)["input_ids"], 30, SamplingParams(do_sample=True, temperature=3.0),
-                        seed=i, pattern=SENTENCE) for i, p in enumerate(varied_prompts(8, seed=6, max_words=20))]
+    """Sampled, two samples a row (a guide each): every text matches, and they do not all agree."""
+    params = SamplingParams(do_sample=True, temperature=3.0, num_return_sequences=2)
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 30, params, seed=i, pattern=SENTENCE)
+                for i, p in enumerate(varied_prompts(8, seed=6, max_words=20))]
     got = engine.generate(requests)
-    assert all(c.finish_reason == "stop" and regex.fullmatch(SENTENCE, c.text) for c in got)
-    assert len({c.text for c in got}) > 1  # at a high temperature, the rows do not all agree
+    assert len(got) == 16 and all(c.finish_reason == "stop" and regex.fullmatch(SENTENCE, c.text) for c in got)
+    assert len({c.text for c in got}) > 2
 
 
 def test_a_pattern_that_cannot_be_followed_is_its_rows_error(engine):
