@@ -356,6 +356,13 @@ class JobConfig:
             return self.model.dtype
         return "bfloat16" if self.cluster.gpus_per_replica else "float32"
 
+    @property
+    def held_to_pattern(self) -> bool:
+        """Whether texts (the job's, or some rows') are held to a JSON schema or a regular expression."""
+        g = self.generation
+        return g.json_schema is not None or g.regex is not None or bool(
+            {"json_schema", "regex"} & set(self.input.param_columns))
+
     def __post_init__(self) -> None:
         _require(self.engine in ("hf", "echo"), f"engine must be 'hf' or 'echo', got {self.engine!r}")
         _require(self.progress_every_s > 0, f"progress_every_s must be > 0, got {self.progress_every_s}")

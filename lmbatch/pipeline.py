@@ -427,14 +427,14 @@ def generate(plan: JobPlan, progress: Progress) -> dict:
 
     totals = count_committed(plan)
     metrics = {**progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}
+    summary = format_summary(metrics, totals, job.held_to_pattern)
     if job.output.too_many_errors(totals["rows"], totals["rows_error"]):
-        print(format_summary(metrics, totals))
+        print(summary)
         kinds = by_kind(totals["rows_error_by_kind"], most=3)
         raise JobFailed(f"{totals['rows_error']:,} of the {totals['rows']:,} rows in {uri} are error rows "
                         f"({totals['rows_error'] / totals['rows']:.1%}; {kinds}), over output.max_error_fraction="
                         f"{job.output.max_error_fraction}: every row is written, but the output is not marked "
                         f"finished (no _SUCCESS). {TOO_MANY_ERRORS}")
     plan.output.commit(manifest(plan, totals), {**totals, "duplicate_id_rows": plan.num_duplicate_rows, **metrics})
-    print(f"lmbatch: wrote {totals['rows']:,} rows in {totals['parts']} parts to {uri}\n"
-          + format_summary(metrics, totals))
+    print(f"lmbatch: wrote {totals['rows']:,} rows in {totals['parts']} parts to {uri}\n" + summary)
     return {"output": uri, "already_finished": False, **totals, "metrics": metrics}

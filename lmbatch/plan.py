@@ -182,9 +182,9 @@ def check_structured(job: JobConfig, tokenizer, model_eos) -> None:
     """Structured output that cannot run stops the job here, not as every row's error: no outlines-core, a
     tokenizer whose tokens cannot be spelled as bytes, no EOS, or a job-level json_schema or regex that no
     text of the tokenizer's can match (compiled once here, as each replica compiles it again)."""
-    g = job.generation
-    if g.json_schema is None and g.regex is None and not {"json_schema", "regex"} & set(job.input.param_columns):
+    if not job.held_to_pattern:
         return
+    g = job.generation
     key = "generation.regex" if g.regex is not None else "generation.json_schema"
     eos_ids = {*(model_eos if isinstance(model_eos, list) else [model_eos]), tokenizer.eos_token_id} - {None}
     try:

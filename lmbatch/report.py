@@ -311,21 +311,25 @@ def _or_dash(value) -> str:
     return "-" if value is None else str(value)
 
 
-def cut_rows(metrics: dict) -> list[tuple[str, str]]:
+def cut_rows(metrics: dict, held_to_pattern: bool = False) -> list[tuple[str, str]]:
     """The rows whose text ended at max_new_tokens (or max_length) rather than on its own, when they
-    are many: a limit set too low cuts answers short, with nothing else to tell of it."""
+    are many: a limit set too low cuts answers short, with nothing else to tell of it. Held to a JSON
+    schema or a regular expression, any: such a text stops short of what the schema accepts."""
     cut, ok = metrics["rows_cut_at_token_limit"], metrics["rows_ok_this_run"]
-    if not ok or cut / ok < 0.1:
+    if not cut or (not held_to_pattern and cut / ok < 0.1):  # cut rows are rows ok
         return []
-    return [("rows cut at token limit", f"{cut:,} ({cut / ok:.0%} of the rows ok this run: finish_reason "
-                                            "length); raise generation.max_new_tokens if they should end on their own")]
+    why = ("a text held to a json_schema or regex that is cut is not one it accepts: raise generation.max_new_tokens, "
+           "or bound the schema's strings and arrays") if held_to_pattern else (
+        "raise generation.max_new_tokens if they should end on their own")
+    return [("rows cut at token limit", f"{cut:,} ({cut / ok:.0%} of the rows ok this run: finish_reason length); "
+                                        + why)]
 
 
 def by_kind(counts: dict, most: Optional[int] = None) -> str:
     return ", ".join(f"{kind}: {n:,}" for kind, n in list(counts.items())[:most]) or "none"
 
 
-def format_summary(metrics: dict, totals: dict) -> str:
+def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -> str:
     """A short table for the terminal; the same numbers are saved as _metrics.json."""
     kinds = totals["rows_error_by_kind"]  # in the whole output
     retry = [("rows failed in generation", "once the cause is gone (a GPU too small, a bug), "
@@ -341,7 +345,7 @@ def format_summary(metrics: dict, totals: dict) -> str:
         ("errors by kind", by_kind(kinds)),
         *this_run,
         *retry,
-        *cut_rows(metrics),
+        *cut_rows(metrics, held_to_pattern),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
         ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),

@@ -140,6 +140,9 @@ def test_summary_shows_what_the_readme_lists():
     progress.add([summary("b", 160, 0)])  # 19 of 198 rows ok: under a tenth, too few to note
     totals = {**totals, "rows": 200, "rows_ok": 198}
     assert "cut at token limit" not in format_summary(progress.metrics(), totals)
+    held = format_summary(progress.metrics(), totals, held_to_pattern=True)  # held to a schema, any cut text is noted
+    assert ("rows cut at token limit 19 (10% of the rows ok this run: finish_reason length); a text held to a "
+            "json_schema or regex that is cut is not one it accepts") in " ".join(held.split())
 
     # A resumed run: the output's errors, an earlier run's out-of-memory row among them, and its own.
     resumed = Progress(total_rows=80, done_rows=40, stream=io.StringIO())
