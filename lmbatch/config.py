@@ -212,6 +212,11 @@ class GenerationOptions:
     (before repetition penalty, temperature, top-k/top-p or choices). Rows with choices also get
     `choice_logprobs`: each choice's log-probability given the prompt (free for choices of one token
     each; longer ones cost one more forward pass over the prompt)."""
+    prompt_logprobs: bool = False
+    """Add a `prompt_logprob` column: the log-probability the model gives each row's prompt, every token
+    given those before it (the first, which has none, left out), as vLLM's prompt_logprobs summed; the
+    prompt's perplexity is exp(-prompt_logprob / (num_prompt_tokens - 1)). Costs a forward pass over the
+    prompts (a second prefill)."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -309,6 +309,10 @@ class HFEngine:
                                                         tokens[c.num_generated_tokens - 1] in self.eos_ids)
                     c.logprob = sum(token_logprobs[i * n + s][:counted])
                 completions.append(c)
+        if params.prompt_logprobs:
+            prompt_scores = self._score_prompts(batch, *prompts)
+            for c in completions:
+                c.prompt_logprob = prompt_scores[c.key]
         if scored:
             if at_first_step:
                 first_step = logprobs.first_step.tolist()
@@ -319,6 +323,22 @@ class HFEngine:
                 c.choice_logprobs = scores.get(c.key)
         self._count(batch, steps, completions)
         return completions
+
+    def _score_prompts(self, batch: list[Request], input_ids, attention_mask) -> dict[int, float]:
+        """Each prompt's log-probability (by request key), every token given those before it, from forward
+        passes over the left-padded prompts, in groups whose logits stay under SCORING_LOGITS."""
+        model, device = self.model, self.model.device
+        group = max(1, SCORING_LOGITS // (input_ids.shape[1] * model.config.get_text_config().vocab_size))
+        sums: list[float] = []
+        for start in range(0, len(batch), group):
+            ids, mask = input_ids[start:start + group].to(device), attention_mask[start:start + group].to(device)
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                               use_cache=False).logits
+                each = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
+                # position j predicts token j + 1; padding is on the left, so a real j has a real j + 1
+                sums += torch.where(mask[:, :-1] == 1, each, 0.0).sum(-1).tolist()
+        return {r.key: s for r, s in zip(batch, sums)}
 
     def _score_choices(self, batch: list[Request], input_ids, attention_mask) -> dict[int, list[float]]:
         """Each choice's log-probability given its row's prompt (by request key), as one forward pass

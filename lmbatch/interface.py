@@ -28,6 +28,8 @@ class SamplingParams:
     num_return_sequences: int = 1
     logprobs: bool = False
     """Record each row's log-probability (generation.logprobs); the same for every row of a job."""
+    prompt_logprobs: bool = False
+    """Record each prompt's log-probability (generation.prompt_logprobs); the same for every row of a job."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Completion:
     """With generation.logprobs: the model's log-probability of the text's tokens given the prompt."""
     choice_logprobs: Optional[list[float]] = None
     """With generation.logprobs, for a row with choices: each choice's log-probability given the prompt."""
+    prompt_logprob: Optional[float] = None
+    """With generation.prompt_logprobs: the model's log-probability of the prompt, each token given those before."""
 
 
 FAILED_IN_GENERATION = ("out of memory", "generation failed", "crashed")

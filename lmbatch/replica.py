@@ -41,6 +41,7 @@ REASONING = pa.field("reasoning", pa.string())
 SAMPLE_INDEX = pa.field("sample_index", pa.int64())
 LOGPROB = pa.field("logprob", pa.float64())
 CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
+PROMPT_LOGPROB = pa.field("prompt_logprob", pa.float64())
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
@@ -72,6 +73,8 @@ def output_columns(job: JobConfig) -> list[pa.Field]:
         columns.append(LOGPROB)
         if g.choices or "choices" in job.input.param_columns:  # rows with choices, maybe all
             columns.append(CHOICE_LOGPROBS)
+    if g.prompt_logprobs:
+        columns.append(PROMPT_LOGPROB)
     return columns
 
 
@@ -102,7 +105,8 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
         sampling = {}
     return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
                           frequency_penalty=g.frequency_penalty, stop=tuple(g.stop),
-                          num_return_sequences=g.num_return_sequences, logprobs=g.logprobs)
+                          num_return_sequences=g.num_return_sequences, logprobs=g.logprobs,
+                          prompt_logprobs=g.prompt_logprobs)
 
 
 def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
@@ -294,6 +298,7 @@ class Replica:
             "sample_index": [c.sample_index for c in done],
             "logprob": [c.logprob for c in done],
             "choice_logprobs": [c.choice_logprobs for c in done],
+            "prompt_logprob": [c.prompt_logprob for c in done],
         }
         for f in self.columns:
             out = out.append_column(f, pa.array(values[f.name], f.type))

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import choice_oracle, compose, oracle, varied_prompts, write_prompts
 from lmbatch.io import JobError
@@ -208,9 +209,9 @@ def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
     out = tmp_path / "out"
     run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "cluster.num_replicas=1",
                 "generation.choices=[positive,negative,neutral]", "generation.max_new_tokens=1",
-                "input.param_columns=[choices]", "generation.logprobs=true"))
+                "input.param_columns=[choices]", "generation.logprobs=true", "generation.prompt_logprobs=true"))
     table = pq.read_table(out)
-    assert table.schema.names[-2:] == ["logprob", "choice_logprobs"]
+    assert table.schema.names[-3:] == ["logprob", "choice_logprobs", "prompt_logprob"]
     assert table.schema.field("choice_logprobs").type == pa.list_(pa.float64())
     rows = table.to_pylist()
     for row, prompt, choices in zip(rows[:7], prompts, [["positive", "negative", "neutral"]] * 5 + own[5:7]):
@@ -220,7 +221,14 @@ def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
         assert len(scores) == len(choices)
         assert scores[choices.index(row["generated_text"])] == pytest.approx(row["logprob"], rel=1e-4, abs=1e-4)
     assert rows[7]["error"] == "invalid parameter: choices must be a list of non-empty strings"
-    assert rows[7]["logprob"] is None and rows[7]["choice_logprobs"] is None
+    assert rows[7]["logprob"] is None and rows[7]["choice_logprobs"] is None and rows[7]["prompt_logprob"] is None
+    # generation.prompt_logprobs: the prompt's own log-probability, as the model alone gives it
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    for row, prompt in zip(rows[:7], prompts):
+        ids = tokenizer(prompt).input_ids
+        with torch.inference_mode():
+            each = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        assert row["prompt_logprob"] == pytest.approx(sum(each[j, t].item() for j, t in enumerate(ids[1:])), abs=1e-4)
 
 
 def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_llama):
@@ -252,8 +260,6 @@ def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_lla
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):
     """model.adapter through the whole job: each text is that of the base model with the adapter
     (loaded by transformers, unmerged) on the prompt alone; the manifest names the adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     prompts = varied_prompts(6, seed=8, max_words=30)
     out = tmp_path / "out"
     run(compose(f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
@@ -273,8 +279,6 @@ def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):
 
 
 def chat_oracle(model_path, messages, max_new_tokens):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(model_path)
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return oracle(model_path, text, max_new_tokens, add_special_tokens=False)

@@ -303,6 +303,27 @@ def test_choices_get_the_models_log_probability_each(model_path, scoring_logits,
     assert_choices_scored_as_alone(engine, requests, got)
 
 
+@pytest.mark.parametrize("scoring_logits", [engine_module.SCORING_LOGITS, 1])  # 1: rows scored one at a time
+def test_prompt_logprobs_are_the_models_for_each_prompt_alone(model_path, scoring_logits, monkeypatch):
+    """generation.prompt_logprobs: each row's prompt_logprob is the sum of log P(token | the tokens before it)
+    over its prompt after the first token, as one forward pass over the prompt alone gives it, whatever
+    the left padding of its micro-batch (prompts of 1 to hundreds of tokens; two samples a row)."""
+    monkeypatch.setattr(engine_module, "SCORING_LOGITS", scoring_logits)
+    engine = make_engine(model_path, max_batch_tokens=8192)
+    params = SamplingParams(do_sample=True, num_return_sequences=2, prompt_logprobs=True)
+    prompts = [engine.tokenizer(p)["input_ids"] for p in varied_prompts(15, seed=2)] + [[5]]  # and one token alone
+    requests = [Request(i, ids, 3, params, seed=i) for i, ids in enumerate(prompts)]
+    got = engine.generate(requests)
+    assert len(got) == 32 and engine.stats.micro_batches > 1
+    assert [c.prompt_logprob for c in got if c.key == 15] == [0.0, 0.0]  # nothing before it to score it by
+    for c in got:
+        ids = requests[c.key].prompt_ids
+        with torch.inference_mode():
+            each = engine.model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        expected = sum(each[j, t].item() for j, t in enumerate(ids[1:]))
+        assert c.prompt_logprob == pytest.approx(expected, rel=1e-4, abs=1e-4), c.key
+
+
 def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_llama, lora_adapter):
     """model.adapter, merged into the weights as the engine loads: batched greedy output equals that of
     the base model with the adapter loaded by transformers (unmerged: the adapter runs beside each
