@@ -115,6 +115,10 @@ class OutputConfig:
     """The share of error rows a job may have: more, and it stops once 1,000 rows are done in a run (a
     template naming the wrong column, a model failing every row), or, for a smaller job, ends without
     `_SUCCESS`, exit status 1 either way. 0: any error row fails the job; null: never (the default)."""
+    parse_json: bool = False
+    """Add a `generated_json` column: each text parsed as JSON, typed by generation.json_schema (an object
+    a struct of its properties, an array a list, ...), so the answers' fields are columns to query; null
+    for a text that is not a value the schema accepts whole (one cut at the token limit)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "output.path must be set")
@@ -371,6 +375,20 @@ class JobConfig:
     def __post_init__(self) -> None:
         _require(self.engine in ("hf", "echo"), f"engine must be 'hf' or 'echo', got {self.engine!r}")
         _require(self.progress_every_s > 0, f"progress_every_s must be > 0, got {self.progress_every_s}")
+        if self.output.parse_json:
+            _require(self.generation.json_schema is not None, "output.parse_json needs generation.json_schema: the "
+                                                              "generated_json column is typed by the job's schema")
+            try:
+                self.generated_json_type
+            except ValueError as e:
+                raise ConfigError(f"output.parse_json cannot type the generated_json column: {e}") from None
+
+    @property
+    def generated_json_type(self):
+        """The Arrow type of the generated_json column (output.parse_json)."""
+        from lmbatch.structured import arrow_type
+
+        return arrow_type(self.generation.json_schema)
 
 
 def register_configs() -> None:

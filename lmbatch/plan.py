@@ -335,6 +335,7 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later
+        **({"parse_json": True} if job.output.parse_json else {}),  # added later
         "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed
     }
     # Parts written before partition columns were read lack them: not the same job. Added only when

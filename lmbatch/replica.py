@@ -75,6 +75,8 @@ def output_columns(job: JobConfig) -> list[pa.Field]:
             columns.append(CHOICE_LOGPROBS)
     if g.prompt_logprobs:
         columns.append(PROMPT_LOGPROB)
+    if job.output.parse_json:
+        columns.append(pa.field("generated_json", job.generated_json_type))
     return columns
 
 
@@ -301,7 +303,10 @@ class Replica:
             "prompt_logprob": [c.prompt_logprob for c in done],
         }
         for f in self.columns:
-            out = out.append_column(f, pa.array(values[f.name], f.type))
+            if f.name == "generated_json":  # parsed from the answers, a value that does not fit the type null
+                out = out.append_column(f, structured.parsed_column(texts, f.type))
+            else:
+                out = out.append_column(f, pa.array(values[f.name], f.type))
         truncated = sum(len(r.prompt_ids) < prompt_tokens[r.key] for r in requests)
         return out, {"repeated_rows": len(requests) - len(unique), "truncated_rows": truncated}
 

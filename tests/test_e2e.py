@@ -234,7 +234,8 @@ def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
 def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_llama):
     """generation.json_schema for the job; json_schema and regex columns for some rows, which replace it.
     Each text is what its schema or regex allows (its tokens: test_structured); a schema or regex that
-    cannot be followed, or both on one row, make that row an error row."""
+    cannot be followed, or both on one row, make that row an error row. output.parse_json adds the
+    answers parsed, typed by the job's schema."""
     schema = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
               "required": ["label", "sure"]}
     sentence = r"(yes|no), [0-9]{1,3} (apples|pears)\."
@@ -245,10 +246,14 @@ def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_lla
     out = tmp_path / "out"
     run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "cluster.num_replicas=1",
                 "generation.max_new_tokens=40", "input.param_columns=[regex,json_schema]",
-                f"generation.json_schema='{json.dumps(schema)}'"))
-    rows = pq.read_table(out).to_pylist()
+                f"generation.json_schema='{json.dumps(schema)}'", "output.parse_json=true"))
+    table = pq.read_table(out)
+    assert table.schema.field("generated_json").type == pa.struct([("label", pa.string()), ("sure", pa.bool_())])
+    rows = table.to_pylist()
     answer = json.loads(rows[0]["generated_text"])
     assert set(answer) == {"label", "sure"} and answer["label"] in ("yes", "no")
+    # the job's schema types generated_json: a row held to another one's text does not fit it
+    assert [r["generated_json"] for r in rows] == [answer] + [None] * 5
     assert re.fullmatch(sentence, rows[1]["generated_text"])
     assert rows[3]["generated_text"] in ("true", "false")
     assert [r["finish_reason"] for r in rows] == ["stop", "stop", "error", "stop", "error", "error"]
