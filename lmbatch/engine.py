@@ -5,8 +5,8 @@
 the model) is split in halves and retried, down to single rows, so one bad row becomes one
 error row and its neighbours still succeed. An out-of-memory error also halves the token budget
 the rest of the replica's micro-batches are planned under, so a budget too large for the device
-costs one failed micro-batch, not one per micro-batch. Sampling, choices, stop strings, the
-repetition penalty and log-probabilities are lmbatch's own processors (`lmbatch.processors`), so that
+costs one failed micro-batch, not one per micro-batch. Sampling, choices, structured output, stop
+strings, the penalties and log-probabilities are lmbatch's own processors (`lmbatch.processors`), so that
 a row's output does not depend on its neighbours. The engine without a model is `lmbatch.echo`.
 """
 

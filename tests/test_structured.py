@@ -227,3 +227,20 @@ def test_texts_parse_to_the_column_type_or_null():
              "true", '{"label": "no"}']
     assert parsed_column(texts, type_).to_pylist() == [
         {"label": "yes", "n": 3}, None, None, None, None, {"label": "no", "n": None}]  # cut, error, too big, other
+
+
+def test_the_extract_experiment_is_held_to_its_schema_and_parsed(tmp_path, tiny_llama, capsys):
+    """conf/experiment/extract.yaml, as the README shows it: the schema in YAML, its column typed."""
+    import pyarrow as pa
+
+    from lmbatch.pipeline import run
+
+    source = write_prompts(tmp_path / "in.parquet", ["x"], ticket=["I was charged twice."])
+    job = compose("experiment=extract", f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                  f"model.path={tiny_llama}", "dry_run=true")
+    assert to_job_config(job).generated_json_type == pa.struct(
+        [("team", pa.string()), ("urgent", pa.bool_()), ("summary", pa.string())])
+    run(job)
+    printed = capsys.readouterr().out
+    assert "Ticket: I was charged twice." in printed
+    assert 'its text is held to the regular expression \\{[ ]?"team"[ ]?:[ ]?("billing"|' in printed
