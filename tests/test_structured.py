@@ -244,3 +244,14 @@ def test_the_extract_experiment_is_held_to_its_schema_and_parsed(tmp_path, tiny_
     printed = capsys.readouterr().out
     assert "Ticket: I was charged twice." in printed
     assert 'its text is held to the regular expression \\{[ ]?"team"[ ]?:[ ]?("billing"|' in printed
+
+
+def test_without_outlines_core_the_job_says_what_to_install(tmp_path, tiny_llama, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "outlines_core", None)  # as if not installed: importing it fails
+    source = write_prompts(tmp_path / "in.parquet", ["a b"])
+    with pytest.raises(JobError, match=r"^generation.regex: structured output needs outlines-core: pip install "
+                                       r"'lmbatch\[structured\]'"):
+        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                       f"model.path={tiny_llama}", "generation.regex=ab")))
