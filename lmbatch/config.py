@@ -174,7 +174,7 @@ class ModelConfig:
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 32
-    """Upper bound on generated tokens per row."""
+    """Upper bound on generated tokens per row; 0, with prompt_logprobs, scores the prompts and generates nothing."""
     max_length: Optional[int] = None
     """Optional cap on prompt + generated tokens (the classic `max_length`); the tighter bound wins."""
     do_sample: bool = False
@@ -223,7 +223,9 @@ class GenerationOptions:
     prompts (a second prefill)."""
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and self.prompt_logprobs),
+                 f"generation.max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs: score the prompts, "
+                 f"generate nothing), got {self.max_new_tokens}")
         _require(self.max_length is None or self.max_length >= 2,
                  f"generation.max_length must be >= 2 or null, got {self.max_length}")
         _require(self.temperature >= 0 and math.isfinite(self.temperature),

@@ -248,8 +248,9 @@ class HFEngine:
         if n > 1:  # one sequence per (row, sample), so that each gets its own random stream
             input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         # Decoding is greedy over scores that the sampler (if any) has already reduced to its draw.
+        most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
         config = GenerationConfig(
-            max_new_tokens=max(r.max_new_tokens for r in batch),
+            max_new_tokens=max(most, 1),  # it refuses 0; generate is then not called
             do_sample=False, temperature=None, top_p=None, top_k=None,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
@@ -288,13 +289,15 @@ class HFEngine:
         criteria = [StopStrings(self.tokenizer, params.stop, longest, frozenset({*self.eos_ids, self.pad_id}))
                     ] if params.stop else []
         start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                generation_config=config, logits_processor=processors, stopping_criteria=criteria,
-            )
-        new_tokens = out[:, longest:].tolist()
-        steps = len(new_tokens[0]) if new_tokens else 0
+        new_tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
+        if most:
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    generation_config=config, logits_processor=processors, stopping_criteria=criteria,
+                )
+            new_tokens = out[:, longest:].tolist()
+        steps = len(new_tokens[0])
         log.debug("micro-batch of %d rows, prompts up to %d tokens, %d decode steps: %.2fs", len(batch), longest,
                   steps, time.perf_counter() - start)
 
@@ -304,10 +307,10 @@ class HFEngine:
             for s in range(n):
                 tokens = new_tokens[i * n + s][: r.max_new_tokens]
                 c = self._finish(r, s, tokens)
-                if token_logprobs:  # the tokens counted, less an EOS that ended the row
+                if logprobs:  # the tokens counted, less an EOS that ended the row
                     counted = c.num_generated_tokens - (c.num_generated_tokens > 0 and
                                                         tokens[c.num_generated_tokens - 1] in self.eos_ids)
-                    c.logprob = sum(token_logprobs[i * n + s][:counted])
+                    c.logprob = sum(token_logprobs[i * n + s][:counted]) if counted else 0.0
                 completions.append(c)
         if params.prompt_logprobs:
             prompt_scores = self._score_prompts(batch, *prompts)

@@ -264,7 +264,7 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
     max_new = g.max_new_tokens
     if g.max_length is not None:
         max_new = min(max_new, g.max_length - len(ids))
-        if max_new < 1:
+        if max_new < min(1, g.max_new_tokens):  # a row that only scores its prompt needs none
             raise RowError(f"too long: prompt has {len(ids)} tokens, leaving none under max_length={g.max_length}")
     if s.context_limit is not None and len(ids) + max_new > s.context_limit:
         room = s.context_limit - max_new

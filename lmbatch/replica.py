@@ -357,7 +357,9 @@ class Replica:
             "replica": self.name,
             "rows": table.num_rows,
             "errors": reasons.count("error"),
-            "cut_rows": reasons.count("length"),
+            # the rows that generated nothing were only scored (max_new_tokens 0), not cut
+            "cut_rows": sum(r == "length" and n > 0
+                            for r, n in zip(reasons, table["num_generated_tokens"].to_pylist())),
             **counts,
             "error_kinds": json.dumps(dict(kinds)),  # JSON: the set of kinds varies per chunk
             "seconds": seconds,

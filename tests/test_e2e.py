@@ -262,6 +262,25 @@ def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_lla
     assert rows[5]["error"] == "invalid parameter: json_schema and regex both say what a text may be: set one"
 
 
+def test_a_job_that_only_scores_its_prompts(local_ray, tmp_path, tiny_llama, capsys):
+    """max_new_tokens 0 with prompt_logprobs: every row's prompt scored (as the model alone scores it),
+    nothing generated; such rows are not counted as cut at the token limit."""
+    prompts = varied_prompts(6, seed=10, max_words=40)
+    out = tmp_path / "out"
+    result = run(compose(f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
+                         f"model.path={tiny_llama}", "cluster.num_replicas=1", "generation.max_new_tokens=0",
+                         "generation.prompt_logprobs=true"))
+    rows = pq.read_table(out).to_pylist()
+    assert {(r["generated_text"], r["num_generated_tokens"], r["finish_reason"]) for r in rows} == {("", 0, "length")}
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    for row, prompt in zip(rows, prompts):
+        ids = tokenizer(prompt).input_ids
+        with torch.inference_mode():
+            each = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        assert row["prompt_logprob"] == pytest.approx(sum(each[j, t].item() for j, t in enumerate(ids[1:])), abs=1e-4)
+    assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in capsys.readouterr().out
+
+
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):
     """model.adapter through the whole job: each text is that of the base model with the adapter
     (loaded by transformers, unmerged) on the prompt alone; the manifest names the adapter."""

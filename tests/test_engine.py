@@ -303,18 +303,23 @@ def test_choices_get_the_models_log_probability_each(model_path, scoring_logits,
     assert_choices_scored_as_alone(engine, requests, got)
 
 
-@pytest.mark.parametrize("scoring_logits", [engine_module.SCORING_LOGITS, 1])  # 1: rows scored one at a time
-def test_prompt_logprobs_are_the_models_for_each_prompt_alone(model_path, scoring_logits, monkeypatch):
+@pytest.mark.parametrize("scoring_logits, max_new", [(engine_module.SCORING_LOGITS, 3), (1, 3),  # 1: a row at a time
+                                                     (engine_module.SCORING_LOGITS, 0)])  # 0: scored, not generated
+def test_prompt_logprobs_are_the_models_for_each_prompt_alone(model_path, scoring_logits, max_new, monkeypatch):
     """generation.prompt_logprobs: each row's prompt_logprob is the sum of log P(token | the tokens before it)
     over its prompt after the first token, as one forward pass over the prompt alone gives it, whatever
-    the left padding of its micro-batch (prompts of 1 to hundreds of tokens; two samples a row)."""
+    the left padding of its micro-batch (prompts of 1 to hundreds of tokens; two samples a row). With
+    max_new_tokens 0 nothing is generated (and with logprobs, the empty text's logprob is 0)."""
     monkeypatch.setattr(engine_module, "SCORING_LOGITS", scoring_logits)
     engine = make_engine(model_path, max_batch_tokens=8192)
-    params = SamplingParams(do_sample=True, num_return_sequences=2, prompt_logprobs=True)
+    params = SamplingParams(do_sample=True, num_return_sequences=2, prompt_logprobs=True, logprobs=True)
     prompts = [engine.tokenizer(p)["input_ids"] for p in varied_prompts(15, seed=2)] + [[5]]  # and one token alone
-    requests = [Request(i, ids, 3, params, seed=i) for i, ids in enumerate(prompts)]
+    requests = [Request(i, ids, max_new, params, seed=i) for i, ids in enumerate(prompts)]
     got = engine.generate(requests)
     assert len(got) == 32 and engine.stats.micro_batches > 1
+    if not max_new:
+        assert {(c.text, c.num_generated_tokens, c.finish_reason, c.logprob) for c in got} == {("", 0, "length", 0.0)}
+        assert engine.stats.decode_steps == engine.stats.generated_tokens == 0
     assert [c.prompt_logprob for c in got if c.key == 15] == [0.0, 0.0]  # nothing before it to score it by
     for c in got:
         ids = requests[c.key].prompt_ids
