@@ -35,6 +35,15 @@ def run_job(out, prompts_file, model, *overrides):
                        "cluster.num_replicas=2", "generation.max_new_tokens=12", *overrides))
 
 
+def prompt_logprob_alone(model_path, prompt) -> float:
+    """The model's log-probability of the prompt, each token given those before it, from the prompt alone."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer(prompt).input_ids
+    with torch.inference_mode():
+        each = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    return sum(each[j, t].item() for j, t in enumerate(ids[1:]))
+
+
 def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
     out = tmp_path / "out"
     result = run_job(out, prompts_file, tiny_llama)
@@ -223,12 +232,8 @@ def test_choices_make_each_text_one_of_them(local_ray, tmp_path, tiny_llama):
     assert rows[7]["error"] == "invalid parameter: choices must be a list of non-empty strings"
     assert rows[7]["logprob"] is None and rows[7]["choice_logprobs"] is None and rows[7]["prompt_logprob"] is None
     # generation.prompt_logprobs: the prompt's own log-probability, as the model alone gives it
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
     for row, prompt in zip(rows[:7], prompts):
-        ids = tokenizer(prompt).input_ids
-        with torch.inference_mode():
-            each = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
-        assert row["prompt_logprob"] == pytest.approx(sum(each[j, t].item() for j, t in enumerate(ids[1:])), abs=1e-4)
+        assert row["prompt_logprob"] == pytest.approx(prompt_logprob_alone(tiny_llama, prompt), abs=1e-4)
 
 
 def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_llama):
@@ -272,12 +277,8 @@ def test_a_job_that_only_scores_its_prompts(local_ray, tmp_path, tiny_llama, cap
                          "generation.prompt_logprobs=true"))
     rows = pq.read_table(out).to_pylist()
     assert {(r["generated_text"], r["num_generated_tokens"], r["finish_reason"]) for r in rows} == {("", 0, "length")}
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
     for row, prompt in zip(rows, prompts):
-        ids = tokenizer(prompt).input_ids
-        with torch.inference_mode():
-            each = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
-        assert row["prompt_logprob"] == pytest.approx(sum(each[j, t].item() for j, t in enumerate(ids[1:])), abs=1e-4)
+        assert row["prompt_logprob"] == pytest.approx(prompt_logprob_alone(tiny_llama, prompt), abs=1e-4)
     assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in capsys.readouterr().out
 
 

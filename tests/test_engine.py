@@ -383,7 +383,7 @@ def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     for eos in (3, 4, tokenizer_eos):
         assert engine._finish(r, 0, [11, 12, eos, 13]).__dict__ == dict(
             key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop",
-            error=None, logprob=None, choice_logprobs=None)
+            error=None, logprob=None, choice_logprobs=None, prompt_logprob=None)
 
 
 def test_eos_ends_a_row_with_stop(tiny_llama):
@@ -392,7 +392,7 @@ def test_eos_ends_a_row_with_stop(tiny_llama):
     r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
     assert engine._finish(r, 0, [11, 12, eos, engine.pad_id]).__dict__ == dict(
         key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop", error=None,
-        logprob=None, choice_logprobs=None)
+        logprob=None, choice_logprobs=None, prompt_logprob=None)
 
 
 def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
