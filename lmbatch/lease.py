@@ -43,7 +43,7 @@ class Lease:
         while True:
             held = self._read()
             stale = held == seen and time.monotonic() - seen_since >= EXPIRE_S
-            if held is None or stale or _process_gone(held):
+            if held is None or stale or process_gone(held):
                 try:  # the output's first write
                     self.output.write_lease(json.dumps(self.record))
                 except OSError as e:  # what the plan cannot see: no permission (an object store's policy)
@@ -100,7 +100,7 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _process_gone(held: dict) -> bool:
+def process_gone(held: dict) -> bool:
     """Whether the holder ran on this machine and its process has ended (a killed run, restarted)."""
     if held["host"] != socket.gethostname():
         return False

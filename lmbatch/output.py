@@ -87,7 +87,7 @@ class OutputDir:
     def _file(self, name: str) -> str:
         return f"{self.path}/{name}"
 
-    def _names(self) -> list[str]:
+    def names(self) -> list[str]:
         """What the directory holds, but the lease: another run's, which `lmbatch.lease` waits on."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
         return [i.base_name for i in infos if i.base_name != LEASE_FILE]
@@ -102,7 +102,7 @@ class OutputDir:
             return OutputState()
         if info.type != pafs.FileType.Directory:
             raise JobError(f"output.path {self.uri} exists and is not a directory")
-        names = self._names()
+        names = self.names()
         if not names:
             return OutputState()
         if STATE_FILE not in names:
@@ -110,7 +110,7 @@ class OutputDir:
                            "choose another output.path (lmbatch never deletes what it did not write)")
         if mode == "overwrite":
             return OutputState()
-        state = json.loads(self._read_text(STATE_FILE))
+        state = self.read_json(STATE_FILE)
         if state.get("fingerprint") != fingerprint:
             raise JobError(f"output.path {self.uri} holds the output of a different job "
                            f"(other input or generation settings); use output.mode=overwrite to replace it, "
@@ -123,9 +123,7 @@ class OutputDir:
                            f"model.path holds now ({state['model']} then, {model} now): resuming would mix the "
                            "outputs of two models; point model.path at the model it began with, or use "
                            "output.mode=overwrite to start again")
-        # Partitioned chunks are done once their marker exists; a plain chunk once its part does.
-        done = {i.base_name for i in self._list(CHUNK_MARKERS)} if self.partition_by else set(self.part_files())
-        return OutputState(finished=finished, done_chunks=done, chunk_rows=state["chunk_rows"], fresh=False,
+        return OutputState(finished=finished, done_chunks=self.done_chunks(bool(self.partition_by)), chunk_rows=state["chunk_rows"], fresh=False,
                            model_changed=model_changed)
 
     def _check_creatable(self) -> None:
@@ -169,7 +167,7 @@ class OutputDir:
         """Called where parts are written (a replica, maybe on another node than the driver): the job
         file the driver wrote must be there, or the parts would land where the driver never looks."""
         try:
-            found = json.loads(self._read_text(STATE_FILE)).get("fingerprint")
+            found = self.read_json(STATE_FILE).get("fingerprint")
         except (OSError, ValueError):
             found = None
         if found != fingerprint:
@@ -192,6 +190,10 @@ class OutputDir:
         list(in_threads(write, pc.unique(column).to_pylist()))
         self.fs.create_dir(self._file(CHUNK_MARKERS), recursive=True)
         self._write_text(f"{CHUNK_MARKERS}/{chunk_id}", "")  # last: the chunk is whole
+
+    def done_chunks(self, partitioned: bool) -> set[str]:
+        """The chunks committed: a partitioned chunk once its marker exists, a plain one once its part does."""
+        return {i.base_name for i in self._list(CHUNK_MARKERS)} if partitioned else set(self.part_files())
 
     def part_files(self) -> dict[str, list[str]]:
         """Chunk id -> paths of its parts (one, or one per partition value)."""
@@ -258,3 +260,6 @@ class OutputDir:
     def _read_text(self, name: str) -> str:
         with self.fs.open_input_stream(self._file(name)) as f:
             return f.read().decode()
+
+    def read_json(self, name: str):
+        return json.loads(self._read_text(name))

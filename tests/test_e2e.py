@@ -16,6 +16,7 @@ from lmbatch.models import model_identity
 from lmbatch.output import OutputDir, OutputState
 from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, JobFailed, failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
+from lmbatch.status import output_status
 from lmbatch.replica import split_reasoning
 
 pytestmark = pytest.mark.slow
@@ -504,9 +505,12 @@ def test_a_job_with_too_many_error_rows_stops_and_goes_on_once_they_are_accepted
         job(out, 0.5)
     committed = len(list(out.glob("part-*")))
     assert ERROR_CHECK_MIN_ROWS // chunk <= committed < n // chunk and not (out / "_SUCCESS").exists()
+    assert output_status(str(out))["state"] == "partial"  # as lmbatch-status reads it: the run let its lease go
     finished = job(out, 0.9)  # the fraction is no part of the job: it resumes
     assert f"resuming {out}: {committed} of {n // chunk} chunks already committed" in capsys.readouterr().out
     assert (finished["rows"], finished["rows_error"]) == (n, n * 4 // 5) and (out / "_SUCCESS").exists()
+    assert {k: v for k, v in output_status(str(out)).items() if k in ("state", "rows", "rows_error", "chunks_done")
+            } == {"state": "finished", "rows": n, "rows_error": n * 4 // 5, "chunks_done": n // chunk}
     assert sorted(pq.read_table(out)["id"].to_pylist()) == list(range(n))
 
     small = tmp_path / "small"  # under 1,000 rows the whole output is judged, at the end
@@ -521,14 +525,16 @@ def test_a_job_with_too_many_error_rows_stops_and_goes_on_once_they_are_accepted
 
 def test_a_running_job_says_in_its_lease_how_far_it_has_got(local_ray, tmp_path, tiny_llama, monkeypatch):
     """The lease a run renews (every 10 s; 0.1 s here) carries its rows done and in all, as its
-    progress line last said, for a run waiting on it and for anyone watching the output."""
+    progress line last said, for a run waiting on it and for anyone watching the output (lmbatch-status)."""
     from lmbatch import pipeline
 
-    renewed, write = [], OutputDir.write_lease
+    renewed, write, watched = [], OutputDir.write_lease, []
 
-    def write_lease(self, text):  # the real write, remembered
+    def write_lease(self, text):  # the real write, remembered, and the output as lmbatch-status then reads it
         renewed.append(json.loads(text))
         write(self, text)
+        if renewed[-1]["renewals"] == 1:
+            watched.append(output_status(self.uri))
 
     monkeypatch.setattr(pipeline, "RENEW_S", 0.1)
     monkeypatch.setattr(OutputDir, "write_lease", write_lease)
@@ -538,6 +544,7 @@ def test_a_running_job_says_in_its_lease_how_far_it_has_got(local_ray, tmp_path,
     done = [record["rows_done"] for record in renewed if record["renewals"]]
     assert done and done == sorted(done) and done[-1] <= 40
     assert {record["rows_total"] for record in renewed if record["renewals"]} == {40}
+    assert watched[0]["state"] == "running" and watched[0]["run"]["rows_total"] == 40
 
 
 def test_an_input_without_rows_gives_a_finished_empty_output(tmp_path, capsys):
