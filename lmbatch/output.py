@@ -123,7 +123,8 @@ class OutputDir:
                            f"model.path holds now ({state['model']} then, {model} now): resuming would mix the "
                            "outputs of two models; point model.path at the model it began with, or use "
                            "output.mode=overwrite to start again")
-        return OutputState(finished=finished, done_chunks=self.done_chunks(bool(self.partition_by)), chunk_rows=state["chunk_rows"], fresh=False,
+        return OutputState(finished=finished, done_chunks=self.done_chunks(bool(self.partition_by)),
+                           chunk_rows=state["chunk_rows"], fresh=False,
                            model_changed=model_changed)
 
     def _check_creatable(self) -> None:
