@@ -86,14 +86,19 @@ class Lease:
             self.output.delete_lease()
 
     def _read(self) -> Optional[dict]:
-        for _ in range(5):
-            text = self.output.read_lease()
-            try:
-                return None if text is None else json.loads(text)
-            except ValueError:  # read as it was written (a local write is not atomic)
-                time.sleep(0.2)
-        raise JobError(f"{LEASE_FILE} in {self.output.uri} is not what lmbatch writes; delete it if no run of "
-                       "this job is going on")
+        return read_lease(self.output)
+
+
+def read_lease(output: OutputDir) -> Optional[dict]:
+    """The lease a run holds in the output, or None."""
+    for _ in range(5):
+        text = output.read_lease()
+        try:
+            return None if text is None else json.loads(text)
+        except ValueError:  # read as it was written (a local write is not atomic)
+            time.sleep(0.2)
+    raise JobError(f"{LEASE_FILE} in {output.uri} is not what lmbatch writes; delete it if no run of "
+                   "this job is going on")
 
 
 def now() -> str:

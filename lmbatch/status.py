@@ -15,7 +15,7 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 from lmbatch.io import JobError
-from lmbatch.lease import EXPIRE_S, process_gone
+from lmbatch.lease import EXPIRE_S, process_gone, read_lease
 from lmbatch.output import CHUNK_MARKERS, METRICS, STATE_FILE, SUCCESS, OutputDir
 from lmbatch.plan import absolute
 from lmbatch.report import by_kind
@@ -35,12 +35,12 @@ def output_status(uri: str, clock: Optional[datetime.datetime] = None) -> dict:
     if SUCCESS in names:
         totals = out.read_json(METRICS)
         return {**status, "state": "finished", **{k: totals[k] for k in TOTALS}}
-    lease = json.loads(out.read_lease() or "null")
+    lease = read_lease(out)
     if lease is None:
         return {**status, "state": "partial"}
     clock = clock or datetime.datetime.now(datetime.timezone.utc)
     age = (clock - datetime.datetime.fromisoformat(lease.get("renewed", lease["started"]))).total_seconds()
-    # The lease's times are its holder's clock: a holder elsewhere is judged gone only well past EXPIRE_S.
+    # The lease's times are its holder's clock, compared with this one's: skew shifts when one elsewhere looks gone.
     gone = process_gone(lease) or age > EXPIRE_S
     run = {k: lease.get(k) for k in ("host", "pid", "started", "renewed", "rows_done", "rows_total")}
     return {**status, "state": "stalled" if gone else "running", "run": run, "lease_age_s": round(age)}
