@@ -4,6 +4,8 @@ All variants run on the same deterministic prompts, interleaved (A B C ... A B C
 drift on the machine hits all alike, and are reported as ratios to the naive baseline:
 
     bucketed     lmbatch engine, length-bucketed micro-batches, in-process
+    unshared     the same, without computing a prefix its prompts share once (batching.share_prefix=false):
+                 for workloads of one template (shared_prefix_tokens); not run unless asked for
     fixed        the same engine, input order, fixed batch size (the baseline)
     pipeline     transformers pipeline("text-generation", batch_size=B)
     continuous   transformers continuous batching (per-row max_new_tokens, explicitly sized cache)
@@ -35,7 +37,7 @@ from lmbatch.batching import decode_steps
 from lmbatch.config import BatchingConfig
 from lmbatch.report import PeakSampler, megabytes
 
-VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job")
+VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared")
 
 
 @dataclass
@@ -53,11 +55,14 @@ class BenchmarkConfig:
     min_new_tokens: int = 4
     max_new_tokens: int = 64
     """Per-row max_new_tokens are drawn uniformly from [min, max]: real batch requests differ."""
+    shared_prefix_tokens: int = 0
+    """Tokens of instructions every prompt begins with, before its own text (one template's prompts); the
+    prompt lengths above are then those of the texts after them. 0: none."""
     seed: int = 0
     """Seed of the synthetic workload and the model's random weights."""
     repeats: int = 1
     """Interleaved rounds over the variants; each variant reports its best round."""
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS[:5]))
     """Which variants to run (the first of bucketed/fixed present is the ratio baseline: fixed if present)."""
     dtype: str = "auto"
     """float32 on CPU, bfloat16 on GPU with auto."""
@@ -132,13 +137,16 @@ def build_workload(cfg: BenchmarkConfig, tokenizer) -> tuple[list[str], list[lis
     rng = random.Random(cfg.seed)
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
+    heading = random.Random(cfg.seed + 1)  # its own stream: the rows are the same with a prefix or without
+    instructions = tokenizer.decode([heading.choice(vocab) for _ in range(cfg.shared_prefix_tokens)])
     texts, ids, new = [], [], []
     for _ in range(cfg.num_prompts):
         n = int(rng.lognormvariate(math.log(cfg.median_prompt_tokens), 1.0))
         n = min(cfg.max_prompt_tokens, max(cfg.min_prompt_tokens, n))
         text = tokenizer.decode([rng.choice(vocab) for _ in range(n)])
         encoded = tokenizer(text)["input_ids"][: cfg.max_prompt_tokens]
-        texts.append(tokenizer.decode(encoded))
+        texts.append(instructions + tokenizer.decode(encoded, skip_special_tokens=True) if instructions
+                     else tokenizer.decode(encoded))
         ids.append(tokenizer(texts[-1])["input_ids"])
         new.append(rng.randint(cfg.min_new_tokens, cfg.max_new_tokens))
     return texts, ids, new
@@ -215,16 +223,16 @@ class Bench:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.texts, self.ids, self.new = build_workload(cfg, self.tokenizer)
 
-    def _engine(self, strategy: str):
+    def _engine(self, strategy: str, share_prefix: bool = True):
         from lmbatch.engine import HFEngine
 
-        batching = dataclasses.replace(self.cfg.batching, strategy=strategy)
+        batching = dataclasses.replace(self.cfg.batching, strategy=strategy, share_prefix=share_prefix)
         return HFEngine(self.model, self.tokenizer, batching, kv_cache=self.cfg.kv_cache)  # one model serves a and b
 
-    def run_engine(self, strategy: str) -> Result:
+    def run_engine(self, strategy: str, share_prefix: bool = True) -> Result:
         from lmbatch.engine import Request
 
-        engine = self._engine(strategy)
+        engine = self._engine(strategy, share_prefix)
         requests = [Request(i, ids, m) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
         limit = self.cfg.time_limit_s
         planned = [[r.key for r in b] for b in engine.plan(requests)] if limit else []  # keys are row indices
@@ -246,7 +254,7 @@ class Bench:
             pass
         seconds = time.perf_counter() - start
         s = engine.stats
-        result = Result(strategy, seconds, texts, s.generated_tokens, s.prompt_tokens, s.padded_prompt_tokens,
+        result = Result(strategy if share_prefix else "unshared", seconds, texts, s.generated_tokens, s.prompt_tokens, s.padded_prompt_tokens,
                         s.decode_slots, s.decode_steps)
         if batches_done < len(planned):
             result.rows_done = rows_done
@@ -342,7 +350,8 @@ class Bench:
 
     def run(self, variant: str) -> Result:
         runner = {"bucketed": lambda: self.run_engine("bucketed"), "fixed": lambda: self.run_engine("fixed"),
-                  "pipeline": self.run_pipeline, "continuous": self.run_continuous, "ray_job": self.run_ray_job}
+                  "pipeline": self.run_pipeline, "continuous": self.run_continuous, "ray_job": self.run_ray_job,
+                  "unshared": lambda: self.run_engine("bucketed", share_prefix=False)}
         with PeakSampler(lambda: tree_rss(psutil.Process()), interval=1.0) as rss:
             result = runner[variant]()
         result.peak_rss = rss.peak

@@ -17,6 +17,7 @@ import dataclasses
 import importlib.util
 import inspect
 import logging
+import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -68,6 +69,10 @@ class EngineFailed(RuntimeError):
 
 FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
 """Rows failing alone, none done yet, that say the engine is broken: a bad row is one in thousands."""
+SHARED_PREFIX_MIN_TOKENS = 16
+"""The fewest tokens all prompts of a micro-batch must begin with to be computed once for all of them:
+below it the saving is too small to be worth a forward pass of its own."""
+
 SCORING_LOGITS = 2 ** 27
 """Logits (rows x choice tokens x vocabulary) one forward pass of choice scoring may return: rows are
 scored in groups under it (0.5 GB as float32), as a micro-batch of 1,024 rows could otherwise need many GB."""
@@ -236,15 +241,14 @@ class HFEngine:
         from transformers import GenerationConfig
 
         params = batch[0].params
-        longest = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every prompt ends where generation starts
-            input_ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            attention_mask[i, longest - len(r.prompt_ids):] = 1
-
-        prompts = input_ids, attention_mask
         n = params.num_return_sequences
+        prompts = self._layout(batch, 0)  # left-padded, as the prompts are scored
+        shared = self._shared_prefix(batch, n)
+        cache = self._prefix_cache(batch[0].prompt_ids[:shared], len(batch) * n) if shared else None
+        if cache is None:
+            shared = 0
+        input_ids, attention_mask = self._layout(batch, shared) if shared else prompts
+        longest = input_ids.shape[1]  # where generation starts
         if n > 1:  # one sequence per (row, sample), so that each gets its own random stream
             input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         # Decoding is greedy over scores that the sampler (if any) has already reduced to its draw.
@@ -295,8 +299,10 @@ class HFEngine:
                 out = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     generation_config=config, logits_processor=processors, stopping_criteria=criteria,
+                    **({self._cache_keyword(): cache} if cache is not None else {}),
                 )
             new_tokens = out[:, longest:].tolist()
+            self.stats.shared_prefix_tokens += shared * (len(batch) * n - 1)
         steps = len(new_tokens[0])
         log.debug("micro-batch of %d rows, prompts up to %d tokens, %d decode steps: %.2fs", len(batch), longest,
                   steps, time.perf_counter() - start)
@@ -327,6 +333,48 @@ class HFEngine:
         self._count(batch, steps, completions)
         return completions
 
+    def _layout(self, batch: list[Request], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) of the micro-batch, every prompt ending where generation starts:
+        left-padded, or, with `shared` tokens that all prompts begin with, those first (at the positions
+        their cache holds them), then padding, then each prompt's own rest."""
+        width = shared + max(len(r.prompt_ids) - shared for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            rest = r.prompt_ids[shared:]
+            input_ids[i, :shared], attention_mask[i, :shared] = torch.tensor(r.prompt_ids[:shared]), 1
+            input_ids[i, width - len(rest):], attention_mask[i, width - len(rest):] = torch.tensor(rest), 1
+        return input_ids, attention_mask
+
+    def _shared_prefix(self, batch: list[Request], n: int) -> int:
+        """How many tokens all the micro-batch's prompts begin with (a template's instructions, a system
+        prompt, few-shot examples), to compute once for all its sequences (batching.share_prefix): 0 for
+        fewer than SHARED_PREFIX_MIN_TOKENS, a single sequence, or a static cache (sized per batch as
+        generate allocates it). Each prompt keeps a token of its own, from which its first token comes."""
+        if not self.batching.share_prefix or self.kv_cache != "dynamic" or len(batch) * n < 2:
+            return 0
+        common = os.path.commonprefix([r.prompt_ids for r in batch])
+        shared = min(len(common), min(len(r.prompt_ids) for r in batch) - 1)
+        return shared if shared >= SHARED_PREFIX_MIN_TOKENS else 0
+
+    def _prefix_cache(self, prefix: list[int], sequences: int):
+        """The KV cache of a shared prefix, computed once and repeated for every sequence; None for a model
+        whose cache is more than plain attention's keys and values (sliding windows, recurrent states)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if not cache.layers or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            return None
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True,
+                       **{self._cache_keyword(): cache})
+        cache.batch_repeat_interleave(sequences)
+        return cache
+
+    def _cache_keyword(self) -> str:
+        """What the model's forward and generate call their cache: renamed in transformers 5.x."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
     def _score_prompts(self, batch: list[Request], input_ids, attention_mask) -> dict[int, float]:
         """Each prompt's log-probability (by request key), every token given those before it, from forward
         passes over the left-padded prompts, in groups whose logits stay under SCORING_LOGITS."""
@@ -349,7 +397,7 @@ class HFEngine:
         choices' tokens run on a copy of the prompts' KV cache (choices are short, prompts may not be)."""
         model, device = self.model, self.model.device
         parameters = inspect.signature(model.forward).parameters
-        cache = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x
+        cache = self._cache_keyword()
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         rows = [i for i, r in enumerate(batch) if r.choices]
         longest = max(len(ids) for i in rows for _, ids in batch[i].choices)

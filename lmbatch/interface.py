@@ -81,6 +81,8 @@ class EngineStats:
     decode_steps: int = 0
     """Forward passes of decoding; decode_slots / decode_steps is the average batch per step."""
     split_retries: int = 0
+    shared_prefix_tokens: int = 0
+    """Prompt tokens not computed again: a shared prefix's, for every sequence of its micro-batch but one."""
 
 
 def plan_requests(batching: BatchingConfig, requests: Sequence[Request]) -> list[list[int]]:

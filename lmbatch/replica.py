@@ -365,5 +365,5 @@ class Replica:
             "seconds": seconds,
             "ready_at": self.ready_at,
             **{k: stats[k] - before[k] for k in ("prompt_tokens", "padded_prompt_tokens", "generated_tokens",
-                                                 "decode_slots", "split_retries")},
+                                                 "decode_slots", "split_retries", "shared_prefix_tokens")},
         }

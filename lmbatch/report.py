@@ -52,7 +52,8 @@ class Progress:
                 self.live.pop(s["chunk"], None)
                 self.first_ready = min(self.first_ready or s["ready_at"], s["ready_at"])
                 for key in ("rows", "errors", "cut_rows", "repeated_rows", "truncated_rows", "prompt_tokens",
-                            "padded_prompt_tokens", "generated_tokens", "decode_slots", "split_retries"):
+                            "padded_prompt_tokens", "generated_tokens", "decode_slots", "split_retries",
+                            "shared_prefix_tokens"):
                     self.sums[key] += s[key]
                 self.error_kinds.update(json.loads(s["error_kinds"]))
                 replica = self.replicas[s["replica"]]
@@ -130,6 +131,7 @@ class Progress:
             "padding_efficiency": _ratio(s["prompt_tokens"], s["padded_prompt_tokens"]),
             "decode_slot_efficiency": _ratio(s["generated_tokens"], s["decode_slots"]),
             "micro_batch_split_retries": s["split_retries"],
+            "prompt_tokens_shared": s["shared_prefix_tokens"],
             "chunk_restarts": self.chunk_restarts,
             "replicas": {
                 name: {**dict(r), "seconds": round(r["seconds"], 3),
@@ -359,6 +361,9 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
     if metrics.get("rows_repeating_a_prompt"):  # fewer rows generated than written: say why
         rows.append(("rows repeating a prompt", f"{metrics['rows_repeating_a_prompt']:,} (greedy: each copied from "
                                                 "the first row of its chunk with that prompt and settings)"))
+    if metrics.get("prompt_tokens_shared"):  # what batching.share_prefix saved: prompt tokens not computed again
+        rows.append(("prompt tokens shared", f"{metrics['prompt_tokens_shared']:,} (the prefix all prompts of a "
+                                             "micro-batch begin with, computed once for them)"))
     if metrics.get("rows_truncated"):  # what input.on_too_long=truncate cut: the model saw less of them
         rows.append(("prompts truncated", f"{metrics['rows_truncated']:,} (too long for the context: their start "
                                           "was cut, input.on_too_long=truncate)"))

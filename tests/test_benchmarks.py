@@ -33,6 +33,20 @@ def test_benchmark_job_compares_every_variant(tmp_path, short_tmp_path):
 
 
 @pytest.mark.slow
+def test_templated_preset_compares_sharing_a_prefix_with_not(tmp_path):
+    """preset=templated at a toy size: prompts of one template, the engine with and without computing their
+    shared instructions once; the same greedy texts either way."""
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=templated", "model_shape=tiny",
+                           "num_prompts=16", "max_prompt_tokens=64", "shared_prefix_tokens=40", "repeats=1",
+                           f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["unshared", "bucketed"] and report["baseline"] == "unshared"
+    assert report["greedy_rows_differing_from_bucketed"] == {"unshared": 0, "bucketed": 0}
+    assert report["results"][1]["x_unshared"] > 0
+
+
+@pytest.mark.slow
 def test_gpu_preset_runs_at_toy_size_on_cpu(tmp_path):
     """The GPU preset (its Qwen2.5-0.5B-shaped model, the static KV cache a GPU gets, its planner
     settings, its time limit and the bandwidth-limit report) on CPU in float32 (2 GB of weights):

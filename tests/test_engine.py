@@ -177,6 +177,50 @@ def test_a_row_with_choices_answers_with_exactly_one_as_transformers_constrained
         assert len({c.text for c in got if requests[c.key].choices}) > 1
 
 
+INSTRUCTIONS = "You are a careful reader. Read the text below and answer in a few words, plainly. " * 2
+
+
+def templated(engine, n: int, seed: int) -> list[list[int]]:
+    """Prompts of one template, whose instructions all of them begin with; the last is them alone."""
+    texts = [f"{INSTRUCTIONS}Text: {t}" for t in varied_prompts(n - 1, seed=seed, max_words=30)] + [INSTRUCTIONS]
+    return [engine.tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_a_prefix_all_prompts_share_is_computed_once_and_changes_nothing(model_path):
+    """batching.share_prefix: prompts of one template get their common beginning computed once per
+    micro-batch; greedy, each row's completion is still model.generate's on its prompt alone."""
+    engine = make_engine(model_path)
+    requests = [Request(i, ids, 1 + (5 * i) % 12) for i, ids in enumerate(templated(engine, 12, seed=3))]
+    got = {c.key: c for c in engine.generate(requests)}
+    assert engine.stats.shared_prefix_tokens >= 16 * (len(requests) - engine.stats.micro_batches)
+    for r in requests:
+        expected = engine._finish(r, 0, alone(engine, r))
+        assert (got[r.key].text, got[r.key].num_generated_tokens) == (expected.text, expected.num_generated_tokens)
+
+
+@pytest.mark.parametrize("kind", ["penalties", "sampled", "choices", "pattern"])
+def test_a_shared_prefix_changes_no_setting_of_a_row(model_path, kind):
+    """Every processor reads a row's generated tokens and padding right when the prefix is shared: the
+    same completions as without sharing (each checked against its own oracle elsewhere)."""
+    from lmbatch.config import GenerationOptions
+    from lmbatch.structured import pattern
+
+    params = {"penalties": SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3,
+                                          stop=("e",), logprobs=True),
+              "sampled": SamplingParams(do_sample=True, temperature=2.0, num_return_sequences=2, logprobs=True)
+              }.get(kind, SamplingParams(logprobs=True))
+    results = []
+    for share in (True, False):
+        engine = make_engine(model_path, share_prefix=share, min_padding_efficiency=0, min_decode_efficiency=0)
+        held = dict(choices=labels(engine, "yes", "no", "yes please")) if kind == "choices" else dict(
+            pattern=pattern(GenerationOptions(regex="(yes|no), [a-z]{1,6}"))) if kind == "pattern" else {}
+        requests = [Request(i, ids, 8, params, seed=i, **held) for i, ids in enumerate(templated(engine, 6, seed=4))]
+        results.append(sorted((c.key, c.sample_index, c.text, c.num_generated_tokens, c.finish_reason,
+                               round(c.logprob, 3)) for c in engine.generate(requests)))
+        assert (engine.stats.shared_prefix_tokens > 0) == share
+    assert results[0] == results[1]
+
+
 def test_the_repetition_penalty_is_transformers_and_skips_padding():
     """RepetitionPenalty scores as transformers' processor does, but a token seen only in a row's left
     padding (often the EOS) is not penalized."""

@@ -49,7 +49,8 @@ def test_a_stopping_job_does_not_wait_on_its_sampler():
 def summary(chunk, rows, tokens):
     return {"chunk": chunk, "replica": "r", "rows": rows, "errors": 0, "cut_rows": 0, "repeated_rows": 0,
             "truncated_rows": 0, "error_kinds": "{}", "seconds": 1.0, "ready_at": 0.0, "prompt_tokens": 0,
-            "padded_prompt_tokens": 0, "generated_tokens": tokens, "decode_slots": 0, "split_retries": 0}
+            "padded_prompt_tokens": 0, "generated_tokens": tokens, "decode_slots": 0, "split_retries": 0,
+            "shared_prefix_tokens": 0}
 
 
 def test_progress_counts_rows_inside_running_chunks_once():
@@ -120,7 +121,7 @@ def test_summary_shows_what_the_readme_lists():
     first replica ready), wall time and each replica."""
     progress = Progress(total_rows=40, stream=io.StringIO())
     chunk = {**summary("a", 40, 400), "errors": 2, "error_kinds": '{"too long": 2}', "repeated_rows": 3, "cut_rows": 19,
-             "truncated_rows": 5,
+             "truncated_rows": 5, "shared_prefix_tokens": 1200,
              "ready_at": progress.started_wall + 12.5, "prompt_tokens": 90, "padded_prompt_tokens": 100,
              "decode_slots": 500}
     progress.add([chunk])
@@ -134,6 +135,7 @@ def test_summary_shows_what_the_readme_lists():
                  "decode slot efficiency 0.8", "start-up 12.5s", "replica r",
                  "rows repeating a prompt 3 (greedy: each copied from the first row of its chunk",
                  "prompts truncated 5 (too long for the context: their start was cut, input.on_too_long=truncate)",
+                 "prompt tokens shared 1,200 (the prefix all prompts of a micro-batch begin with, computed once",
                  "rows cut at token limit 19 (50% of the rows ok this run: finish_reason length); raise "
                  "generation.max_new_tokens if they should end on their own"]:
         assert " ".join(line.split()) in " ".join(table.split()), table
