@@ -254,8 +254,8 @@ class Bench:
             pass
         seconds = time.perf_counter() - start
         s = engine.stats
-        result = Result(strategy if share_prefix else "unshared", seconds, texts, s.generated_tokens, s.prompt_tokens, s.padded_prompt_tokens,
-                        s.decode_slots, s.decode_steps)
+        result = Result(strategy if share_prefix else "unshared", seconds, texts, s.generated_tokens, s.prompt_tokens,
+                        s.padded_prompt_tokens, s.decode_slots, s.decode_steps)
         if batches_done < len(planned):
             result.rows_done = rows_done
             result.projected_seconds = (seconds * decode_steps(planned, self.new)
