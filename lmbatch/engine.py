@@ -242,8 +242,9 @@ class HFEngine:
 
         params = batch[0].params
         n = params.num_return_sequences
+        most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
         prompts = self._layout(batch, 0)  # left-padded, as the prompts are scored
-        shared = self._shared_prefix(batch, n)
+        shared = self._shared_prefix(batch, n) if most else 0
         cache = self._prefix_cache(batch[0].prompt_ids[:shared], len(batch) * n) if shared else None
         if cache is None:
             shared = 0
@@ -252,7 +253,6 @@ class HFEngine:
         if n > 1:  # one sequence per (row, sample), so that each gets its own random stream
             input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         # Decoding is greedy over scores that the sampler (if any) has already reduced to its draw.
-        most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
         config = GenerationConfig(
             max_new_tokens=max(most, 1),  # it refuses 0; generate is then not called
             do_sample=False, temperature=None, top_p=None, top_k=None,
