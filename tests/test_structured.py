@@ -61,7 +61,8 @@ def test_rows_held_to_a_schema_or_a_regex_answer_as_generate_alone_held_to_it(en
     schema = pattern(GenerationOptions(json_schema=SCHEMA))
     prompts = varied_prompts(12, seed=4, max_words=40)
     kinds = [schema, SENTENCE, None] * 4
-    requests = [Request(i, engine.tokenizer(p)["input_ids"], 40, pattern=k) for i, (p, k) in enumerate(zip(prompts, kinds))]
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 40, pattern=k)
+                for i, (p, k) in enumerate(zip(prompts, kinds))]
     got = sorted(engine.generate(requests), key=lambda c: c.key)
     assert engine.stats.micro_batches < len(requests)  # rows of each kind shared micro-batches
     for r, c in zip(requests, got):
