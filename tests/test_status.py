@@ -75,3 +75,20 @@ def test_each_state_of_an_output(tmp_path, capsys):
                                        "rows_error_by_kind": {"too long": 2}, "parts": 2}
     assert describe(json.loads(done.stdout)).startswith(
         f"{out}: finished: 150 rows in 2 parts, 148 ok and 2 error rows (errors by kind: too long: 2)")
+
+
+def test_a_partitioned_output_counts_the_chunks_its_markers_record(tmp_path):
+    """With output.partition_by a chunk is done once its marker is written, after its parts in every
+    partition: a chunk whose parts are there but not its marker is not."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_lmbatch_job.json").write_text(json.dumps({"fingerprint": "f", "chunk_rows": 10, "model": None}))
+    for value in ("a", "b"):
+        (out / f"topic={value}").mkdir()
+        for chunk in ("00000-000000000", "00000-000000010"):
+            pq.write_table(pa.table({"id": [1]}), out / f"topic={value}" / f"part-{chunk}.parquet")
+    (out / "_chunks").mkdir()
+    (out / "_chunks" / "00000-000000000").write_text("")
+    status = output_status(str(out))
+    assert (status["state"], status["chunks_done"], status["model"]) == ("partial", 1, None)
+    assert describe(status).endswith("job f, model not recorded")
