@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from lmbatch.batching import decode_steps, padding_efficiency
-from lmbatch.interface import identical_requests, padded_tokens, plan_requests
+from lmbatch.interface import choose_kv_cache, identical_requests, padded_tokens, plan_requests, shared_prefix
 from lmbatch.prepare import ERROR, NUM_PROMPT_TOKENS, load_tokenizer, prepare_chunk
 from lmbatch.replica import chunk_requests
 
@@ -41,8 +41,11 @@ def dry_run(plan) -> dict:
     s = plan.settings
     id_column = s.passthrough_columns[0]
     lengths, errors, repeats, batches, steps, rows_seen = [], 0, 0, 0, 0, 0
-    real = padded = largest = 0
+    real = padded = largest = shared = sequence_tokens = 0
     first_prompt, error_examples = None, []
+    # as the replicas will: a shared prefix is computed once with the dynamic cache (CPU's; GPU's is static)
+    sharing = b.share_prefix and choose_kv_cache(plan.job.model.kv_cache, "cuda" if plan.job.cluster.gpus_per_replica
+                                                 else "cpu") == "dynamic"
     for chunk in plan.pending:
         if rows_seen >= SAMPLE_ROWS:
             break
@@ -67,6 +70,10 @@ def dry_run(plan) -> dict:
         largest = max([largest] + [padded_tokens([requests[i] for i in batch]) for batch in plan_])
         real += sum(chunk_lengths)
         padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0
+        for batch in plan_ if sharing else ():
+            rows = [requests[i] for i in batch]
+            shared += shared_prefix(rows) * (sum(r.params.num_return_sequences for r in rows) - 1)
+            sequence_tokens += sum(len(r.prompt_ids) * r.params.num_return_sequences for r in rows)
         rows_seen += chunk.num_rows
 
     print(f"lmbatch dry run: {plan.inputs.num_rows:,} rows in {len(plan.inputs.files)} files, "
@@ -98,6 +105,9 @@ def dry_run(plan) -> dict:
     efficiency = real / padded if padded else 1.0
     print(f"planned micro-batches ({b.strategy}): {batches} for the sampled rows, "
           f"{rows_seen / max(batches, 1):.1f} rows each on average, prefill padding efficiency {efficiency:.3f}")
+    if shared:  # a template whose instructions come first is computed once per micro-batch
+        print(f"prompt tokens shared within the planned micro-batches, computed once for each: {shared:,} of "
+              f"the {sequence_tokens:,} their sequences hold ({shared / sequence_tokens:.0%}; batching.share_prefix)")
     # On a GPU a decode step costs about the same for one row as for hundreds: steps are the cost.
     print(f"planned decode steps for the sampled rows: at most {steps:,} "
           "(a micro-batch runs to its largest max_new_tokens)")
@@ -110,5 +120,6 @@ def dry_run(plan) -> dict:
     return {"output": plan.output.uri, "dry_run": True, "sampled_rows": rows_seen, "error_rows": errors,
             "repeated_rows": repeats,
             "micro_batches": batches, "decode_steps": steps, "padding_efficiency": efficiency,
+            "prompt_tokens_shared": shared,
             "largest_micro_batch_tokens": largest, "kv_cache_bytes_per_token": kv,
             "histogram": histogram(lengths), "error_examples": error_examples}

@@ -17,14 +17,14 @@ import dataclasses
 import importlib.util
 import inspect
 import logging
-import os
 import time
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.interface import Completion, EngineStats, Request, padded_tokens, plan_requests, row_seed
+from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
+                               row_seed, shared_prefix)
 from lmbatch.models import special_tokens_only, tokenizer_source
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
@@ -43,18 +43,6 @@ def choose_attention(requested: Optional[str], device: str, dtype: str, flash_in
     return None
 
 
-def choose_kv_cache(requested: Optional[str], device: str) -> str:
-    """The configured KV cache; unset: `static` on a GPU, `dynamic` on CPU.
-
-    On a GPU a step of a small model is bound by kernel launches and allocations, and a dynamic
-    cache reallocates every layer's keys and values at every step: measured on an H200
-    (Qwen2.5-0.5B shape, bf16), 57 vs 18 ms per step at 512 rows, 176 vs 127 ms at 1,024 rows of
-    1,024 tokens. On CPU static was no faster (tiny model: 2.2 vs 1.9 ms per step)."""
-    if requested:
-        return requested
-    return "static" if device.startswith("cuda") else "dynamic"
-
-
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
@@ -69,10 +57,6 @@ class EngineFailed(RuntimeError):
 
 FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
 """Rows failing alone, none done yet, that say the engine is broken: a bad row is one in thousands."""
-SHARED_PREFIX_MIN_TOKENS = 16
-"""The fewest tokens all prompts of a micro-batch must begin with to be computed once for all of them:
-below it the saving is too small to be worth a forward pass of its own."""
-
 SCORING_LOGITS = 2 ** 27
 """Logits (rows x choice tokens x vocabulary) one forward pass of choice scoring may return: rows are
 scored in groups under it (0.5 GB as float32), as a micro-batch of 1,024 rows could otherwise need many GB."""
@@ -244,7 +228,8 @@ class HFEngine:
         n = params.num_return_sequences
         most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
         prompts = self._layout(batch, 0)  # left-padded, as the prompts are scored
-        shared = self._shared_prefix(batch, n) if most else 0
+        # with a static cache, which generate allocates per batch, nothing is shared
+        shared = shared_prefix(batch) if self.batching.share_prefix and self.kv_cache == "dynamic" else 0
         cache = self._prefix_cache(batch[0].prompt_ids[:shared], len(batch) * n) if shared else None
         if cache is None:
             shared = 0
@@ -345,17 +330,6 @@ class HFEngine:
             input_ids[i, :shared], attention_mask[i, :shared] = torch.tensor(r.prompt_ids[:shared]), 1
             input_ids[i, width - len(rest):], attention_mask[i, width - len(rest):] = torch.tensor(rest), 1
         return input_ids, attention_mask
-
-    def _shared_prefix(self, batch: list[Request], n: int) -> int:
-        """How many tokens all the micro-batch's prompts begin with (a template's instructions, a system
-        prompt, few-shot examples), to compute once for all its sequences (batching.share_prefix): 0 for
-        fewer than SHARED_PREFIX_MIN_TOKENS, a single sequence, or a static cache (sized per batch as
-        generate allocates it). Each prompt keeps a token of its own, from which its first token comes."""
-        if not self.batching.share_prefix or self.kv_cache != "dynamic" or len(batch) * n < 2:
-            return 0
-        common = os.path.commonprefix([r.prompt_ids for r in batch])
-        shared = min(len(common), min(len(r.prompt_ids) for r in batch) - 1)
-        return shared if shared >= SHARED_PREFIX_MIN_TOKENS else 0
 
     def _prefix_cache(self, prefix: list[int], sequences: int):
         """The KV cache of a shared prefix, computed once and repeated for every sequence; None for a model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -97,6 +98,35 @@ def padded_tokens(batch: Sequence[Request]) -> int:
     """Tokens a micro-batch of these requests computes (`batching.padded_size`): what the budget holds."""
     return padded_size(sum(r.params.num_return_sequences for r in batch), max(len(r.prompt_ids) for r in batch),
                        max(r.max_new_tokens for r in batch))
+
+
+SHARED_PREFIX_MIN_TOKENS = 16
+"""The fewest tokens all prompts of a micro-batch must begin with to be computed once for all of them:
+below it the saving is too small to be worth a forward pass of its own."""
+
+
+def shared_prefix(batch: Sequence[Request]) -> int:
+    """How many tokens all the micro-batch's prompts begin with (a template's instructions, a system
+    prompt, few-shot examples), to compute once for all its sequences (batching.share_prefix): 0 for
+    fewer than SHARED_PREFIX_MIN_TOKENS, a single sequence, or nothing to generate. Each prompt keeps
+    a token of its own, from which its first token is generated."""
+    if sum(r.params.num_return_sequences for r in batch) < 2 or not max(r.max_new_tokens for r in batch):
+        return 0
+    common = os.path.commonprefix([r.prompt_ids for r in batch])
+    shared = min(len(common), min(len(r.prompt_ids) for r in batch) - 1)
+    return shared if shared >= SHARED_PREFIX_MIN_TOKENS else 0
+
+
+def choose_kv_cache(requested: Optional[str], device: str) -> str:
+    """The configured KV cache; unset: `static` on a GPU, `dynamic` on CPU.
+
+    On a GPU a step of a small model is bound by kernel launches and allocations, and a dynamic
+    cache reallocates every layer's keys and values at every step: measured on an H200
+    (Qwen2.5-0.5B shape, bf16), 57 vs 18 ms per step at 512 rows, 176 vs 127 ms at 1,024 rows of
+    1,024 tokens. On CPU static was no faster (tiny model: 2.2 vs 1.9 ms per step)."""
+    if requested:
+        return requested
+    return "static" if device.startswith("cuda") else "dynamic"
 
 
 def identical_requests(requests: Sequence[Request]) -> tuple[list[Request], dict[int, list[int]]]:

@@ -1,6 +1,7 @@
 """The commands users type: `python jobs/generate.py`, the `lmbatch` console script, the README's examples."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,3 +178,26 @@ def test_wheel_ships_the_configs(tmp_path):
     shipped = {str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
     assert shipped and {f"lmbatch/conf/{p}" for p in shipped} <= names
     assert "lmbatch/cli.py" in names
+
+
+def test_a_dry_run_counts_the_prompt_tokens_micro_batches_share(tmp_path, capsys):
+    """Prompts of one template, its instructions first: the dry run says how many prompt tokens the
+    planned micro-batches would compute once (none with batching.share_prefix=false)."""
+    from conftest import compose, varied_prompts, write_prompts
+    from lmbatch.pipeline import run
+
+    source = write_prompts(tmp_path / "in.parquet", varied_prompts(20, seed=5, max_words=20))
+    instructions = "Read the text below carefully and answer in one short sentence, plainly and politely."
+
+    def dry(*overrides):
+        result = run(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", "dry_run=true",
+                             f"input.template='{instructions} Text: {{prompt}}'", *overrides))
+        return result["prompt_tokens_shared"], capsys.readouterr().out
+
+    shared, printed = dry()
+    micro_batches = int(re.search(r"planned micro-batches \(bucketed\): (\d+) ", printed).group(1))
+    assert shared >= 16 * (20 - micro_batches) > 0
+    assert re.search(rf"prompt tokens shared within the planned micro-batches, computed once for each: {shared:,} "
+                     r"of the [\d,]+ their sequences hold \(\d+%; batching.share_prefix\)", printed)
+    unshared, printed = dry("batching.share_prefix=false")
+    assert unshared == 0 and "prompt tokens shared" not in printed
