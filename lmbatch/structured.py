@@ -97,7 +97,8 @@ def token_bytes(tokenizer, ended_ids) -> dict[bytes, list[int]]:
 
 class Indexes:
     """The index of each pattern over one tokenizer's vocabulary, compiled once per replica (the last
-    INDEXES_KEPT of them kept), and a fresh guide through it per row."""
+    INDEXES_KEPT of them kept), and a fresh guide through it per row. A pattern that cannot be compiled
+    is remembered too: a column may repeat it on every row."""
 
     def __init__(self, tokenizer, eos: int, ended_ids):
         try:
@@ -106,6 +107,7 @@ class Indexes:
             raise PatternError(f"invalid parameter: structured output needs outlines-core: {INSTALL}") from None
         self.vocabulary = Vocabulary(eos, token_bytes(tokenizer, ended_ids))
         self.indexes: OrderedDict = OrderedDict()
+        self.refused: dict[str, str] = {}  # pattern -> why
 
     def index(self, regex: str):
         """The compiled index of `regex`; PatternError when no text of this vocabulary can match it."""
@@ -114,15 +116,16 @@ class Indexes:
         if regex in self.indexes:
             self.indexes.move_to_end(regex)
             return self.indexes[regex]
-        try:
-            compiled = Index(regex, self.vocabulary)
-        except Exception as e:  # noqa: BLE001 - a syntax error, or no token sequence that matches
-            raise PatternError(f"invalid parameter: the pattern {_short(regex)!r} cannot be followed with "
-                               f"this tokenizer: {e}") from None
-        self.indexes[regex] = compiled
-        if len(self.indexes) > INDEXES_KEPT:
-            self.indexes.popitem(last=False)
-        return compiled
+        if regex not in self.refused:
+            try:
+                self.indexes[regex] = Index(regex, self.vocabulary)
+            except Exception as e:  # noqa: BLE001 - a syntax error, or no token sequence that matches
+                self.refused[regex] = f"the pattern {_short(regex)!r} cannot be followed with this tokenizer: {e}"
+            else:
+                if len(self.indexes) > INDEXES_KEPT:
+                    self.indexes.popitem(last=False)  # the least recently used
+                return self.indexes[regex]
+        raise PatternError(f"invalid parameter: {self.refused[regex]}")
 
     def guide(self, regex: str):
         from outlines_core import Guide

@@ -256,3 +256,24 @@ def test_without_outlines_core_the_job_says_what_to_install(tmp_path, tiny_llama
                                        r"'lmbatch\[structured\]'"):
         plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
                                        f"model.path={tiny_llama}", "generation.regex=ab")))
+
+
+def test_a_pattern_is_compiled_once_per_replica_even_one_that_fails(engine, monkeypatch):
+    """A column may hold the same regex on every row, good or bad: each is compiled once."""
+    import outlines_core
+
+    from lmbatch.structured import Indexes
+
+    compiled, real = [], outlines_core.Index
+
+    def counted(regex, vocabulary):  # the real compile, counted
+        compiled.append(regex)
+        return real(regex, vocabulary)
+
+    monkeypatch.setattr(outlines_core, "Index", counted)
+    indexes = Indexes(engine.tokenizer, min(engine.eos_ids), engine.eos_ids)
+    for _ in range(3):
+        indexes.index(SENTENCE)
+        with pytest.raises(PatternError, match=r"^invalid parameter: the pattern '\(ab' cannot be followed"):
+            indexes.index("(ab")
+    assert compiled == [SENTENCE, "(ab"]
