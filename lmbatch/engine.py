@@ -25,7 +25,7 @@ import torch
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
                                row_seed, shared_prefix)
-from lmbatch.models import special_tokens_only, tokenizer_source
+from lmbatch.models import ending_ids, special_tokens_only, tokenizer_source
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
 from lmbatch.structured import Indexes, PatternError
@@ -67,11 +67,7 @@ class HFEngine:
         """Wrap a loaded model and its (left-padding) tokenizer; `HFEngine.load` loads them."""
         self.model, self.tokenizer = model, tokenizer
         self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
-        # A row ends at any EOS of the model's generation config or the tokenizer's (as in vLLM): where
-        # the config leaves out the token the tokenizer ends a text or a chat turn with, model.generate
-        # alone runs on past the answer to max_new_tokens.
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
+        self.eos_ids = ending_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         self.model.generation_config = special_tokens_only(self.model.generation_config)
         # No pad token and no EOS to pad with (load_tokenizer pads with EOS): any id will do, as
         # padding is masked out.
@@ -145,10 +141,7 @@ class HFEngine:
             if r.pattern is not None:
                 try:
                     if self._indexes is None:
-                        if not self.eos_ids:
-                            raise PatternError("invalid parameter: structured output needs an EOS token to end "
-                                               "a row with, and the tokenizer and generation config name none")
-                        self._indexes = Indexes(self.tokenizer, min(self.eos_ids), self.eos_ids)
+                        self._indexes = Indexes(self.tokenizer, self.eos_ids)
                     self._indexes.index(r.pattern)
                 except PatternError as e:
                     failed += [Completion(r.key, s, None, 0, "error", str(e)[:500])

@@ -48,6 +48,14 @@ def tokenizer_source(path: str, revision: Optional[str], adapter: Optional[str])
     return path, revision
 
 
+def ending_ids(generation_eos, tokenizer) -> set[int]:
+    """The tokens that end a row: any EOS of the model's generation config, and the tokenizer's (as in
+    vLLM): where the config leaves out the token the tokenizer ends a text or a chat turn with,
+    model.generate alone runs on past the answer to max_new_tokens."""
+    listed = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    return {*listed, tokenizer.eos_token_id} - {None}
+
+
 def resolve_model_path(path: str) -> str:
     """A local directory or hub id passes through; `builtin://NAME` is built once and cached."""
     if not path.startswith(BUILTIN):

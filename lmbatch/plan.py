@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lmbatch import io, structured
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig, ModelConfig
 from lmbatch.io import Chunk, InputPlan, JobError
-from lmbatch.models import adapter_misfit, model_identity, tokenizer_source
+from lmbatch.models import adapter_misfit, ending_ids, model_identity, tokenizer_source
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, encode, fit_to_context, load_tokenizer,
                              template_fields)
@@ -186,12 +186,8 @@ def check_structured(job: JobConfig, tokenizer, model_eos) -> None:
         return
     g = job.generation
     key = "generation.regex" if g.regex is not None else "generation.json_schema"
-    eos_ids = {*(model_eos if isinstance(model_eos, list) else [model_eos]), tokenizer.eos_token_id} - {None}
     try:
-        if not eos_ids:
-            raise PatternError("structured output needs an EOS token to end a row with, and the tokenizer and "
-                               "generation config name none")
-        indexes = Indexes(tokenizer, min(eos_ids), eos_ids)
+        indexes = Indexes(tokenizer, ending_ids(model_eos, tokenizer))  # as each replica will build it
         if regex := structured.pattern(g):
             indexes.index(regex)
     except PatternError as e:

@@ -100,12 +100,16 @@ class Indexes:
     INDEXES_KEPT of them kept), and a fresh guide through it per row. A pattern that cannot be compiled
     is remembered too: a column may repeat it on every row."""
 
-    def __init__(self, tokenizer, eos: int, ended_ids):
+    def __init__(self, tokenizer, ended_ids: set[int]):
+        """`ended_ids`: the tokens that end a row (`models.ending_ids`); a text ends with the first of them."""
         try:
             from outlines_core import Vocabulary
         except ImportError:
             raise PatternError(f"invalid parameter: structured output needs outlines-core: {INSTALL}") from None
-        self.vocabulary = Vocabulary(eos, token_bytes(tokenizer, ended_ids))
+        if not ended_ids:
+            raise PatternError("invalid parameter: structured output needs an EOS token to end a row with, and "
+                               "the tokenizer and generation config name none")
+        self.vocabulary = Vocabulary(min(ended_ids), token_bytes(tokenizer, ended_ids))
         self.indexes: OrderedDict = OrderedDict()
         self.refused: dict[str, str] = {}  # pattern -> why
 

@@ -271,7 +271,7 @@ def test_a_pattern_is_compiled_once_per_replica_even_one_that_fails(engine, monk
         return real(regex, vocabulary)
 
     monkeypatch.setattr(outlines_core, "Index", counted)
-    indexes = Indexes(engine.tokenizer, min(engine.eos_ids), engine.eos_ids)
+    indexes = Indexes(engine.tokenizer, engine.eos_ids)
     for _ in range(3):
         indexes.index(SENTENCE)
         with pytest.raises(PatternError, match=r"^invalid parameter: the pattern '\(ab' cannot be followed"):
