@@ -93,6 +93,12 @@ class InputPlan:
         return replace(self, files=files)
 
 
+def absolute(path: str) -> str:
+    """A URI as it is; a local path absolute (Ray's workers run elsewhere), `~` expanded: the shell
+    leaves a `~` quoted for Hydra or read from a config file, and `output.path` made a directory `~`."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or URI; credentials and endpoint come from the environment.
 
@@ -100,7 +106,7 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     fsspec implementation knows (az:// with adlfs, ...) is wrapped for pyarrow.
     """
     if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+        return pafs.LocalFileSystem(), absolute(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

@@ -14,10 +14,9 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from lmbatch.io import JobError
+from lmbatch.io import JobError, absolute
 from lmbatch.lease import EXPIRE_S, process_gone, read_lease
 from lmbatch.output import CHUNK_MARKERS, METRICS, STATE_FILE, SUCCESS, OutputDir
-from lmbatch.plan import absolute
 from lmbatch.report import by_kind
 
 TOTALS = ("rows", "rows_ok", "rows_error", "rows_error_by_kind", "parts")

@@ -1,0 +1,196 @@
+"""The checks a plan runs on the model, its adapter and its tokenizer before anything starts: that
+they load, that the adapter fits the model, that the chat template renders the job's conversations
+with the variables it is given, and that a json_schema or regex can be followed. Each failure is one
+readable `JobError`; what is only likely a mistake is a note."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from lmbatch import structured
+from lmbatch.config import JobConfig, ModelConfig
+from lmbatch.io import JobError, absolute
+from lmbatch.models import adapter_misfit, ending_ids, tokenizer_source
+from lmbatch.prepare import encode, load_tokenizer
+from lmbatch.structured import Indexes, PatternError
+
+
+def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[int]]:
+    """(the model config as workers should see it: a local path absolute, a hub model pinned to its
+    commit; context length; KV cache bytes per token in the replicas' dtype). Fails early on a
+    missing model."""
+    from transformers import AutoConfig
+
+    from lmbatch.models import (BUILTIN, check_weights, hub_commit, kv_cache_bytes_per_token, load_generation_config,
+                                resolve_model_path, settings_not_applied)
+
+    path, revision = job.model.path, job.model.revision
+    if not path.startswith(BUILTIN):
+        expanded = os.path.expanduser(path)
+        if os.path.exists(expanded):
+            path = os.path.abspath(expanded)
+            if Path(path, ADAPTER_CONFIG).is_file() and not Path(path, "config.json").exists():
+                base = json.loads(Path(path, ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+                raise JobError(f"model.path {job.model.path} holds a PEFT adapter, not a model: set model.path to "
+                               f"the model it was fine-tuned from (its {ADAPTER_CONFIG} names {base}) and "
+                               f"model.adapter={job.model.path}")
+            try:
+                check_weights(path)
+            except ValueError as e:
+                raise JobError(f"model.path {job.model.path}: {e}") from None
+        elif expanded.startswith(("/", ".")):
+            raise JobError(f"model.path {job.model.path} does not exist")
+    try:
+        local = resolve_model_path(path)
+        config = AutoConfig.from_pretrained(local, trust_remote_code=job.model.trust_remote_code, revision=revision)
+        hub = not os.path.isdir(local)
+        if hub:  # pinned to the commit its config came from: the checks below and every worker load that one
+            revision = hub_commit(path, revision) or revision
+    except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
+        raise JobError(f"model.path {job.model.path} cannot be loaded: {str(e).splitlines()[0]}") from None
+    if revision and not hub:
+        raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
+                       "is a local directory")
+    adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
+    # The model's tokenizer, or the adapter's own where it holds one; `source` names it in messages.
+    tokenizer_path, tokenizer_revision = tokenizer_source(path, revision, adapter)
+    own = tokenizer_path == adapter
+    source = f"model.adapter {job.model.adapter}" if own else job.model.path
+    try:  # called as plan_job calls it again, which then finds this load cached
+        tokenizer = load_tokenizer(tokenizer_path, job.model.trust_remote_code, revision=tokenizer_revision)
+    except Exception as e:  # noqa: BLE001 - hub, parsing and remote-code errors alike
+        what = f"the tokenizer in {source}" if own else f"model.path {job.model.path}"
+        raise JobError(f"{what} cannot be loaded: {str(e).splitlines()[0]}") from None
+    if job.input.chat:
+        check_chat_template(job, tokenizer, source)
+    if note := unspaced_choices(job, tokenizer):
+        print(f"lmbatch: note: {note}")
+    generation_config = load_generation_config(path, revision)
+    check_structured(job, tokenizer, generation_config.eos_token_id)
+    ignored = {k: v for k, v in settings_not_applied(generation_config).items()
+               if getattr(job.generation, k, None) != v}  # what the job sets alike is applied, as the job's
+    if ignored:
+        print(f"lmbatch: note: the generation_config.json of {job.model.path} sets "
+              f"{', '.join(f'{k}={v}' for k, v in ignored.items())}, which lmbatch does not apply: it generates "
+              "with the job's generation.* settings alone, so that the config saved with the output says all "
+              "that shaped it")
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    vocab = getattr(text_config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:  # tokens added to the tokenizer, the model's embedding not resized
+        print(f"lmbatch: warning: the tokenizer of {source} has {len(tokenizer):,} tokens, the model's "
+              f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
+              "(index out of range)")
+    model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter)
+    return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
+
+
+def check_structured(job: JobConfig, tokenizer, model_eos) -> None:
+    """Structured output that cannot run stops the job here, not as every row's error: no outlines-core, a
+    tokenizer whose tokens cannot be spelled as bytes, no EOS, or a job-level json_schema or regex that no
+    text of the tokenizer's can match (compiled once here, as each replica compiles it again)."""
+    if not job.held_to_pattern:
+        return
+    g = job.generation
+    key = "generation.regex" if g.regex is not None else "generation.json_schema"
+    try:
+        indexes = Indexes(tokenizer, ending_ids(model_eos, tokenizer))  # as each replica will build it
+        if regex := structured.pattern(g):
+            indexes.index(regex)
+    except PatternError as e:
+        message = str(e).removeprefix("invalid parameter: ")
+        raise JobError(f"generation.{message}" if message.startswith("json_schema") else f"{key}: {message}") from None
+
+
+def unspaced_choices(job: JobConfig, tokenizer) -> Optional[str]:
+    """A likely mistake in generation.choices: labels without the leading space a model writes after a
+    prompt that ends in a word or a colon ("Sentiment:"), where the space is part of the label's token.
+    Forced to spell the label otherwise, the model's answer and its probabilities mean little."""
+    template = job.input.template or "?"  # a prompt of its own most often ends in a word or a colon
+    if job.input.chat or template[-1:].isspace():
+        return None
+    for choice in job.generation.choices:
+        alone, spaced = (encode(tokenizer, [text], add_special_tokens=False)[0] for text in (choice, " " + choice))
+        if not choice[:1].isspace() and len(spaced) < len(alone):
+            return (f"generation.choices holds {choice!r}, which the model's tokens spell in {len(alone)} but "
+                    f"{' ' + choice!r} in {len(spaced)}: after a prompt that ends in a word or a colon a model "
+                    f"writes the space, so write the labels with it ({' ' + choice!r}) unless the prompt ends in one")
+    return None
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def check_adapter(adapter: Optional[str], model_config, trust_remote_code: bool) -> Optional[str]:
+    """model.adapter, absolute, once it is found to be an adapter peft can merge into the weights of
+    the model `model_config` describes (its layers and their sizes: replicas would fail to load it)."""
+    if adapter is None:
+        return None
+    path = absolute(adapter)
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        found = f"holds no {ADAPTER_CONFIG}" if os.path.isdir(path) else "does not exist"
+        raise JobError(f"model.adapter {adapter} {found}: it must be a local directory that peft's save_pretrained "
+                       "wrote (download a hub adapter first, with `hf download`)")
+    try:
+        from peft import PeftConfig
+    except ImportError:
+        raise JobError("model.adapter needs the peft package: pip install peft") from None
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - a config peft cannot read, of whatever kind
+        raise JobError(f"model.adapter {adapter} cannot be read: {str(e).splitlines()[0]}") from None
+    if config.is_prompt_learning:
+        kind = getattr(config.peft_type, "value", config.peft_type)  # an enum of strings
+        raise JobError(f"model.adapter {adapter} is a {kind} adapter, which does not merge into the "
+                       "weights; lmbatch takes adapters that do (LoRA and its kin)")
+    misfit = adapter_misfit(model_config, path, trust_remote_code)
+    if misfit:
+        raise JobError(f"model.adapter {adapter} does not fit model.path: {misfit}; was it fine-tuned from another "
+                       f"model? (its {ADAPTER_CONFIG} names {config.base_model_name_or_path})")
+    return path
+
+
+def check_chat_template(job: JobConfig, tokenizer, source: str) -> None:
+    """The chat template must render the conversation the job builds around each row's text (a
+    user message, after the system prompt if any): else every row would become an error row
+    (templates raise on what they refuse, e.g. a system message). Conversations of a messages
+    column vary by row, so there only the system prompt is tried."""
+    if not tokenizer.chat_template:
+        raise JobError(f"the tokenizer of {source} has no chat template, which input.messages_column, "
+                       "input.system_prompt, input.apply_chat_template and input.chat_template_kwargs need")
+    variables = job.input.chat_template_kwargs
+    if taken := sorted(set(variables) & {"conversation", "messages", "tokenize", "add_generation_prompt"}):
+        raise JobError(f"input.chat_template_kwargs cannot set {', '.join(taken)}: lmbatch passes the chat template "
+                       "each row's messages, with the prompt for the model's turn")
+    read = template_variables(tokenizer.chat_template) if variables else None  # parsed only to check them
+    if read is not None and set(variables) - read:
+        raise JobError(f"input.chat_template_kwargs sets {', '.join(sorted(set(variables) - read))}, which the chat "
+                       f"template of {source} does not read, so it would change nothing; it reads "
+                       f"{', '.join(sorted(read))}")
+    if job.input.messages_column and not job.input.system_prompt:
+        return
+    system = [{"role": "system", "content": job.input.system_prompt}] if job.input.system_prompt else []
+    try:
+        tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
+                                      add_generation_prompt=True, **variables)
+    except Exception as e:  # noqa: BLE001 - whatever the template raises
+        raise JobError(f"the chat template of {source} fails on a single user message"
+                       f"{' after input.system_prompt' if system else ''}: {e}") from None
+
+
+def template_variables(chat_template) -> Optional[set[str]]:
+    """The variables a chat template reads from its caller; None where it cannot be parsed here (a
+    template of tags that transformers alone knows), so that nothing is refused for that."""
+    import jinja2.meta
+    from transformers.utils import chat_template_utils
+
+    sources = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    try:  # parsed in the environment transformers renders it in (its tags and extensions)
+        environment = chat_template_utils._compile_jinja_template("").environment
+        return set().union(*(jinja2.meta.find_undeclared_variables(environment.parse(s)) for s in sources))
+    except Exception:  # noqa: BLE001 - a private function of transformers, or a template it alone parses
+        return None
