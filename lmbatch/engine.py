@@ -7,15 +7,14 @@ error row and its neighbours still succeed. An out-of-memory error also halves t
 the rest of the replica's micro-batches are planned under, so a budget too large for the device
 costs one failed micro-batch, not one per micro-batch. Sampling, choices, structured output, stop
 strings, the penalties and log-probabilities are lmbatch's own processors (`lmbatch.processors`), so that
-a row's output does not depend on its neighbours. The engine without a model is `lmbatch.echo`.
+a row's output does not depend on its neighbours; prompts and choices of several tokens are scored by
+forward passes of their own (`lmbatch.scoring`). The engine without a model is `lmbatch.echo`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
-import inspect
 import logging
 import time
 from typing import Callable, Optional, Sequence
@@ -28,6 +27,7 @@ from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache
 from lmbatch.models import ending_ids, special_tokens_only, tokenizer_source
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
+from lmbatch.scoring import cache_keyword, score_choices, score_prompts
 from lmbatch.structured import Indexes, PatternError
 
 log = logging.getLogger("lmbatch.engine")
@@ -57,9 +57,6 @@ class EngineFailed(RuntimeError):
 
 FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
 """Rows failing alone, none done yet, that say the engine is broken: a bad row is one in thousands."""
-SCORING_LOGITS = 2 ** 27
-"""Logits (rows x choice tokens x vocabulary) one forward pass of choice scoring may return: rows are
-scored in groups under it (0.5 GB as float32), as a micro-batch of 1,024 rows could otherwise need many GB."""
 
 
 class HFEngine:
@@ -277,7 +274,7 @@ class HFEngine:
                 out = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     generation_config=config, logits_processor=processors, stopping_criteria=criteria,
-                    **({self._cache_keyword(): cache} if cache is not None else {}),
+                    **({cache_keyword(self.model): cache} if cache is not None else {}),
                 )
             new_tokens = out[:, longest:].tolist()
             self.stats.shared_prefix_tokens += shared * (len(batch) * n - 1)
@@ -297,7 +294,7 @@ class HFEngine:
                     c.logprob = sum(token_logprobs[i * n + s][:counted]) if counted else 0.0
                 completions.append(c)
         if params.prompt_logprobs:
-            prompt_scores = self._score_prompts(batch, *prompts)
+            prompt_scores = score_prompts(self.model, batch, *prompts)
             for c in completions:
                 c.prompt_logprob = prompt_scores[c.key]
         if scored:
@@ -305,7 +302,7 @@ class HFEngine:
                 first_step = logprobs.first_step.tolist()
                 scores = {r.key: first_step[i * n][:len(r.choices)] for i, r in enumerate(batch) if r.choices}
             else:
-                scores = self._score_choices(batch, *prompts)
+                scores = score_choices(self.model, self.pad_id, batch, *prompts)
             for c in completions:
                 c.choice_logprobs = scores.get(c.key)
         self._count(batch, steps, completions)
@@ -334,69 +331,9 @@ class HFEngine:
             return None
         with torch.inference_mode():
             self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True,
-                       **{self._cache_keyword(): cache})
+                       **{cache_keyword(self.model): cache})
         cache.batch_repeat_interleave(sequences)
         return cache
-
-    def _cache_keyword(self) -> str:
-        """What the model's forward and generate call their cache: renamed in transformers 5.x."""
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-
-    def _score_prompts(self, batch: list[Request], input_ids, attention_mask) -> dict[int, float]:
-        """Each prompt's log-probability (by request key), every token given those before it, from forward
-        passes over the left-padded prompts, in groups whose logits stay under SCORING_LOGITS."""
-        model, device = self.model, self.model.device
-        group = max(1, SCORING_LOGITS // (input_ids.shape[1] * model.config.get_text_config().vocab_size))
-        sums: list[float] = []
-        for start in range(0, len(batch), group):
-            ids, mask = input_ids[start:start + group].to(device), attention_mask[start:start + group].to(device)
-            with torch.inference_mode():
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                               use_cache=False).logits
-                each = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
-                # position j predicts token j + 1; padding is on the left, so a real j has a real j + 1
-                sums += torch.where(mask[:, :-1] == 1, each, 0.0).sum(-1).tolist()
-        return {r.key: s for r, s in zip(batch, sums)}
-
-    def _score_choices(self, batch: list[Request], input_ids, attention_mask) -> dict[int, list[float]]:
-        """Each choice's log-probability given its row's prompt (by request key), as one forward pass
-        over prompt and choice gives it. The prompts run once; then, for each choice index, the
-        choices' tokens run on a copy of the prompts' KV cache (choices are short, prompts may not be)."""
-        model, device = self.model, self.model.device
-        parameters = inspect.signature(model.forward).parameters
-        cache = self._cache_keyword()
-        last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        rows = [i for i, r in enumerate(batch) if r.choices]
-        longest = max(len(ids) for i in rows for _, ids in batch[i].choices)
-        group = max(1, SCORING_LOGITS // (longest * model.config.get_text_config().vocab_size))
-        scores = {}
-        for start in range(0, len(rows), group):
-            part = rows[start:start + group]
-            choices = [[ids for _, ids in batch[i].choices] for i in part]
-            ids, mask = input_ids[part].to(device), attention_mask[part].to(device)
-            positions = mask.sum(-1, keepdim=True) + torch.arange(longest, device=device)
-            table = torch.zeros((len(part), max(map(len, choices))), device=device)
-            with torch.inference_mode():
-                prefill = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                use_cache=True, **last_only)
-                first = prefill.logits[:, -1].float().log_softmax(-1)
-                for j in range(table.shape[1]):  # the j-th choice of every row (padding where a row has fewer)
-                    tokens = torch.full((len(part), longest), self.pad_id, dtype=torch.long)
-                    for k, cs in enumerate(choices):
-                        if j < len(cs):
-                            tokens[k, :len(cs[j])] = torch.tensor(cs[j])
-                    length = torch.tensor([len(cs[j]) if j < len(cs) else 0 for cs in choices])
-                    seen = (torch.arange(longest) < length[:, None]).long().to(device)
-                    tokens = tokens.to(device)
-                    out = model(input_ids=tokens, attention_mask=torch.cat([mask, seen], 1), position_ids=positions,
-                                use_cache=True, **{cache: copy.deepcopy(getattr(prefill, cache))})
-                    table[:, j] = first.gather(1, tokens[:, :1]).squeeze(1)
-                    for t in range(1, longest):  # position t-1 predicts token t: one position at a time
-                        following = out.logits[:, t - 1].float().log_softmax(-1).gather(1, tokens[:, t:t + 1])
-                        table[:, j] += torch.where(seen[:, t] == 1, following.squeeze(1), 0.0)
-            for i, cs, row in zip(part, choices, table.tolist()):
-                scores[batch[i].key] = row[:len(cs)]
-        return scores
 
     def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:
         """Cut at EOS or the first stop string; tell `stop` from `length`; count true tokens."""

@@ -14,6 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import choice_oracle, varied_prompts
 from lmbatch import engine as engine_module
+from lmbatch import scoring
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import HFEngine, choose_attention, choose_kv_cache
 from lmbatch.interface import Request, SamplingParams
@@ -330,12 +331,12 @@ def assert_choices_scored_as_alone(engine, requests, completions):
         assert c.logprob == pytest.approx(expected[[t for t, _ in r.choices].index(c.text)], rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("scoring_logits", [engine_module.SCORING_LOGITS, 1])  # 1: rows scored one at a time
+@pytest.mark.parametrize("scoring_logits", [scoring.SCORING_LOGITS, 1])  # 1: rows scored one at a time
 def test_choices_get_the_models_log_probability_each(model_path, scoring_logits, monkeypatch):
     """With choices and logprobs, greedy or sampled, beside free rows: logprob is log P(answer | prompt),
     the EOS after it left out, and choice_logprobs holds every choice's, in the row's order (rows with
     choices of their own too), each as one forward pass over the prompt and that choice alone gives it."""
-    monkeypatch.setattr(engine_module, "SCORING_LOGITS", scoring_logits)
+    monkeypatch.setattr(scoring, "SCORING_LOGITS", scoring_logits)
     engine = make_engine(model_path, min_padding_efficiency=0, min_decode_efficiency=0)  # one micro-batch
     own = [labels(engine, "positive", "negative", "yes please"), labels(engine, "no", "yes"), ()]
     needed = max(len(ids) for cs in own for _, ids in cs) + 1  # as prepare sets it
@@ -347,14 +348,14 @@ def test_choices_get_the_models_log_probability_each(model_path, scoring_logits,
     assert_choices_scored_as_alone(engine, requests, got)
 
 
-@pytest.mark.parametrize("scoring_logits, max_new", [(engine_module.SCORING_LOGITS, 3), (1, 3),  # 1: a row at a time
-                                                     (engine_module.SCORING_LOGITS, 0)])  # 0: scored, not generated
+@pytest.mark.parametrize("scoring_logits, max_new", [(scoring.SCORING_LOGITS, 3), (1, 3),  # 1: a row at a time
+                                                     (scoring.SCORING_LOGITS, 0)])  # 0: scored, not generated
 def test_prompt_logprobs_are_the_models_for_each_prompt_alone(model_path, scoring_logits, max_new, monkeypatch):
     """generation.prompt_logprobs: each row's prompt_logprob is the sum of log P(token | the tokens before it)
     over its prompt after the first token, as one forward pass over the prompt alone gives it, whatever
     the left padding of its micro-batch (prompts of 1 to hundreds of tokens; two samples a row). With
     max_new_tokens 0 nothing is generated (and with logprobs, the empty text's logprob is 0)."""
-    monkeypatch.setattr(engine_module, "SCORING_LOGITS", scoring_logits)
+    monkeypatch.setattr(scoring, "SCORING_LOGITS", scoring_logits)
     engine = make_engine(model_path, max_batch_tokens=8192)
     params = SamplingParams(do_sample=True, num_return_sequences=2, prompt_logprobs=True, logprobs=True)
     prompts = [engine.tokenizer(p)["input_ids"] for p in varied_prompts(15, seed=2)] + [[5]]  # and one token alone
@@ -407,7 +408,7 @@ def test_choices_of_one_token_are_scored_at_the_first_step(model_path, do_sample
                             logprobs=True)
     requests = [Request(i, engine.tokenizer(p)["input_ids"], 2, params, seed=i, choices=own[i % 3])
                 for i, p in enumerate(varied_prompts(9, seed=9, max_words=20))]
-    monkeypatch.setattr(HFEngine, "_score_choices", None)  # fails if called
+    monkeypatch.setattr(engine_module, "score_choices", None)  # fails if called
     got = engine.generate(requests)
     assert engine.stats.micro_batches == 1 and len(got) == 9 * params.num_return_sequences
     assert_choices_scored_as_alone(engine, requests, got)
