@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from lmbatch.batching import decode_steps, padding_efficiency
-from lmbatch.interface import choose_kv_cache, identical_requests, padded_tokens, plan_requests, shared_prefix
+from lmbatch.interface import identical_requests, padded_tokens, plan_requests, shared_prefix
 from lmbatch.prepare import ERROR, NUM_PROMPT_TOKENS, load_tokenizer, prepare_chunk
 from lmbatch.replica import chunk_requests
 
@@ -43,9 +43,6 @@ def dry_run(plan) -> dict:
     lengths, errors, repeats, batches, steps, rows_seen = [], 0, 0, 0, 0, 0
     real = padded = largest = shared = sequence_tokens = 0
     first_prompt, error_examples = None, []
-    # as the replicas will: a shared prefix is computed once with the dynamic cache (CPU's; GPU's is static)
-    sharing = b.share_prefix and choose_kv_cache(plan.job.model.kv_cache, "cuda" if plan.job.cluster.gpus_per_replica
-                                                 else "cpu") == "dynamic"
     for chunk in plan.pending:
         if rows_seen >= SAMPLE_ROWS:
             break
@@ -70,7 +67,7 @@ def dry_run(plan) -> dict:
         largest = max([largest] + [padded_tokens([requests[i] for i in batch]) for batch in plan_])
         real += sum(chunk_lengths)
         padded += sum(chunk_lengths) / padding_efficiency(plan_, chunk_lengths) if plan_ else 0
-        for batch in plan_ if sharing else ():
+        for batch in plan_ if b.share_prefix else ():
             rows = [requests[i] for i in batch]
             shared += shared_prefix(rows) * (sum(r.params.num_return_sequences for r in rows) - 1)
             sequence_tokens += sum(len(r.prompt_ids) * r.params.num_return_sequences for r in rows)

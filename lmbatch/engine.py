@@ -218,9 +218,9 @@ class HFEngine:
         n = params.num_return_sequences
         most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
         prompts = self._layout(batch, 0)  # left-padded, as the prompts are scored
-        # with a static cache, which generate allocates per batch, nothing is shared
-        shared = shared_prefix(batch) if self.batching.share_prefix and self.kv_cache == "dynamic" else 0
-        cache = self._prefix_cache(batch[0].prompt_ids[:shared], len(batch) * n) if shared else None
+        shared = shared_prefix(batch) if self.batching.share_prefix else 0
+        cache = self._prefix_cache(batch[0].prompt_ids[:shared], len(batch) * n,
+                                   prompts[0].shape[1] + most) if shared else None
         if cache is None:
             shared = 0
         input_ids, attention_mask = self._layout(batch, shared) if shared else prompts
@@ -233,9 +233,9 @@ class HFEngine:
             do_sample=False, temperature=None, top_p=None, top_k=None,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
-            # A static cache is sized to this batch (longest prompt + most new tokens, what the planner
-            # budgets). No auto-compile: every micro-batch has another shape, each would recompile.
-            cache_implementation="static" if self.kv_cache == "static" else None,
+            # A static cache (generate's, or the shared prefix's) is sized to this batch (longest prompt + most
+            # new tokens, what the planner budgets). No auto-compile: every micro-batch has another shape.
+            cache_implementation="static" if self.kv_cache == "static" and cache is None else None,
             disable_compile=True,
         )
         device = self.model.device
@@ -321,10 +321,11 @@ class HFEngine:
             input_ids[i, width - len(rest):], attention_mask[i, width - len(rest):] = torch.tensor(rest), 1
         return input_ids, attention_mask
 
-    def _prefix_cache(self, prefix: list[int], sequences: int):
-        """The KV cache of a shared prefix, computed once and repeated for every sequence; None for a model
-        whose cache is more than plain attention's keys and values (sliding windows, recurrent states)."""
-        from transformers import DynamicCache
+    def _prefix_cache(self, prefix: list[int], sequences: int, length: int):
+        """The KV cache of a shared prefix, computed once and repeated for every sequence, in the engine's
+        kind of cache (a static one holds `length` tokens); None for a model whose cache is more than
+        plain attention's keys and values (sliding windows, recurrent states)."""
+        from transformers import DynamicCache, StaticCache
 
         cache = DynamicCache(config=self.model.config)
         if not cache.layers or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
@@ -332,8 +333,13 @@ class HFEngine:
         with torch.inference_mode():
             self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True,
                        **{cache_keyword(self.model): cache})
-        cache.batch_repeat_interleave(sequences)
-        return cache
+        if self.kv_cache == "dynamic":
+            cache.batch_repeat_interleave(sequences)
+            return cache
+        static = StaticCache(config=self.model.config, max_cache_len=length)
+        for layer, computed in zip(static.layers, cache.layers):  # written once per sequence, into its rows
+            layer.update(computed.keys.expand(sequences, -1, -1, -1), computed.values.expand(sequences, -1, -1, -1))
+        return static
 
     def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:
         """Cut at EOS or the first stop string; tell `stop` from `length`; count true tokens."""

@@ -182,7 +182,7 @@ def test_wheel_ships_the_configs(tmp_path):
 
 def test_a_dry_run_counts_the_prompt_tokens_micro_batches_share(tmp_path, capsys):
     """Prompts of one template, its instructions first: the dry run says how many prompt tokens the
-    planned micro-batches would compute once (none with batching.share_prefix=false)."""
+    planned micro-batches would compute once, whatever the KV cache (none with batching.share_prefix=false)."""
     from conftest import compose, varied_prompts, write_prompts
     from lmbatch.pipeline import run
 
@@ -199,5 +199,6 @@ def test_a_dry_run_counts_the_prompt_tokens_micro_batches_share(tmp_path, capsys
     assert shared >= 16 * (20 - micro_batches) > 0
     assert re.search(rf"prompt tokens shared within the planned micro-batches, computed once for each: {shared:,} "
                      r"of the [\d,]+ their sequences hold \(\d+%; batching.share_prefix\)", printed)
+    assert dry("model.kv_cache=static")[0] == shared  # the GPU default's cache shares them too
     unshared, printed = dry("batching.share_prefix=false")
     assert unshared == 0 and "prompt tokens shared" not in printed

@@ -187,10 +187,12 @@ def templated(engine, n: int, seed: int) -> list[list[int]]:
     return [engine.tokenizer(t)["input_ids"] for t in texts]
 
 
-def test_a_prefix_all_prompts_share_is_computed_once_and_changes_nothing(model_path):
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_a_prefix_all_prompts_share_is_computed_once_and_changes_nothing(model_path, kv_cache):
     """batching.share_prefix: prompts of one template get their common beginning computed once per
-    micro-batch; greedy, each row's completion is still model.generate's on its prompt alone."""
-    engine = make_engine(model_path)
+    micro-batch, into either kind of cache; greedy, each row's completion is still model.generate's on
+    its prompt alone."""
+    engine = make_engine(model_path, kv_cache)
     requests = [Request(i, ids, 1 + (5 * i) % 12) for i, ids in enumerate(templated(engine, 12, seed=3))]
     got = {c.key: c for c in engine.generate(requests)}
     assert engine.stats.shared_prefix_tokens >= 16 * (len(requests) - engine.stats.micro_batches)
@@ -199,8 +201,9 @@ def test_a_prefix_all_prompts_share_is_computed_once_and_changes_nothing(model_p
         assert (got[r.key].text, got[r.key].num_generated_tokens) == (expected.text, expected.num_generated_tokens)
 
 
-@pytest.mark.parametrize("kind", ["penalties", "sampled", "choices", "pattern"])
-def test_a_shared_prefix_changes_no_setting_of_a_row(model_path, kind):
+@pytest.mark.parametrize("kind, kv_cache", [("penalties", "dynamic"), ("sampled", "dynamic"), ("choices", "dynamic"),
+                                           ("pattern", "dynamic"), ("sampled", "static"), ("pattern", "static")])
+def test_a_shared_prefix_changes_no_setting_of_a_row(model_path, kind, kv_cache):
     """Every processor reads a row's generated tokens and padding right when the prefix is shared: the
     same completions as without sharing (each checked against its own oracle elsewhere)."""
     from lmbatch.config import GenerationOptions
@@ -212,7 +215,8 @@ def test_a_shared_prefix_changes_no_setting_of_a_row(model_path, kind):
               }.get(kind, SamplingParams(logprobs=True))
     results = []
     for share in (True, False):
-        engine = make_engine(model_path, share_prefix=share, min_padding_efficiency=0, min_decode_efficiency=0)
+        engine = make_engine(model_path, kv_cache, share_prefix=share, min_padding_efficiency=0,
+                             min_decode_efficiency=0)
         held = dict(choices=labels(engine, "yes", "no", "yes please")) if kind == "choices" else dict(
             pattern=pattern(GenerationOptions(regex="(yes|no), [a-z]{1,6}"))) if kind == "pattern" else {}
         requests = [Request(i, ids, 8, params, seed=i, **held) for i, ids in enumerate(templated(engine, 6, seed=4))]
