@@ -5,7 +5,7 @@ drift on the machine hits all alike, and are reported as ratios to the naive bas
 
     bucketed     lmbatch engine, length-bucketed micro-batches, in-process
     unshared     the same, without computing a prefix its prompts share once (batching.share_prefix=false):
-                 for workloads of one template (shared_prefix_tokens); not run unless asked for
+                 for templated workloads (shared_prefix_tokens, templates); not run unless asked for
     fixed        the same engine, input order, fixed batch size (the baseline)
     pipeline     transformers pipeline("text-generation", batch_size=B)
     continuous   transformers continuous batching (per-row max_new_tokens, explicitly sized cache)
@@ -58,6 +58,8 @@ class BenchmarkConfig:
     shared_prefix_tokens: int = 0
     """Tokens of instructions every prompt begins with, before its own text (one template's prompts); the
     prompt lengths above are then those of the texts after them. 0: none."""
+    templates: int = 1
+    """Distinct instructions of shared_prefix_tokens each (a job mixing templates): rows take them in turn."""
     seed: int = 0
     """Seed of the synthetic workload and the model's random weights."""
     repeats: int = 1
@@ -138,9 +140,11 @@ def build_workload(cfg: BenchmarkConfig, tokenizer) -> tuple[list[str], list[lis
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     heading = random.Random(cfg.seed + 1)  # its own stream: the rows are the same with a prefix or without
-    instructions = tokenizer.decode([heading.choice(vocab) for _ in range(cfg.shared_prefix_tokens)])
+    templates = [tokenizer.decode([heading.choice(vocab) for _ in range(cfg.shared_prefix_tokens)])
+                 for _ in range(cfg.templates)]
     texts, ids, new = [], [], []
-    for _ in range(cfg.num_prompts):
+    for row in range(cfg.num_prompts):
+        instructions = templates[row % cfg.templates]
         n = int(rng.lognormvariate(math.log(cfg.median_prompt_tokens), 1.0))
         n = min(cfg.max_prompt_tokens, max(cfg.min_prompt_tokens, n))
         text = tokenizer.decode([rng.choice(vocab) for _ in range(n)])

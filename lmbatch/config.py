@@ -276,7 +276,8 @@ class BatchingConfig:
     """Rows per micro-batch with strategy=fixed."""
     share_prefix: bool = True
     """Compute the tokens all prompts of a micro-batch begin with (a template's instructions, a system
-    prompt; 16 or more) once, for all its rows, into either kind of KV cache (model.kv_cache)."""
+    prompt; 16 or more) once, for all its rows, into either kind of KV cache (model.kv_cache); the rows of
+    each template of a job that mixes them are bucketed apart, to share theirs (`interface.prefix_groups`)."""
     chunk_rows: int = 4096
     """Rows in one unit of work: read, bucketed, generated and committed as one output file together,
     so also the window the planner buckets (larger: wider micro-batches, fewer decode steps).

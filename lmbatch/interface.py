@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import zlib
@@ -88,21 +89,52 @@ class EngineStats:
 
 def plan_requests(batching: BatchingConfig, requests: Sequence[Request]) -> list[list[int]]:
     """The planner's micro-batches (indices into `requests`): rows with other sampling settings never
-    share one, and a row sampled num_return_sequences times is that many sequences."""
+    share one, a row sampled num_return_sequences times is that many sequences, and with
+    batching.share_prefix the prompts of one beginning are bucketed apart (`prefix_groups`)."""
+    keys: list = [r.params for r in requests]
+    if batching.share_prefix and batching.strategy == "bucketed":
+        keys = list(zip(keys, prefix_groups(requests, batching.max_batch_rows)))
     return batching.plan([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
-                         group_keys=[r.params for r in requests],
-                         sequences=[r.params.num_return_sequences for r in requests])
+                         group_keys=keys, sequences=[r.params.num_return_sequences for r in requests])
+
+
+SHARED_PREFIX_MIN_TOKENS = 16
+"""The fewest tokens all prompts of a micro-batch must begin with to be computed once for all of them:
+below it the saving is too small to be worth a forward pass of its own."""
+
+
+PREFIX_GROUP_MIN_SHARE = 0.25
+"""The least share of a group's prompt tokens that its prompts must all begin with for the group to be
+bucketed apart: below it, sharing saves too little prefill for the decode steps that its micro-batches
+of its own add (what a GPU's time goes by)."""
+
+
+def prefix_groups(requests: Sequence[Request], min_sequences: int) -> list[Optional[tuple[int, ...]]]:
+    """Each request's group of prompts that begin alike, to be bucketed apart so that a job mixing
+    templates (or system prompts) gets micro-batches that share their beginning (`shared_prefix`),
+    where ordering by length alone would mix the templates and share nothing: the prompt's first
+    SHARED_PREFIX_MIN_TOKENS tokens, where at least `min_sequences` sequences' prompts begin with
+    them (enough to fill a micro-batch of their own) and all of them begin with at least
+    PREFIX_GROUP_MIN_SHARE of their tokens in common; else None (planned together, as before)."""
+    beginnings = [tuple(r.prompt_ids[:SHARED_PREFIX_MIN_TOKENS]) if len(r.prompt_ids) > SHARED_PREFIX_MIN_TOKENS
+                  else None for r in requests]
+    members = collections.defaultdict(list)
+    for beginning, r in zip(beginnings, requests):
+        members[beginning].append(r)
+
+    def apart(group: list[Request]) -> bool:
+        common = len(os.path.commonprefix([r.prompt_ids for r in group]))
+        return (sum(r.params.num_return_sequences for r in group) >= min_sequences
+                and common * len(group) >= PREFIX_GROUP_MIN_SHARE * sum(len(r.prompt_ids) for r in group))
+
+    kept = {b for b, group in members.items() if b is not None and apart(group)}
+    return [b if b in kept else None for b in beginnings]
 
 
 def padded_tokens(batch: Sequence[Request]) -> int:
     """Tokens a micro-batch of these requests computes (`batching.padded_size`): what the budget holds."""
     return padded_size(sum(r.params.num_return_sequences for r in batch), max(len(r.prompt_ids) for r in batch),
                        max(r.max_new_tokens for r in batch))
-
-
-SHARED_PREFIX_MIN_TOKENS = 16
-"""The fewest tokens all prompts of a micro-batch must begin with to be computed once for all of them:
-below it the saving is too small to be worth a forward pass of its own."""
 
 
 def shared_prefix(batch: Sequence[Request]) -> int:

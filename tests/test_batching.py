@@ -1,10 +1,14 @@
 """The pure planner: every row exactly once, budget and caps respected, ordering by length."""
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmbatch.batching import decode_steps, padded_size, padding_efficiency, plan_micro_batches
-from lmbatch.interface import Completion, Request, SamplingParams, identical_requests, with_repeats
+from lmbatch.config import BatchingConfig
+from lmbatch.interface import (Completion, Request, SamplingParams, identical_requests, plan_requests, prefix_groups,
+                               shared_prefix, with_repeats)
 
 
 def test_bucketed_orders_by_length_and_respects_budget():
@@ -85,6 +89,30 @@ def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff, min_d
             assert padded_size(seqs, max(lengths[i] for i in b), max(new[i] for i in b)) <= budget
             assert sum(lengths[i] for i in b) >= min_eff * len(b) * max(lengths[i] for i in b) - 1e-9
             assert sum(new[i] for i in b) >= min_decode * len(b) * max(new[i] for i in b) - 1e-9
+
+
+def test_prompts_of_one_beginning_are_bucketed_apart_when_they_fill_a_micro_batch():
+    """batching.share_prefix: rows of two templates, of lengths that interleave, each get micro-batches of
+    their own, so every micro-batch shares its template's instructions; a template with too few rows to
+    fill a micro-batch, or whose instructions are little of its prompts, stays with the rest. Without sharing,
+    length alone orders the rows."""
+    rng = random.Random(0)
+    templates = [list(range(100 * t, 100 * t + 20)) for t in (1, 2, 3)]  # 20-token instructions each
+    texts = [[rng.randrange(1000) for _ in range(rng.randint(1, 60))] for _ in range(40)]
+    requests = [Request(i, templates[2 if i >= 36 else i % 2] + text, rng.randint(4, 8)) for i, text in enumerate(texts)]
+    groups = prefix_groups(requests, 8)
+    assert groups[:36] == [tuple(templates[i % 2][:16]) for i in range(36)] and groups[36:] == [None] * 4
+    assert prefix_groups([Request(0, templates[0][:16], 4)] * 9, 8) == [None] * 9  # nothing of its own after it
+    long_texts = [Request(i, templates[0] + [i] * 61, 4) for i in range(9)]  # 20 of 81 tokens in common: < 1/4
+    assert prefix_groups(long_texts, 8) == [None] * 9
+    assert prefix_groups([Request(i, templates[0] + [i] * 59, 4) for i in range(9)], 8)[0]  # 20 of 79: > 1/4
+
+    def shared(share_prefix):
+        batching = BatchingConfig(max_batch_rows=8, share_prefix=share_prefix)
+        return [shared_prefix([requests[i] for i in b]) for b in plan_requests(batching, requests) if len(b) > 1]
+
+    assert min(shared(True)) >= 16
+    assert min(shared(False)) == 0
 
 
 def test_a_greedy_row_equal_to_an_earlier_one_is_generated_once():

@@ -34,10 +34,11 @@ def test_benchmark_job_compares_every_variant(tmp_path, short_tmp_path):
 
 @pytest.mark.slow
 def test_templated_preset_compares_sharing_a_prefix_with_not(tmp_path):
-    """preset=templated at a toy size: prompts of one template, the engine with and without computing their
+    """preset=templated at a toy size: prompts of two templates, the engine with and without computing their
     shared instructions once; the same greedy texts either way."""
     done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=templated", "model_shape=tiny",
-                           "num_prompts=16", "max_prompt_tokens=64", "shared_prefix_tokens=40", "repeats=1",
+                           "num_prompts=16", "max_prompt_tokens=64", "shared_prefix_tokens=40", "templates=2",
+                           "batching.max_batch_rows=4", "repeats=1",
                            f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
