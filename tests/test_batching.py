@@ -99,7 +99,8 @@ def test_prompts_of_one_beginning_are_bucketed_apart_when_they_fill_a_micro_batc
     rng = random.Random(0)
     templates = [list(range(100 * t, 100 * t + 20)) for t in (1, 2, 3)]  # 20-token instructions each
     texts = [[rng.randrange(1000) for _ in range(rng.randint(1, 60))] for _ in range(40)]
-    requests = [Request(i, templates[2 if i >= 36 else i % 2] + text, rng.randint(4, 8)) for i, text in enumerate(texts)]
+    requests = [Request(i, templates[2 if i >= 36 else i % 2] + text, rng.randint(4, 8))
+                for i, text in enumerate(texts)]
     groups = prefix_groups(requests, 8)
     assert groups[:36] == [tuple(templates[i % 2][:16]) for i in range(36)] and groups[36:] == [None] * 4
     assert prefix_groups([Request(0, templates[0][:16], 4)] * 9, 8) == [None] * 9  # nothing of its own after it
