@@ -27,6 +27,9 @@ PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_
                       "stop": "strings", "seed": "integer", "choices": "strings", "json_schema": "string",
                       "regex": "string"}
 """Generation settings a row may override through input.param_columns, and the kind of value each takes."""
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token generation.top_logprobs may ask for (OpenAI's and vLLM's default limit):
+each is a struct in the output, per generated token."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -216,6 +219,10 @@ class GenerationOptions:
     (before repetition penalty, temperature, top-k/top-p or choices). Rows with choices also get
     `choice_logprobs`: each choice's log-probability given the prompt (free for choices of one token
     each; longer ones cost one more forward pass over the prompt)."""
+    top_logprobs: int = 0
+    """With logprobs, add a `token_logprobs` column: each counted token's id, text and log-probability,
+    with the `top_logprobs` likeliest tokens at its step and theirs (OpenAI's and vLLM's top_logprobs,
+    for token-level confidence or a teacher's distributions to distill from). 0: none; at most 20."""
     prompt_logprobs: bool = False
     """Add a `prompt_logprob` column: the log-probability the model gives each row's prompt, every token
     given those before it (the first, which has none, left out), as vLLM's prompt_logprobs summed; the
@@ -252,6 +259,10 @@ class GenerationOptions:
         held = [name for name in ("choices", "json_schema", "regex") if getattr(self, name) not in (None, [])]
         if len(held) > 1:
             raise ConfigError(f"generation.{held[0]} and generation.{held[1]} both say what a text may be: set one")
+        _require(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                 f"generation.top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        _require(self.logprobs or not self.top_logprobs,
+                 "generation.top_logprobs needs generation.logprobs=true (as in OpenAI's API)")
         _require(self.num_return_sequences >= 1,
                  f"generation.num_return_sequences must be >= 1, got {self.num_return_sequences}")
         _require(self.num_return_sequences == 1 or self.do_sample,

@@ -73,6 +73,7 @@ class HFEngine:
         self.stats = EngineStats()
         self.rows_failed_alone = 0  # not out of memory: with none done yet, many say the engine is broken
         self._indexes: Optional[Indexes] = None  # the compiled patterns of structured output, made on first use
+        self._spellings: dict[int, str] = {}  # token id -> its text alone, for generation.top_logprobs
 
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
@@ -244,8 +245,8 @@ class HFEngine:
         # Choices of one token each (labels, in a real vocabulary, mostly are) are all scored at the first
         # step, from the scores generate computes anyway; longer ones need forward passes of their own.
         at_first_step = scored and all(len(ids) == 1 for r in batch for _, ids in r.choices)
-        logprobs = TokenLogprobs(torch.tensor(first_tokens(batch, n), device=device) if at_first_step else None
-                                 ) if params.logprobs else None
+        logprobs = TokenLogprobs(torch.tensor(first_tokens(batch, n), device=device) if at_first_step else None,
+                                 params.top_logprobs) if params.logprobs else None
         if logprobs:
             processors.append(logprobs.first)
         if params.repetition_penalty != 1.0:
@@ -283,6 +284,7 @@ class HFEngine:
                   steps, time.perf_counter() - start)
 
         token_logprobs = logprobs.per_sequence() if logprobs else None
+        top_logprobs = logprobs.top_per_sequence() if logprobs else None
         completions = []
         for i, r in enumerate(batch):
             for s in range(n):
@@ -291,7 +293,11 @@ class HFEngine:
                 if logprobs:  # the tokens counted, less an EOS that ended the row
                     counted = c.num_generated_tokens - (c.num_generated_tokens > 0 and
                                                         tokens[c.num_generated_tokens - 1] in self.eos_ids)
-                    c.logprob = sum(token_logprobs[i * n + s][:counted]) if counted else 0.0
+                    counted_logprobs = token_logprobs[i * n + s][:counted] if counted else []
+                    c.logprob = sum(counted_logprobs, 0.0)
+                    if params.top_logprobs:
+                        c.token_logprobs = self._token_logprobs(tokens, counted_logprobs, top_logprobs[i * n + s]
+                                                                if counted else [])
                 completions.append(c)
         if params.prompt_logprobs:
             prompt_scores = score_prompts(self.model, batch, *prompts)
@@ -371,6 +377,19 @@ class HFEngine:
             else:
                 lo = mid + 1
         return lo
+
+    def _token_logprobs(self, tokens: list[int], logprobs: list[float], tops: list) -> list[dict]:
+        """generation.top_logprobs of a sequence's counted tokens (as many as `logprobs`), each with the
+        likeliest tokens at its step, (log-probabilities, ids) in `tops`."""
+        return [{**self._token(t, lp), "top_logprobs": [self._token(i, v) for v, i in zip(*top)]}
+                for t, lp, top in zip(tokens, logprobs, tops)]
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        """A token of generation.top_logprobs: its id, its text alone (special tokens spelled out), its logprob."""
+        text = self._spellings.get(token_id)
+        if text is None:
+            text = self._spellings[token_id] = self.tokenizer.decode([token_id])
+        return {"token_id": token_id, "token": text, "logprob": logprob}
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -30,6 +30,8 @@ class SamplingParams:
     num_return_sequences: int = 1
     logprobs: bool = False
     """Record each row's log-probability (generation.logprobs); the same for every row of a job."""
+    top_logprobs: int = 0
+    """Record each token's and its step's likeliest tokens' log-probabilities (generation.top_logprobs)."""
     prompt_logprobs: bool = False
     """Record each prompt's log-probability (generation.prompt_logprobs); the same for every row of a job."""
 
@@ -63,6 +65,9 @@ class Completion:
     """With generation.logprobs, for a row with choices: each choice's log-probability given the prompt."""
     prompt_logprob: Optional[float] = None
     """With generation.prompt_logprobs: the model's log-probability of the prompt, each token given those before."""
+    token_logprobs: Optional[list[dict]] = None
+    """With generation.top_logprobs: per counted token, {token_id, token, logprob, top_logprobs: [{token_id,
+    token, logprob}, ...]}, the likeliest tokens at its step, likeliest first."""
 
 
 FAILED_IN_GENERATION = ("out of memory", "generation failed", "crashed")

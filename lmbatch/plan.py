@@ -139,11 +139,11 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # revision and adapter, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
                   if k != "kv_cache" and not (k in ("revision", "adapter") and v is None)},
-        # choices, logprobs, the OpenAI penalties, json_schema, regex and prompt_logprobs, added later, count
-        # when set (jobs from before them keep their fingerprint; an empty schema, any JSON, is set)
+        # choices, logprobs, the OpenAI penalties, json_schema, regex, prompt_logprobs and top_logprobs, added
+        # later, count when set (jobs from before them keep their fingerprint; an empty schema, any JSON, is set)
         "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
                        if not (k in ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema",
-                                     "regex", "prompt_logprobs") and v in (None, [], False, 0))},
+                                     "regex", "prompt_logprobs", "top_logprobs") and v in (None, [], False, 0))},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later

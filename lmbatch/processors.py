@@ -192,7 +192,8 @@ class TokenLogprobs:
     token generate picks is the argmax of the scores it returns (decoding is greedy: the sampler leaves
     only its draw). No processor changes the picked token's score in place (Choices restores the scores
     of the tokens it keeps), so it is read from the kept scores without a copy of them. At the first
-    step it also keeps the log-probabilities of `candidates` (sequences x k token ids), if given."""
+    step it also keeps the log-probabilities of `candidates` (sequences x k token ids), if given, and
+    at every step those of the `top` likeliest tokens (generation.top_logprobs)."""
 
     class _Hook(LogitsProcessor):
         def __init__(self, see):
@@ -202,16 +203,20 @@ class TokenLogprobs:
             self.see(scores)
             return scores
 
-    def __init__(self, candidates: Optional[torch.Tensor] = None):
+    def __init__(self, candidates: Optional[torch.Tensor] = None, top: int = 0):
         self.first, self.last = self._Hook(self._keep), self._Hook(self._take)
         self.scores = self.normalizer = None
         self.steps: list = []  # per decode step, each sequence's log-probability of its token
         self.candidates, self.first_step = candidates, None
+        self.top, self.top_steps = top, []  # per decode step, (log-probabilities, ids) of the likeliest tokens
 
     def _keep(self, scores):
         self.scores, self.normalizer = scores, torch.logsumexp(scores.float(), dim=-1)
         if self.candidates is not None and not self.steps:
             self.first_step = scores.float().gather(1, self.candidates) - self.normalizer[:, None]
+        if self.top:
+            values, ids = scores.topk(self.top, dim=-1)
+            self.top_steps.append((values.float() - self.normalizer[:, None], ids))
 
     def _take(self, final):
         chosen = final.argmax(dim=-1, keepdim=True)
@@ -220,6 +225,13 @@ class TokenLogprobs:
 
     def per_sequence(self) -> list[list[float]]:
         return torch.stack(self.steps, dim=1).tolist() if self.steps else []
+
+    def top_per_sequence(self) -> list[list[tuple[list[float], list[int]]]]:
+        """Each sequence's likeliest tokens at each step: (their log-probabilities, their ids)."""
+        if not self.top_steps:
+            return []
+        values, ids = (torch.stack(x, dim=1).tolist() for x in zip(*self.top_steps))
+        return [list(zip(v, i)) for v, i in zip(values, ids)]
 
 
 def first_tokens(batch: list[Request], n: int) -> list[list[int]]:

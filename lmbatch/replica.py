@@ -42,6 +42,9 @@ SAMPLE_INDEX = pa.field("sample_index", pa.int64())
 LOGPROB = pa.field("logprob", pa.float64())
 CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
 PROMPT_LOGPROB = pa.field("prompt_logprob", pa.float64())
+_TOKEN = [("token_id", pa.int64()), ("token", pa.string()), ("logprob", pa.float64())]
+TOKEN_LOGPROBS = pa.field("token_logprobs",
+                          pa.list_(pa.struct([*_TOKEN, ("top_logprobs", pa.list_(pa.struct(_TOKEN)))])))
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
@@ -73,6 +76,8 @@ def output_columns(job: JobConfig) -> list[pa.Field]:
         columns.append(LOGPROB)
         if g.choices or "choices" in job.input.param_columns:  # rows with choices, maybe all
             columns.append(CHOICE_LOGPROBS)
+        if g.top_logprobs:
+            columns.append(TOKEN_LOGPROBS)
     if g.prompt_logprobs:
         columns.append(PROMPT_LOGPROB)
     if job.output.parse_json:
@@ -108,7 +113,7 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
     return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
                           frequency_penalty=g.frequency_penalty, stop=tuple(g.stop),
                           num_return_sequences=g.num_return_sequences, logprobs=g.logprobs,
-                          prompt_logprobs=g.prompt_logprobs)
+                          top_logprobs=g.top_logprobs, prompt_logprobs=g.prompt_logprobs)
 
 
 def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
@@ -300,6 +305,7 @@ class Replica:
             "sample_index": [c.sample_index for c in done],
             "logprob": [c.logprob for c in done],
             "choice_logprobs": [c.choice_logprobs for c in done],
+            "token_logprobs": [c.token_logprobs for c in done],
             "prompt_logprob": [c.prompt_logprob for c in done],
         }
         for f in self.columns:

@@ -78,6 +78,8 @@ def test_wrong_type_fails():
 @pytest.mark.parametrize("override,message", [
     ("generation.max_new_tokens=-3", "max_new_tokens must be >= 1"),
     ("generation.max_new_tokens=0", "max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs"),
+    ("generation.top_logprobs=3", "generation.top_logprobs needs generation.logprobs=true"),
+    ("generation.top_logprobs=21", "generation.top_logprobs must be in [0, 20], got 21"),
     ("generation.top_p=0", "top_p must be in (0, 1]"),
     ("generation.top_p=1.5", "top_p must be in (0, 1]"),
     ("generation.temperature=-0.5", "temperature must be >= 0"),

@@ -252,10 +252,19 @@ def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_lla
     out = tmp_path / "out"
     run(compose(f"input.path={path}", f"output.path={out}", f"model.path={tiny_llama}", "cluster.num_replicas=1",
                 "generation.max_new_tokens=40", "input.param_columns=[regex,json_schema]",
-                f"generation.json_schema='{json.dumps(schema)}'", "output.parse_json=true"))
+                f"generation.json_schema='{json.dumps(schema)}'", "output.parse_json=true",
+                "generation.logprobs=true", "generation.top_logprobs=2"))
     table = pq.read_table(out)
     assert table.schema.field("generated_json").type == pa.struct([("label", pa.string()), ("sure", pa.bool_())])
     rows = table.to_pylist()
+    # generation.top_logprobs: the text's tokens, each with the model's two likeliest at its step (values: test_engine)
+    for row in rows[:2] + rows[3:4]:
+        tokens = row["token_logprobs"]
+        assert "".join(t["token"] for t in tokens) == row["generated_text"]
+        assert len(tokens) == row["num_generated_tokens"] - 1  # the EOS that ended it left out
+        assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= t["top_logprobs"][0]["logprob"] for t in tokens)
+        assert sum(t["logprob"] for t in tokens) == pytest.approx(row["logprob"], abs=1e-4)
+    assert rows[2]["token_logprobs"] is None
     answer = json.loads(rows[0]["generated_text"])
     assert set(answer) == {"label", "sure"} and answer["label"] in ("yes", "no")
     # the job's schema types generated_json: a row held to another one's text does not fit it

@@ -17,7 +17,7 @@ from lmbatch import engine as engine_module
 from lmbatch import scoring
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import HFEngine, choose_attention, choose_kv_cache
-from lmbatch.interface import Request, SamplingParams
+from lmbatch.interface import Completion, Request, SamplingParams
 from lmbatch.processors import PerRowSampler, RepetitionPenalty
 
 
@@ -310,6 +310,36 @@ def test_logprobs_are_the_models_own_for_each_row_as_alone(model_path, repetitio
     assert {"stop", "length"} <= {c.finish_reason for c in got.values()}
 
 
+def test_top_logprobs_are_each_steps_likeliest_tokens_as_alone(model_path):
+    """generation.top_logprobs, batched, sampled or not: each counted token's id, text and log-probability, and
+    the likeliest tokens at its step with theirs, are those of the model's raw logits on the prompt alone
+    (through the row's own tokens); the tokens' logprobs add up to the row's logprob."""
+    engine = make_engine(model_path, max_batch_tokens=4096)
+    requests = [Request(i, engine.tokenizer(p)["input_ids"], 2 + (5 * i) % 14,
+                        SamplingParams(do_sample=i % 2 == 1, temperature=1.5, stop=("e",) if i % 3 == 0 else (),
+                                       logprobs=True, top_logprobs=3), seed=i)
+                for i, p in enumerate(varied_prompts(12, seed=5, max_words=60))]
+    got = {c.key: c for c in engine.generate(requests)}
+    for r in requests:
+        c = got[r.key]
+        tokens = [t["token_id"] for t in c.token_logprobs]
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([r.prompt_ids + tokens])).logits[0, len(r.prompt_ids) - 1:-1]
+        # the counted tokens: the text's, less an EOS that ended the row
+        assert tokens and engine._finish(r, 0, tokens).text == c.text
+        assert c.num_generated_tokens - 1 <= len(tokens) <= c.num_generated_tokens
+        for t, logprobs in zip(c.token_logprobs, torch.log_softmax(logits, -1)):
+            assert t["token"] == engine.tokenizer.decode([t["token_id"]])
+            assert t["logprob"] == pytest.approx(logprobs[t["token_id"]].item(), abs=1e-4)
+            top = logprobs.topk(3)
+            assert [u["logprob"] for u in t["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+            for u in t["top_logprobs"]:  # ids as listed (two tokens that tie may come in either order)
+                assert u["logprob"] == pytest.approx(logprobs[u["token_id"]].item(), abs=1e-4)
+                assert u["token"] == engine.tokenizer.decode([u["token_id"]])
+        assert sum(t["logprob"] for t in c.token_logprobs) == pytest.approx(c.logprob, abs=1e-4)
+    assert {"stop", "length"} <= {c.finish_reason for c in got.values()}
+
+
 def choice_logprob_alone(model, prompt_ids, choice_ids) -> float:
     """The oracle of a choice's log-probability: one forward pass over the prompt and the choice alone."""
     with torch.no_grad():
@@ -430,18 +460,14 @@ def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     assert tokenizer_eos not in (3, 4) and engine.eos_ids == {3, 4, tokenizer_eos}
     r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
     for eos in (3, 4, tokenizer_eos):
-        assert engine._finish(r, 0, [11, 12, eos, 13]).__dict__ == dict(
-            key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop",
-            error=None, logprob=None, choice_logprobs=None, prompt_logprob=None)
+        assert engine._finish(r, 0, [11, 12, eos, 13]) == Completion(0, 0, engine._decode([11, 12]), 3, "stop")
 
 
 def test_eos_ends_a_row_with_stop(tiny_llama):
     engine = make_engine(tiny_llama)
     eos = next(iter(engine.eos_ids))
     r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
-    assert engine._finish(r, 0, [11, 12, eos, engine.pad_id]).__dict__ == dict(
-        key=0, sample_index=0, text=engine._decode([11, 12]), num_generated_tokens=3, finish_reason="stop", error=None,
-        logprob=None, choice_logprobs=None, prompt_logprob=None)
+    assert engine._finish(r, 0, [11, 12, eos, engine.pad_id]) == Completion(0, 0, engine._decode([11, 12]), 3, "stop")
 
 
 def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
