@@ -19,11 +19,12 @@ import logging
 import time
 from typing import Callable, Optional, Sequence
 
+import pyarrow as pa
 import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
-                               row_seed, shared_prefix)
+from lmbatch.interface import (TOKEN_LOGPROB, TOP_LOGPROB, Completion, EngineStats, Request, choose_kv_cache,
+                               padded_tokens, plan_requests, row_seed, shared_prefix)
 from lmbatch.models import ending_ids, special_tokens_only, tokenizer_source
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
@@ -73,7 +74,7 @@ class HFEngine:
         self.stats = EngineStats()
         self.rows_failed_alone = 0  # not out of memory: with none done yet, many say the engine is broken
         self._indexes: Optional[Indexes] = None  # the compiled patterns of structured output, made on first use
-        self._spellings: dict[int, str] = {}  # token id -> its text alone, for generation.top_logprobs
+        self._spellings: Optional[pa.Array] = None  # each token's text alone, for generation.top_logprobs
 
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
@@ -284,7 +285,7 @@ class HFEngine:
                   steps, time.perf_counter() - start)
 
         token_logprobs = logprobs.per_sequence() if logprobs else None
-        top_logprobs = logprobs.top_per_sequence() if logprobs else None
+        top_logprobs = logprobs.top_per_sequence(len(new_tokens)) if params.top_logprobs else None
         completions = []
         for i, r in enumerate(batch):
             for s in range(n):
@@ -296,8 +297,8 @@ class HFEngine:
                     counted_logprobs = token_logprobs[i * n + s][:counted] if counted else []
                     c.logprob = sum(counted_logprobs, 0.0)
                     if params.top_logprobs:
-                        c.token_logprobs = self._token_logprobs(tokens, counted_logprobs, top_logprobs[i * n + s]
-                                                                if counted else [])
+                        c.token_logprobs = self._token_logprobs(tokens[:counted], counted_logprobs,
+                                                                *(top[i * n + s, :counted] for top in top_logprobs))
                 completions.append(c)
         if params.prompt_logprobs:
             prompt_scores = score_prompts(self.model, batch, *prompts)
@@ -378,18 +379,21 @@ class HFEngine:
                 lo = mid + 1
         return lo
 
-    def _token_logprobs(self, tokens: list[int], logprobs: list[float], tops: list) -> list[dict]:
-        """generation.top_logprobs of a sequence's counted tokens (as many as `logprobs`), each with the
-        likeliest tokens at its step, (log-probabilities, ids) in `tops`."""
-        return [{**self._token(t, lp), "top_logprobs": [self._token(i, v) for v, i in zip(*top)]}
-                for t, lp, top in zip(tokens, logprobs, tops)]
+    def _token_logprobs(self, tokens: list[int], logprobs: list[float], top_logprobs, top_ids) -> pa.StructArray:
+        """generation.top_logprobs of a sequence's counted tokens: TOKEN_LOGPROBs, each with the likeliest
+        tokens at its step (`top_logprobs`, `top_ids`: tokens x top)."""
+        offsets = pa.array(range(0, top_ids.size + 1, top_ids.shape[1]), pa.int32())
+        top = pa.ListArray.from_arrays(offsets, self._tokens(top_ids.ravel(), top_logprobs.ravel()))
+        return pa.StructArray.from_arrays([*self._tokens(tokens, logprobs).flatten(), top], fields=list(TOKEN_LOGPROB))
 
-    def _token(self, token_id: int, logprob: float) -> dict:
-        """A token of generation.top_logprobs: its id, its text alone (special tokens spelled out), its logprob."""
-        text = self._spellings.get(token_id)
-        if text is None:
-            text = self._spellings[token_id] = self.tokenizer.decode([token_id])
-        return {"token_id": token_id, "token": text, "logprob": logprob}
+    def _tokens(self, ids, logprobs) -> pa.StructArray:
+        """TOP_LOGPROBs: the tokens' ids, each one's text alone (special tokens spelled out), their logprobs."""
+        if self._spellings is None:  # every token's text, once: a column of them is then a take
+            size = max(len(self.tokenizer), getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0)
+            self._spellings = pa.array(self.tokenizer.batch_decode([[i] for i in range(size)]), pa.string())
+        ids = pa.array(ids, pa.int64())
+        return pa.StructArray.from_arrays([ids, self._spellings.take(ids), pa.array(logprobs, pa.float64())],
+                                          fields=list(TOP_LOGPROB))
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

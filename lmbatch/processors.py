@@ -226,12 +226,13 @@ class TokenLogprobs:
     def per_sequence(self) -> list[list[float]]:
         return torch.stack(self.steps, dim=1).tolist() if self.steps else []
 
-    def top_per_sequence(self) -> list[list[tuple[list[float], list[int]]]]:
-        """Each sequence's likeliest tokens at each step: (their log-probabilities, their ids)."""
+    def top_per_sequence(self, sequences: int):
+        """The likeliest tokens at each step: (their log-probabilities, their ids), numpy arrays of
+        sequences x steps x top."""
         if not self.top_steps:
-            return []
-        values, ids = (torch.stack(x, dim=1).tolist() for x in zip(*self.top_steps))
-        return [list(zip(v, i)) for v, i in zip(values, ids)]
+            empty = torch.zeros(sequences, 0, self.top)
+            return empty.numpy(), empty.long().numpy()
+        return tuple(torch.stack(x, dim=1).cpu().numpy() for x in zip(*self.top_steps))
 
 
 def first_tokens(batch: list[Request], n: int) -> list[list[int]]:

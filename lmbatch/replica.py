@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 from lmbatch import prepare as P
 from lmbatch import structured
 from lmbatch.config import GenerationOptions, JobConfig
-from lmbatch.interface import Completion, Request, SamplingParams, identical_requests, row_seed, with_repeats
+from lmbatch.interface import (TOKEN_LOGPROB, Completion, Request, SamplingParams, identical_requests, list_column,
+                               row_seed, with_repeats)
 from lmbatch.output import OutputDir, with_part_metadata
 from lmbatch.report import LiveReporter
 
@@ -42,9 +43,7 @@ SAMPLE_INDEX = pa.field("sample_index", pa.int64())
 LOGPROB = pa.field("logprob", pa.float64())
 CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
 PROMPT_LOGPROB = pa.field("prompt_logprob", pa.float64())
-_TOKEN = [("token_id", pa.int64()), ("token", pa.string()), ("logprob", pa.float64())]
-TOKEN_LOGPROBS = pa.field("token_logprobs",
-                          pa.list_(pa.struct([*_TOKEN, ("top_logprobs", pa.list_(pa.struct(_TOKEN)))])))
+TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(TOKEN_LOGPROB))
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
@@ -305,12 +304,13 @@ class Replica:
             "sample_index": [c.sample_index for c in done],
             "logprob": [c.logprob for c in done],
             "choice_logprobs": [c.choice_logprobs for c in done],
-            "token_logprobs": [c.token_logprobs for c in done],
             "prompt_logprob": [c.prompt_logprob for c in done],
         }
         for f in self.columns:
             if f.name == "generated_json":  # parsed from the answers, a value that does not fit the type null
                 out = out.append_column(f, structured.parsed_column(texts, f.type))
+            elif f.name == "token_logprobs":
+                out = out.append_column(f, list_column([c.token_logprobs for c in done], TOKEN_LOGPROB))
             else:
                 out = out.append_column(f, pa.array(values[f.name], f.type))
         truncated = sum(len(r.prompt_ids) < prompt_tokens[r.key] for r in requests)

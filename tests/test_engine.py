@@ -322,13 +322,14 @@ def test_top_logprobs_are_each_steps_likeliest_tokens_as_alone(model_path):
     got = {c.key: c for c in engine.generate(requests)}
     for r in requests:
         c = got[r.key]
-        tokens = [t["token_id"] for t in c.token_logprobs]
+        entries = c.token_logprobs.to_pylist()
+        tokens = [t["token_id"] for t in entries]
         with torch.no_grad():
             logits = engine.model(torch.tensor([r.prompt_ids + tokens])).logits[0, len(r.prompt_ids) - 1:-1]
         # the counted tokens: the text's, less an EOS that ended the row
         assert tokens and engine._finish(r, 0, tokens).text == c.text
         assert c.num_generated_tokens - 1 <= len(tokens) <= c.num_generated_tokens
-        for t, logprobs in zip(c.token_logprobs, torch.log_softmax(logits, -1)):
+        for t, logprobs in zip(entries, torch.log_softmax(logits, -1)):
             assert t["token"] == engine.tokenizer.decode([t["token_id"]])
             assert t["logprob"] == pytest.approx(logprobs[t["token_id"]].item(), abs=1e-4)
             top = logprobs.topk(3)
@@ -336,7 +337,7 @@ def test_top_logprobs_are_each_steps_likeliest_tokens_as_alone(model_path):
             for u in t["top_logprobs"]:  # ids as listed (two tokens that tie may come in either order)
                 assert u["logprob"] == pytest.approx(logprobs[u["token_id"]].item(), abs=1e-4)
                 assert u["token"] == engine.tokenizer.decode([u["token_id"]])
-        assert sum(t["logprob"] for t in c.token_logprobs) == pytest.approx(c.logprob, abs=1e-4)
+        assert sum(t["logprob"] for t in entries) == pytest.approx(c.logprob, abs=1e-4)
     assert {"stop", "length"} <= {c.finish_reason for c in got.values()}
 
 
@@ -388,10 +389,10 @@ def test_prompt_logprobs_are_the_models_for_each_prompt_alone(model_path, scorin
     """generation.prompt_logprobs: each row's prompt_logprob is the sum of log P(token | the tokens before it)
     over its prompt after the first token, as one forward pass over the prompt alone gives it, whatever
     the left padding of its micro-batch (prompts of 1 to hundreds of tokens; two samples a row). With
-    max_new_tokens 0 nothing is generated (and with logprobs, the empty text's logprob is 0)."""
+    max_new_tokens 0 nothing is generated (and with logprobs, the empty text's logprob is 0, of no tokens)."""
     monkeypatch.setattr(scoring, "SCORING_LOGITS", scoring_logits)
     engine = make_engine(model_path, max_batch_tokens=8192)
-    params = SamplingParams(do_sample=True, num_return_sequences=2, prompt_logprobs=True, logprobs=True)
+    params = SamplingParams(do_sample=True, num_return_sequences=2, prompt_logprobs=True, logprobs=True, top_logprobs=2)
     prompts = [engine.tokenizer(p)["input_ids"] for p in varied_prompts(15, seed=2)] + [[5]]  # and one token alone
     requests = [Request(i, ids, max_new, params, seed=i) for i, ids in enumerate(prompts)]
     got = engine.generate(requests)
@@ -399,6 +400,7 @@ def test_prompt_logprobs_are_the_models_for_each_prompt_alone(model_path, scorin
     if not max_new:
         assert {(c.text, c.num_generated_tokens, c.finish_reason, c.logprob) for c in got} == {("", 0, "length", 0.0)}
         assert engine.stats.decode_steps == engine.stats.generated_tokens == 0
+        assert {len(c.token_logprobs) for c in got} == {0}
     assert [c.prompt_logprob for c in got if c.key == 15] == [0.0, 0.0]  # nothing before it to score it by
     for c in got:
         ids = requests[c.key].prompt_ids
