@@ -213,6 +213,10 @@ class GenerationOptions:
     (structured output, as vLLM's guided decoding; needs outlines-core). Null: free text."""
     regex: Optional[str] = None
     """A regular expression every text is held to, as json_schema is (the whole text matches it)."""
+    json_whitespace: Optional[str] = None
+    """A regular expression for the whitespace a json_schema's text may hold between its tokens. Null:
+    outlines-core's, a single optional space; "" for none (compact JSON, fewest tokens); or e.g.
+    "[\\n ]{0,16}" for the line breaks and indentation a model may be used to writing JSON with."""
     logprobs: bool = False
     """Add a `logprob` column: the log-probability the model gives each row's generated tokens (those
     `num_generated_tokens` counts, less an EOS that ends the row) given its prompt, from its own logits

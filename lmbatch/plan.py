@@ -126,6 +126,11 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
     return columns
 
 
+ADDED_GENERATION_KEYS = ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema", "regex",
+                         "prompt_logprobs", "top_logprobs", "json_whitespace")
+"""generation keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set."""
+
+
 def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
     """What makes two runs the same job: the input files and everything that shapes a row's output."""
     identity = {
@@ -139,11 +144,9 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         # revision and adapter, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
                   if k != "kv_cache" and not (k in ("revision", "adapter") and v is None)},
-        # choices, logprobs, the OpenAI penalties, json_schema, regex, prompt_logprobs and top_logprobs, added
-        # later, count when set (jobs from before them keep their fingerprint; an empty schema, any JSON, is set)
+        # ADDED_GENERATION_KEYS count when set (an empty schema, any JSON, and an empty json_whitespace are set)
         "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
-                       if not (k in ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema",
-                                     "regex", "prompt_logprobs", "top_logprobs") and v in (None, [], False, 0))},
+                       if not (k in ADDED_GENERATION_KEYS and v in (None, [], False, 0))},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later

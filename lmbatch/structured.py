@@ -33,17 +33,17 @@ def pattern(g: GenerationOptions) -> Optional[str]:
         return g.regex
     if g.json_schema is None:
         return None
-    return _schema_pattern(json.dumps(g.json_schema))  # in its order: the fields are written in it
+    return _schema_pattern(json.dumps(g.json_schema), g.json_whitespace)  # in its order: fields are written in it
 
 
 @functools.lru_cache(maxsize=256)
-def _schema_pattern(schema: str) -> str:
+def _schema_pattern(schema: str, whitespace: Optional[str]) -> str:
     try:
         from outlines_core.json_schema import build_regex_from_schema
     except ImportError:
         raise PatternError(f"invalid parameter: generation.json_schema needs outlines-core: {INSTALL}") from None
     try:
-        return build_regex_from_schema(schema)
+        return build_regex_from_schema(schema, whitespace)
     except Exception as e:  # noqa: BLE001 - outlines-core raises several kinds for what it cannot follow
         raise PatternError(f"invalid parameter: json_schema {_short(schema)} cannot be followed: {e}") from None
 

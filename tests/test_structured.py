@@ -56,11 +56,13 @@ def pattern_oracle(engine, request: Request):
 
 
 def test_rows_held_to_a_schema_or_a_regex_answer_as_generate_alone_held_to_it(engine):
-    """Rows held to a JSON schema, to a regex, and free rows, in shared micro-batches: each held row's
-    completion is the oracle's, and its text is valid JSON of the schema / matches the regex whole."""
+    """Rows held to a JSON schema (with outlines-core's whitespace, or none: generation.json_whitespace), to
+    a regex, and free rows, in shared micro-batches: each held row's completion is the oracle's, and its
+    text is valid JSON of the schema / matches the regex whole."""
     schema = pattern(GenerationOptions(json_schema=SCHEMA))
+    compact = pattern(GenerationOptions(json_schema=SCHEMA, json_whitespace=""))
     prompts = varied_prompts(12, seed=4, max_words=40)
-    kinds = [schema, SENTENCE, None] * 4
+    kinds = [schema, SENTENCE, None, compact] * 3
     requests = [Request(i, engine.tokenizer(p)["input_ids"], 40, pattern=k)
                 for i, (p, k) in enumerate(zip(prompts, kinds))]
     got = sorted(engine.generate(requests), key=lambda c: c.key)
@@ -75,6 +77,7 @@ def test_rows_held_to_a_schema_or_a_regex_answer_as_generate_alone_held_to_it(en
             assert regex.fullmatch(SENTENCE, c.text)
         else:
             answer = json.loads(c.text)
+            assert " " not in c.text if r.pattern == compact else True
             assert set(answer) == {"label", "sure"} and answer["label"] in ("yes", "no", "maybe")
             assert isinstance(answer["sure"], bool)
 
@@ -147,6 +150,11 @@ def test_the_schema_and_regex_keys():
     assert GenerationOptions(json_schema='{"type": "integer"}').json_schema == {"type": "integer"}  # JSON text too
     assert pattern(GenerationOptions(json_schema={"type": "integer"})) == r"(-)?(0|[1-9][0-9]*)"
     assert pattern(GenerationOptions(regex="a+")) == "a+" and pattern(GenerationOptions()) is None
+    between = {"type": "object", "properties": {"a": {"type": "boolean"}}}
+    assert pattern(GenerationOptions(json_schema=between)) == r'\{([ ]?"a"[ ]?:[ ]?(true|false))?[ ]?\}'
+    assert pattern(GenerationOptions(json_schema=between, json_whitespace="")) == r'\{("a":(true|false))?\}'
+    lines = pattern(GenerationOptions(json_schema=between, json_whitespace=r"[\n ]*"))
+    assert lines == r'\{([\n ]*"a"[\n ]*:[\n ]*(true|false))?[\n ]*\}'
     with pytest.raises(ConfigError, match="generation.json_schema is not JSON"):
         GenerationOptions(json_schema='{"type": ')
     with pytest.raises(ConfigError, match="must be a mapping"):
@@ -172,8 +180,11 @@ def test_a_job_whose_pattern_cannot_be_followed_stops_as_it_is_planned(tmp_path,
         plan("generation.json_schema={type: colour}")
     fingerprints = {plan().fingerprint, plan("generation.regex='a|b'").fingerprint,
                     plan("generation.json_schema={type: boolean}").fingerprint,
-                    plan("generation.json_schema={}").fingerprint}  # an empty schema, any JSON, is one too
-    assert len(fingerprints) == 4
+                    plan("generation.json_schema={}").fingerprint,  # an empty schema, any JSON, is one too
+                    plan("generation.json_schema={}", "generation.json_whitespace=''").fingerprint}
+    assert len(fingerprints) == 5
+    lines = plan("generation.json_schema={type: boolean}", "generation.json_whitespace='[\\n ]{0,16}'")  # the README's
+    assert lines.job.generation.json_whitespace == r"[\n ]{0,16}"
     readme = plan("generation.json_schema={type: object, properties: {urgent: {type: boolean}, team: {enum: [billing, "
                   "tech]}}, required: [urgent, team]}")  # the README's, in Hydra's own syntax
     assert readme.job.generation.json_schema == {"type": "object", "required": ["urgent", "team"], "properties": {
