@@ -25,7 +25,7 @@ PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_
                       "temperature": "number", "top_p": "number", "top_k": "integer",
                       "repetition_penalty": "number", "presence_penalty": "number", "frequency_penalty": "number",
                       "stop": "strings", "seed": "integer", "choices": "strings", "json_schema": "string",
-                      "regex": "string"}
+                      "regex": "string", "adapter": "string"}
 """Generation settings a row may override through input.param_columns, and the kind of value each takes."""
 MAX_TOP_LOGPROBS = 20
 """The most alternatives per token generation.top_logprobs may ask for (OpenAI's and vLLM's default limit):
@@ -165,9 +165,17 @@ class ModelConfig:
     `adapter_config.json` and weights, as peft's `save_pretrained` writes it. Each replica merges it
     into the weights as it loads them, so it costs nothing per token; a tokenizer saved with it (a
     fine-tune's own chat template) is used instead of the model's. Needs `pip install peft`."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Several PEFT adapters of this model by name (`{support: /adapters/support, ...}`), each replica
+    holding them all beside the weights, unmerged; generation.adapter (per row: an `adapter` column)
+    picks the one that generates a row, null the model alone. They share the model's tokenizer."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path must be set")
+        _require(not (self.adapter and self.adapters), "model.adapter and model.adapters: set one (one of "
+                 "model.adapters can generate every row, with generation.adapter)")
+        _require(all(isinstance(name, str) and name and path for name, path in self.adapters.items()),
+                 "model.adapters must map names to adapter directories")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _require(self.kv_cache in (None, "static", "dynamic"),
@@ -213,6 +221,8 @@ class GenerationOptions:
     (structured output, as vLLM's guided decoding; needs outlines-core). Null: free text."""
     regex: Optional[str] = None
     """A regular expression every text is held to, as json_schema is (the whole text matches it)."""
+    adapter: Optional[str] = None
+    """The adapter (a name in model.adapters) that generates the rows; null: the model alone."""
     json_whitespace: Optional[str] = None
     """A regular expression for the whitespace a json_schema's text may hold between its tokens. Null:
     outlines-core's, a single optional space; "" for none (compact JSON, fewest tokens); or e.g.
@@ -395,6 +405,12 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         _require(self.engine in ("hf", "echo"), f"engine must be 'hf' or 'echo', got {self.engine!r}")
+        adapters = self.model.adapters
+        _require(self.generation.adapter is None or self.generation.adapter in adapters,
+                 f"generation.adapter={self.generation.adapter} is not one of model.adapters"
+                 f"{' (' + ', '.join(adapters) + ')' if adapters else ', which names none'}")
+        _require(bool(adapters) or "adapter" not in self.input.param_columns,
+                 "input.param_columns names adapter, but model.adapters names none for it to choose from")
         _require(self.progress_every_s > 0, f"progress_every_s must be > 0, got {self.progress_every_s}")
         if self.output.parse_json:
             _require(self.generation.json_schema is not None, "output.parse_json needs generation.json_schema: the "

@@ -61,9 +61,10 @@ FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batching: BatchingConfig, kv_cache: Optional[str] = None):
-        """Wrap a loaded model and its (left-padding) tokenizer; `HFEngine.load` loads them."""
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, batching: BatchingConfig, kv_cache: Optional[str] = None, adapters=None):
+        """Wrap a loaded model and its (left-padding) tokenizer; `HFEngine.load` loads them. `adapters`: the
+        peft model holding model.adapters, whose layers are in `model`."""
+        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
         self.eos_ids = ending_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         self.model.generation_config = special_tokens_only(self.model.generation_config)
@@ -98,15 +99,23 @@ class HFEngine:
         if model.device_map:
             kwargs["device_map"] = model.device_map
         loaded = AutoModelForCausalLM.from_pretrained(model_path, revision=model.revision, **kwargs)
+        adapters = None
         if model.adapter:  # merged: the adapter then costs nothing per token
             from peft import PeftModel
 
             loaded = PeftModel.from_pretrained(loaded, model.adapter).merge_and_unload()
+        elif model.adapters:  # each beside the layers it adapts, switched on for the micro-batches of its rows
+            from peft import PeftModel
+
+            (first, path), *others = model.adapters.items()
+            adapters = PeftModel.from_pretrained(loaded, path, adapter_name=first)
+            for name, path in others:
+                adapters.load_adapter(path, adapter_name=name)
         if not model.device_map:
             loaded.to(device)
         tokenizer_path, revision = tokenizer_source(model_path, model.revision, model.adapter)
         tokenizer = load_tokenizer(tokenizer_path, model.trust_remote_code, revision=revision)
-        return cls(loaded.eval(), tokenizer, batching, model.kv_cache)
+        return cls(loaded.eval(), tokenizer, batching, model.kv_cache, adapters)
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
@@ -217,6 +226,7 @@ class HFEngine:
         from transformers import GenerationConfig
 
         params = batch[0].params
+        self._use_adapter(params.adapter)
         n = params.num_return_sequences
         most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
         prompts = self._layout(batch, 0)  # left-padded, as the prompts are scored
@@ -314,6 +324,17 @@ class HFEngine:
                 c.choice_logprobs = scores.get(c.key)
         self._count(batch, steps, completions)
         return completions
+
+    def _use_adapter(self, name: Optional[str]) -> None:
+        """Switch model.adapters to the micro-batch's adapter (the planner gives each its own micro-batches),
+        or off for rows of the model alone: every pass of the batch, generation and scoring, runs with it."""
+        if self.adapters is None:
+            return
+        if name is None:
+            self.adapters.base_model.disable_adapter_layers()
+        else:
+            self.adapters.base_model.enable_adapter_layers()
+            self.adapters.set_adapter(name, inference_mode=True)
 
     def _layout(self, batch: list[Request], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input ids, attention mask) of the micro-batch, every prompt ending where generation starts:

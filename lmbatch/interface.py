@@ -36,6 +36,8 @@ class SamplingParams:
     """Record each token's and its step's likeliest tokens' log-probabilities (generation.top_logprobs)."""
     prompt_logprobs: bool = False
     """Record each prompt's log-probability (generation.prompt_logprobs); the same for every row of a job."""
+    adapter: Optional[str] = None
+    """The adapter of model.adapters that generates the row (generation.adapter); None: the model alone."""
 
 
 @dataclass

@@ -56,6 +56,8 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         raise JobError(f"model.revision={revision} names a commit of a hub model, but model.path {job.model.path} "
                        "is a local directory")
     adapter = check_adapter(job.model.adapter, config, job.model.trust_remote_code)
+    adapters = {name: check_adapter(local, config, job.model.trust_remote_code, key=f"model.adapters.{name}")
+                for name, local in job.model.adapters.items()}
     # The model's tokenizer, or the adapter's own where it holds one; `source` names it in messages.
     tokenizer_path, tokenizer_revision = tokenizer_source(path, revision, adapter)
     own = tokenizer_path == adapter
@@ -85,7 +87,8 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         print(f"lmbatch: warning: the tokenizer of {source} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter)
+    check_shared_tokenizer(adapters, tokenizer, job.model.trust_remote_code)
+    model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter, adapters=adapters)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
 
@@ -125,33 +128,51 @@ def unspaced_choices(job: JobConfig, tokenizer) -> Optional[str]:
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def check_adapter(adapter: Optional[str], model_config, trust_remote_code: bool) -> Optional[str]:
-    """model.adapter, absolute, once it is found to be an adapter peft can merge into the weights of
-    the model `model_config` describes (its layers and their sizes: replicas would fail to load it)."""
+def check_adapter(adapter: Optional[str], model_config, trust_remote_code: bool,
+                  key: str = "model.adapter") -> Optional[str]:
+    """model.adapter (or the adapter at `key`), absolute, once it is found to be an adapter peft can merge
+    into the weights of the model `model_config` describes (its layers and their sizes: replicas would
+    fail to load it)."""
     if adapter is None:
         return None
     path = absolute(adapter)
     if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
         found = f"holds no {ADAPTER_CONFIG}" if os.path.isdir(path) else "does not exist"
-        raise JobError(f"model.adapter {adapter} {found}: it must be a local directory that peft's save_pretrained "
+        raise JobError(f"{key} {adapter} {found}: it must be a local directory that peft's save_pretrained "
                        "wrote (download a hub adapter first, with `hf download`)")
     try:
         from peft import PeftConfig
     except ImportError:
-        raise JobError("model.adapter needs the peft package: pip install peft") from None
+        raise JobError(f"{key} needs the peft package: pip install peft") from None
     try:
         config = PeftConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - a config peft cannot read, of whatever kind
-        raise JobError(f"model.adapter {adapter} cannot be read: {str(e).splitlines()[0]}") from None
+        raise JobError(f"{key} {adapter} cannot be read: {str(e).splitlines()[0]}") from None
     if config.is_prompt_learning:
         kind = getattr(config.peft_type, "value", config.peft_type)  # an enum of strings
-        raise JobError(f"model.adapter {adapter} is a {kind} adapter, which does not merge into the "
+        raise JobError(f"{key} {adapter} is a {kind} adapter, which does not merge into the "
                        "weights; lmbatch takes adapters that do (LoRA and its kin)")
     misfit = adapter_misfit(model_config, path, trust_remote_code)
     if misfit:
-        raise JobError(f"model.adapter {adapter} does not fit model.path: {misfit}; was it fine-tuned from another "
+        raise JobError(f"{key} {adapter} does not fit model.path: {misfit}; was it fine-tuned from another "
                        f"model? (its {ADAPTER_CONFIG} names {config.base_model_name_or_path})")
     return path
+
+
+def check_shared_tokenizer(adapters: dict[str, str], tokenizer, trust_remote_code: bool) -> None:
+    """The adapters of model.adapters are read with the model's tokenizer: one that holds a tokenizer of its
+    own (a fine-tune that added tokens or set a chat template saves it there) must hold the same one."""
+    for name, local in adapters.items():
+        if not os.path.isfile(os.path.join(local, "tokenizer_config.json")):
+            continue
+        own = load_tokenizer(local, trust_remote_code)
+        differs = [what for what, same in (("vocabulary", own.get_vocab() == tokenizer.get_vocab()),
+                                           ("chat template", own.chat_template == tokenizer.chat_template)) if not same]
+        if differs:
+            raise JobError(f"model.adapters.{name} {local} holds a tokenizer whose {' and '.join(differs)} "
+                           f"{'differ' if len(differs) > 1 else 'differs'} from model.path's, which every row is read "
+                           "with: adapters of one job share the model's tokenizer (run this adapter as model.adapter, "
+                           "in a job of its own)")
 
 
 def check_chat_template(job: JobConfig, tokenizer, source: str) -> None:

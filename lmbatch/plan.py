@@ -127,7 +127,7 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
 
 
 ADDED_GENERATION_KEYS = ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema", "regex",
-                         "prompt_logprobs", "top_logprobs", "json_whitespace")
+                         "prompt_logprobs", "top_logprobs", "json_whitespace", "adapter")
 """generation keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set."""
 
 
@@ -141,9 +141,9 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         "input": {k: v for k, v in dataclasses.asdict(job.input).items()
                   if k not in ("path", "limit") and not (k == "chat_template_kwargs" and not v)},
         # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume);
-        # revision and adapter, added later, count when set (jobs from before them keep their fingerprint)
+        # revision, adapter and adapters, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
-                  if k != "kv_cache" and not (k in ("revision", "adapter") and v is None)},
+                  if k != "kv_cache" and not (k in ("revision", "adapter", "adapters") and not v)},
         # ADDED_GENERATION_KEYS count when set (an empty schema, any JSON, and an empty json_whitespace are set)
         "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
                        if not (k in ADDED_GENERATION_KEYS and v in (None, [], False, 0))},
@@ -181,6 +181,9 @@ def plan_job(job: JobConfig) -> JobPlan:
     identity = model_identity(model.path, model.revision)
     if model.adapter:  # a retrained adapter is another model as much as retrained weights are
         identity = f"{identity} with adapter {model_identity(model.adapter)}"
+    if model.adapters:
+        identity = f"{identity} with adapters " + ", ".join(f"{name} {model_identity(local)}"
+                                                             for name, local in sorted(model.adapters.items()))
     state = output.inspect(fingerprint, job.output.mode, identity)
     retrying = _failed_in_generation(output, state.done_chunks) if job.output.mode == "retry_errors" else {}
     if retrying:
@@ -197,7 +200,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     settings = PrepareSettings(
         input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
         tokenizer_path=tokenizer_path, tokenizer_revision=tokenizer_revision, generation=job.generation,
-        param_columns=tuple(i.param_columns),
+        param_columns=tuple(i.param_columns), adapters=tuple(job.model.adapters),
         context_limit=context_limit, on_too_long=i.on_too_long,
         template=i.template, chat=i.chat, chat_template_kwargs=i.chat_template_kwargs,
         system_prompt=i.system_prompt,

@@ -44,6 +44,8 @@ class PrepareSettings:
     generation: GenerationOptions
     """The job's generation settings; param_columns override them per row."""
     param_columns: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()
+    """The names of model.adapters, one of which a row's adapter must be."""
     context_limit: Optional[int] = None
     """Positions the model supports; a prompt plus its new tokens must fit."""
     on_too_long: str = "error"
@@ -220,6 +222,9 @@ def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Op
         overrides = {**HELD_TO, **overrides}
     try:
         g = dataclasses.replace(s.generation, **overrides)
+        if g.adapter is not None and g.adapter not in s.adapters:
+            raise RowError(f"invalid parameter: adapter {g.adapter!r} is not one of model.adapters "
+                           f"({', '.join(s.adapters)})")
         if "json_schema" in overrides:
             structured.pattern(g)  # one outlines-core cannot follow is an error row here, not in the replica
         return g, overrides

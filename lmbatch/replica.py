@@ -112,7 +112,7 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
     return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
                           frequency_penalty=g.frequency_penalty, stop=tuple(g.stop),
                           num_return_sequences=g.num_return_sequences, logprobs=g.logprobs,
-                          top_logprobs=g.top_logprobs, prompt_logprobs=g.prompt_logprobs)
+                          top_logprobs=g.top_logprobs, prompt_logprobs=g.prompt_logprobs, adapter=g.adapter)
 
 
 def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
@@ -150,7 +150,8 @@ def load_engine(job: JobConfig, device: str | None = None):
     from lmbatch.models import resolve_model_path
 
     path = resolve_model_path(job.model.path)
-    for key, local in (("model.path", path), ("model.adapter", job.model.adapter)):
+    adapters = [(f"model.adapters.{name}", local) for name, local in job.model.adapters.items()]
+    for key, local in (("model.path", path), ("model.adapter", job.model.adapter), *adapters):
         if local and os.path.isabs(local) and not os.path.exists(local):  # the driver found it, on its own node
             raise FileNotFoundError(f"{key} {local} does not exist on {socket.gethostname()}: "
                                     "a local model directory must exist on every node")

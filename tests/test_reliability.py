@@ -30,7 +30,7 @@ from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, compose, oracle, save_lora_adapter, varied_prompts, write_prompts
-from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
 from lmbatch import io as lmbatch_io
@@ -771,6 +771,41 @@ def test_an_adapter_is_part_of_the_job_and_of_the_model_it_checks(tmp_path, tiny
         plan(f"model.adapter={tmp_path / 'prompt-tuning'}")
     TALLY["bad_input_kinds"].update(["an adapter retrained during a job", "an adapter as model.path",
                                      "an adapter that does not merge"])
+
+
+def test_several_adapters_are_part_of_the_job_and_checked_each(tmp_path, tiny_llama):
+    """model.adapters: each is checked as model.adapter is, names the job (fingerprint) and the model it is
+    made with (identity), must share the model's tokenizer, and is what generation.adapter names."""
+    first, second = (save_lora_adapter(tiny_llama, tmp_path / name, seed=s) for s, name in enumerate(["a", "b"]))
+    source = one_prompt(tmp_path)
+
+    def plan(*extra):
+        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                              f"model.path={tiny_llama}", *extra)))
+    both = plan(f"+model.adapters.first={first}", f"+model.adapters.second={second}")  # as the README adds them
+    assert both.job.model.adapters == {"first": str(first), "second": str(second)}
+    assert both.model_identity == (f"{model_identity(tiny_llama)} with adapters first {model_identity(str(first))}, "
+                                   f"second {model_identity(str(second))}")
+    assert len({plan().fingerprint, both.fingerprint, plan(f"+model.adapters.first={first}").fingerprint,
+                plan(f"+model.adapters.first={first}", "generation.adapter=first").fingerprint}) == 4
+    with pytest.raises(JobError, match=f"^model.adapters.other {tmp_path} holds no adapter_config.json"):
+        plan(f"++model.adapters={{first: {first}, other: {tmp_path}}}")  # a mapping at once
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE
+    tokenizer.save_pretrained(second)
+    with pytest.raises(JobError, match=f"^model.adapters.second {second} holds a tokenizer whose chat template differs "
+                                       "from model.path's"):
+        plan(f"+model.adapters.first={first}", f"+model.adapters.second={second}")
+    for overrides, message in [(["generation.adapter=third", f"+model.adapters.first={first}"],
+                                "generation.adapter=third is not one of model.adapters (first)"),
+                               (["generation.adapter=first"], "generation.adapter=first is not one of model.adapters, "
+                                                              "which names none"),
+                               (["input.param_columns=[adapter]"], "input.param_columns names adapter, but "
+                                                                   "model.adapters names none"),
+                               ([f"model.adapter={first}", f"+model.adapters.first={first}"],
+                                "model.adapter and model.adapters: set one")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            plan(*overrides)
 
 
 def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
