@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_sample": "boolean",
-                      "temperature": "number", "top_p": "number", "top_k": "integer",
+                      "temperature": "number", "top_p": "number", "top_k": "integer", "min_p": "number",
                       "repetition_penalty": "number", "presence_penalty": "number", "frequency_penalty": "number",
                       "stop": "strings", "seed": "integer", "choices": "strings", "json_schema": "string",
                       "regex": "string", "adapter": "string"}
@@ -196,6 +196,9 @@ class GenerationOptions:
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     top_k: int = 50
     """Sample among the k most likely tokens; 0 (or -1, as vLLM writes it) disables it."""
+    min_p: float = 0.0
+    """Sample among the tokens at least min_p times as likely as the likeliest (after temperature, top-k
+    and top-p, as transformers and vLLM apply it); 0 disables it."""
     repetition_penalty: float = 1.0
     """Penalty > 1 discourages repeated tokens; 1 disables it."""
     presence_penalty: float = 0.0
@@ -253,6 +256,7 @@ class GenerationOptions:
                  f"generation.temperature must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= -1, f"generation.top_k must be >= 0 (or -1: disabled), got {self.top_k}")
+        _require(0 <= self.min_p <= 1, f"generation.min_p must be in [0, 1], got {self.min_p}")
         _require(self.repetition_penalty > 0,
                  f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -29,14 +29,15 @@ class PerRowSampler(LogitsProcessor):
     """
 
     def __init__(self, params: SamplingParams, seeds: list[int], device, steps: int):
-        self.temperature, self.top_k, self.top_p = params.temperature, params.top_k, params.top_p
+        self.temperature, self.top_k, self.top_p, self.min_p = (params.temperature, params.top_k, params.top_p,
+                                                                params.min_p)
         self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(seed))
                                      for seed in seeds]).to(device)
         self.step = 0
 
     def distribution(self, scores):
         """(probabilities, their tokens or None for all) of each row, as transformers' temperature,
-        top-k and top-p warpers leave them (the probabilities not normalized)."""
+        top-k, top-p and min-p warpers leave them (the probabilities not normalized)."""
         scores = scores.float() / self.temperature
         if self.top_k and self.top_k < scores.shape[-1]:
             values, tokens = scores.topk(self.top_k)  # largest first
@@ -47,6 +48,8 @@ class PerRowSampler(LogitsProcessor):
         probs = torch.softmax(values, dim=-1)
         if self.top_p < 1.0:  # the nucleus: largest first, while those before hold under top_p
             probs = probs * (probs.cumsum(-1) - probs < self.top_p)
+        if self.min_p:  # relative to the likeliest, so the nucleus need not be normalized first
+            probs = probs * (probs >= self.min_p * probs.amax(-1, keepdim=True))
         return probs, tokens
 
     def __call__(self, input_ids, scores):

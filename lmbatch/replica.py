@@ -106,7 +106,7 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
     their defaults, as they change nothing, so that greedy rows share micro-batches (and repeats)
     whatever their columns say."""
     if g.do_sample and g.temperature > 0:
-        sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0))
+        sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p)
     else:
         sampling = {}
     return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,

@@ -515,32 +515,35 @@ def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):
         assert alone_ == [(c.sample_index, c.text) for c in first if c.key == r.key]
 
 
-def warped(scores, temperature, top_k, top_p):
+def warped(scores, temperature, top_k, top_p, min_p):
     """The probabilities generate(do_sample=True) samples from: transformers' own warpers."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     scores = TemperatureLogitsWarper(temperature)(None, scores)
     scores = TopKLogitsWarper(top_k)(None, scores) if top_k else scores
     scores = TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores
+    scores = MinPLogitsWarper(min_p)(None, scores) if min_p else scores
     return torch.softmax(scores, -1)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 50, 1.0), (0.7, 50, 0.9),
-                                                        (1.3, 0, 0.8), (0.5, 3, 0.95)])
-def test_the_sampler_draws_from_the_distribution_transformers_warpers_leave(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (1.0, 0, 1.0, 0.0), (0.7, 50, 1.0, 0.0), (0.7, 50, 0.9, 0.0), (1.3, 0, 0.8, 0.0), (0.5, 3, 0.95, 0.0),
+    (1.0, 0, 1.0, 0.1), (1.5, 50, 0.9, 0.2)])
+def test_the_sampler_draws_from_the_distribution_transformers_warpers_leave(temperature, top_k, top_p, min_p):
     """The sampler's candidates and probabilities are those of transformers' warpers, and its
     draws, one stream per row, follow them."""
-    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     scores = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3
     probs, tokens = PerRowSampler(params, [0] * 64, "cpu", 1).distribution(scores)
     dense = torch.zeros_like(scores).scatter_(1, tokens, probs) if tokens is not None else probs
-    assert torch.allclose(dense / dense.sum(-1, keepdim=True), warped(scores, temperature, top_k, top_p), atol=1e-6)
+    assert torch.allclose(dense / dense.sum(-1, keepdim=True), warped(scores, temperature, top_k, top_p, min_p),
+                          atol=1e-6)
 
     # 20,000 rows with one distribution, one draw each: the frequencies are its probabilities.
     row = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0]])
     drawn = PerRowSampler(params, list(range(20_000)), "cpu", 1)(None, row.expand(20_000, 5)).argmax(-1)
-    assert torch.allclose(torch.bincount(drawn, minlength=5) / 20_000, warped(row, temperature, top_k, top_p)[0],
-                          atol=0.012)
+    assert torch.allclose(torch.bincount(drawn, minlength=5) / 20_000,
+                          warped(row, temperature, top_k, top_p, min_p)[0], atol=0.012)
 
 
 def test_a_distribution_that_is_not_one_fails_the_rows_as_multinomial_would():

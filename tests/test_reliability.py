@@ -266,16 +266,18 @@ def test_parameter_cells_are_read_as_their_settings_type(tmp_path, tiny_llama):
         {"max_new_tokens": 5, "top_k": 5, "do_sample": True, "stop": ["x"]}, None, None, None,
         {"max_new_tokens": 2, "do_sample": False, "stop": ["y", "z"]}]
 
-    # OpenAI's penalties, as a request file exported from its API holds them, reach the replica's settings.
-    source = write_prompts(tmp_path / "penalties.parquet", ["a b", "c d"], presence_penalty=[0.5, 2.5],
-                           frequency_penalty=[1, None])
+    # OpenAI's penalties, as a request file exported from its API holds them, reach the replica's settings,
+    # as does vLLM's min_p.
+    source = write_prompts(tmp_path / "penalties.parquet", ["a b", "c d", "e f"], presence_penalty=[0.5, 2.5, None],
+                           frequency_penalty=[1, None, None], min_p=[0.1, None, 1.5])
     plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out2'}",
-                                          f"model.path={tiny_llama}",
-                                          "input.param_columns=[presence_penalty,frequency_penalty]")))
+                                          f"model.path={tiny_llama}", "generation=sampling",
+                                          "input.param_columns=[presence_penalty,frequency_penalty,min_p]")))
     rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
-    assert rows[ERROR].to_pylist() == [None, "invalid parameter: presence_penalty must be in [-2, 2], got 2.5"]
+    assert rows[ERROR].to_pylist() == [None, "invalid parameter: presence_penalty must be in [-2, 2], got 2.5",
+                                       "invalid parameter: min_p must be in [0, 1], got 1.5"]
     params = sampling_params(row_options(plan.job.generation, rows[PARAMS][0].as_py()))
-    assert (params.presence_penalty, params.frequency_penalty) == (0.5, 1.0)
+    assert (params.presence_penalty, params.frequency_penalty, params.min_p) == (0.5, 1.0, 0.1)
 
 
 def test_too_long_prompts_can_be_truncated_from_the_left(tmp_path):
