@@ -209,7 +209,8 @@ class GenerationOptions:
     """OpenAI's and vLLM's: in [-2, 2], times how often the row has already generated a token,
     subtracted from that token's score. 0 disables it."""
     stop: list[str] = field(default_factory=list)
-    """Stop strings: generation of a row ends at the first one, which is cut from the text."""
+    """Stop strings: generation of a row ends at the first one, which is cut from the text. One that spells
+    a special token (texts never show those: "<|im_end|>") ends it where the model generates that token."""
     seed: int = 0
     """Seed for sampling; the same seed, config and input give the same output on a rerun."""
     num_return_sequences: int = 1

@@ -67,6 +67,8 @@ class HFEngine:
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
         self.eos_ids = ending_ids(self.model.generation_config.eos_token_id, self.tokenizer)
+        # Texts never show special tokens, so a stop string that spells one is looked for as the token.
+        self._special_tokens = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
         self.model.generation_config = special_tokens_only(self.model.generation_config)
         # No pad token and no EOS to pad with (load_tokenizer pads with EOS): any id will do, as
         # padding is masked out.
@@ -244,7 +246,7 @@ class HFEngine:
             max_new_tokens=max(most, 1),  # it refuses 0; generate is then not called
             do_sample=False, temperature=None, top_p=None, top_k=None,
             pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids) or None,
+            eos_token_id=sorted(self._ends(params.stop)) or None,
             # A static cache (generate's, or the shared prefix's) is sized to this batch (longest prompt + most
             # new tokens, what the planner budgets). No auto-compile: every micro-batch has another shape.
             cache_implementation="static" if self.kv_cache == "static" and cache is None else None,
@@ -277,8 +279,9 @@ class HFEngine:
                                             config.max_new_tokens))
         if logprobs:
             processors.append(logprobs.last)
-        criteria = [StopStrings(self.tokenizer, params.stop, longest, frozenset({*self.eos_ids, self.pad_id}))
-                    ] if params.stop else []
+        text_stops = tuple(s for s in params.stop if s not in self._special_tokens)
+        criteria = [StopStrings(self.tokenizer, text_stops, longest, self._ends(params.stop) | {self.pad_id})
+                    ] if text_stops else []
         start = time.perf_counter()
         new_tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
         if most:
@@ -301,9 +304,9 @@ class HFEngine:
             for s in range(n):
                 tokens = new_tokens[i * n + s][: r.max_new_tokens]
                 c = self._finish(r, s, tokens)
-                if logprobs:  # the tokens counted, less an EOS that ended the row
+                if logprobs:  # the tokens counted, less an EOS (or special stop token) that ended the row
                     counted = c.num_generated_tokens - (c.num_generated_tokens > 0 and
-                                                        tokens[c.num_generated_tokens - 1] in self.eos_ids)
+                                                        tokens[c.num_generated_tokens - 1] in self._ends(params.stop))
                     counted_logprobs = token_logprobs[i * n + s][:counted] if counted else []
                     c.logprob = sum(counted_logprobs, 0.0)
                     if params.top_logprobs:
@@ -369,9 +372,16 @@ class HFEngine:
             layer.update(computed.keys.expand(sequences, -1, -1, -1), computed.values.expand(sequences, -1, -1, -1))
         return static
 
+    def _ends(self, stop: tuple[str, ...]) -> frozenset[int]:
+        """The tokens that end a row: an EOS, or a special token one of its stop strings spells (a chat
+        model's "<|im_end|>", where its generation config names only the base model's EOS)."""
+        return frozenset({*self.eos_ids, *(self._special_tokens[s] for s in stop if s in self._special_tokens)})
+
     def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:
-        """Cut at EOS or the first stop string; tell `stop` from `length`; count true tokens."""
-        eos = next((n for n, t in enumerate(tokens) if t in self.eos_ids), None)
+        """Cut at an ending token (`_ends`) or the first stop string; tell `stop` from `length`; count true
+        tokens."""
+        ends = self._ends(r.params.stop)
+        eos = next((n for n, t in enumerate(tokens) if t in ends), None)
         # The stop string is looked for before the EOS too: a row that a stop string ended while its
         # neighbours went on is padded, and where the tokenizer has no pad token (GPT-2, Llama 3)
         # the padding is EOS, right after the stop string.

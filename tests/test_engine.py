@@ -493,6 +493,29 @@ def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
         assert engine._finish(r, 0, [11, 12, eos, 13]) == Completion(0, 0, engine._decode([11, 12]), 3, "stop")
 
 
+def test_a_stop_string_that_spells_a_special_token_ends_the_row_at_that_token(tiny_llama):
+    """Texts never show special tokens (decoding skips them), so a stop string that spells one (a chat
+    fine-tune's "<|im_end|>" whose generation config names only the base model's EOS) is looked for as
+    the token: the row ends where the model generates it, as at an EOS, and its logprob leaves it out."""
+    engine = make_engine(tiny_llama)
+    prompt = engine.tokenizer("the weather today")["input_ids"]
+    user = engine.tokenizer.convert_tokens_to_ids("<|user|>")
+    before = alone(engine, Request(0, prompt, 8))
+    with torch.no_grad():  # a model that writes <|user|> where it wrote its third token
+        logits = engine.model(torch.tensor([prompt + before[:2]])).logits[0, -1]
+        head = engine.model.get_output_embeddings().weight
+        head[user] = head[before[2]] * (1.5 if logits[before[2]] > 0 else 0.5)
+    tokens = alone(engine, Request(0, prompt, 8))
+    at = tokens.index(user)
+    params = SamplingParams(stop=("<|user|>", "zzz"), logprobs=True)
+    stopped, free = engine.generate([Request(0, prompt, 8, params), Request(1, prompt, 8)])
+    assert (stopped.text, stopped.num_generated_tokens, stopped.finish_reason) == (engine._decode(tokens[:at]), at + 1,
+                                                                                    "stop")
+    _, logprob = logprob_alone(engine, Request(0, prompt, at))
+    assert stopped.logprob == pytest.approx(logprob, abs=1e-4)
+    assert free.num_generated_tokens > at + 1  # without it the row goes on past the token, which its text leaves out
+
+
 def test_eos_ends_a_row_with_stop(tiny_llama):
     engine = make_engine(tiny_llama)
     eos = next(iter(engine.eos_ids))
