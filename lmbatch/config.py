@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Sequence
 
@@ -60,6 +61,10 @@ class InputConfig:
     """Variables for the chat template besides the messages (implies the chat template), e.g.
     `{enable_thinking: false}` (Qwen3: answer without thinking first) or `{reasoning_effort: low}`
     (gpt-oss). A variable the template does not read stops the job at the start."""
+    chat_template: Optional[str] = None
+    """A chat template (Jinja, as in a tokenizer's config) to render with instead of the tokenizer's, or
+    a file that holds one (as vLLM's --chat-template): for a base model that has none, or another
+    format. Implies the chat template. The template, not the file's name, is part of the job."""
     on_too_long: str = "error"
     """A prompt longer than the model's context minus max_new_tokens: `error` row or `truncate` from the left."""
     param_columns: list[str] = field(default_factory=list)
@@ -73,7 +78,7 @@ class InputConfig:
     def chat(self) -> bool:
         """Whether prompts go through the tokenizer's chat template."""
         return bool(self.messages_column or self.system_prompt or self.apply_chat_template
-                    or self.chat_template_kwargs)
+                    or self.chat_template_kwargs or self.chat_template)
 
     @property
     def text_column(self) -> str:
@@ -91,6 +96,12 @@ class InputConfig:
         _require(self.limit is None or self.limit >= 1, f"input.limit must be >= 1 or null, got {self.limit}")
         _require(self.on_too_long in ("error", "truncate"),
                  f"input.on_too_long must be 'error' or 'truncate', got {self.on_too_long!r}")
+        if self.chat_template is not None and "{" not in self.chat_template:  # a template holds {{ or {%
+            path = os.path.expanduser(self.chat_template)
+            _require(os.path.isfile(path), f"input.chat_template {self.chat_template} is neither a chat template "
+                                           "(Jinja, with {{ ... }} or {% ... %}) nor a file")
+            with open(path, encoding="utf-8") as f:
+                self.chat_template = f.read()
 
 
 PARQUET_CODECS = ("snappy", "zstd", "gzip", "lz4", "brotli", "none")

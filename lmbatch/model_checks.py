@@ -179,27 +179,37 @@ def check_chat_template(job: JobConfig, tokenizer, source: str) -> None:
     """The chat template must render the conversation the job builds around each row's text (a
     user message, after the system prompt if any): else every row would become an error row
     (templates raise on what they refuse, e.g. a system message). Conversations of a messages
-    column vary by row, so there only the system prompt is tried."""
-    if not tokenizer.chat_template:
+    column vary by row, so there only the system prompt is tried. The job's own template
+    (input.chat_template) is checked instead of the tokenizer's."""
+    own = job.input.chat_template
+    if not own and not tokenizer.chat_template:
         raise JobError(f"the tokenizer of {source} has no chat template, which input.messages_column, "
-                       "input.system_prompt, input.apply_chat_template and input.chat_template_kwargs need")
+                       "input.system_prompt, input.apply_chat_template and input.chat_template_kwargs need "
+                       "(give one with input.chat_template)")
+    what = "input.chat_template" if own else f"the chat template of {source}"
     variables = job.input.chat_template_kwargs
     if taken := sorted(set(variables) & {"conversation", "messages", "tokenize", "add_generation_prompt"}):
         raise JobError(f"input.chat_template_kwargs cannot set {', '.join(taken)}: lmbatch passes the chat template "
                        "each row's messages, with the prompt for the model's turn")
-    read = template_variables(tokenizer.chat_template) if variables else None  # parsed only to check them
+    read = template_variables(own or tokenizer.chat_template) if variables else None  # parsed only to check them
     if read is not None and set(variables) - read:
-        raise JobError(f"input.chat_template_kwargs sets {', '.join(sorted(set(variables) - read))}, which the chat "
-                       f"template of {source} does not read, so it would change nothing; it reads "
-                       f"{', '.join(sorted(read))}")
+        raise JobError(f"input.chat_template_kwargs sets {', '.join(sorted(set(variables) - read))}, which "
+                       f"{what} does not read, so it would change nothing; it reads {', '.join(sorted(read))}")
+    if own:
+        try:  # as transformers compiles it: a template that is not Jinja stops the job, not each row
+            from transformers.utils import chat_template_utils
+
+            chat_template_utils._compile_jinja_template(own)
+        except Exception as e:  # noqa: BLE001 - jinja's syntax errors, of whatever kind
+            raise JobError(f"input.chat_template is not a template transformers can render: {e}") from None
     if job.input.messages_column and not job.input.system_prompt:
         return
     system = [{"role": "system", "content": job.input.system_prompt}] if job.input.system_prompt else []
     try:
         tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
-                                      add_generation_prompt=True, **variables)
+                                      add_generation_prompt=True, chat_template=own, **variables)
     except Exception as e:  # noqa: BLE001 - whatever the template raises
-        raise JobError(f"the chat template of {source} fails on a single user message"
+        raise JobError(f"{what} fails on a single user message"
                        f"{' after input.system_prompt' if system else ''}: {e}") from None
 
 

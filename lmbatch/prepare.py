@@ -54,6 +54,8 @@ class PrepareSettings:
     """Render with the tokenizer's chat template (then no extra special tokens are added)."""
     chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     """Variables for the chat template besides the messages (input.chat_template_kwargs)."""
+    chat_template: Optional[str] = None
+    """The job's own chat template (input.chat_template), rendered with instead of the tokenizer's."""
     system_prompt: Optional[str] = None
     trust_remote_code: bool = False
     tokenizer_class: Optional[str] = None
@@ -176,9 +178,12 @@ def row_prompt(row: dict, s: PrepareSettings) -> str | list[dict]:
     return messages
 
 
-def render_chat(tokenizer, messages: list[dict], variables: dict) -> str:
+def render_chat(tokenizer, messages: list[dict], variables: dict, template: Optional[str] = None) -> str:
+    """The messages as the model reads them, with the prompt for its turn: rendered with `template`, or the
+    tokenizer's own chat template."""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **variables)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             chat_template=template, **variables)
     except Exception as e:  # noqa: BLE001 - templates raise on what they refuse, e.g. roles that do not alternate
         raise RowError(f"chat template: {e}") from None
 
@@ -308,7 +313,7 @@ def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, 
 
     def kept(start: int) -> list[int]:
         if start not in rendered:
-            chat = render_chat(tokenizer, system + turns[start:], s.chat_template_kwargs)
+            chat = render_chat(tokenizer, system + turns[start:], s.chat_template_kwargs, s.chat_template)
             rendered[start] = encode(tokenizer, [chat], add_special_tokens=False)[0]
         return rendered[start]
 
@@ -358,7 +363,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
             prompt = row_prompt(row, s)
             if isinstance(prompt, list):
                 chats[i] = prompt
-                prompt = render_chat(tokenizer, prompt, s.chat_template_kwargs)
+                prompt = render_chat(tokenizer, prompt, s.chat_template_kwargs, s.chat_template)
             texts[i] = prompt
         except RowError as e:
             errors[i] = str(e)

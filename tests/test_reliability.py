@@ -229,6 +229,42 @@ def test_chat_template_variables_reach_the_template(tmp_path, tiny_llama):
         plan("+input.chat_template_kwargs.add_generation_prompt=false")
 
 
+def test_a_chat_template_of_the_jobs_own_renders_every_row(tmp_path, tiny_llama):
+    """input.chat_template: a template (or a file holding one) rendered with instead of the tokenizer's, for
+    a base model that has none; part of the job's identity; one that is not Jinja stops the job."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "chat_template.jinja").unlink()  # a base model: no chat template
+    prompts = ["hi there", "what is two and two?"]
+    source = write_prompts(tmp_path / "in.parquet", prompts)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert not tokenizer.chat_template
+    template_file = tmp_path / "thinking.jinja"
+    template_file.write_text(THINKING_CHAT_TEMPLATE)
+
+    def plan(*overrides):
+        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                              f"model.path={model}", "cluster.num_replicas=1", *overrides)))
+
+    with pytest.raises(JobError, match="has no chat template, .* need \\(give one with input.chat_template\\)"):
+        plan("input.apply_chat_template=true")
+    own = plan(f"input.chat_template={template_file}", "+input.chat_template_kwargs.enable_thinking=false")
+    assert own.job.input.chat_template == THINKING_CHAT_TEMPLATE  # the template, not the file's name
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True, chat_template=THINKING_CHAT_TEMPLATE,
+                                           enable_thinking=False) for p in prompts]
+    assert "<think>" in texts[0]
+    assert [ids for chunk in own.chunks for ids in prepare_chunk(chunk, own.settings)[PROMPT_IDS].to_pylist()] == [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    inline = plan("input.chat_template='{% for m in messages %}{{ m.content }}{% endfor %}'")
+    assert inline.fingerprint != plan("input.chat_template='{% for m in messages %}{{ m.role }}{% endfor %}'"
+                                      ).fingerprint
+    with pytest.raises(JobError, match="^input.chat_template is not a template transformers can render: "):
+        plan("input.chat_template='{% for m in messages %}'")
+    with pytest.raises(ConfigError, match="input.chat_template /no/such.jinja is neither a chat template"):
+        plan("input.chat_template=/no/such.jinja")
+
+
 def test_rows_with_choices_get_the_tokens_their_longest_choice_needs(tmp_path, tiny_llama):
     """max_new_tokens does not cut a choice short; a max_length that would is a `too long` error row."""
     source = write_prompts(tmp_path / "in.parquet", ["a b", "the data table " * 3, "c d"],
