@@ -8,7 +8,9 @@ the rest of the replica's micro-batches are planned under, so a budget too large
 costs one failed micro-batch, not one per micro-batch. Sampling, choices, structured output, stop
 strings, the penalties and log-probabilities are lmbatch's own processors (`lmbatch.processors`), so that
 a row's output does not depend on its neighbours; prompts and choices of several tokens are scored by
-forward passes of their own (`lmbatch.scoring`). The engine without a model is `lmbatch.echo`.
+forward passes of their own (`lmbatch.scoring`). A prefix all prompts of a micro-batch share is
+computed once (`lmbatch.prefix`); several adapters of the model take turns by micro-batch
+(model.adapters). The engine without a model is `lmbatch.echo`.
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ import logging
 import time
 from typing import Callable, Optional, Sequence
 
-import pyarrow as pa
 import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.interface import (TOKEN_LOGPROB, TOP_LOGPROB, Completion, EngineStats, Request, choose_kv_cache,
-                               padded_tokens, plan_requests, row_seed, shared_prefix)
+from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
+                               row_seed, shared_prefix)
 from lmbatch.models import ending_ids, special_tokens_only, tokenizer_source
+from lmbatch.prefix import layout, prefix_cache
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
 from lmbatch.scoring import cache_keyword, score_choices, score_prompts
 from lmbatch.structured import Indexes, PatternError
+from lmbatch.token_logprobs import TokenTexts
 
 log = logging.getLogger("lmbatch.engine")
 
@@ -77,7 +80,7 @@ class HFEngine:
         self.stats = EngineStats()
         self.rows_failed_alone = 0  # not out of memory: with none done yet, many say the engine is broken
         self._indexes: Optional[Indexes] = None  # the compiled patterns of structured output, made on first use
-        self._spellings: Optional[pa.Array] = None  # each token's text alone, for generation.top_logprobs
+        self._texts: Optional[TokenTexts] = None  # each token's text alone, for generation.top_logprobs
 
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
@@ -231,13 +234,13 @@ class HFEngine:
         self._use_adapter(params.adapter)
         n = params.num_return_sequences
         most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
-        prompts = self._layout(batch, 0)  # left-padded, as the prompts are scored
+        prompts = layout(batch, 0, self.pad_id)  # left-padded, as the prompts are scored
         shared = shared_prefix(batch) if self.batching.share_prefix else 0
-        cache = self._prefix_cache(batch[0].prompt_ids[:shared], len(batch) * n,
-                                   prompts[0].shape[1] + most) if shared else None
+        cache = prefix_cache(self.model, batch[0].prompt_ids[:shared], len(batch) * n, self.kv_cache,
+                             prompts[0].shape[1] + most) if shared else None
         if cache is None:
             shared = 0
-        input_ids, attention_mask = self._layout(batch, shared) if shared else prompts
+        input_ids, attention_mask = layout(batch, shared, self.pad_id) if shared else prompts
         longest = input_ids.shape[1]  # where generation starts
         if n > 1:  # one sequence per (row, sample), so that each gets its own random stream
             input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
@@ -310,8 +313,8 @@ class HFEngine:
                     counted_logprobs = token_logprobs[i * n + s][:counted] if counted else []
                     c.logprob = sum(counted_logprobs, 0.0)
                     if params.top_logprobs:
-                        c.token_logprobs = self._token_logprobs(tokens[:counted], counted_logprobs,
-                                                                *(top[i * n + s, :counted] for top in top_logprobs))
+                        c.token_logprobs = self._token_texts().token_logprobs(
+                            tokens[:counted], counted_logprobs, *(top[i * n + s, :counted] for top in top_logprobs))
                 completions.append(c)
         if params.prompt_logprobs:
             prompt_scores = score_prompts(self.model, batch, *prompts)
@@ -338,39 +341,6 @@ class HFEngine:
         else:
             self.adapters.base_model.enable_adapter_layers()
             self.adapters.set_adapter(name, inference_mode=True)
-
-    def _layout(self, batch: list[Request], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input ids, attention mask) of the micro-batch, every prompt ending where generation starts:
-        left-padded, or, with `shared` tokens that all prompts begin with, those first (at the positions
-        their cache holds them), then padding, then each prompt's own rest."""
-        width = shared + max(len(r.prompt_ids) - shared for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            rest = r.prompt_ids[shared:]
-            input_ids[i, :shared], attention_mask[i, :shared] = torch.tensor(r.prompt_ids[:shared]), 1
-            input_ids[i, width - len(rest):], attention_mask[i, width - len(rest):] = torch.tensor(rest), 1
-        return input_ids, attention_mask
-
-    def _prefix_cache(self, prefix: list[int], sequences: int, length: int):
-        """The KV cache of a shared prefix, computed once and repeated for every sequence, in the engine's
-        kind of cache (a static one holds `length` tokens); None for a model whose cache is more than
-        plain attention's keys and values (sliding windows, recurrent states)."""
-        from transformers import DynamicCache, StaticCache
-
-        cache = DynamicCache(config=self.model.config)
-        if not cache.layers or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
-            return None
-        with torch.inference_mode():
-            self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True,
-                       **{cache_keyword(self.model): cache})
-        if self.kv_cache == "dynamic":
-            cache.batch_repeat_interleave(sequences)
-            return cache
-        static = StaticCache(config=self.model.config, max_cache_len=length)
-        for layer, computed in zip(static.layers, cache.layers):  # written once per sequence, into its rows
-            layer.update(computed.keys.expand(sequences, -1, -1, -1), computed.values.expand(sequences, -1, -1, -1))
-        return static
 
     def _ends(self, stop: tuple[str, ...]) -> frozenset[int]:
         """The tokens that end a row: an EOS, or a special token one of its stop strings spells (a chat
@@ -410,21 +380,10 @@ class HFEngine:
                 lo = mid + 1
         return lo
 
-    def _token_logprobs(self, tokens: list[int], logprobs: list[float], top_logprobs, top_ids) -> pa.StructArray:
-        """generation.top_logprobs of a sequence's counted tokens: TOKEN_LOGPROBs, each with the likeliest
-        tokens at its step (`top_logprobs`, `top_ids`: tokens x top)."""
-        offsets = pa.array(range(0, top_ids.size + 1, top_ids.shape[1]), pa.int32())
-        top = pa.ListArray.from_arrays(offsets, self._tokens(top_ids.ravel(), top_logprobs.ravel()))
-        return pa.StructArray.from_arrays([*self._tokens(tokens, logprobs).flatten(), top], fields=list(TOKEN_LOGPROB))
-
-    def _tokens(self, ids, logprobs) -> pa.StructArray:
-        """TOP_LOGPROBs: the tokens' ids, each one's text alone (special tokens spelled out), their logprobs."""
-        if self._spellings is None:  # every token's text, once: a column of them is then a take
-            size = max(len(self.tokenizer), getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0)
-            self._spellings = pa.array(self.tokenizer.batch_decode([[i] for i in range(size)]), pa.string())
-        ids = pa.array(ids, pa.int64())
-        return pa.StructArray.from_arrays([ids, self._spellings.take(ids), pa.array(logprobs, pa.float64())],
-                                          fields=list(TOP_LOGPROB))
+    def _token_texts(self) -> TokenTexts:
+        if self._texts is None:  # made on first use: only generation.top_logprobs needs it
+            self._texts = TokenTexts(self.tokenizer, getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0)
+        return self._texts
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
