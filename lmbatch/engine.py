@@ -232,6 +232,7 @@ class HFEngine:
 
         params = batch[0].params
         self._use_adapter(params.adapter)
+        ends = self._ends(params.stop)
         n = params.num_return_sequences
         most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
         prompts = layout(batch, 0, self.pad_id)  # left-padded, as the prompts are scored
@@ -249,7 +250,7 @@ class HFEngine:
             max_new_tokens=max(most, 1),  # it refuses 0; generate is then not called
             do_sample=False, temperature=None, top_p=None, top_k=None,
             pad_token_id=self.pad_id,
-            eos_token_id=sorted(self._ends(params.stop)) or None,
+            eos_token_id=sorted(ends) or None,
             # A static cache (generate's, or the shared prefix's) is sized to this batch (longest prompt + most
             # new tokens, what the planner budgets). No auto-compile: every micro-batch has another shape.
             cache_implementation="static" if self.kv_cache == "static" and cache is None else None,
@@ -283,7 +284,7 @@ class HFEngine:
         if logprobs:
             processors.append(logprobs.last)
         text_stops = tuple(s for s in params.stop if s not in self._special_tokens)
-        criteria = [StopStrings(self.tokenizer, text_stops, longest, self._ends(params.stop) | {self.pad_id})
+        criteria = [StopStrings(self.tokenizer, text_stops, longest, ends | {self.pad_id})
                     ] if text_stops else []
         start = time.perf_counter()
         new_tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
@@ -309,7 +310,7 @@ class HFEngine:
                 c = self._finish(r, s, tokens)
                 if logprobs:  # the tokens counted, less an EOS (or special stop token) that ended the row
                     counted = c.num_generated_tokens - (c.num_generated_tokens > 0 and
-                                                        tokens[c.num_generated_tokens - 1] in self._ends(params.stop))
+                                                        tokens[c.num_generated_tokens - 1] in ends)
                     counted_logprobs = token_logprobs[i * n + s][:counted] if counted else []
                     c.logprob = sum(counted_logprobs, 0.0)
                     if params.top_logprobs:
