@@ -6,6 +6,8 @@ drift on the machine hits all alike, and are reported as ratios to the naive bas
     bucketed     lmbatch engine, length-bucketed micro-batches, in-process
     unshared     the same, without computing a prefix its prompts share once (batching.share_prefix=false):
                  for templated workloads (shared_prefix_tokens, templates); not run unless asked for
+    ungrouped    the same, sharing prefixes but ordering rows by length alone (batching.group_prefixes=false):
+                 for workloads of several templates; not run unless asked for
     fixed        the same engine, input order, fixed batch size (the baseline)
     pipeline     transformers pipeline("text-generation", batch_size=B)
     continuous   transformers continuous batching (per-row max_new_tokens, explicitly sized cache)
@@ -37,7 +39,7 @@ from lmbatch.batching import decode_steps
 from lmbatch.config import BatchingConfig
 from lmbatch.report import PeakSampler, megabytes
 
-VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared")
+VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared", "ungrouped")
 
 
 @dataclass
@@ -227,16 +229,12 @@ class Bench:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.texts, self.ids, self.new = build_workload(cfg, self.tokenizer)
 
-    def _engine(self, strategy: str, share_prefix: bool = True):
-        from lmbatch.engine import HFEngine
+    def run_engine(self, variant: str, **batching) -> Result:
+        """The engine in-process, with the benchmark's batching changed by `batching` (one model serves all)."""
+        from lmbatch.engine import HFEngine, Request
 
-        batching = dataclasses.replace(self.cfg.batching, strategy=strategy, share_prefix=share_prefix)
-        return HFEngine(self.model, self.tokenizer, batching, kv_cache=self.cfg.kv_cache)  # one model serves a and b
-
-    def run_engine(self, strategy: str, share_prefix: bool = True) -> Result:
-        from lmbatch.engine import Request
-
-        engine = self._engine(strategy, share_prefix)
+        engine = HFEngine(self.model, self.tokenizer, dataclasses.replace(self.cfg.batching, **batching),
+                          kv_cache=self.cfg.kv_cache)
         requests = [Request(i, ids, m) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
         limit = self.cfg.time_limit_s
         planned = [[r.key for r in b] for b in engine.plan(requests)] if limit else []  # keys are row indices
@@ -258,7 +256,7 @@ class Bench:
             pass
         seconds = time.perf_counter() - start
         s = engine.stats
-        result = Result(strategy if share_prefix else "unshared", seconds, texts, s.generated_tokens, s.prompt_tokens,
+        result = Result(variant, seconds, texts, s.generated_tokens, s.prompt_tokens,
                         s.padded_prompt_tokens, s.decode_slots, s.decode_steps)
         if batches_done < len(planned):
             result.rows_done = rows_done
@@ -353,9 +351,11 @@ class Bench:
                       m["prompt_tokens"], padded, slots, startup_seconds=m.get("startup_seconds"))
 
     def run(self, variant: str) -> Result:
-        runner = {"bucketed": lambda: self.run_engine("bucketed"), "fixed": lambda: self.run_engine("fixed"),
+        runner = {"bucketed": lambda: self.run_engine("bucketed", strategy="bucketed"),
+                  "fixed": lambda: self.run_engine("fixed", strategy="fixed"),
                   "pipeline": self.run_pipeline, "continuous": self.run_continuous, "ray_job": self.run_ray_job,
-                  "unshared": lambda: self.run_engine("bucketed", share_prefix=False)}
+                  "unshared": lambda: self.run_engine("unshared", strategy="bucketed", share_prefix=False),
+                  "ungrouped": lambda: self.run_engine("ungrouped", strategy="bucketed", group_prefixes=False)}
         with PeakSampler(lambda: tree_rss(psutil.Process()), interval=1.0) as rss:
             result = runner[variant]()
         result.peak_rss = rss.peak

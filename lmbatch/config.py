@@ -317,8 +317,11 @@ class BatchingConfig:
     """Rows per micro-batch with strategy=fixed."""
     share_prefix: bool = True
     """Compute the tokens all prompts of a micro-batch begin with (a template's instructions, a system
-    prompt; 16 or more) once, for all its rows, into either kind of KV cache (model.kv_cache); the rows of
-    each template of a job that mixes them are bucketed apart, to share theirs (`interface.prefix_groups`)."""
+    prompt; 16 or more) once, for all its rows, into either kind of KV cache (model.kv_cache)."""
+    group_prefixes: bool = True
+    """With share_prefix and strategy=bucketed: bucket the rows of each template of a job that mixes them
+    apart, so that their micro-batches share it (`interface.prefix_groups`). False: order by length
+    alone, in fewer micro-batches (on a GPU, where a job's time goes by decode steps, fewer of them)."""
     chunk_rows: int = 4096
     """Rows in one unit of work: read, bucketed, generated and committed as one output file together,
     so also the window the planner buckets (larger: wider micro-batches, fewer decode steps).

@@ -118,9 +118,9 @@ class EngineStats:
 def plan_requests(batching: BatchingConfig, requests: Sequence[Request]) -> list[list[int]]:
     """The planner's micro-batches (indices into `requests`): rows with other sampling settings never
     share one, a row sampled num_return_sequences times is that many sequences, and with
-    batching.share_prefix the prompts of one beginning are bucketed apart (`prefix_groups`)."""
+    batching.share_prefix and group_prefixes the prompts of one beginning are bucketed apart (`prefix_groups`)."""
     keys: list = [r.params for r in requests]
-    if batching.share_prefix and batching.strategy == "bucketed":
+    if batching.share_prefix and batching.group_prefixes and batching.strategy == "bucketed":
         keys = list(zip(keys, prefix_groups(requests, batching.max_batch_rows)))
     return batching.plan([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
                          group_keys=keys, sequences=[r.params.num_return_sequences for r in requests])

@@ -94,8 +94,8 @@ def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff, min_d
 def test_prompts_of_one_beginning_are_bucketed_apart_when_they_fill_a_micro_batch():
     """batching.share_prefix: rows of two templates, of lengths that interleave, each get micro-batches of
     their own, so every micro-batch shares its template's instructions; a template with too few rows to
-    fill a micro-batch, or whose instructions are little of its prompts, stays with the rest. Without sharing,
-    length alone orders the rows."""
+    fill a micro-batch, or whose instructions are little of its prompts, stays with the rest. Without sharing
+    or grouping, length alone orders the rows."""
     rng = random.Random(0)
     templates = [list(range(100 * t, 100 * t + 20)) for t in (1, 2, 3)]  # 20-token instructions each
     texts = [[rng.randrange(1000) for _ in range(rng.randint(1, 60))] for _ in range(40)]
@@ -108,12 +108,12 @@ def test_prompts_of_one_beginning_are_bucketed_apart_when_they_fill_a_micro_batc
     assert prefix_groups(long_texts, 8) == [None] * 9
     assert prefix_groups([Request(i, templates[0] + [i] * 59, 4) for i in range(9)], 8)[0]  # 20 of 79: > 1/4
 
-    def shared(share_prefix):
-        batching = BatchingConfig(max_batch_rows=8, share_prefix=share_prefix)
+    def shared(**sharing):
+        batching = BatchingConfig(max_batch_rows=8, **sharing)
         return [shared_prefix([requests[i] for i in b]) for b in plan_requests(batching, requests) if len(b) > 1]
 
-    assert min(shared(True)) >= 16
-    assert min(shared(False)) == 0
+    assert min(shared()) >= 16
+    assert min(shared(group_prefixes=False)) == min(shared(share_prefix=False)) == 0
 
 
 def test_a_greedy_row_equal_to_an_earlier_one_is_generated_once():

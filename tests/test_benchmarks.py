@@ -34,17 +34,19 @@ def test_benchmark_job_compares_every_variant(tmp_path, short_tmp_path):
 
 @pytest.mark.slow
 def test_templated_preset_compares_sharing_a_prefix_with_not(tmp_path):
-    """preset=templated at a toy size: prompts of two templates, the engine with and without computing their
-    shared instructions once; the same greedy texts either way."""
+    """preset=templated at a toy size: prompts of two templates, the engine without computing their shared
+    instructions once, computing them once with rows ordered by length alone, and with each template's rows
+    bucketed apart; the same greedy texts every way."""
     done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "preset=templated", "model_shape=tiny",
                            "num_prompts=16", "max_prompt_tokens=64", "shared_prefix_tokens=40", "templates=2",
-                           "batching.max_batch_rows=4", "repeats=1",
+                           "batching.max_batch_rows=4", "variants=[unshared,ungrouped,bucketed]", "repeats=1",
                            f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
-    assert [r["variant"] for r in report["results"]] == ["unshared", "bucketed"] and report["baseline"] == "unshared"
-    assert report["greedy_rows_differing_from_bucketed"] == {"unshared": 0, "bucketed": 0}
-    assert report["results"][1]["x_unshared"] > 0
+    assert [r["variant"] for r in report["results"]] == ["unshared", "ungrouped", "bucketed"]
+    assert report["baseline"] == "unshared"
+    assert report["greedy_rows_differing_from_bucketed"] == {"unshared": 0, "ungrouped": 0, "bucketed": 0}
+    assert report["results"][2]["x_unshared"] > 0
 
 
 @pytest.mark.slow
