@@ -1,9 +1,8 @@
-"""Input side: find the Parquet files, validate them up front, cut them into chunks, read a chunk.
+"""Input side: find the Parquet files, validate them up front, and scan whole columns of them.
 
-Everything here runs before any model loads, from Parquet footers alone, so a bad job
-(missing path, corrupt file, missing column) stops with one readable `JobError`.
-A chunk is a row range of the input taken as one sequence of files (so many small files share
-a chunk and a huge file is cut into several): the unit that is read, generated and committed together.
+Everything here runs before any model loads, from Parquet footers (and the id and prompt columns
+the plan scans), so a bad job (missing path, corrupt file, missing column) stops with one readable
+`JobError`. Cutting the input into chunks and reading a chunk back: `lmbatch.chunks`.
 """
 
 from __future__ import annotations
@@ -33,37 +32,6 @@ class InputFile:
     """Path inside its filesystem (no scheme)."""
     num_rows: int
     size: int
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rows [start, stop) of one input file."""
-    file: str
-    file_index: int
-    start: int
-    stop: int
-    file_size: int
-    """The file's size when the job was planned (see `_check_unchanged`)."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    id: str
-    """Stable name, e.g. `00003-000002048`: file index and row where the chunk begins; names the output part."""
-    start: int
-    stop: int
-    """Rows [start, stop) of the whole input (files in order)."""
-    pieces: tuple[Piece, ...]
-    """The file row ranges that make up the chunk, in order."""
-
-    @property
-    def num_rows(self) -> int:
-        return self.stop - self.start
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Chunk":
-        """Inverse of dataclasses.asdict (chunks travel to Ray tasks as plain rows)."""
-        return cls(d["id"], d["start"], d["stop"], tuple(Piece(**p) for p in d["pieces"]))
 
 
 @dataclass
@@ -342,100 +310,7 @@ def _common_type(x: pa.DataType, y: pa.DataType) -> Optional[pa.DataType]:
     return None
 
 
-def plan_chunks(files: list[InputFile], chunk_rows: int) -> list[Chunk]:
-    """Cut the input, files taken in order, into chunks of chunk_rows rows (the last may be shorter).
-
-    Small files are packed together and large ones split, so chunks (and output parts) have an even
-    size whatever the file layout; ids are stable for given files and chunk_rows.
-    """
-    chunks, pieces, chunk_start, position = [], [], 0, 0
-    for index, f in enumerate(files):
-        row = 0
-        while row < f.num_rows:
-            take = min(f.num_rows - row, chunk_start + chunk_rows - position)
-            pieces.append(Piece(f.path, index, row, row + take, f.size))
-            row, position = row + take, position + take
-            if position - chunk_start == chunk_rows:
-                chunks.append(_chunk(chunk_start, position, pieces))
-                pieces, chunk_start = [], position
-    if pieces:
-        chunks.append(_chunk(chunk_start, position, pieces))
-    return chunks
-
-
-def _chunk(start: int, stop: int, pieces: list[Piece]) -> Chunk:
-    first = pieces[0]
-    return Chunk(f"{first.file_index:05d}-{first.start:09d}", start, stop, tuple(pieces))
-
-
-def choose_chunk_rows(total_rows: int, configured: int, num_replicas: int) -> int:
-    """Rows per chunk: at most `configured`, cut so every replica gets the same number of chunks.
-
-    Small inputs give each replica two chunks, not more: a chunk is also the window the planner
-    buckets, and smaller windows make narrower micro-batches, so more decode steps for the same
-    rows (for the benchmark's workload a 625-row window plans 4.7x the decode steps of one
-    5,000-row pool; 1,250 rows 2.8x). A number of chunks that is a multiple of the replicas keeps
-    one replica from finishing the job alone.
-    """
-    chunks = max(2 * num_replicas, -(-total_rows // configured))
-    chunks = -(-chunks // num_replicas) * num_replicas
-    return max(1, -(-total_rows // chunks))
-
-
-def read_chunk(uri: str, chunk: Chunk, columns: list[str], schema: Optional[pa.Schema] = None) -> pa.Table:
-    """Read a chunk's rows, only the given columns, typed as in `schema` (the input's, merged over
-    its files: a column all null in one file has the others' type in every part)."""
-    tables = [_read_piece(uri, p, tuple(columns)) for p in chunk.pieces]
-    if schema is not None:
-        tables = [t.cast(pa.schema([schema.field(c) for c in columns])) for t in tables]
-    return pa.concat_tables(tables)
-
-
-def _read_piece(uri: str, piece: Piece, columns: tuple) -> pa.Table:
-    """Rows [start, stop) of one file: only the row groups that hold them are read."""
-    _check_unchanged(uri, piece)
-    meta = _open_parquet(uri, piece.file).metadata
-    groups, first_row, offset = [], None, 0
-    for g in range(meta.num_row_groups):
-        rows = meta.row_group(g).num_rows
-        if offset < piece.stop and offset + rows > piece.start:
-            groups.append(g)
-            first_row = offset if first_row is None else first_row
-        offset += rows
-    table = _read_row_groups(uri, piece.file, tuple(groups), columns)
-    return table.slice(piece.start - first_row, piece.stop - piece.start)
-
-
-def _check_unchanged(uri: str, piece: Piece) -> None:
-    """Refuse a file rewritten since the job was planned (a producer replacing its table while the
-    job runs): its rows would not be those planned, and the output would mix two versions of the
-    input. Checked at every read, as a worker keeps files open from chunk to chunk."""
-    size = _filesystem(uri).get_file_info(piece.file).size
-    if size != piece.file_size:
-        now = "it is gone" if size is None else f"{size:,} now"
-        raise JobError(f"input file {with_scheme(uri, piece.file)} changed while the job ran "
-                       f"({piece.file_size:,} bytes when planned, {now}): the job stops rather than mix two "
-                       "versions of the input in one output; once the input is settled, run it again into a new "
-                       "output.path (or with output.mode=overwrite)")
-
-
-@functools.lru_cache(maxsize=4)
-def _filesystem(uri: str) -> pafs.FileSystem:
-    return resolve_filesystem(uri)[0]
-
-
-@functools.lru_cache(maxsize=8)
-def _open_parquet(uri: str, path: str) -> pq.ParquetFile:
-    return pq.ParquetFile(_filesystem(uri).open_input_file(path))
-
-
-# Consecutive chunks of one large row group often come to the same worker: keep the last read.
-@functools.lru_cache(maxsize=1)
-def _read_row_groups(uri: str, path: str, groups: tuple, columns: tuple) -> pa.Table:
-    return _read_columns(_open_parquet(uri, path), uri, path, groups, columns)
-
-
-def _read_columns(parquet: pq.ParquetFile, uri: str, path: str, groups: tuple, columns: tuple) -> pa.Table:
+def read_columns(parquet: pq.ParquetFile, uri: str, path: str, groups: tuple, columns: tuple) -> pa.Table:
     """The given columns of some row groups; a column the file lacks is one of its Hive partitions."""
     stored = [c for c in columns if c in parquet.schema_arrow.names]
     try:
@@ -456,7 +331,7 @@ def _row_groups_of(fs: pafs.FileSystem, uri: str, path: str, column: str) -> Ite
     with fs.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle)
         for g in range(parquet.metadata.num_row_groups):
-            yield _read_columns(parquet, uri, path, (g,), (column,))[column]
+            yield read_columns(parquet, uri, path, (g,), (column,))[column]
 
 
 def long_strings(uri: str, files: list[InputFile], column: str, min_bytes: int) -> list[str]:

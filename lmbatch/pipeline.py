@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 import lmbatch
 from lmbatch import io, resources
 from lmbatch.config import JobConfig
-from lmbatch.io import Chunk
+from lmbatch.chunks import Chunk
 from lmbatch.lease import RENEW_S, Lease
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config

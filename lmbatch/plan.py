@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmbatch import io
+from lmbatch.chunks import Chunk, choose_chunk_rows, plan_chunks
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
-from lmbatch.io import Chunk, InputPlan, JobError, absolute
+from lmbatch.io import InputPlan, JobError, absolute
 from lmbatch.model_checks import check_model
 from lmbatch.models import model_identity, tokenizer_source
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
@@ -196,7 +197,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     configured = job.batching.chunk_rows
     if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
         configured = min(configured, max(1, job.output.max_rows_per_file // job.generation.num_return_sequences))
-    chunk_rows = state.chunk_rows or io.choose_chunk_rows(inputs.num_rows, configured, job.cluster.num_replicas)
+    chunk_rows = state.chunk_rows or choose_chunk_rows(inputs.num_rows, configured, job.cluster.num_replicas)
     tokenizer_path, tokenizer_revision = tokenizer_source(model.path, model.revision, model.adapter)
     settings = PrepareSettings(
         input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
@@ -213,7 +214,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     )
     check_room_for_prompts(job, settings)
     job = dataclasses.replace(job, model=model)
-    chunks = io.plan_chunks(inputs.files, chunk_rows)
+    chunks = plan_chunks(inputs.files, chunk_rows)
     plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity,
                    kv_bytes_per_token=kv_bytes_per_token, retrying=retrying)
     if i.on_duplicate_id != "ignore" and not state.finished:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from lmbatch import structured
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, GenerationOptions
-from lmbatch.io import Chunk, read_chunk
+from lmbatch.chunks import Chunk, read_chunk
 
 # Columns the prepare step adds; the replica consumes them and the writer drops the underscored ones.
 CHUNK, CHUNK_ROWS, ROW = "_chunk", "_chunk_rows", "_row"

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_prompts
-from lmbatch.io import (Chunk, InputFile, InputPlan, JobError, choose_chunk_rows, find_duplicate_ids, inspect_inputs,
-                        plan_chunks, read_chunk)
+from lmbatch.chunks import Chunk, choose_chunk_rows, plan_chunks, read_chunk
+from lmbatch.io import InputFile, InputPlan, JobError, find_duplicate_ids, inspect_inputs
 
 
 def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():

@@ -33,7 +33,7 @@ from conftest import REPO, compose, oracle, save_lora_adapter, varied_prompts, w
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
-from lmbatch import io as lmbatch_io
+from lmbatch import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.pipeline import JobFailed, ReadStalled, count_committed, prepare_within, run
@@ -551,7 +551,7 @@ def test_a_read_that_hangs_stops_the_job_naming_its_files(tmp_path, tiny_llama):
                                           f"model.path={tiny_llama}", "cluster.num_replicas=1")))
     chunk = plan.chunks[0]
     assert prepare_within(chunk, plan.settings, [], timeout_s=30).equals(prepare_chunk(chunk, plan.settings))
-    lmbatch_io._open_parquet.cache_clear()  # a prepare worker's process opens the file afresh
+    lmbatch_chunks._open_parquet.cache_clear()  # a prepare worker's process opens the file afresh
     HangingFileSystem.hung.set()
     try:
         with pytest.raises(ReadStalled, match=rf"reading chunk {chunk.id} of the input \(hanging://{source}\) did not "
