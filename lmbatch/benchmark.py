@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import psutil
 from hydra.core.config_store import ConfigStore
 
@@ -62,6 +63,9 @@ class BenchmarkConfig:
     prompt lengths above are then those of the texts after them. 0: none."""
     templates: int = 1
     """Distinct instructions of shared_prefix_tokens each (a job mixing templates): rows take them in turn."""
+    embed: Optional[str] = None
+    """`last` or `mean`: the engine's variants embed the prompts instead (generation.embedding, with
+    max_new_tokens 0), and rows differ when their vectors do by more than 1e-4; null: generate."""
     seed: int = 0
     """Seed of the synthetic workload and the model's random weights."""
     repeats: int = 1
@@ -178,7 +182,8 @@ class TimeLimitReached(Exception):
 class Result:
     variant: str
     seconds: float
-    texts: list[str]
+    texts: list
+    """Each row's text (its embedding with `embed`), None for a row not done."""
     generated_tokens: int
     prompt_tokens: int
     padded_prompt_tokens: int
@@ -232,10 +237,13 @@ class Bench:
     def run_engine(self, variant: str, **batching) -> Result:
         """The engine in-process, with the benchmark's batching changed by `batching` (one model serves all)."""
         from lmbatch.engine import HFEngine, Request
+        from lmbatch.interface import Pooling, SamplingParams
 
         engine = HFEngine(self.model, self.tokenizer, dataclasses.replace(self.cfg.batching, **batching),
                           kv_cache=self.cfg.kv_cache)
-        requests = [Request(i, ids, m) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
+        embed = self.cfg.embed
+        params = SamplingParams(embedding=Pooling(embed)) if embed else SamplingParams()
+        requests = [Request(i, ids, 0 if embed else m, params) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
         limit = self.cfg.time_limit_s
         planned = [[r.key for r in b] for b in engine.plan(requests)] if limit else []  # keys are row indices
         texts: list[Optional[str]] = [None] * len(requests)
@@ -245,7 +253,7 @@ class Bench:
             nonlocal batches_done, rows_done
             batches_done, rows_done = batches_done + 1, rows_done + len(completions)
             for c in completions:
-                texts[c.key] = c.text
+                texts[c.key] = c.embedding.to_numpy() if embed else c.text
             if limit and time.perf_counter() - start > limit:
                 raise TimeLimitReached
 
@@ -370,13 +378,16 @@ def _faster(a: Result, b: Result) -> bool:
 
 
 def compare(results: dict[str, Result]) -> dict[str, int]:
-    """Rows whose greedy text differs from the bucketed engine's, per variant (0: identical).
+    """Rows whose greedy text differs from the bucketed engine's, per variant (0: identical); an
+    embedding differs by more than 1e-4 (padding changes a float's rounding, never so much).
 
-    With float32 a handful can differ on random-weight models where the top two logits tie to
-    within ~1e-5: padding changes the rounding, and such a row goes either way.
+    With float32 a handful of texts can differ on random-weight models where the top two logits tie
+    to within ~1e-5: padding changes the rounding, and such a row goes either way.
     """
+    def differ(a, b) -> bool:
+        return a != b if isinstance(a, str) else not np.allclose(a, b, rtol=0, atol=1e-4)
     reference = results.get("bucketed") or next(iter(results.values()))
-    return {name: sum(a != b for a, b in zip(r.texts, reference.texts) if a is not None and b is not None)
+    return {name: sum(differ(a, b) for a, b in zip(r.texts, reference.texts) if a is not None and b is not None)
             for name, r in results.items()}
 
 
@@ -408,6 +419,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if cfg.embed not in (None, "last", "mean"):
+        raise ValueError(f"embed must be last, mean or null, got {cfg.embed!r}")
+    if cfg.embed and set(cfg.variants) & {"pipeline", "continuous", "ray_job"}:
+        raise ValueError("embed compares the engine's variants (bucketed, fixed, unshared, ungrouped) alone")
     if cfg.log_micro_batches:
         logging.getLogger("lmbatch.engine").setLevel(logging.DEBUG)
     out_dir = Path(cfg.output_dir)
@@ -447,8 +462,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     machine = (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, device {bench.device}, "
                f"{bench.dtype}")
     header = (f"Benchmark: model shape `{cfg.model_shape}`, {rows_n} prompts ({sum(map(len, bench.ids)):,} prompt tokens, "
-              f"{cfg.min_prompt_tokens}-{cfg.max_prompt_tokens} log-normal), max_new_tokens {cfg.min_new_tokens}-"
-              f"{cfg.max_new_tokens} per row; {machine}; best of {cfg.repeats} interleaved rounds.")
+              f"{cfg.min_prompt_tokens}-{cfg.max_prompt_tokens} log-normal), "
+              + (f"embedded ({cfg.embed} pooling), nothing generated" if cfg.embed else
+                 f"max_new_tokens {cfg.min_new_tokens}-{cfg.max_new_tokens} per row")
+              + f"; {machine}; best of {cfg.repeats} interleaved rounds.")
     report = {"config": dataclasses.asdict(cfg), "machine": machine, "baseline": baseline, "results": rows,
               "greedy_rows_differing_from_bucketed": same, "notes": notes}
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))

@@ -196,7 +196,8 @@ class ModelConfig:
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 32
-    """Upper bound on generated tokens per row; 0, with prompt_logprobs, scores the prompts and generates nothing."""
+    """Upper bound on generated tokens per row; 0, with prompt_logprobs or embedding, generates nothing: the
+    prompts are only scored or embedded."""
     max_length: Optional[int] = None
     """Optional cap on prompt + generated tokens (the classic `max_length`); the tighter bound wins."""
     do_sample: bool = False
@@ -257,11 +258,28 @@ class GenerationOptions:
     given those before it (the first, which has none, left out), as vLLM's prompt_logprobs summed; the
     prompt's perplexity is exp(-prompt_logprob / (num_prompt_tokens - 1)). Costs a forward pass over the
     prompts (a second prefill)."""
+    embedding: Optional[str] = None
+    """Add an `embedding` column: each row's prompt as a vector, from the model's last hidden states over it,
+    pooled: `last` (the last token's: what decoder embedding models such as Qwen3-Embedding, gte-Qwen2 and
+    e5-mistral are trained for) or `mean` (over the prompt's tokens). Costs a forward pass over the prompts;
+    with max_new_tokens=0, that pass is all the job computes. Null: none."""
+    embedding_dimensions: Optional[int] = None
+    """With embedding: keep the first N dimensions (a Matryoshka model's shorter vectors, as OpenAI's
+    `dimensions`), before normalizing. Null: all (the model's hidden size)."""
+    embedding_normalize: bool = True
+    """With embedding: scale each vector to length 1 (so a dot product is the cosine similarity, as
+    embedding models are used); false keeps the pooled hidden state as it is."""
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and self.prompt_logprobs),
-                 f"generation.max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs: score the prompts, "
-                 f"generate nothing), got {self.max_new_tokens}")
+        _require(self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and (self.prompt_logprobs or self.embedding)),
+                 "generation.max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs or "
+                 f"generation.embedding: score or embed the prompts, generate nothing), got {self.max_new_tokens}")
+        _require(self.embedding in (None, "last", "mean"),
+                 f"generation.embedding must be last, mean or null, got {self.embedding!r}")
+        _require(self.embedding_dimensions is None or self.embedding_dimensions >= 1,
+                 f"generation.embedding_dimensions must be >= 1 or null, got {self.embedding_dimensions}")
+        _require(self.embedding or self.embedding_dimensions is None,
+                 "generation.embedding_dimensions needs generation.embedding (last or mean)")
         _require(self.max_length is None or self.max_length >= 2,
                  f"generation.max_length must be >= 2 or null, got {self.max_length}")
         _require(self.temperature >= 0 and math.isfinite(self.temperature),

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.embedding import embed_prompts
 from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
                                row_seed, shared_prefix)
 from lmbatch.models import ending_ids, special_tokens_only, tokenizer_source
@@ -234,7 +235,7 @@ class HFEngine:
         self._use_adapter(params.adapter)
         ends = self._ends(params.stop)
         n = params.num_return_sequences
-        most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored (generation.prompt_logprobs)
+        most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored or embedded
         prompts = layout(batch, 0, self.pad_id)  # left-padded, as the prompts are scored
         shared = shared_prefix(batch) if self.batching.share_prefix else 0
         cache = prefix_cache(self.model, batch[0].prompt_ids[:shared], len(batch) * n, self.kv_cache,
@@ -321,6 +322,10 @@ class HFEngine:
             prompt_scores = score_prompts(self.model, batch, *prompts)
             for c in completions:
                 c.prompt_logprob = prompt_scores[c.key]
+        if params.embedding:
+            embeddings = embed_prompts(self.model, batch, *prompts, params.embedding)
+            for c in completions:
+                c.embedding = embeddings[c.key]
         if scored:
             if at_first_step:
                 first_step = logprobs.first_step.tolist()

@@ -18,6 +18,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Pooling:
+    """How a prompt's last hidden states become its embedding (generation.embedding and the keys after it)."""
+
+    kind: str
+    """`last`: the last token's hidden state; `mean`: the mean over the prompt's tokens."""
+    dimensions: Optional[int] = None
+    """Keep the first N dimensions (before normalizing); None: all."""
+    normalize: bool = True
+    """Scale to length 1."""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Everything that must be equal for rows to share one `generate` call."""
 
@@ -39,6 +51,8 @@ class SamplingParams:
     """Record each prompt's log-probability (generation.prompt_logprobs); the same for every row of a job."""
     adapter: Optional[str] = None
     """The adapter of model.adapters that generates the row (generation.adapter); None: the model alone."""
+    embedding: Optional[Pooling] = None
+    """Record each prompt's embedding, pooled so (generation.embedding); the same for every row of a job."""
 
 
 @dataclass
@@ -73,6 +87,8 @@ class Completion:
     token_logprobs: Optional[pa.StructArray] = None
     """With generation.top_logprobs: a TOKEN_LOGPROB per counted token (Arrow, not a dict per token: a
     chunk of long texts holds millions of them)."""
+    embedding: Optional[pa.Array] = None
+    """With generation.embedding: the prompt's embedding (float32 values)."""
 
 
 _TOKEN = [("token_id", pa.int64()), ("token", pa.string()), ("logprob", pa.float64())]

@@ -88,8 +88,25 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
     check_shared_tokenizer(adapters, tokenizer, job.model.trust_remote_code)
+    check_embedding(job, config, text_config)
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter, adapters=adapters)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
+
+
+def check_embedding(job: JobConfig, config, text_config) -> None:
+    """generation.embedding_dimensions within the model's hidden size; and a warning for a model saved without
+    a language-model head (an embedding model, as a Qwen3Model), which loads with a random (or tied) one."""
+    g, hidden = job.generation, getattr(text_config, "hidden_size", None)
+    if g.embedding_dimensions and hidden and g.embedding_dimensions > hidden:
+        raise JobError(f"generation.embedding_dimensions={g.embedding_dimensions} exceeds the {hidden} dimensions "
+                       f"of {job.model.path}'s hidden states")
+    architectures = getattr(config, "architectures", None) or []
+    headless = architectures and not any(a.endswith(("LMHeadModel", "ForCausalLM", "ForConditionalGeneration"))
+                                         for a in architectures)
+    if headless and (g.max_new_tokens or g.prompt_logprobs):
+        print(f"lmbatch: warning: {job.model.path} is a {architectures[0]}, saved without a language-model head "
+              "(an embedding model?): the head it loads with was not trained with it, so its texts and "
+              "log-probabilities mean little. For embeddings alone, set generation.max_new_tokens=0")
 
 
 def check_structured(job: JobConfig, tokenizer, model_eos) -> None:

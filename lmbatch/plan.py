@@ -128,8 +128,9 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
 
 
 ADDED_GENERATION_KEYS = ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema", "regex",
-                         "prompt_logprobs", "top_logprobs", "json_whitespace", "adapter", "min_p")
-"""generation keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set."""
+                         "prompt_logprobs", "top_logprobs", "json_whitespace", "adapter", "min_p", "embedding")
+"""generation keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set
+(and embedding_dimensions and embedding_normalize only with embedding)."""
 
 
 def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
@@ -148,7 +149,8 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
                   if k != "kv_cache" and not (k in ("revision", "adapter", "adapters") and not v)},
         # ADDED_GENERATION_KEYS count when set (an empty schema, any JSON, and an empty json_whitespace are set)
         "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
-                       if not (k in ADDED_GENERATION_KEYS and v in (None, [], False, 0))},
+                       if not (k in ADDED_GENERATION_KEYS and v in (None, [], False, 0))
+                       and not (k.startswith("embedding_") and not job.generation.embedding)},
         "engine": job.engine,
         "partition_by": job.output.partition_by,
         **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later

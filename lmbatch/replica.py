@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 from lmbatch import prepare as P
 from lmbatch import structured
 from lmbatch.config import GenerationOptions, JobConfig
-from lmbatch.interface import (TOKEN_LOGPROB, Completion, Request, SamplingParams, identical_requests, list_column,
-                               row_seed, with_repeats)
+from lmbatch.interface import (TOKEN_LOGPROB, Completion, Pooling, Request, SamplingParams, identical_requests,
+                               list_column, row_seed, with_repeats)
 from lmbatch.output import OutputDir, with_part_metadata
 from lmbatch.report import LiveReporter
 
@@ -43,6 +43,7 @@ SAMPLE_INDEX = pa.field("sample_index", pa.int64())
 LOGPROB = pa.field("logprob", pa.float64())
 CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
 PROMPT_LOGPROB = pa.field("prompt_logprob", pa.float64())
+EMBEDDING = pa.field("embedding", pa.list_(pa.float32()))
 TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(TOKEN_LOGPROB))
 
 DEATHS_BEFORE_ISOLATING = 2
@@ -79,6 +80,8 @@ def output_columns(job: JobConfig) -> list[pa.Field]:
             columns.append(TOKEN_LOGPROBS)
     if g.prompt_logprobs:
         columns.append(PROMPT_LOGPROB)
+    if g.embedding:
+        columns.append(EMBEDDING)
     if job.output.parse_json:
         columns.append(pa.field("generated_json", job.generated_json_type))
     return columns
@@ -112,7 +115,9 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
     return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
                           frequency_penalty=g.frequency_penalty, stop=tuple(g.stop),
                           num_return_sequences=g.num_return_sequences, logprobs=g.logprobs,
-                          top_logprobs=g.top_logprobs, prompt_logprobs=g.prompt_logprobs, adapter=g.adapter)
+                          top_logprobs=g.top_logprobs, prompt_logprobs=g.prompt_logprobs, adapter=g.adapter,
+                          embedding=Pooling(g.embedding, g.embedding_dimensions, g.embedding_normalize)
+                          if g.embedding else None)
 
 
 def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
@@ -312,6 +317,8 @@ class Replica:
                 out = out.append_column(f, structured.parsed_column(texts, f.type))
             elif f.name == "token_logprobs":
                 out = out.append_column(f, list_column([c.token_logprobs for c in done], TOKEN_LOGPROB))
+            elif f.name == "embedding":
+                out = out.append_column(f, list_column([c.embedding for c in done], pa.float32()))
             else:
                 out = out.append_column(f, pa.array(values[f.name], f.type))
         truncated = sum(len(r.prompt_ids) < prompt_tokens[r.key] for r in requests)

@@ -78,6 +78,16 @@ def save_lora_adapter(base, directory, seed: int):
     return directory
 
 
+def save_headless(model_path: str, directory: Path) -> str:
+    """The model without its LM head, with its tokenizer, as embedding models are often saved (a
+    Qwen3Model, not a Qwen3ForCausalLM)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    AutoModel.from_pretrained(model_path).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(directory)
+    return str(directory)
+
+
 def varied_prompts(n: int, seed: int = 0, max_words: int = 300) -> list[str]:
     """Prompts from one word to several hundred tokens, in shuffled order."""
     from lmbatch.samples import WORDS

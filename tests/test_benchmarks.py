@@ -1,5 +1,6 @@
 """The benchmark jobs run end to end and report what they claim to (CI runs them at a small size)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from lmbatch.benchmark import BenchmarkConfig, run_benchmark
 from lmbatch.scale import ScaleConfig, run_scale
 
 
@@ -47,6 +49,21 @@ def test_templated_preset_compares_sharing_a_prefix_with_not(tmp_path):
     assert report["baseline"] == "unshared"
     assert report["greedy_rows_differing_from_bucketed"] == {"unshared": 0, "ungrouped": 0, "bucketed": 0}
     assert report["results"][2]["x_unshared"] > 0
+
+
+def test_benchmark_embeds_with_the_engines_variants(tmp_path):
+    """embed=mean: the engine's variants embed the prompts (nothing generated), the same vectors bucketed as
+    in fixed batches of input order, with less padding; variants that cannot embed are refused."""
+    cfg = BenchmarkConfig(embed="mean", variants=["fixed", "bucketed"], num_prompts=24, max_prompt_tokens=256,
+                          output_dir=str(tmp_path))
+    report = run_benchmark(cfg)
+    fixed, bucketed = report["results"]
+    assert report["greedy_rows_differing_from_bucketed"] == {"fixed": 0, "bucketed": 0}
+    assert fixed["generated_tokens_per_s"] == bucketed["generated_tokens_per_s"] == 0
+    assert bucketed["padding_efficiency"] > fixed["padding_efficiency"] and bucketed["x_fixed"] > 0
+    assert "embedded (mean pooling), nothing generated" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="embed compares the engine's variants"):
+        run_benchmark(dataclasses.replace(cfg, variants=["bucketed", "pipeline"]))
 
 
 @pytest.mark.slow

@@ -277,18 +277,27 @@ def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_lla
     assert rows[5]["error"] == "invalid parameter: json_schema and regex both say what a text may be: set one"
 
 
-def test_a_job_that_only_scores_its_prompts(local_ray, tmp_path, tiny_llama, capsys):
-    """max_new_tokens 0 with prompt_logprobs: every row's prompt scored (as the model alone scores it),
-    nothing generated; such rows are not counted as cut at the token limit."""
+def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny_llama, capsys):
+    """max_new_tokens 0 with prompt_logprobs and embedding: every row's prompt scored and embedded (as the
+    model alone does it), nothing generated; such rows are not counted as cut at the token limit."""
+    from transformers import AutoModel
+
     prompts = varied_prompts(6, seed=10, max_words=40)
     out = tmp_path / "out"
     result = run(compose(f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
                          f"model.path={tiny_llama}", "cluster.num_replicas=1", "generation.max_new_tokens=0",
-                         "generation.prompt_logprobs=true"))
-    rows = pq.read_table(out).to_pylist()
+                         "generation.prompt_logprobs=true", "generation.embedding=mean",
+                         "generation.embedding_dimensions=32"))
+    table = pq.read_table(out)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    rows = table.to_pylist()
     assert {(r["generated_text"], r["num_generated_tokens"], r["finish_reason"]) for r in rows} == {("", 0, "length")}
+    base, tokenizer = AutoModel.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
     for row, prompt in zip(rows, prompts):
         assert row["prompt_logprob"] == pytest.approx(prompt_logprob_alone(tiny_llama, prompt), abs=1e-4)
+        with torch.inference_mode():
+            expected = base(**tokenizer(prompt, return_tensors="pt")).last_hidden_state[0].mean(0)[:32]
+        assert row["embedding"] == pytest.approx((expected / expected.norm()).tolist(), abs=1e-5)
     assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in capsys.readouterr().out
 
 

@@ -8,16 +8,17 @@ import collections
 import json
 import shutil
 
+import pyarrow as pa
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from conftest import choice_oracle, varied_prompts
+from conftest import choice_oracle, save_headless, varied_prompts
 from lmbatch import engine as engine_module
 from lmbatch import scoring
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine import HFEngine, choose_attention, choose_kv_cache
-from lmbatch.interface import Completion, Request, SamplingParams
+from lmbatch.interface import Completion, Pooling, Request, SamplingParams
 from lmbatch.processors import PerRowSampler, RepetitionPenalty
 
 
@@ -408,6 +409,45 @@ def test_prompt_logprobs_are_the_models_for_each_prompt_alone(model_path, scorin
             each = engine.model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
         expected = sum(each[j, t].item() for j, t in enumerate(ids[1:]))
         assert c.prompt_logprob == pytest.approx(expected, rel=1e-4, abs=1e-4), c.key
+
+
+def embedding_alone(base, ids, pooling: Pooling) -> torch.Tensor:
+    """The oracle: transformers' model without its LM head (AutoModel) on this prompt alone, pooled."""
+    with torch.inference_mode():
+        hidden = base(torch.tensor([ids])).last_hidden_state[0]
+    vector = (hidden[-1] if pooling.kind == "last" else hidden.mean(0))[:pooling.dimensions]
+    return vector / vector.norm() if pooling.normalize else vector
+
+
+@pytest.mark.parametrize("pooling, max_new", [(Pooling("last"), 3), (Pooling("mean", 16, normalize=False), 0)])
+def test_embeddings_are_the_models_for_each_prompt_alone(model_path, pooling, max_new):
+    """generation.embedding: each row's embedding is what transformers' AutoModel (the model without its LM
+    head, loaded on its own) gives its prompt alone, pooled, cut to its dimensions and normalized, whatever
+    the left padding of its micro-batch (prompts of 1 to hundreds of tokens); both samples of a row carry
+    it; with max_new_tokens 0 nothing is generated (and no shared start is computed apart)."""
+    from transformers import AutoModel
+
+    engine = make_engine(model_path, max_batch_tokens=4096)
+    params = SamplingParams(do_sample=True, num_return_sequences=2, embedding=pooling)
+    prompts = [list(range(3, 23)) + engine.tokenizer(p)["input_ids"] for p in varied_prompts(15, seed=3)] + [[5]]
+    requests = [Request(i, ids, max_new, params, seed=i) for i, ids in enumerate(prompts)]
+    got = engine.generate(requests)
+    assert len(got) == 32 and engine.stats.micro_batches > 1
+    assert (engine.stats.decode_steps > 0) == (engine.stats.shared_prefix_tokens > 0) == (max_new > 0)
+    base = AutoModel.from_pretrained(model_path)
+    for c in got:
+        expected = embedding_alone(base, requests[c.key].prompt_ids, pooling)
+        assert c.embedding.type == pa.float32() and len(c.embedding) == (pooling.dimensions or 64)
+        assert torch.allclose(torch.tensor(c.embedding.to_numpy()), expected, rtol=1e-4, atol=1e-5), c.key
+
+
+def test_an_embedding_model_saved_without_its_lm_head_embeds(tiny_llama, tmp_path):
+    """Embedding models are often saved as the model alone (Qwen3Model, not Qwen3ForCausalLM): the engine
+    loads such a checkpoint (its LM head left as transformers initializes it) and embeds as from the whole."""
+    params = SamplingParams(embedding=Pooling("last"))
+    requests = [Request(i, [3 + i, 9, 4 * i + 1], 0, params) for i in range(4)]
+    whole, alone_ = (make_engine(path).generate(requests) for path in (tiny_llama, save_headless(tiny_llama, tmp_path)))
+    assert [c.embedding.to_pylist() for c in whole] == [c.embedding.to_pylist() for c in alone_]
 
 
 def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_llama, lora_adapter):

@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, compose, oracle, save_lora_adapter, varied_prompts, write_prompts
+from conftest import REPO, compose, oracle, save_headless, save_lora_adapter, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.io import JobError
@@ -844,6 +844,30 @@ def test_several_adapters_are_part_of_the_job_and_checked_each(tmp_path, tiny_ll
                                 "model.adapter and model.adapters: set one")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             plan(*overrides)
+
+
+def test_embedding_settings_are_checked_against_the_model(tmp_path, tiny_llama, capsys):
+    """generation.embedding and the keys that shape it name the job (its fingerprint), the others only with
+    it; embedding_dimensions beyond the model's hidden size stops the job as it plans; a model saved without
+    its LM head (an embedding model) is warned of when it generates texts, not when it only embeds."""
+    headless, source = save_headless(tiny_llama, tmp_path / "headless"), one_prompt(tmp_path)
+
+    def plan(*extra):
+        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", *extra)))
+    with pytest.raises(JobError, match=re.escape(f"generation.embedding_dimensions=65 exceeds the 64 dimensions of "
+                                                 f"{tiny_llama}'s hidden states")):
+        plan(f"model.path={tiny_llama}", "generation.embedding=last", "generation.embedding_dimensions=65")
+    embedded = [plan(f"model.path={tiny_llama}", *extra).fingerprint for extra in [
+        (), ("generation.embedding=last",), ("generation.embedding=mean",),
+        ("generation.embedding=last", "generation.embedding_dimensions=64"),
+        ("generation.embedding=last", "generation.embedding_normalize=false")]]
+    assert len(set(embedded)) == 5  # each is another job; and without embedding, its other keys change nothing:
+    assert plan(f"model.path={tiny_llama}", "generation.embedding_normalize=false").fingerprint == embedded[0]
+    plan(f"model.path={headless}")
+    assert f"warning: {headless} is a LlamaModel, saved without a language-model head" in capsys.readouterr().out
+    plan(f"model.path={headless}", "generation.max_new_tokens=0", "generation.embedding=last")
+    plan(f"model.path={tiny_llama}")
+    assert "language-model head" not in capsys.readouterr().out
 
 
 def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
