@@ -159,9 +159,10 @@ def prefix_groups(requests: Sequence[Request], min_sequences: int) -> list[Optio
     where ordering by length alone would mix the templates and share nothing: the prompt's first
     SHARED_PREFIX_MIN_TOKENS tokens, where at least `min_sequences` sequences' prompts begin with
     them (enough to fill a micro-batch of their own) and all of them begin with at least
-    PREFIX_GROUP_MIN_SHARE of their tokens in common; else None (planned together, as before)."""
-    beginnings = [tuple(r.prompt_ids[:SHARED_PREFIX_MIN_TOKENS]) if len(r.prompt_ids) > SHARED_PREFIX_MIN_TOKENS
-                  else None for r in requests]
+    PREFIX_GROUP_MIN_SHARE of their tokens in common; else None (planned together, as before). Rows
+    that generate nothing (prompts only scored or embedded) share nothing, and are not grouped."""
+    beginnings = [tuple(r.prompt_ids[:SHARED_PREFIX_MIN_TOKENS])
+                  if len(r.prompt_ids) > SHARED_PREFIX_MIN_TOKENS and r.max_new_tokens else None for r in requests]
     members = collections.defaultdict(list)
     for beginning, r in zip(beginnings, requests):
         members[beginning].append(r)

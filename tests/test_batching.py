@@ -94,7 +94,8 @@ def test_plan_properties(rows, budget, max_rows, strategy, fixed, min_eff, min_d
 def test_prompts_of_one_beginning_are_bucketed_apart_when_they_fill_a_micro_batch():
     """batching.share_prefix: rows of two templates, of lengths that interleave, each get micro-batches of
     their own, so every micro-batch shares its template's instructions; a template with too few rows to
-    fill a micro-batch, or whose instructions are little of its prompts, stays with the rest. Without sharing
+    fill a micro-batch, or whose instructions are little of its prompts, or that generates nothing (its prompts
+    only embedded or scored: no generation shares them), stays with the rest. Without sharing
     or grouping, length alone orders the rows."""
     rng = random.Random(0)
     templates = [list(range(100 * t, 100 * t + 20)) for t in (1, 2, 3)]  # 20-token instructions each
@@ -107,6 +108,7 @@ def test_prompts_of_one_beginning_are_bucketed_apart_when_they_fill_a_micro_batc
     long_texts = [Request(i, templates[0] + [i] * 61, 4) for i in range(9)]  # 20 of 81 tokens in common: < 1/4
     assert prefix_groups(long_texts, 8) == [None] * 9
     assert prefix_groups([Request(i, templates[0] + [i] * 59, 4) for i in range(9)], 8)[0]  # 20 of 79: > 1/4
+    assert prefix_groups([Request(i, templates[0] + [i] * 59, 0) for i in range(9)], 8) == [None] * 9  # embedded
 
     def shared(**sharing):
         batching = BatchingConfig(max_batch_rows=8, **sharing)
