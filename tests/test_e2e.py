@@ -278,14 +278,15 @@ def test_structured_output_for_the_job_and_per_row(local_ray, tmp_path, tiny_lla
 
 
 def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny_llama, capsys):
-    """max_new_tokens 0 with prompt_logprobs and embedding: every row's prompt scored and embedded (as the
-    model alone does it), nothing generated; such rows are not counted as cut at the token limit."""
+    """experiment=embed (max_new_tokens 0, embedding) with prompt_logprobs, mean pooling and 32 dimensions:
+    every row's prompt scored and embedded (as the model alone does it), nothing generated; such rows are
+    not counted as cut at the token limit."""
     from transformers import AutoModel
 
     prompts = varied_prompts(6, seed=10, max_words=40)
     out = tmp_path / "out"
     result = run(compose(f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
-                         f"model.path={tiny_llama}", "cluster.num_replicas=1", "generation.max_new_tokens=0",
+                         f"model.path={tiny_llama}", "cluster.num_replicas=1", "experiment=embed",  # max_new_tokens 0
                          "generation.prompt_logprobs=true", "generation.embedding=mean",
                          "generation.embedding_dimensions=32"))
     table = pq.read_table(out)
