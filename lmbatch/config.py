@@ -238,7 +238,8 @@ class GenerationOptions:
     regex: Optional[str] = None
     """A regular expression every text is held to, as json_schema is (the whole text matches it)."""
     adapter: Optional[str] = None
-    """The adapter (a name in model.adapters) that generates the rows; null: the model alone."""
+    """The adapter (a name in model.adapters) that generates the rows; null: the model alone (a row's
+    `adapter` cell of "" too, whatever this says)."""
     json_whitespace: Optional[str] = None
     """A regular expression for the whitespace a json_schema's text may hold between its tokens. Null:
     outlines-core's, a single optional space; "" for none (compact JSON, fewest tokens); or e.g.

@@ -225,6 +225,8 @@ def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Op
         return s.generation, None
     if HELD_TO.keys() & overrides.keys():  # a row's own choices, schema or regex replaces the job's
         overrides = {**HELD_TO, **overrides}
+    if overrides.get("adapter") == "":  # the model alone, where generation.adapter names one for the job
+        overrides["adapter"] = None
     try:
         g = dataclasses.replace(s.generation, **overrides)
         if g.adapter is not None and g.adapter not in s.adapters:
