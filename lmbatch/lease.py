@@ -6,7 +6,8 @@ but every pending chunk would be generated twice, and a run with `output.mode=ov
 clear the other's parts under it. So a run holds `_lmbatch_run.json` in the output while it runs
 and rewrites it every RENEW_S seconds. Another run waits until the file is gone, or has not changed
 for EXPIRE_S seconds of its own clock (its holder was killed; no clocks of two machines are
-compared), or at once when the holder ran on this machine and its process is gone.
+compared), or at once when the holder ran on this machine and its process is gone. A run that is
+stopped lets go of it as it ends, even when it is forced to exit without unwinding (`release_held`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from typing import Callable, Optional
@@ -30,12 +32,19 @@ SETTLE_S = 0.25
 whose write came last holds it, and the other goes back to waiting. Every run waits this long as it
 starts, so it is short: a write takes milliseconds on a disk, tens of them on an object store."""
 
+_held: set["Lease"] = set()
+"""The leases this process holds, for `release_held`."""
+
 
 class Lease:
     def __init__(self, output: OutputDir):
         self.output = output
         self.record = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": now(),
                        "renewals": 0}
+        # A release and a renewal (on the run's renewal thread) one at a time, and none after the release:
+        # a renewal that came second would write the lease back after it was let go.
+        self._lock = threading.Lock()
+        self._released = False
 
     def acquire(self, say: Callable[[str], None]) -> bool:
         """Take the lease, waiting while another run holds it; return whether it waited."""
@@ -50,6 +59,7 @@ class Lease:
                     raise JobError(f"output.path {self.output.uri} cannot be written: {e}") from None
                 time.sleep(SETTLE_S)
                 if self._read() == self.record:
+                    _held.add(self)
                     return waited
                 continue
             if held != seen:
@@ -66,10 +76,13 @@ class Lease:
     def renew(self, status: Optional[dict] = None) -> None:
         """Called every RENEW_S seconds while the run goes on; `status` (rows done and in all) goes
         into the lease, for a run waiting on it and anyone watching the job."""
-        try:
-            self._renew(status or {})
-        except OSError:  # the storage did not answer this time: the lease lapses only after EXPIRE_S
-            pass
+        with self._lock:
+            if self._released:
+                return
+            try:
+                self._renew(status or {})
+            except OSError:  # the storage did not answer this time: the lease lapses only after EXPIRE_S
+                pass
 
     def _renew(self, status: dict) -> None:
         if (self._read() or {}).get("run") != self.record["run"]:  # ours went unrenewed for EXPIRE_S
@@ -82,11 +95,24 @@ class Lease:
         self.output.write_lease(json.dumps(self.record))
 
     def release(self) -> None:
-        if (self._read() or {}).get("run") == self.record["run"]:
-            self.output.delete_lease()
+        with self._lock:
+            self._released = True
+            _held.discard(self)
+            if (self._read() or {}).get("run") == self.record["run"]:
+                self.output.delete_lease()
 
     def _read(self) -> Optional[dict]:
         return read_lease(self.output)
+
+
+def release_held(timeout: float) -> None:
+    """Let go of the leases this process holds, before it exits without unwinding (forced, after a
+    SIGTERM): a rerun on another machine then starts at once instead of waiting EXPIRE_S. Waits at most
+    `timeout` seconds for each, as the storage may not answer (a hung mount)."""
+    for lease in list(_held):
+        letting_go = threading.Thread(target=lease.release, daemon=True)
+        letting_go.start()
+        letting_go.join(timeout)
 
 
 def read_lease(output: OutputDir) -> Optional[dict]:

@@ -31,7 +31,7 @@ import lmbatch
 from lmbatch import io, resources
 from lmbatch.config import JobConfig
 from lmbatch.chunks import Chunk
-from lmbatch.lease import RENEW_S, Lease
+from lmbatch.lease import RENEW_S, Lease, release_held
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
 from lmbatch.prepare import PrepareSettings, prepare_chunk
@@ -82,6 +82,8 @@ def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
 
 # Schedulers send SIGKILL 30 s after SIGTERM (Slurm's KillWait, Kubernetes' grace period).
 STOP_GRACE_S = 20.0
+LEASE_RELEASE_S = 5.0
+"""How long a forced exit waits for the storage to let go of the run's lease (then it lapses in EXPIRE_S)."""
 
 
 def _exit_on_sigterm(say_stopped: Callable[[], None], signum, frame):
@@ -98,6 +100,7 @@ def _exit_on_sigterm(say_stopped: Callable[[], None], signum, frame):
 def _exit_after_grace(say_stopped: Callable[[], None], status: int):
     time.sleep(STOP_GRACE_S)
     log.warning("Ray did not shut down within %g s of SIGTERM; exiting without it", STOP_GRACE_S)
+    release_held(timeout=LEASE_RELEASE_S)  # what run() would do as it unwound
     say_stopped()
     sys.stdout.flush()
     sys.stderr.flush()

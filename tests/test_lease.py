@@ -90,6 +90,21 @@ def test_a_lease_taken_over_ends_the_renewals_and_is_not_released_by_its_old_hol
     assert json.loads((tmp_path / "out" / LEASE_FILE).read_text())["run"] == "other"
 
 
+def test_a_released_lease_is_not_renewed_and_a_forced_exit_lets_go_of_it(tmp_path, capsys):
+    """A renewal after the release (the renewal thread of a run that is stopping) neither writes the lease
+    back nor warns of a take-over; release_held lets go of the leases this process holds (before a forced
+    exit), and of no other run's."""
+    output, elsewhere = OutputDir(str(tmp_path / "out")), OutputDir(str(tmp_path / "other"))
+    mine = Lease(output)
+    mine.acquire(print)
+    held_by(elsewhere)
+    lease_module.release_held(timeout=5)
+    assert not (tmp_path / "out" / LEASE_FILE).exists() and (tmp_path / "other" / LEASE_FILE).exists()
+    mine.renew({"rows_done": 1})
+    assert not (tmp_path / "out" / LEASE_FILE).exists() and "taken over" not in capsys.readouterr().err
+    lease_module.release_held(timeout=5)  # none held now
+
+
 def test_the_lease_is_not_part_of_the_output(tmp_path):
     """A directory holding only another run's lease is that run's new output, not foreign data;
     starting or overwriting the output keeps this run's lease."""

@@ -1310,15 +1310,23 @@ def test_a_row_that_breaks_generation_is_isolated(tiny_llama):
 
 
 # -- resume ----------------------------------------------------------------------------------------
-def test_a_stop_that_ray_cannot_finish_still_ends_the_job():
+def test_a_stop_that_ray_cannot_finish_still_ends_the_job(tmp_path):
     """A scheduler stopping a job signals every process in it (Slurm, systemd), Ray's GCS included,
     and Ray's shutdown (or Ray Data's) can then wait a minute for it, after which Ray aborts the
     driver with status 1 (seen here once in 45 such stops). Past STOP_GRACE_S the job says what is
-    committed and exits with the status of a SIGTERM anyway."""
+    committed and exits with the status of a SIGTERM anyway, letting go of its lease in the output
+    (renewed meanwhile, as a run renews it), so that a rerun on another machine need not wait for it
+    to lapse."""
     script = """
 import functools, signal, sys, time
 from lmbatch import pipeline
+from lmbatch.lease import Lease
+from lmbatch.output import OutputDir
+from lmbatch.report import Periodic
 pipeline.STOP_GRACE_S = 3
+lease = Lease(OutputDir(sys.argv[1]))
+lease.acquire(print)
+Periodic(lease.renew, 0.01).__enter__()  # renewing all along, as a run's thread does (every 10 s)
 said = lambda: print("lmbatch: stopped with 2 of 4 chunks committed", file=sys.stderr)
 signal.signal(signal.SIGTERM, functools.partial(pipeline._exit_on_sigterm, said))
 try:
@@ -1328,8 +1336,9 @@ finally:
     print("unwinding", flush=True)
     time.sleep(60)  # shutting Ray down, which waits on its dead GCS
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout.readline() == "generating\n"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline() == "generating\n" and (tmp_path / LEASE_FILE).exists()
     proc.send_signal(signal.SIGTERM)
     assert proc.stdout.readline() == "lmbatch: SIGTERM received: stopping (what is committed is kept)\n"
     assert proc.stdout.readline() == "unwinding\n"
@@ -1337,6 +1346,7 @@ finally:
     log, _ = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert log.count("lmbatch: stopped with 2 of 4 chunks committed") == 1 and "SIGTERM received" not in log, log
+    assert not (tmp_path / LEASE_FILE).exists()
 
 
 def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_input):
