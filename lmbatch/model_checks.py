@@ -87,7 +87,9 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         print(f"lmbatch: warning: the tokenizer of {source} has {len(tokenizer):,} tokens, the model's "
               f"embedding {vocab:,}: a row holding one of the last {len(tokenizer) - vocab:,} fails "
               "(index out of range)")
-    check_shared_tokenizer(adapters, tokenizer, job.model.trust_remote_code)
+    # the tokenizer's chat template renders the prompts unless they are plain or the job brings its own
+    check_shared_tokenizer(adapters, tokenizer, job.model.trust_remote_code,
+                           templated=job.input.chat and not job.input.chat_template)
     check_embedding(job, config, text_config)
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter, adapters=adapters)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
@@ -176,15 +178,17 @@ def check_adapter(adapter: Optional[str], model_config, trust_remote_code: bool,
     return path
 
 
-def check_shared_tokenizer(adapters: dict[str, str], tokenizer, trust_remote_code: bool) -> None:
+def check_shared_tokenizer(adapters: dict[str, str], tokenizer, trust_remote_code: bool, templated: bool) -> None:
     """The adapters of model.adapters are read with the model's tokenizer: one that holds a tokenizer of its
-    own (a fine-tune that added tokens or set a chat template saves it there) must hold the same one."""
+    own (a fine-tune that added tokens or set a chat template saves it there) must hold the same one, its
+    chat template too where the job renders prompts with the tokenizer's (`templated`)."""
     for name, local in adapters.items():
         if not os.path.isfile(os.path.join(local, "tokenizer_config.json")):
             continue
         own = load_tokenizer(local, trust_remote_code)
+        same_template = not templated or own.chat_template == tokenizer.chat_template
         differs = [what for what, same in (("vocabulary", own.get_vocab() == tokenizer.get_vocab()),
-                                           ("chat template", own.chat_template == tokenizer.chat_template)) if not same]
+                                           ("chat template", same_template)) if not same]
         if differs:
             raise JobError(f"model.adapters.{name} {local} holds a tokenizer whose {' and '.join(differs)} "
                            f"{'differ' if len(differs) > 1 else 'differs'} from model.path's, which every row is read "

@@ -833,7 +833,11 @@ def test_several_adapters_are_part_of_the_job_and_checked_each(tmp_path, tiny_ll
     tokenizer.save_pretrained(second)
     with pytest.raises(JobError, match=f"^model.adapters.second {second} holds a tokenizer whose chat template differs "
                                        "from model.path's"):
-        plan(f"+model.adapters.first={first}", f"+model.adapters.second={second}")
+        plan(f"+model.adapters.first={first}", f"+model.adapters.second={second}", "input.apply_chat_template=true")
+    # a chat template that renders no prompt does not matter: plain prompts, or the job's own template
+    (tmp_path / "own.jinja").write_text("{{ messages[0]['content'] }}")
+    for own in ([], ["input.apply_chat_template=true", f"input.chat_template={tmp_path / 'own.jinja'}"]):
+        plan(f"+model.adapters.first={first}", f"+model.adapters.second={second}", *own)
     for overrides, message in [(["generation.adapter=third", f"+model.adapters.first={first}"],
                                 "generation.adapter=third is not one of model.adapters (first)"),
                                (["generation.adapter=first"], "generation.adapter=first is not one of model.adapters, "
