@@ -7,6 +7,7 @@ import pyarrow as pa
 import torch
 
 from lmbatch.interface import Pooling, Request
+from lmbatch.scoring import left_padded_positions
 
 
 def embed_prompts(model, batch: list[Request], input_ids, attention_mask, pooling: Pooling) -> dict[int, pa.Array]:
@@ -18,7 +19,7 @@ def embed_prompts(model, batch: list[Request], input_ids, attention_mask, poolin
     with torch.inference_mode():
         # base_model: the model without its LM head (LlamaModel in LlamaForCausalLM), which ends in the norm
         hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False,
-                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+                                  position_ids=left_padded_positions(mask)).last_hidden_state
         if pooling.kind == "last":
             vectors = hidden[:, -1].float()
         else:  # a masked sum as one matmul, not a float32 copy of every hidden state

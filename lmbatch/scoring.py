@@ -21,6 +21,11 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def left_padded_positions(mask):
+    """Position ids of left-padded prompts, as each has them alone: counted from its first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def score_prompts(model, batch: list[Request], input_ids, attention_mask) -> dict[int, float]:
     """Each prompt's log-probability (by request key), every token given those before it, from forward
     passes over the left-padded prompts, in groups whose logits stay under SCORING_LOGITS."""
@@ -30,7 +35,7 @@ def score_prompts(model, batch: list[Request], input_ids, attention_mask) -> dic
     for start in range(0, len(batch), group):
         ids, mask = input_ids[start:start + group].to(device), attention_mask[start:start + group].to(device)
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
                            use_cache=False).logits
             each = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
             # position j predicts token j + 1; padding is on the left, so a real j has a real j + 1
@@ -57,7 +62,7 @@ def score_choices(model, pad_id: int, batch: list[Request], input_ids, attention
         positions = mask.sum(-1, keepdim=True) + torch.arange(longest, device=device)
         table = torch.zeros((len(part), max(map(len, choices))), device=device)
         with torch.inference_mode():
-            prefill = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            prefill = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
                             use_cache=True, **last_only)
             first = prefill.logits[:, -1].float().log_softmax(-1)
             for j in range(table.shape[1]):  # the j-th choice of every row (padding where a row has fewer)
