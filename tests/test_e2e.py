@@ -299,6 +299,12 @@ def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny
         with torch.inference_mode():
             expected = base(**tokenizer(prompt, return_tensors="pt")).last_hidden_state[0].mean(0)[:32]
         assert row["embedding"] == pytest.approx((expected / expected.norm()).tolist(), abs=1e-5)
+    # as the README compares them in SQL: a vector's cosine similarity with itself is 1
+    import duckdb
+    similar = duckdb.connect().execute(f"SELECT min(list_cosine_similarity(a.embedding, b.embedding)) FROM "
+                                       f"read_parquet('{out}/*.parquet') a JOIN read_parquet('{out}/*.parquet') b "
+                                       "USING (id)").fetchone()[0]
+    assert similar == pytest.approx(1.0, abs=1e-5)
     assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in capsys.readouterr().out
 
 
