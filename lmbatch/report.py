@@ -128,6 +128,7 @@ class Progress:
             "startup_seconds": round(self.first_ready - self.started_wall, 3) if self.first_ready else None,
             "rows_per_s": round(s["rows"] / wall, 3) if wall else None,
             "generated_tokens_per_s": round(s["generated_tokens"] / wall, 3) if wall else None,
+            "prompt_tokens_per_s": round(s["prompt_tokens"] / wall, 3) if wall else None,
             "padding_efficiency": _ratio(s["prompt_tokens"], s["padded_prompt_tokens"]),
             "decode_slot_efficiency": _ratio(s["generated_tokens"], s["decode_slots"]),
             "micro_batch_split_retries": s["split_retries"],
@@ -350,6 +351,7 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
         *cut_rows(metrics, held_to_pattern),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
         ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
+        ("prompt tokens/s", f"{metrics['prompt_tokens_per_s'] or 0:,.1f}"),  # the rate of a job that only embeds
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),
         # None: nothing was generated this run (every row resumed as done, or an error row)
         ("padding efficiency", _or_dash(metrics["padding_efficiency"])),

@@ -127,11 +127,12 @@ def test_summary_shows_what_the_readme_lists():
     progress.add([chunk])
     metrics = progress.metrics()
     assert metrics["startup_seconds"] == 12.5
+    assert metrics["prompt_tokens_per_s"] / metrics["generated_tokens_per_s"] == pytest.approx(90 / 400, rel=0.01)
     totals = {"rows": 40, "rows_ok": 38, "rows_error": 2, "rows_error_by_kind": {"too long": 2}}
     table = format_summary(metrics, totals)
     assert "(this run)" not in table and "retry_errors" not in table  # the run made the whole output
     for line in ["rows ok / error 38 / 2", "errors by kind too long: 2",
-                 "tokens in / out 90 / 400", "padding efficiency 0.9",
+                 "tokens in / out 90 / 400", "prompt tokens/s ", "padding efficiency 0.9",
                  "decode slot efficiency 0.8", "start-up 12.5s", "replica r",
                  "rows repeating a prompt 3 (greedy: each copied from the first row of its chunk",
                  "prompts truncated 5 (too long for the context: their start was cut, input.on_too_long=truncate)",
