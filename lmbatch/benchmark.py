@@ -246,7 +246,7 @@ class Bench:
         requests = [Request(i, ids, 0 if embed else m, params) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
         limit = self.cfg.time_limit_s
         planned = [[r.key for r in b] for b in engine.plan(requests)] if limit else []  # keys are row indices
-        texts: list[Optional[str]] = [None] * len(requests)
+        texts: list = [None] * len(requests)  # texts, or embeddings
         batches_done = rows_done = 0
 
         def collect(completions):
