@@ -423,6 +423,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         raise ValueError(f"embed must be last, mean or null, got {cfg.embed!r}")
     if cfg.embed and set(cfg.variants) & {"pipeline", "continuous", "ray_job"}:
         raise ValueError("embed compares the engine's variants (bucketed, fixed, unshared, ungrouped) alone")
+    if cfg.embed and cfg.time_limit_s:  # its projection goes by decode steps, of which embedding has none
+        raise ValueError("embed runs without time_limit_s")
     if cfg.log_micro_batches:
         logging.getLogger("lmbatch.engine").setLevel(logging.DEBUG)
     out_dir = Path(cfg.output_dir)

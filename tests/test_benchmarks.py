@@ -53,7 +53,8 @@ def test_templated_preset_compares_sharing_a_prefix_with_not(tmp_path):
 
 def test_benchmark_embeds_with_the_engines_variants(tmp_path):
     """embed=mean: the engine's variants embed the prompts (nothing generated), the same vectors bucketed as
-    in fixed batches of input order, with less padding; variants that cannot embed are refused."""
+    in fixed batches of input order, with less padding; variants that cannot embed, and a time limit that
+    would project by decode steps, are refused."""
     cfg = BenchmarkConfig(embed="mean", variants=["fixed", "bucketed"], num_prompts=24, max_prompt_tokens=256,
                           output_dir=str(tmp_path))
     report = run_benchmark(cfg)
@@ -64,6 +65,8 @@ def test_benchmark_embeds_with_the_engines_variants(tmp_path):
     assert "embedded (mean pooling), nothing generated" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="embed compares the engine's variants"):
         run_benchmark(dataclasses.replace(cfg, variants=["bucketed", "pipeline"]))
+    with pytest.raises(ValueError, match="embed runs without time_limit_s"):
+        run_benchmark(dataclasses.replace(cfg, time_limit_s=60.0))
 
 
 @pytest.mark.slow
