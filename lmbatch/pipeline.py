@@ -401,7 +401,11 @@ def already_finished(plan: JobPlan) -> dict:
 def job_progress(plan: JobPlan) -> Progress:
     total_rows = plan.inputs.num_rows * plan.rows_per_input_row
     done_rows = (plan.inputs.num_rows - sum(c.num_rows for c in plan.pending)) * plan.rows_per_input_row
-    return Progress(total_rows, done_rows, every_s=plan.job.progress_every_s, replicas=plan.replicas)
+    g, columns = plan.job.generation, plan.job.input.param_columns
+    # rows of choices generate whatever max_new_tokens says
+    generates = bool(g.max_new_tokens or g.choices or {"max_new_tokens", "choices"} & set(columns))
+    return Progress(total_rows, done_rows, every_s=plan.job.progress_every_s, replicas=plan.replicas,
+                    generates=generates)
 
 
 def generate(plan: JobPlan, progress: Progress) -> dict:

@@ -20,12 +20,12 @@ from lmbatch.interface import FAILED_IN_GENERATION
 
 
 class Progress:
-    def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = 5.0, stream: TextIO = sys.stdout,
-                 replicas: int = 0):
+    def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = 5.0, stream: Optional[TextIO] = None,
+                 replicas: int = 0, generates: bool = True):
         self.lock = threading.Lock()  # summaries come in on the main thread, live counts on a poller
         self.total_rows, self.skipped_rows = total_rows, done_rows
-        self.every_s, self.stream = every_s, stream
-        self.tty, self.tty_width = stream.isatty(), 0
+        self.every_s, self.stream = every_s, stream or sys.stdout  # the one of now, not of import time
+        self.tty, self.tty_width = self.stream.isatty(), 0
         self.started = time.perf_counter()
         self.started_wall = time.time()
         self.first_ready: Optional[float] = None
@@ -43,6 +43,9 @@ class Progress:
         """Chunks started again because the replica process generating them died."""
         self.pace_origin: Optional[tuple[float, int]] = None
         """(time, rows done) of the first line showing rows of this run: the time left is estimated from there."""
+        self.generates = generates
+        """Whether the job generates tokens: the line shows their rate; else (its prompts only embedded or
+        scored) rows/s."""
 
     def add(self, summaries: list[dict]) -> None:
         with self.lock:
@@ -89,8 +92,9 @@ class Progress:
             t0, d0 = self.pace_origin or (now, done)
             rate = (done - d0) / (now - t0) if now > t0 else 0.0
             eta = f" | eta {duration((self.total_rows - done) / rate)}" if rate and done < self.total_rows else ""
-            line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | "
-                    f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s | "
+            pace = (f"{(self.sums['generated_tokens'] + live_tokens) / elapsed:,.0f} gen tok/s" if self.generates
+                    else f"{rate or (done - self.skipped_rows) / elapsed:,.1f} rows/s")  # with start-up, at first
+            line = (f"[lmbatch] [{bar}] {done}/{self.total_rows} rows ({frac:.0%}) | {pace} | "
                     f"{self.sums['errors']} errors | {duration(elapsed)}{eta}")
             if self.chunk_restarts:  # replicas dying (killed for memory, crashing) show before the summary
                 line += f" | {self.chunk_restarts} chunks restarted"

@@ -305,7 +305,9 @@ def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny
                                        f"read_parquet('{out}/*.parquet') a JOIN read_parquet('{out}/*.parquet') b "
                                        "USING (id)").fetchone()[0]
     assert similar == pytest.approx(1.0, abs=1e-5)
-    assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in said
+    assert " rows/s | 0 errors" in said and " gen tok/s | " not in said  # the progress line's pace: rows
 
 
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):

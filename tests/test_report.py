@@ -69,6 +69,15 @@ def test_progress_counts_rows_inside_running_chunks_once():
     assert [line.split("] ")[2].split(" rows")[0] for line in lines] == ["22/100", "31/100", "31/100"]
     assert progress.metrics()["rows_this_run"] == 20  # metrics count finished chunks only
     assert " | eta " not in lines[0] and " | eta " in lines[1]  # the pace needs two lines with rows
+    assert " gen tok/s | " in lines[0]
+    embedding = Progress(total_rows=100, stream=out, generates=False)  # nothing generated: the pace in rows
+    embedding.update_live([("a", 5, 0)])
+    embedding.print_line()
+    embedding.update_live([("a", 9, 0)])
+    embedding.print_line()
+    last = out.getvalue().splitlines()[-1]
+    pace = last.split(" rows/s | 0 errors")[0].split()[-1]
+    assert float(pace.replace(",", "")) > 0 and "gen tok/s" not in last
 
 
 def test_progress_says_replicas_are_starting_until_all_are_ready():
