@@ -378,6 +378,9 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
     if metrics.get("object_store_peak_mb") is not None:
         rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
     for name, r in metrics["replicas"].items():
-        rows.append((f"replica {name}", f"{r['rows']:,} rows, {r['generated_tokens_per_s'] or 0:,.1f} gen tok/s"))
+        # a job that generated nothing (its prompts only embedded or scored) goes at so many rows/s
+        pace = (f"{r['generated_tokens_per_s'] or 0:,.1f} gen tok/s" if metrics["generated_tokens"]
+                else f"{r['rows'] / r['seconds'] if r['seconds'] else 0:,.1f} rows/s")
+        rows.append((f"replica {name}", f"{r['rows']:,} rows, {pace}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

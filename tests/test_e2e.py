@@ -307,7 +307,8 @@ def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny
     assert similar == pytest.approx(1.0, abs=1e-5)
     said = capsys.readouterr().out
     assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in said
-    assert " rows/s | 0 errors" in said and " gen tok/s | " not in said  # the progress line's pace: rows
+    assert " rows/s | 0 errors" in said and "gen tok/s |" not in said  # the pace in rows, on the progress line
+    assert re.search(r"replica \S+ +6 rows, [\d.]+ rows/s", said), said  # and each replica's in the summary
 
 
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):
