@@ -105,11 +105,14 @@ def dry_run(plan) -> dict:
     if shared:  # a template whose instructions come first is computed once per micro-batch
         print(f"prompt tokens shared within the planned micro-batches, computed once for each: {shared:,} of "
               f"the {sequence_tokens:,} their sequences hold ({shared / sequence_tokens:.0%}; batching.share_prefix)")
-    # On a GPU a decode step costs about the same for one row as for hundreds: steps are the cost.
-    print(f"planned decode steps for the sampled rows: at most {steps:,} "
-          "(a micro-batch runs to its largest max_new_tokens)")
     kv = plan.kv_bytes_per_token
-    if kv and largest:  # what a GPU must hold for a micro-batch besides the weights: sizes max_batch_tokens
+    if batches and not steps:  # max_new_tokens 0: no decode steps, and no KV cache kept
+        print("nothing is generated: each micro-batch is one forward pass over its prompts, which are only "
+              "embedded or scored")
+    else:  # on a GPU a decode step costs about the same for one row as for hundreds: steps are the cost
+        print(f"planned decode steps for the sampled rows: at most {steps:,} "
+              "(a micro-batch runs to its largest max_new_tokens)")
+    if kv and largest and steps:  # what a GPU must hold for a micro-batch besides the weights: sizes max_batch_tokens
         print(f"KV cache of the largest planned micro-batch: {largest:,} tokens x {kv:,} bytes "
               f"({plan.job.replica_dtype}) = {_size(largest * kv)} (batching.max_batch_tokens="
               f"{b.max_batch_tokens:,} allows {_size(b.max_batch_tokens * kv)})")

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from conftest import REPO, compose, oracle, save_headless, save_lora_adapter, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
+from lmbatch.dry_run import dry_run
 from lmbatch.io import JobError
 from lmbatch import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
@@ -853,7 +854,8 @@ def test_several_adapters_are_part_of_the_job_and_checked_each(tmp_path, tiny_ll
 def test_embedding_settings_are_checked_against_the_model(tmp_path, tiny_llama, capsys):
     """generation.embedding and the keys that shape it name the job (its fingerprint), the others only with
     it; embedding_dimensions beyond the model's hidden size stops the job as it plans; a model saved without
-    its LM head (an embedding model) is warned of when it generates texts, not when it only embeds."""
+    its LM head (an embedding model) is warned of when it generates texts, not when it only embeds; the dry
+    run of a job that only embeds speaks of no decode steps or KV cache."""
     headless, source = save_headless(tiny_llama, tmp_path / "headless"), one_prompt(tmp_path)
 
     def plan(*extra):
@@ -869,9 +871,13 @@ def test_embedding_settings_are_checked_against_the_model(tmp_path, tiny_llama, 
     assert plan(f"model.path={tiny_llama}", "generation.embedding_normalize=false").fingerprint == embedded[0]
     plan(f"model.path={headless}")
     assert f"warning: {headless} is a LlamaModel, saved without a language-model head" in capsys.readouterr().out
-    plan(f"model.path={headless}", "generation.max_new_tokens=0", "generation.embedding=last")
+    embedding_alone = plan(f"model.path={headless}", "generation.max_new_tokens=0", "generation.embedding=last")
     plan(f"model.path={tiny_llama}")
     assert "language-model head" not in capsys.readouterr().out
+    dry_run(embedding_alone)  # says what such a job computes: no decode steps, no KV cache
+    said = capsys.readouterr().out
+    assert "nothing is generated: each micro-batch is one forward pass over its prompts" in said
+    assert "decode steps" not in said and "KV cache" not in said
 
 
 def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
