@@ -103,8 +103,9 @@ def check_embedding(job: JobConfig, config, text_config) -> None:
         raise JobError(f"generation.embedding_dimensions={g.embedding_dimensions} exceeds the {hidden} dimensions "
                        f"of {job.model.path}'s hidden states")
     architectures = getattr(config, "architectures", None) or []
-    headless = architectures and not any(a.endswith(("LMHeadModel", "ForCausalLM", "ForConditionalGeneration"))
-                                         for a in architectures)
+    # transformers' names; remote code names its classes as it likes (ChatGLMModel holds its head)
+    headless = architectures and not job.model.trust_remote_code and not any(
+        a.endswith(("LMHeadModel", "ForCausalLM", "ForConditionalGeneration")) for a in architectures)
     if headless and (g.max_new_tokens or g.prompt_logprobs):
         print(f"lmbatch: warning: {job.model.path} is a {architectures[0]}, saved without a language-model head "
               "(an embedding model?): the head it loads with was not trained with it, so its texts and "
