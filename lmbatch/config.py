@@ -66,7 +66,9 @@ class InputConfig:
     a file that holds one (as vLLM's --chat-template): for a base model that has none, or another
     format. Implies the chat template. The template, not the file's name, is part of the job."""
     on_too_long: str = "error"
-    """A prompt longer than the model's context minus max_new_tokens: `error` row or `truncate` from the left."""
+    """A prompt longer than the model's context minus max_new_tokens: an `error` row; `truncate` from the left
+    (keeping the end, which the model continues; a chat drops its oldest turns); or `truncate_end` (keeping
+    the start, as embedding models are trained to read a long text; plain prompts only)."""
     param_columns: list[str] = field(default_factory=list)
     """Columns that override generation settings for their row (see PER_ROW_PARAMETERS); null cells keep the config."""
     on_duplicate_id: str = "report"
@@ -94,8 +96,11 @@ class InputConfig:
         _require(self.on_duplicate_id in ("report", "error", "ignore"),
                  f"input.on_duplicate_id must be 'report', 'error' or 'ignore', got {self.on_duplicate_id!r}")
         _require(self.limit is None or self.limit >= 1, f"input.limit must be >= 1 or null, got {self.limit}")
-        _require(self.on_too_long in ("error", "truncate"),
-                 f"input.on_too_long must be 'error' or 'truncate', got {self.on_too_long!r}")
+        _require(self.on_too_long in ("error", "truncate", "truncate_end"),
+                 f"input.on_too_long must be 'error', 'truncate' or 'truncate_end', got {self.on_too_long!r}")
+        _require(not (self.on_too_long == "truncate_end" and self.chat),
+                 "input.on_too_long=truncate_end would cut off the end of a chat, the turn the model answers: "
+                 "use truncate, which drops the oldest turns")
         if self.chat_template is not None and "{" not in self.chat_template:  # a template holds {{ or {%
             path = os.path.expanduser(self.chat_template)
             _require(os.path.isfile(path), f"input.chat_template {self.chat_template} is neither a chat template "

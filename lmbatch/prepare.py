@@ -272,7 +272,9 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
                    special_ids: frozenset = frozenset()) -> tuple[list[int], int]:
     """Apply max_length, the model's context and on_too_long; return (prompt ids, max new tokens).
     Truncating keeps the special tokens the prompt starts with (`special_ids`: the BOS that Llama,
-    Mistral and Gemma tokenizers put first, without which such a model drifts) and cuts after them."""
+    Mistral and Gemma tokenizers put first, without which such a model drifts) and cuts after them;
+    truncate_end keeps those it ends with (the EOS an embedding model's tokenizer puts last, whose
+    hidden state is the embedding) and cuts before them."""
     max_new = g.max_new_tokens
     if g.max_length is not None:
         max_new = min(max_new, g.max_length - len(ids))
@@ -281,11 +283,15 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
     if s.context_limit is not None and len(ids) + max_new > s.context_limit:
         room = s.context_limit - max_new
         head = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
+        tail = next((n for n, t in enumerate(reversed(ids)) if t not in special_ids), len(ids))
         if s.on_too_long == "truncate" and room > head:
             ids = ids[:head] + ids[-(room - head):]  # and the end of the prompt: that is what the model continues
+        elif s.on_too_long == "truncate_end" and room > tail:
+            ids = ids[:room - tail] + ids[len(ids) - tail:]
         else:
             raise RowError(f"too long: prompt has {len(ids)} tokens; with max_new_tokens={max_new} it exceeds the "
-                           f"model's context of {s.context_limit} (input.on_too_long=truncate keeps the end)")
+                           f"model's context of {s.context_limit} (input.on_too_long=truncate keeps the end, "
+                           "truncate_end the start)")
     return ids, max_new
 
 

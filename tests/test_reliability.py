@@ -350,6 +350,35 @@ def test_truncation_keeps_the_bos_a_tokenizer_puts_first(tmp_path, tiny_llama):
     assert short[0] == tokenizer.bos_token_id and rows["num_prompt_tokens"].to_pylist()[0] == len(whole)
 
 
+def test_truncating_the_end_keeps_the_start_and_the_eos_a_tokenizer_puts_last(tmp_path, tiny_llama):
+    """input.on_too_long=truncate_end, for embedding long texts as embedding models are trained to read
+    them: the start of the prompt, and the special tokens its tokenizer ends it with (the EOS whose hidden
+    state a last-token embedding is), with the BOS it begins with; refused for chats, whose end is the turn
+    the model answers."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    tokenizer = build_tokenizer()  # the tiny model's own vocabulary, now with <s> first and </s> last
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tokenizer.bos_token_id), ("</s>", tokenizer.eos_token_id)])
+    tokenizer.save_pretrained(model)
+    source = write_prompts(tmp_path / "in.parquet", [" ".join(f"w{i}" for i in range(3000)), "short"])
+
+    def prepared(*overrides):
+        plan = plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                              f"model.path={model}", *overrides)))
+        return pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
+    whole = load_tokenizer(str(model))(" ".join(f"w{i}" for i in range(3000)))["input_ids"]
+    assert (whole[0], whole[-1]) == (tokenizer.bos_token_id, tokenizer.eos_token_id) and len(whole) > 2048
+    rows = prepared("input.on_too_long=truncate_end", "generation.max_new_tokens=0", "generation.embedding=last")
+    cut, short = rows[PROMPT_IDS].to_pylist()
+    assert cut == whole[:2048 - 1] + [tokenizer.eos_token_id] and rows[ERROR].to_pylist() == [None, None]
+    assert short[-1] == tokenizer.eos_token_id and rows["num_prompt_tokens"].to_pylist()[0] == len(whole)
+    cut = prepared("input.on_too_long=truncate", "generation.max_new_tokens=4")[PROMPT_IDS].to_pylist()[0]
+    assert cut == [tokenizer.bos_token_id] + whole[-(2048 - 4 - 1):]  # truncate: the BOS and the end, as before
+    with pytest.raises(ConfigError, match="input.on_too_long=truncate_end would cut off the end of a chat"):
+        prepared("input.on_too_long=truncate_end", "input.apply_chat_template=true")
+
+
 def test_truncating_a_chat_drops_its_oldest_turns_and_keeps_the_system_message(tmp_path, tiny_llama):
     """Cutting a rendered chat from the left took its system message and opening away, and left the
     model a conversation that began mid-sentence. Whole turns go now, oldest first, a user turn first."""
