@@ -69,6 +69,9 @@ class InputConfig:
     """A prompt longer than the model's context minus max_new_tokens: an `error` row; `truncate` from the left
     (keeping the end, which the model continues; a chat drops its oldest turns); or `truncate_end` (keeping
     the start, as embedding models are trained to read a long text; plain prompts only)."""
+    max_prompt_tokens: Optional[int] = None
+    """A cap on a prompt's tokens below the model's context (texts embedded at the length the model was
+    trained for, or a bound on cost): a longer prompt is an error row or truncated, as on_too_long says."""
     param_columns: list[str] = field(default_factory=list)
     """Columns that override generation settings for their row (see PER_ROW_PARAMETERS); null cells keep the config."""
     on_duplicate_id: str = "report"
@@ -98,6 +101,8 @@ class InputConfig:
         _require(self.limit is None or self.limit >= 1, f"input.limit must be >= 1 or null, got {self.limit}")
         _require(self.on_too_long in ("error", "truncate", "truncate_end"),
                  f"input.on_too_long must be 'error', 'truncate' or 'truncate_end', got {self.on_too_long!r}")
+        _require(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+                 f"input.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
         _require(not (self.on_too_long == "truncate_end" and self.chat),
                  "input.on_too_long=truncate_end would cut off the end of a chat, the turn the model answers: "
                  "use truncate, which drops the oldest turns")

@@ -139,10 +139,10 @@ def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
         "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
         # limit is left to "files", which hold the rows taken: a limit above the input's rows is the
         # same job as none (and jobs from before the key keep their fingerprint)
-        # (chat_template_kwargs and chat_template, added later, count when set: jobs from before them keep
-        # their fingerprint)
-        "input": {k: v for k, v in dataclasses.asdict(job.input).items()
-                  if k not in ("path", "limit") and not (k in ("chat_template_kwargs", "chat_template") and not v)},
+        # (chat_template_kwargs, chat_template and max_prompt_tokens, added later, count when set: jobs from
+        # before them keep their fingerprint)
+        "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")
+                  and not (k in ("chat_template_kwargs", "chat_template", "max_prompt_tokens") and not v)},
         # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume);
         # revision, adapter and adapters, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
@@ -205,7 +205,7 @@ def plan_job(job: JobConfig) -> JobPlan:
         input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
         tokenizer_path=tokenizer_path, tokenizer_revision=tokenizer_revision, generation=job.generation,
         param_columns=tuple(i.param_columns), adapters=tuple(job.model.adapters),
-        context_limit=context_limit, on_too_long=i.on_too_long,
+        context_limit=context_limit, max_prompt_tokens=i.max_prompt_tokens, on_too_long=i.on_too_long,
         template=i.template, chat=i.chat, chat_template_kwargs=i.chat_template_kwargs, chat_template=i.chat_template,
         system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,

@@ -48,6 +48,8 @@ class PrepareSettings:
     """The names of model.adapters, one of which a row's adapter must be."""
     context_limit: Optional[int] = None
     """Positions the model supports; a prompt plus its new tokens must fit."""
+    max_prompt_tokens: Optional[int] = None
+    """input.max_prompt_tokens: a prompt must fit under it too."""
     on_too_long: str = "error"
     template: Optional[str] = None
     chat: bool = False
@@ -270,7 +272,8 @@ def row_setting(name: str, value):
 
 def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
                    special_ids: frozenset = frozenset()) -> tuple[list[int], int]:
-    """Apply max_length, the model's context and on_too_long; return (prompt ids, max new tokens).
+    """Apply max_length, the model's context, max_prompt_tokens and on_too_long; return (prompt ids, max
+    new tokens).
     Truncating keeps the special tokens the prompt starts with (`special_ids`: the BOS that Llama,
     Mistral and Gemma tokenizers put first, without which such a model drifts) and cuts after them;
     truncate_end keeps those it ends with (the EOS an embedding model's tokenizer puts last, whose
@@ -280,8 +283,12 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
         max_new = min(max_new, g.max_length - len(ids))
         if max_new < min(1, g.max_new_tokens):  # a row that only scores its prompt needs none
             raise RowError(f"too long: prompt has {len(ids)} tokens, leaving none under max_length={g.max_length}")
-    if s.context_limit is not None and len(ids) + max_new > s.context_limit:
-        room = s.context_limit - max_new
+    limits = [(s.context_limit - max_new, f"with max_new_tokens={max_new} it exceeds the model's context of "
+                                          f"{s.context_limit}")] if s.context_limit is not None else []
+    if s.max_prompt_tokens is not None:
+        limits.append((s.max_prompt_tokens, f"it exceeds input.max_prompt_tokens={s.max_prompt_tokens}"))
+    room, over = min(limits, default=(len(ids), ""))
+    if len(ids) > room:
         head = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
         tail = next((n for n, t in enumerate(reversed(ids)) if t not in special_ids), len(ids))
         if s.on_too_long == "truncate" and room > head:
@@ -289,9 +296,8 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
         elif s.on_too_long == "truncate_end" and room > tail:
             ids = ids[:room - tail] + ids[len(ids) - tail:]
         else:
-            raise RowError(f"too long: prompt has {len(ids)} tokens; with max_new_tokens={max_new} it exceeds the "
-                           f"model's context of {s.context_limit} (input.on_too_long=truncate keeps the end, "
-                           "truncate_end the start)")
+            raise RowError(f"too long: prompt has {len(ids)} tokens; {over} (input.on_too_long=truncate keeps the "
+                           "end, truncate_end the start)")
     return ids, max_new
 
 

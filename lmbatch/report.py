@@ -371,8 +371,8 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
         rows.append(("prompt tokens shared", f"{metrics['prompt_tokens_shared']:,} (the prefix all prompts of a "
                                              "micro-batch begin with, computed once for them)"))
     if metrics.get("rows_truncated"):  # what input.on_too_long cut: the model saw less of them
-        rows.append(("prompts truncated", f"{metrics['rows_truncated']:,} (too long for the context: cut to fit, "
-                                          "as input.on_too_long says)"))
+        rows.append(("prompts truncated", f"{metrics['rows_truncated']:,} (too long for the context or "
+                                          "input.max_prompt_tokens: cut to fit, as input.on_too_long says)"))
     if metrics.get("chunk_restarts"):  # each a replica process that died: killed, crashed, its node lost
         rows.append(("chunks restarted", f"{metrics['chunk_restarts']:,} (their replica process died: see the log)"))
     if metrics.get("object_store_peak_mb") is not None:

@@ -98,6 +98,7 @@ def test_wrong_type_fails():
     ("output.mode=append", "output.mode must be"),
     ("input.on_too_long=skip", "on_too_long must be"),
     ("input.limit=0", "input.limit must be >= 1 or null"),
+    ("input.max_prompt_tokens=0", "input.max_prompt_tokens must be >= 1 or null, got 0"),
     ("model.dtype=int8", "model.dtype must be"),
     ("model.kv_cache=paged", "model.kv_cache must be static, dynamic or null"),
     ("output.compression=lzma", "output.compression must be one of snappy, zstd"),

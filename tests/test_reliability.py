@@ -354,7 +354,7 @@ def test_truncating_the_end_keeps_the_start_and_the_eos_a_tokenizer_puts_last(tm
     """input.on_too_long=truncate_end, for embedding long texts as embedding models are trained to read
     them: the start of the prompt, and the special tokens its tokenizer ends it with (the EOS whose hidden
     state a last-token embedding is), with the BOS it begins with; refused for chats, whose end is the turn
-    the model answers."""
+    the model answers. input.max_prompt_tokens caps prompts below the context the same way."""
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
     tokenizer = build_tokenizer()  # the tiny model's own vocabulary, now with <s> first and </s> last
@@ -375,6 +375,13 @@ def test_truncating_the_end_keeps_the_start_and_the_eos_a_tokenizer_puts_last(tm
     assert short[-1] == tokenizer.eos_token_id and rows["num_prompt_tokens"].to_pylist()[0] == len(whole)
     cut = prepared("input.on_too_long=truncate", "generation.max_new_tokens=4")[PROMPT_IDS].to_pylist()[0]
     assert cut == [tokenizer.bos_token_id] + whole[-(2048 - 4 - 1):]  # truncate: the BOS and the end, as before
+    # input.max_prompt_tokens: a cap below the context, cut to as on_too_long says, or an error row
+    rows = prepared("input.max_prompt_tokens=100", "input.on_too_long=truncate_end", "generation.max_new_tokens=0",
+                    "generation.embedding=last")
+    assert rows[PROMPT_IDS].to_pylist() == [whole[:99] + [tokenizer.eos_token_id], short]
+    rows = prepared("input.max_prompt_tokens=100")
+    assert rows[ERROR].to_pylist() == [f"too long: prompt has {len(whole)} tokens; it exceeds input.max_prompt_tokens="
+                                       "100 (input.on_too_long=truncate keeps the end, truncate_end the start)", None]
     with pytest.raises(ConfigError, match="input.on_too_long=truncate_end would cut off the end of a chat"):
         prepared("input.on_too_long=truncate_end", "input.apply_chat_template=true")
 

@@ -144,7 +144,8 @@ def test_summary_shows_what_the_readme_lists():
                  "tokens in / out 90 / 400", "prompt tokens/s ", "padding efficiency 0.9",
                  "decode slot efficiency 0.8", "start-up 12.5s", "replica r",
                  "rows repeating a prompt 3 (greedy: each copied from the first row of its chunk",
-                 "prompts truncated 5 (too long for the context: cut to fit, as input.on_too_long says)",
+                 "prompts truncated 5 (too long for the context or input.max_prompt_tokens: cut to fit, as "
+                 "input.on_too_long says)",
                  "prompt tokens shared 1,200 (the prefix all prompts of a micro-batch begin with, computed once",
                  "rows cut at token limit 19 (50% of the rows ok this run: finish_reason length); raise "
                  "generation.max_new_tokens if they should end on their own"]:
