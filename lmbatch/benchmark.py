@@ -37,7 +37,7 @@ import psutil
 from hydra.core.config_store import ConfigStore
 
 from lmbatch.batching import decode_steps
-from lmbatch.config import BatchingConfig
+from lmbatch.config import EMBEDDING_POOLINGS, BatchingConfig
 from lmbatch.report import PeakSampler, megabytes
 
 VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared", "ungrouped")
@@ -419,8 +419,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    if cfg.embed not in (None, "last", "mean"):
-        raise ValueError(f"embed must be last, mean or null, got {cfg.embed!r}")
+    if cfg.embed not in (None, *EMBEDDING_POOLINGS):
+        raise ValueError(f"embed must be {', '.join(EMBEDDING_POOLINGS)} or null, got {cfg.embed!r}")
     if cfg.embed and set(cfg.variants) & {"pipeline", "continuous", "ray_job"}:
         raise ValueError("embed compares the engine's variants (bucketed, fixed, unshared, ungrouped) alone")
     if cfg.embed and cfg.time_limit_s:  # its projection goes by decode steps, of which embedding has none

@@ -28,6 +28,8 @@ PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_
                       "stop": "strings", "seed": "integer", "choices": "strings", "json_schema": "string",
                       "regex": "string", "adapter": "string"}
 """Generation settings a row may override through input.param_columns, and the kind of value each takes."""
+EMBEDDING_POOLINGS = ("last", "mean")
+"""How generation.embedding pools a prompt's last hidden states (`embedding.embed_prompts`)."""
 MAX_TOP_LOGPROBS = 20
 """The most alternatives per token generation.top_logprobs may ask for (OpenAI's and vLLM's default limit):
 each is a struct in the output, per generated token."""
@@ -285,8 +287,8 @@ class GenerationOptions:
         _require(self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and (self.prompt_logprobs or self.embedding)),
                  "generation.max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs or "
                  f"generation.embedding: score or embed the prompts, generate nothing), got {self.max_new_tokens}")
-        _require(self.embedding in (None, "last", "mean"),
-                 f"generation.embedding must be last, mean or null, got {self.embedding!r}")
+        _require(self.embedding in (None, *EMBEDDING_POOLINGS),
+                 f"generation.embedding must be {', '.join(EMBEDDING_POOLINGS)} or null, got {self.embedding!r}")
         _require(self.embedding_dimensions is None or self.embedding_dimensions >= 1,
                  f"generation.embedding_dimensions must be >= 1 or null, got {self.embedding_dimensions}")
         _require(self.embedding or self.embedding_dimensions is None,

@@ -315,10 +315,8 @@ class Replica:
         for f in self.columns:
             if f.name == "generated_json":  # parsed from the answers, a value that does not fit the type null
                 out = out.append_column(f, structured.parsed_column(texts, f.type))
-            elif f.name == "token_logprobs":
-                out = out.append_column(f, list_column([c.token_logprobs for c in done], TOKEN_LOGPROB))
-            elif f.name == "embedding":
-                out = out.append_column(f, list_column([c.embedding for c in done], pa.float32()))
+            elif f.name in ("token_logprobs", "embedding"):  # Arrow values per row, not a Python object per value
+                out = out.append_column(f, list_column([getattr(c, f.name) for c in done], f.type.value_type))
             else:
                 out = out.append_column(f, pa.array(values[f.name], f.type))
         truncated = sum(len(r.prompt_ids) < prompt_tokens[r.key] for r in requests)
