@@ -28,7 +28,7 @@ PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_
                       "stop": "strings", "seed": "integer", "choices": "strings", "json_schema": "string",
                       "regex": "string", "adapter": "string"}
 """Generation settings a row may override through input.param_columns, and the kind of value each takes."""
-EMBEDDING_POOLINGS = ("last", "mean")
+EMBEDDING_POOLINGS = ("last", "mean", "cls")
 """How generation.embedding pools a prompt's last hidden states (`embedding.embed_prompts`)."""
 MAX_TOP_LOGPROBS = 20
 """The most alternatives per token generation.top_logprobs may ask for (OpenAI's and vLLM's default limit):
@@ -166,7 +166,7 @@ class OutputConfig:
 @dataclass
 class ModelConfig:
     path: str = "builtin://tiny-llama"
-    """Hugging Face hub id or local directory; `builtin://tiny-llama` / `builtin://tiny-gpt2` build offline."""
+    """Hugging Face hub id or local directory; `builtin://tiny-llama` / `tiny-gpt2` / `tiny-bert` build offline."""
     dtype: str = "auto"
     """`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`."""
     device_map: Optional[str] = None
@@ -274,8 +274,10 @@ class GenerationOptions:
     embedding: Optional[str] = None
     """Add an `embedding` column: each row's prompt as a vector, from the model's last hidden states over it,
     pooled: `last` (the last token's: what decoder embedding models such as Qwen3-Embedding, gte-Qwen2 and
-    e5-mistral are trained for) or `mean` (over the prompt's tokens). Costs a forward pass over the prompts;
-    with max_new_tokens=0, that pass is all the job computes. Null: none."""
+    e5-mistral are trained for), `mean` (over the prompt's tokens: all-MiniLM, e5) or `cls` (the first
+    token's, for encoders such as BGE and GTE, whose first token sees the whole text). Costs a forward pass
+    over the prompts; with max_new_tokens=0, that pass is all the job computes (an encoder, which reads text
+    both ways, does only that). Null: none."""
     embedding_dimensions: Optional[int] = None
     """With embedding: keep the first N dimensions (a Matryoshka model's shorter vectors, as OpenAI's
     `dimensions`), before normalizing. Null: all (the model's hidden size)."""
@@ -292,7 +294,7 @@ class GenerationOptions:
         _require(self.embedding_dimensions is None or self.embedding_dimensions >= 1,
                  f"generation.embedding_dimensions must be >= 1 or null, got {self.embedding_dimensions}")
         _require(self.embedding or self.embedding_dimensions is None,
-                 "generation.embedding_dimensions needs generation.embedding (last or mean)")
+                 "generation.embedding_dimensions needs generation.embedding (last, mean or cls)")
         _require(self.max_length is None or self.max_length >= 2,
                  f"generation.max_length must be >= 2 or null, got {self.max_length}")
         _require(self.temperature >= 0 and math.isfinite(self.temperature),

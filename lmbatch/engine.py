@@ -27,7 +27,7 @@ from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.embedding import embed_prompts
 from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
                                row_seed, shared_prefix)
-from lmbatch.models import ending_ids, special_tokens_only, tokenizer_source
+from lmbatch.models import ending_ids, reads_both_ways, special_tokens_only, tokenizer_source
 from lmbatch.prefix import layout, prefix_cache
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
@@ -70,10 +70,13 @@ class HFEngine:
         peft model holding model.adapters, whose layers are in `model`."""
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
-        self.eos_ids = ending_ids(self.model.generation_config.eos_token_id, self.tokenizer)
+        self.bidirectional = reads_both_ways(model.config)  # an encoder: it only embeds
+        generation_config = getattr(model, "generation_config", None)  # none in an encoder
+        self.eos_ids = ending_ids(getattr(generation_config, "eos_token_id", None), self.tokenizer)
         # Texts never show special tokens, so a stop string that spells one is looked for as the token.
         self._special_tokens = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-        self.model.generation_config = special_tokens_only(self.model.generation_config)
+        if generation_config:
+            self.model.generation_config = special_tokens_only(generation_config)
         # No pad token and no EOS to pad with (load_tokenizer pads with EOS): any id will do, as
         # padding is masked out.
         self.pad_id = 0 if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
@@ -87,7 +90,7 @@ class HFEngine:
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
              device: Optional[str] = None, threads: Optional[int] = None) -> "HFEngine":
         """Load once per replica: on `device` (default: CUDA when there is one), in the configured dtype."""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         from lmbatch.prepare import load_tokenizer
 
@@ -104,7 +107,10 @@ class HFEngine:
             kwargs["attn_implementation"] = attention
         if model.device_map:
             kwargs["device_map"] = model.device_map
-        loaded = AutoModelForCausalLM.from_pretrained(model_path, revision=model.revision, **kwargs)
+        config = AutoConfig.from_pretrained(model_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+        auto = AutoModel if reads_both_ways(config) else AutoModelForCausalLM  # an encoder has no LM head
+        loaded = auto.from_pretrained(model_path, revision=model.revision, **kwargs)
         adapters = None
         if model.adapter:  # merged: the adapter then costs nothing per token
             from peft import PeftModel
@@ -148,11 +154,17 @@ class HFEngine:
         return completions
 
     def _unfollowable(self, requests: Sequence[Request]) -> list[Completion]:
-        """Error completions for the rows held to a pattern (json_schema or regex) that no text of this
-        tokenizer's can follow (compiling each pattern once, for the batches that follow it)."""
+        """Error completions for the rows that ask an encoder to generate (a row's max_new_tokens), and those
+        held to a pattern (json_schema or regex) that no text of this tokenizer's can follow (compiling each
+        pattern once, for the batches that follow it)."""
         failed = []
         for r in requests:
-            if r.pattern is not None:
+            if self.bidirectional and r.max_new_tokens:  # the job's own setting was refused as it started
+                message = (f"invalid parameter: max_new_tokens must be 0: the model ({type(self.model).__name__}) "
+                           "reads text both ways, so it embeds and cannot generate")
+                failed += [Completion(r.key, s, None, 0, "error", message)
+                           for s in range(r.params.num_return_sequences)]
+            elif r.pattern is not None:
                 try:
                     if self._indexes is None:
                         self._indexes = Indexes(self.tokenizer, self.eos_ids)
@@ -323,7 +335,7 @@ class HFEngine:
             for c in completions:
                 c.prompt_logprob = prompt_scores[c.key]
         if params.embedding:
-            embeddings = embed_prompts(self.model, batch, *prompts, params.embedding)
+            embeddings = embed_prompts(self.model, batch, *prompts, params.embedding, self.bidirectional)
             for c in completions:
                 c.embedding = embeddings[c.key]
         if scored:

@@ -22,7 +22,7 @@ class Pooling:
     """How a prompt's last hidden states become its embedding (generation.embedding and the keys after it)."""
 
     kind: str
-    """`last`: the last token's hidden state; `mean`: the mean over the prompt's tokens."""
+    """`last`: the last token's hidden state; `mean`: the mean over the prompt's tokens; `cls`: the first token's."""
     dimensions: Optional[int] = None
     """Keep the first N dimensions (before normalizing); None: all."""
     normalize: bool = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ from typing import Optional
 from lmbatch import structured
 from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.io import JobError, absolute
-from lmbatch.models import adapter_misfit, ending_ids, tokenizer_source
+from lmbatch.models import adapter_misfit, ending_ids, reads_both_ways, tokenizer_source
 from lmbatch.prepare import encode, load_tokenizer
 from lmbatch.structured import Indexes, PatternError
 
@@ -82,6 +83,10 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
               "that shaped it")
     text_config = getattr(config, "get_text_config", lambda: config)()
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if reads_both_ways(config) and tokenizer.model_max_length < 10**9:  # not transformers' "unset"
+        # An encoder's tokenizer knows its length better: RoBERTa's positions start after the pad id's
+        # (514 positions hold 512 tokens), and sentence-transformers saves the length it embeds at there.
+        limit = min(limit or tokenizer.model_max_length, tokenizer.model_max_length)
     vocab = getattr(text_config, "vocab_size", None)
     if vocab and len(tokenizer) > vocab:  # tokens added to the tokenizer, the model's embedding not resized
         print(f"lmbatch: warning: the tokenizer of {source} has {len(tokenizer):,} tokens, the model's "
@@ -91,18 +96,34 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     check_shared_tokenizer(adapters, tokenizer, job.model.trust_remote_code,
                            templated=job.input.chat and not job.input.chat_template)
     check_embedding(job, config, text_config)
+    if notes := sentence_transformers_notes(job, local, revision, limit):
+        print(f"lmbatch: warning: {job.model.path} is a sentence-transformers model whose own pipeline (modules.json) "
+              f"differs from this job's, so its vectors will differ from its encode(): it {'; it '.join(notes)}")
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter, adapters=adapters)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
 
 def check_embedding(job: JobConfig, config, text_config) -> None:
-    """generation.embedding_dimensions within the model's hidden size; and a warning for a model saved without
+    """An encoder only embeds; a decoder's first token sees nothing after it, so `cls` pooling is refused;
+    generation.embedding_dimensions within the model's hidden size; and a warning for a model saved without
     a language-model head (an embedding model, as a Qwen3Model), which loads with a random (or tied) one."""
     g, hidden = job.generation, getattr(text_config, "hidden_size", None)
+    architectures = getattr(config, "architectures", None) or []
+    name = architectures[0] if architectures else config.model_type
+    if reads_both_ways(config):
+        extras = [k for k in ("prompt_logprobs", "logprobs", "choices", "json_schema", "regex") if getattr(g, k)]
+        if g.max_new_tokens or not g.embedding or extras:
+            raise JobError(f"{job.model.path} is an encoder ({name}): it reads text both ways, so it embeds but "
+                           "cannot generate or score text: set generation.max_new_tokens=0 and generation.embedding="
+                           "cls or mean, as its model card says it pools (experiment=embed, with its pooling)"
+                           + "".join(f", without generation.{k}" for k in extras))
+    elif g.embedding == "cls":
+        raise JobError(f"generation.embedding=cls pools the first token, which in a decoder ({name}) has seen "
+                       "nothing after it: prompts that begin alike (with a BOS token) would all get one vector; "
+                       "use last or mean")
     if g.embedding_dimensions and hidden and g.embedding_dimensions > hidden:
         raise JobError(f"generation.embedding_dimensions={g.embedding_dimensions} exceeds the {hidden} dimensions "
                        f"of {job.model.path}'s hidden states")
-    architectures = getattr(config, "architectures", None) or []
     # transformers' names; remote code names its classes as it likes (ChatGLMModel holds its head)
     headless = architectures and not job.model.trust_remote_code and not any(
         a.endswith(("LMHeadModel", "ForCausalLM", "ForConditionalGeneration")) for a in architectures)
@@ -110,6 +131,52 @@ def check_embedding(job: JobConfig, config, text_config) -> None:
         print(f"lmbatch: warning: {job.model.path} is a {architectures[0]}, saved without a language-model head "
               "(an embedding model?): the head it loads with was not trained with it, so its texts and "
               "log-probabilities mean little. For embeddings alone, set generation.max_new_tokens=0")
+
+
+ST_POOLINGS = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mean", "lasttoken": "last"}
+"""sentence-transformers' pooling modes (its `pooling_mode`, or a `pooling_mode_*` flag of older versions)
+that generation.embedding has, by its name for them."""
+
+
+def sentence_transformers_notes(job: JobConfig, path: str, revision: Optional[str],
+                                context: Optional[int]) -> list[str]:
+    """How a sentence-transformers model's own pipeline (its modules.json) embeds otherwise than the job: by
+    another pooling, with a module lmbatch does not apply (a Dense projection), or cut shorter than the job's
+    `context` or input.max_prompt_tokens (an older version's max_seq_length; newer ones save it as the
+    tokenizer's, which an encoder's context is)."""
+    modules = _model_json(path, "modules.json", revision) if job.generation.embedding else None
+    if not isinstance(modules, list):
+        return []
+    notes = []
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            config = _model_json(path, f"{module.get('path')}/config.json", revision) or {}
+            flags = [k.removeprefix("pooling_mode_") for k, on in config.items()
+                     if k.startswith("pooling_mode_") and on is True]  # several at once are concatenated
+            mode = config.get("pooling_mode") or "+".join(flags)
+            ours = ST_POOLINGS.get(mode)
+            if ours != job.generation.embedding:
+                notes.append(f"pools by {mode} "
+                             + (f"(generation.embedding={ours})" if ours else "(lmbatch has no such pooling)"))
+        elif kind not in ("Transformer", "Normalize"):
+            notes.append(f"has a {kind} module, which lmbatch does not apply")
+    length = (_model_json(path, "sentence_bert_config.json", revision) or {}).get("max_seq_length")
+    if isinstance(length, int) and length < min(job.input.max_prompt_tokens or math.inf, context or math.inf):
+        notes.append(f"embeds at most {length} tokens (its max_seq_length: input.max_prompt_tokens={length} "
+                     "input.on_too_long=truncate_end cuts as it does)")
+    return notes
+
+
+def _model_json(path: str, name: str, revision: Optional[str]):
+    """A JSON file of a model directory or hub model; None where it has none (or it cannot be read)."""
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+        return json.loads(Path(found).read_text()) if found else None
+    except Exception:  # noqa: BLE001 - a hub that cannot be reached, a file that is not JSON: no notes
+        return None
 
 
 def check_structured(job: JobConfig, tokenizer, model_eos) -> None:

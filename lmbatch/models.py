@@ -2,7 +2,9 @@
 
 `builtin://tiny-llama` (rotary positions) and `builtin://tiny-gpt2` (learned absolute positions)
 are random-init models built deterministically from a config plus a byte-level BPE tokenizer
-trained on a fixed corpus, saved with `save_pretrained` into a cache directory on first use,
+trained on a fixed corpus; `builtin://tiny-bert` is an encoder (it reads both ways, so it only
+embeds) with a WordPiece tokenizer, as BERT-style sentence-transformers models are. Each is saved
+with `save_pretrained` into a cache directory on first use,
 and then loaded like any other model through `from_pretrained`. They produce nonsense, quickly:
 they exist so that the whole job runs, and is tested, without a download.
 
@@ -30,7 +32,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-ARCHITECTURES = ("tiny-llama", "tiny-gpt2")
+ARCHITECTURES = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 _LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what from_pretrained loads, under any file name
 
@@ -54,6 +56,16 @@ def ending_ids(generation_eos, tokenizer) -> set[int]:
     model.generate alone runs on past the answer to max_new_tokens."""
     listed = generation_eos if isinstance(generation_eos, list) else [generation_eos]
     return {*listed, tokenizer.eos_token_id} - {None}
+
+
+def reads_both_ways(config) -> bool:
+    """Whether a model is an encoder (BERT and its kin, as most sentence-transformers models are), whose
+    tokens each see those after them too: it embeds text but cannot generate it. Known by transformers
+    holding a masked-LM model of its architecture, unless it is an encoder-decoder or set up as a decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_encoder_decoder
+            and not getattr(config, "is_decoder", False))
 
 
 def resolve_model_path(path: str) -> str:
@@ -289,6 +301,28 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
+def build_wordpiece_tokenizer(max_length: int = 512):
+    """A BERT-style WordPiece tokenizer: lower-cased, each text read as `[CLS] text [SEP]`. Its vocabulary is
+    set, not trained (the WordPiece trainer breaks ties differently from run to run): the sample corpus's
+    words, and printable ASCII characters alone and as word pieces, which spell any other word."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lmbatch.samples import WORDS
+
+    chars = [chr(c) for c in range(33, 127)]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = [*specials, *chars, *(f"##{c}" for c in chars), *sorted(set(WORDS) - set(chars))]  # "a" is both
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+
+
 def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_std: float = 0.2,
                      max_positions: int = 2048):
     """Build a random-init model and its tokenizer with `save_pretrained` into `out_dir`.
@@ -297,9 +331,12 @@ def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_s
     an argmax between padded and unpadded runs, and the tests compare greedy outputs exactly.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
-    tokenizer = build_tokenizer()
+    if name == "tiny-bert":
+        tokenizer = build_wordpiece_tokenizer(max_length=min(max_positions, 512))
+    else:
+        tokenizer = build_tokenizer()
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if name == "tiny-llama":
@@ -309,11 +346,17 @@ def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_s
     elif name == "tiny-gpt2":
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_positions,
                             initializer_range=init_std, **ids)
+    elif name == "tiny-bert":
+        config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=tokenizer.model_max_length, initializer_range=init_std, **ids)
     else:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {ARCHITECTURES}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if reads_both_ways(config):  # an encoder has no LM head to generate with
+        model = AutoModel.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)

@@ -60,6 +60,31 @@ def tiny_gpt2(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    from lmbatch.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tiny_bert, tmp_path_factory) -> str:
+    """An encoder whose positions start after the pad id's, as RoBERTa's and XLM-R's do (e5-multilingual,
+    BGE-M3): 512 tokens take positions 2..513 of 514. With tiny-bert's tokenizer, whose pad id is 0."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, RobertaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, pad_token_id=tokenizer.pad_token_id,
+                           max_position_embeddings=tokenizer.model_max_length + tokenizer.pad_token_id + 1)
+    torch.manual_seed(1)
+    directory = tmp_path_factory.mktemp("tiny-roberta")
+    AutoModel.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
 def lora_adapter(tiny_llama, tmp_path_factory) -> str:
     """A LoRA adapter of tiny_llama (random, not zero, so that it changes the output), as peft saves one."""
     return str(save_lora_adapter(tiny_llama, tmp_path_factory.mktemp("lora"), seed=0))

@@ -80,7 +80,7 @@ def test_wrong_type_fails():
     ("generation.max_new_tokens=0", "max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs or"),
     ("generation.top_logprobs=3", "generation.top_logprobs needs generation.logprobs=true"),
     ("generation.min_p=1.5", "generation.min_p must be in [0, 1], got 1.5"),
-    ("generation.embedding=cls", "generation.embedding must be last, mean or null, got 'cls'"),
+    ("generation.embedding=first", "generation.embedding must be last, mean, cls or null, got 'first'"),
     ("generation.embedding_dimensions=64", "generation.embedding_dimensions needs generation.embedding"),
     ("generation.embedding_dimensions=0", "generation.embedding_dimensions must be >= 1 or null, got 0"),
     ("generation.top_logprobs=21", "generation.top_logprobs must be in [0, 20], got 21"),

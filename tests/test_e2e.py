@@ -311,6 +311,33 @@ def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny
     assert re.search(r"replica \S+ +6 rows, [\d.]+ rows/s", said), said  # and each replica's in the summary
 
 
+def test_an_encoder_embeds_through_the_job_as_sentence_transformers_does(local_ray, tmp_path):
+    """The built-in BERT-style encoder (model=tiny_bert) through the whole job, with cls pooling and texts cut
+    at 64 tokens (input.max_prompt_tokens, truncate_end): every vector is the one sentence-transformers'
+    encode() gives, which cuts at its max_seq_length the same way ([CLS], the start, [SEP]); a row asking the
+    encoder to generate is an error row."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    from lmbatch.models import resolve_model_path
+
+    prompts = varied_prompts(8, seed=11, max_words=120)
+    out = tmp_path / "out"
+    source = write_prompts(tmp_path / "in.parquet", prompts, max_new_tokens=pa.array([None] * 7 + [4], pa.int64()))
+    run(compose(f"input.path={source}", f"output.path={out}", "model=tiny_bert", "experiment=embed",
+                "generation.embedding=cls", "input.max_prompt_tokens=64", "input.on_too_long=truncate_end",
+                "input.param_columns=[max_new_tokens]", "cluster.num_replicas=1"))
+    rows = pq.read_table(out).to_pylist()
+    assert rows[7]["error"].startswith("invalid parameter: max_new_tokens must be 0: the model (BertModel) reads")
+    path = resolve_model_path("builtin://tiny-bert")
+    st = SentenceTransformer(modules=[Transformer(path, max_seq_length=64), Pooling(64, pooling_mode="cls"),
+                                      Normalize()], device="cpu")
+    expected = st.encode(prompts[:7])
+    assert max(r["num_prompt_tokens"] for r in rows[:7]) > 64  # some were cut
+    for row, vector in zip(rows, expected):
+        assert row["error"] is None and row["embedding"] == pytest.approx(vector.tolist(), abs=1e-5), row["id"]
+
+
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):
     """model.adapter through the whole job: each text is that of the base model with the adapter
     (loaded by transformers, unmerged) on the prompt alone; the manifest names the adapter."""

@@ -450,6 +450,31 @@ def test_an_embedding_model_saved_without_its_lm_head_embeds(tiny_llama, tmp_pat
     assert [c.embedding.to_pylist() for c in whole] == [c.embedding.to_pylist() for c in alone_]
 
 
+@pytest.mark.parametrize("encoder", ["tiny_bert", "tiny_roberta"])
+def test_an_encoder_embeds_each_prompt_as_sentence_transformers_does(encoder, request):
+    """An encoder (BERT, RoBERTa: it reads both ways) embeds each prompt as sentence-transformers' encode()
+    does it alone, with cls and mean pooling, though the job's micro-batches pad it on the left (fixed
+    batches in input order: prompts of 1 to 100 words side by side); a row asking it to generate is an
+    error row, and the others are embedded all the same."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling as STPooling, Transformer
+
+    path = request.getfixturevalue(encoder)
+    engine = make_engine(path, strategy="fixed", fixed_batch_size=8)
+    texts = varied_prompts(24, seed=4, max_words=100)
+    for mode in ("cls", "mean"):
+        params = SamplingParams(embedding=Pooling(mode))
+        requests = [Request(i, engine.tokenizer(t)["input_ids"], 0, params) for i, t in enumerate(texts)]
+        got = {c.key: c for c in engine.generate(requests + [Request(99, requests[0].prompt_ids, 3, params)])}
+        assert got.pop(99).error.startswith("invalid parameter: max_new_tokens must be 0: the model (")
+        assert {(c.text, c.finish_reason, c.error) for c in got.values()} == {("", "length", None)}
+        st = SentenceTransformer(modules=[Transformer(path), STPooling(64, pooling_mode=mode), Normalize()],
+                                 device="cpu")
+        expected = st.encode(texts, convert_to_tensor=True)
+        vectors = torch.stack([torch.tensor(got[i].embedding.to_numpy()) for i in range(len(texts))])
+        assert torch.allclose(vectors, expected, rtol=1e-4, atol=1e-5), mode
+
+
 def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_llama, lora_adapter):
     """model.adapter, merged into the weights as the engine loads: batched greedy output equals that of
     the base model with the adapter loaded by transformers (unmerged: the adapter runs beside each

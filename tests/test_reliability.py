@@ -916,6 +916,55 @@ def test_embedding_settings_are_checked_against_the_model(tmp_path, tiny_llama, 
     assert "decode steps" not in said and "KV cache" not in said
 
 
+def test_an_encoder_only_embeds_and_its_sentence_transformers_pipeline_is_compared(tmp_path, tiny_llama, tiny_bert,
+                                                                                  tiny_roberta, capsys):
+    """An encoder (BERT, RoBERTa) is refused for anything but embedding, as the job plans; `cls` pooling is
+    refused for a decoder; an encoder's context is its tokenizer's length (RoBERTa's 514 positions hold 512
+    tokens); a sentence-transformers model whose own pipeline pools otherwise, adds a Dense module or cuts
+    texts shorter (as a newer or an older version saves it) is warned of, and one that matches is not."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    source = one_prompt(tmp_path)
+
+    def plan(model, *extra):
+        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                              f"model.path={model}", *extra)))
+    embed = ("generation.max_new_tokens=0", "generation.embedding=cls")
+    with pytest.raises(JobError, match=re.escape(f"{tiny_bert} is an encoder (BertModel): it reads text both ways, "
+                                                 "so it embeds but cannot generate or score text: set "
+                                                 "generation.max_new_tokens=0 and generation.embedding=cls or mean")):
+        plan(tiny_bert)
+    with pytest.raises(JobError, match=r", without generation.prompt_logprobs, without generation.logprobs$"):
+        plan(tiny_bert, *embed, "generation.prompt_logprobs=true", "generation.logprobs=true")
+    with pytest.raises(JobError, match=re.escape("generation.embedding=cls pools the first token, which in a decoder "
+                                                 "(LlamaForCausalLM) has seen nothing after it")):
+        plan(tiny_llama, *embed)
+    assert plan(tiny_roberta, *embed).settings.context_limit == plan(tiny_bert, *embed).settings.context_limit == 512
+    assert AutoConfig.from_pretrained(tiny_roberta).max_position_embeddings == 513
+    assert "warning" not in capsys.readouterr().out
+
+    modules = [Transformer(tiny_bert), Pooling(64, pooling_mode="cls"), Normalize()]
+    SentenceTransformer(modules=modules).save(str(tmp_path / "st"))
+    SentenceTransformer(modules=[*modules[:2], Dense(64, 32), Normalize()]).save(str(tmp_path / "dense"))
+    plan(tmp_path / "st", *embed)
+    assert "warning" not in capsys.readouterr().out
+    plan(tmp_path / "dense", "generation.max_new_tokens=0", "generation.embedding=mean")
+    assert (f"warning: {tmp_path / 'dense'} is a sentence-transformers model whose own pipeline (modules.json) "
+            "differs from this job's, so its vectors will differ from its encode(): it pools by cls "
+            "(generation.embedding=cls); it has a Dense module, which lmbatch does not apply") in capsys.readouterr().out
+    # as versions before 6 save it (all-MiniLM-L6-v2's files): pooling flags, and the length it embeds at
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    (tmp_path / "st" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
+    plan(tmp_path / "st", *embed)
+    assert ("its encode(): it pools by mean_tokens (generation.embedding=mean); it embeds at most 256 tokens (its "
+            "max_seq_length: input.max_prompt_tokens=256 input.on_too_long=truncate_end cuts as it does)"
+            ) in capsys.readouterr().out
+    plan(tmp_path / "st", "generation.max_new_tokens=0", "generation.embedding=mean", "input.max_prompt_tokens=256")
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
     """A fine-tune that set a chat template saves its tokenizer beside the adapter (TRL's trainers do):
     the job checks, renders and decodes with that one, in the plan, the prepare step and the replica."""
