@@ -12,6 +12,9 @@ drift on the machine hits all alike, and are reported as ratios to the naive bas
     pipeline     transformers pipeline("text-generation", batch_size=B)
     continuous   transformers continuous batching (per-row max_new_tokens, explicitly sized cache)
     ray_job      the whole lmbatch job end to end (Parquet in, Ray Data, Parquet out)
+    sentence_transformers
+                 with `embed` only: sentence-transformers' encode() (its default batch size, 32; it
+                 sorts each call's texts by length), what a user embeds with instead
 
 Greedy outputs of fixed, continuous and ray_job are compared row for row with bucketed's (the
 count of differing rows is reported; see `compare`). The pipeline cannot take a max_new_tokens
@@ -40,14 +43,19 @@ from lmbatch.batching import decode_steps
 from lmbatch.config import EMBEDDING_POOLINGS, BatchingConfig
 from lmbatch.report import PeakSampler, megabytes
 
-VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared", "ungrouped")
+VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared", "ungrouped", "sentence_transformers")
+GENERATING = {"pipeline", "continuous", "ray_job"}
+"""The variants that only generate; `sentence_transformers` only embeds."""
+ST_POOLING = {"cls": "cls", "mean": "mean", "last": "lasttoken"}
+"""generation.embedding's poolings by sentence-transformers' names."""
 
 
 @dataclass
 class BenchmarkConfig:
     model_shape: str = "tiny"
-    """Model shape, random weights from a config: tiny, small, gpt2_small, qwen2_5_0_5b (`model=` would
-    clash with the job's model config group)."""
+    """Model shape, random weights from a config: tiny, small, gpt2_small, qwen2_5_0_5b; or an encoder, which
+    only embeds: tiny_bert, bert_small (all-MiniLM-L6-v2's shape). (`model=` would clash with the job's model
+    config group.)"""
     num_prompts: int = 64
     """Prompts in the workload."""
     min_prompt_tokens: int = 4
@@ -64,8 +72,9 @@ class BenchmarkConfig:
     templates: int = 1
     """Distinct instructions of shared_prefix_tokens each (a job mixing templates): rows take them in turn."""
     embed: Optional[str] = None
-    """`last` or `mean`: the engine's variants embed the prompts instead (generation.embedding, with
-    max_new_tokens 0), and rows differ when their vectors do by more than 1e-4; null: generate."""
+    """`last`, `mean` or `cls`: the engine's variants (and sentence_transformers) embed the prompts instead
+    (generation.embedding, with max_new_tokens 0), and rows differ when their vectors do by more than 1e-4;
+    null: generate."""
     seed: int = 0
     """Seed of the synthetic workload and the model's random weights."""
     repeats: int = 1
@@ -110,13 +119,14 @@ ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
 def build_model(preset: str, out_dir: Path, seed: int) -> str:
     """Random-init model of a preset shape, saved and later loaded through from_pretrained."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig, Qwen2Config
 
-    from lmbatch.models import build_tiny_model, build_tokenizer
+    from lmbatch.models import build_tiny_model, build_tokenizer, build_wordpiece_tokenizer, reads_both_ways
 
-    if preset == "tiny":
-        return str(build_tiny_model(out_dir, "tiny-llama", seed=seed))
-    tokenizer = build_tokenizer()
+    builtin = {"tiny": "tiny-llama", "tiny_bert": "tiny-bert"}
+    if preset in builtin:
+        return str(build_tiny_model(out_dir, builtin[preset], seed=seed))
+    tokenizer = build_wordpiece_tokenizer() if preset == "bert_small" else build_tokenizer()
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     shapes = {
@@ -130,11 +140,15 @@ def build_model(preset: str, out_dir: Path, seed: int) -> str:
                                             num_attention_heads=14, num_key_value_heads=2,
                                             max_position_embeddings=32768, tie_word_embeddings=True,
                                             initializer_range=0.2, **{**ids, "vocab_size": 151936}),
+        # an encoder (it only embeds), all-MiniLM-L6-v2's shape
+        "bert_small": lambda: BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                         num_attention_heads=12, max_position_embeddings=512, **ids),
     }
     if preset not in shapes:
-        raise ValueError(f"unknown model_shape {preset!r}; choose tiny or one of {sorted(shapes)}")
+        raise ValueError(f"unknown model_shape {preset!r}; choose tiny, tiny_bert or one of {sorted(shapes)}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(shapes[preset](), dtype=torch.float32)
+    config = shapes[preset]()
+    model = (AutoModel if reads_both_ways(config) else AutoModelForCausalLM).from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
@@ -149,14 +163,15 @@ def build_workload(cfg: BenchmarkConfig, tokenizer) -> tuple[list[str], list[lis
     templates = [tokenizer.decode([heading.choice(vocab) for _ in range(cfg.shared_prefix_tokens)])
                  for _ in range(cfg.templates)]
     texts, ids, new = [], [], []
+    budget = cfg.max_prompt_tokens - tokenizer.num_special_tokens_to_add()
     for row in range(cfg.num_prompts):
         instructions = templates[row % cfg.templates]
         n = int(rng.lognormvariate(math.log(cfg.median_prompt_tokens), 1.0))
         n = min(cfg.max_prompt_tokens, max(cfg.min_prompt_tokens, n))
         text = tokenizer.decode([rng.choice(vocab) for _ in range(n)])
-        encoded = tokenizer(text)["input_ids"][: cfg.max_prompt_tokens]
-        texts.append(instructions + tokenizer.decode(encoded, skip_special_tokens=True) if instructions
-                     else tokenizer.decode(encoded))
+        # the special tokens the tokenizer adds to a text ([CLS] and [SEP]) count in its length
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"][: budget]
+        texts.append(instructions + tokenizer.decode(encoded))
         ids.append(tokenizer(texts[-1])["input_ids"])
         new.append(rng.randint(cfg.min_new_tokens, cfg.max_new_tokens))
     return texts, ids, new
@@ -220,8 +235,9 @@ class Result:
 class Bench:
     def __init__(self, cfg: BenchmarkConfig, model_path: str, workdir: Path):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+        from lmbatch.models import reads_both_ways
         from lmbatch.prepare import load_tokenizer
 
         self.cfg, self.model_path, self.workdir = cfg, model_path, workdir
@@ -231,8 +247,15 @@ class Bench:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.tokenizer = load_tokenizer(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.encoder = reads_both_ways(AutoConfig.from_pretrained(model_path))
+        if self.encoder and not cfg.embed:
+            raise ValueError(f"model_shape {cfg.model_shape} is an encoder, which only embeds: set embed (cls or mean)")
+        auto = AutoModel if self.encoder else AutoModelForCausalLM
+        self.model = auto.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.texts, self.ids, self.new = build_workload(cfg, self.tokenizer)
+        if self.encoder and max(map(len, self.ids)) > self.tokenizer.model_max_length:
+            raise ValueError(f"prompts of up to {max(map(len, self.ids))} tokens exceed the encoder's "
+                             f"{self.tokenizer.model_max_length}: lower max_prompt_tokens")
 
     def run_engine(self, variant: str, **batching) -> Result:
         """The engine in-process, with the benchmark's batching changed by `batching` (one model serves all)."""
@@ -295,6 +318,20 @@ class Bench:
             slots += len(batch) * longest
         padded = sum(len(self.ids[i:i + b]) * max(map(len, self.ids[i:i + b])) for i in range(0, len(self.ids), b))
         return Result("pipeline", seconds, texts, generated, sum(map(len, self.ids)), padded, slots)
+
+    def run_sentence_transformers(self) -> Result:
+        import torch
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+        transformer = Transformer(self.model_path, model_kwargs={"dtype": getattr(torch, self.dtype)})
+        pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=ST_POOLING[self.cfg.embed])
+        model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=self.device)
+        start = time.perf_counter()
+        vectors = model.encode(self.texts, convert_to_numpy=True, show_progress_bar=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(map(len, self.ids))  # it pads each batch of 32 (by length) to its longest: not counted here
+        return Result("sentence_transformers", seconds, list(vectors), 0, tokens, 0, 0)
 
     def run_continuous(self) -> Result:
         import torch
@@ -363,7 +400,8 @@ class Bench:
                   "fixed": lambda: self.run_engine("fixed", strategy="fixed"),
                   "pipeline": self.run_pipeline, "continuous": self.run_continuous, "ray_job": self.run_ray_job,
                   "unshared": lambda: self.run_engine("unshared", strategy="bucketed", share_prefix=False),
-                  "ungrouped": lambda: self.run_engine("ungrouped", strategy="bucketed", group_prefixes=False)}
+                  "ungrouped": lambda: self.run_engine("ungrouped", strategy="bucketed", group_prefixes=False),
+                  "sentence_transformers": self.run_sentence_transformers}
         with PeakSampler(lambda: tree_rss(psutil.Process()), interval=1.0) as rss:
             result = runner[variant]()
         result.peak_rss = rss.peak
@@ -421,8 +459,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if cfg.embed not in (None, *EMBEDDING_POOLINGS):
         raise ValueError(f"embed must be {', '.join(EMBEDDING_POOLINGS)} or null, got {cfg.embed!r}")
-    if cfg.embed and set(cfg.variants) & {"pipeline", "continuous", "ray_job"}:
-        raise ValueError("embed compares the engine's variants (bucketed, fixed, unshared, ungrouped) alone")
+    if cfg.embed and set(cfg.variants) & GENERATING:
+        raise ValueError("embed compares the engine's variants (bucketed, fixed, unshared, ungrouped) and "
+                         "sentence_transformers alone")
+    if not cfg.embed and "sentence_transformers" in cfg.variants:
+        raise ValueError("the sentence_transformers variant embeds: set embed")
     if cfg.embed and cfg.time_limit_s:  # its projection goes by decode steps, of which embedding has none
         raise ValueError("embed runs without time_limit_s")
     if cfg.log_micro_batches:

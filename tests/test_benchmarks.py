@@ -67,6 +67,20 @@ def test_benchmark_embeds_with_the_engines_variants(tmp_path):
         run_benchmark(dataclasses.replace(cfg, variants=["bucketed", "pipeline"]))
     with pytest.raises(ValueError, match="embed runs without time_limit_s"):
         run_benchmark(dataclasses.replace(cfg, time_limit_s=60.0))
+    with pytest.raises(ValueError, match="the sentence_transformers variant embeds: set embed"):
+        run_benchmark(dataclasses.replace(cfg, embed=None, variants=["sentence_transformers"]))
+
+
+def test_benchmark_embeds_with_an_encoder_beside_sentence_transformers(tmp_path):
+    """An encoder shape (tiny_bert) embeds with the engine as sentence-transformers' encode() does (every
+    vector within 1e-4), and is refused to generate."""
+    cfg = BenchmarkConfig(model_shape="tiny_bert", embed="cls", variants=["bucketed", "sentence_transformers"],
+                          num_prompts=24, max_prompt_tokens=256, output_dir=str(tmp_path))
+    report = run_benchmark(cfg)
+    assert report["greedy_rows_differing_from_bucketed"] == {"bucketed": 0, "sentence_transformers": 0}
+    assert [r["variant"] for r in report["results"]] == cfg.variants
+    with pytest.raises(ValueError, match="model_shape tiny_bert is an encoder, which only embeds: set embed"):
+        run_benchmark(dataclasses.replace(cfg, embed=None, variants=["bucketed"]))
 
 
 @pytest.mark.slow
