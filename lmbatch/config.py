@@ -208,8 +208,8 @@ class ModelConfig:
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 32
-    """Upper bound on generated tokens per row; 0, with prompt_logprobs or embedding, generates nothing: the
-    prompts are only scored or embedded."""
+    """Upper bound on generated tokens per row; 0, with prompt_logprobs, embedding or classify, generates
+    nothing: the prompts are only scored, embedded or classified."""
     max_length: Optional[int] = None
     """Optional cap on prompt + generated tokens (the classic `max_length`); the tighter bound wins."""
     do_sample: bool = False
@@ -284,11 +284,19 @@ class GenerationOptions:
     embedding_normalize: bool = True
     """With embedding: scale each vector to length 1 (so a dot product is the cosine similarity, as
     embedding models are used); false keeps the pooled hidden state as it is."""
+    classify: bool = False
+    """Classify each prompt with the model's sequence-classification head (a fine-tuned classifier: a
+    `*ForSequenceClassification`, such as a toxicity, quality or language classifier, or a reward model):
+    add a `label` column (the likeliest label's name) and a `label_scores` column (every label's score, as
+    transformers' text-classification pipeline gives them). Such a model generates nothing
+    (max_new_tokens=0)."""
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and (self.prompt_logprobs or self.embedding)),
-                 "generation.max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs or "
-                 f"generation.embedding: score or embed the prompts, generate nothing), got {self.max_new_tokens}")
+        _require(self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and (self.prompt_logprobs or self.embedding
+                                                                              or self.classify)),
+                 "generation.max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs, generation.embedding "
+                 f"or generation.classify: score, embed or classify the prompts, generate nothing), got "
+                 f"{self.max_new_tokens}")
         _require(self.embedding in (None, *EMBEDDING_POOLINGS),
                  f"generation.embedding must be {', '.join(EMBEDDING_POOLINGS)} or null, got {self.embedding!r}")
         _require(self.embedding_dimensions is None or self.embedding_dimensions >= 1,

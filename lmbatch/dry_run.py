@@ -108,7 +108,7 @@ def dry_run(plan) -> dict:
     kv = plan.kv_bytes_per_token
     if batches and not steps:  # max_new_tokens 0: no decode steps, and no KV cache kept
         print("nothing is generated: each micro-batch is one forward pass over its prompts, which are only "
-              "embedded or scored")
+              "embedded, scored or classified")
     else:  # on a GPU a decode step costs about the same for one row as for hundreds: steps are the cost
         print(f"planned decode steps for the sampled rows: at most {steps:,} "
               "(a micro-batch runs to its largest max_new_tokens)")

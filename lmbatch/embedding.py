@@ -11,7 +11,7 @@ from lmbatch.scoring import left_padded_positions
 
 
 def embed_prompts(model, batch: list[Request], input_ids, attention_mask, pooling: Pooling,
-                  bidirectional: bool = False) -> dict[int, pa.Array]:
+                  bidirectional: bool) -> dict[int, pa.Array]:
     """Each prompt's embedding (by request key), as the model gives it for the prompt alone: the hidden
     states of its last layer (after the final norm), pooled. The prompts come left-padded: a decoder reads
     them so, its positions counted from each row's first real token; an encoder (`bidirectional`) reads
@@ -19,10 +19,8 @@ def embed_prompts(model, batch: list[Request], input_ids, attention_mask, poolin
     device = model.device
     if bidirectional:
         input_ids, attention_mask = right_padded(input_ids, attention_mask)
-        kwargs = {}
-    else:
-        kwargs = dict(use_cache=False, position_ids=left_padded_positions(attention_mask.to(device)))
     mask = attention_mask.to(device)
+    kwargs = {} if bidirectional else dict(use_cache=False, position_ids=left_padded_positions(mask))
     with torch.inference_mode():
         # base_model: the model without its LM head (LlamaModel in LlamaForCausalLM), which ends in the norm
         hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=mask, **kwargs).last_hidden_state

@@ -24,10 +24,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.classify import classify_prompts
 from lmbatch.embedding import embed_prompts
 from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
                                row_seed, shared_prefix)
-from lmbatch.models import ending_ids, reads_both_ways, special_tokens_only, tokenizer_source
+from lmbatch.models import ending_ids, is_classifier, reads_both_ways, special_tokens_only, tokenizer_source
 from lmbatch.prefix import layout, prefix_cache
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
@@ -70,8 +71,11 @@ class HFEngine:
         peft model holding model.adapters, whose layers are in `model`."""
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
-        self.bidirectional = reads_both_ways(model.config)  # an encoder: it only embeds
-        generation_config = getattr(model, "generation_config", None)  # none in an encoder
+        self.bidirectional = reads_both_ways(model.config)  # an encoder: it only embeds (or classifies)
+        # What the model is that cannot generate, if it is one: its rows must not ask it to.
+        self.cannot_generate = ("a classifier" if is_classifier(model.config) else
+                                "an encoder, which reads text both ways" if self.bidirectional else None)
+        generation_config = getattr(model, "generation_config", None)  # none in an encoder or a classifier
         self.eos_ids = ending_ids(getattr(generation_config, "eos_token_id", None), self.tokenizer)
         # Texts never show special tokens, so a stop string that spells one is looked for as the token.
         self._special_tokens = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
@@ -90,7 +94,7 @@ class HFEngine:
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
              device: Optional[str] = None, threads: Optional[int] = None) -> "HFEngine":
         """Load once per replica: on `device` (default: CUDA when there is one), in the configured dtype."""
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
         from lmbatch.prepare import load_tokenizer
 
@@ -109,7 +113,9 @@ class HFEngine:
             kwargs["device_map"] = model.device_map
         config = AutoConfig.from_pretrained(model_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
-        auto = AutoModel if reads_both_ways(config) else AutoModelForCausalLM  # an encoder has no LM head
+        # a classifier with its head, an encoder without one (it has no LM head), anything else with its LM head
+        auto = (AutoModelForSequenceClassification if is_classifier(config) else
+                AutoModel if reads_both_ways(config) else AutoModelForCausalLM)
         loaded = auto.from_pretrained(model_path, revision=model.revision, **kwargs)
         adapters = None
         if model.adapter:  # merged: the adapter then costs nothing per token
@@ -154,14 +160,14 @@ class HFEngine:
         return completions
 
     def _unfollowable(self, requests: Sequence[Request]) -> list[Completion]:
-        """Error completions for the rows that ask an encoder to generate (a row's max_new_tokens), and those
-        held to a pattern (json_schema or regex) that no text of this tokenizer's can follow (compiling each
-        pattern once, for the batches that follow it)."""
+        """Error completions for the rows that ask an encoder or a classifier to generate (a row's
+        max_new_tokens), and those held to a pattern (json_schema or regex) that no text of this tokenizer's
+        can follow (compiling each pattern once, for the batches that follow it)."""
         failed = []
         for r in requests:
-            if self.bidirectional and r.max_new_tokens:  # the job's own setting was refused as it started
-                message = (f"invalid parameter: max_new_tokens must be 0: the model ({type(self.model).__name__}) "
-                           "reads text both ways, so it embeds and cannot generate")
+            if self.cannot_generate and r.max_new_tokens:  # the job's own setting was refused as it started
+                message = (f"invalid parameter: max_new_tokens must be 0: the model ({type(self.model).__name__}) is "
+                           f"{self.cannot_generate}, and cannot generate")
                 failed += [Completion(r.key, s, None, 0, "error", message)
                            for s in range(r.params.num_return_sequences)]
             elif r.pattern is not None:
@@ -338,6 +344,10 @@ class HFEngine:
             embeddings = embed_prompts(self.model, batch, *prompts, params.embedding, self.bidirectional)
             for c in completions:
                 c.embedding = embeddings[c.key]
+        if params.classify:
+            labels = classify_prompts(self.model, batch, *prompts, self.bidirectional)
+            for c in completions:
+                c.label, c.label_scores = labels[c.key]
         if scored:
             if at_first_step:
                 first_step = logprobs.first_step.tolist()

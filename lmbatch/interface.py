@@ -53,6 +53,8 @@ class SamplingParams:
     """The adapter of model.adapters that generates the row (generation.adapter); None: the model alone."""
     embedding: Optional[Pooling] = None
     """Record each prompt's embedding, pooled so (generation.embedding); the same for every row of a job."""
+    classify: bool = False
+    """Record each prompt's label and label scores (generation.classify); the same for every row of a job."""
 
 
 @dataclass
@@ -89,6 +91,10 @@ class Completion:
     chunk of long texts holds millions of them)."""
     embedding: Optional[pa.Array] = None
     """With generation.embedding: the prompt's embedding (float32 values)."""
+    label: Optional[str] = None
+    """With generation.classify: the name of the prompt's likeliest label."""
+    label_scores: Optional[pa.Array] = None
+    """With generation.classify: every label's score (float32 values, in the model's label order)."""
 
 
 _TOKEN = [("token_id", pa.int64()), ("token", pa.string()), ("logprob", pa.float64())]

@@ -15,7 +15,7 @@ from typing import Optional
 from lmbatch import structured
 from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.io import JobError, absolute
-from lmbatch.models import adapter_misfit, ending_ids, reads_both_ways, tokenizer_source
+from lmbatch.models import adapter_misfit, ending_ids, is_classifier, reads_both_ways, tokenizer_source
 from lmbatch.prepare import encode, load_tokenizer
 from lmbatch.structured import Indexes, PatternError
 
@@ -95,7 +95,7 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     # the tokenizer's chat template renders the prompts unless they are plain or the job brings its own
     check_shared_tokenizer(adapters, tokenizer, job.model.trust_remote_code,
                            templated=job.input.chat and not job.input.chat_template)
-    check_embedding(job, config, text_config)
+    check_model_use(job, config, text_config)
     if notes := sentence_transformers_notes(job, local, revision, limit):
         print(f"lmbatch: warning: {job.model.path} is a sentence-transformers model whose own pipeline (modules.json) "
               f"differs from this job's, so its vectors will differ from its encode(): it {'; it '.join(notes)}")
@@ -103,21 +103,31 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
 
-def check_embedding(job: JobConfig, config, text_config) -> None:
-    """An encoder only embeds; a decoder's first token sees nothing after it, so `cls` pooling is refused;
+def check_model_use(job: JobConfig, config, text_config) -> None:
+    """What the job asks of the model against what the model is: a classifier (its head labels text) only
+    classifies, and an encoder (it reads text both ways) only embeds, besides; generation.classify needs a
+    classifier; `cls` pooling is refused for a decoder, whose first token sees nothing after it;
     generation.embedding_dimensions within the model's hidden size; and a warning for a model saved without
     a language-model head (an embedding model, as a Qwen3Model), which loads with a random (or tied) one."""
     g, hidden = job.generation, getattr(text_config, "hidden_size", None)
     architectures = getattr(config, "architectures", None) or []
     name = architectures[0] if architectures else config.model_type
-    if reads_both_ways(config):
-        extras = [k for k in ("prompt_logprobs", "logprobs", "choices", "json_schema", "regex") if getattr(g, k)]
-        if g.max_new_tokens or not g.embedding or extras:
+    without = "".join(f", without generation.{k}" for k in ("prompt_logprobs", "logprobs", "choices", "json_schema",
+                                                            "regex") if getattr(g, k))
+    if is_classifier(config):
+        if g.max_new_tokens or without or not g.classify:
+            raise JobError(f"{job.model.path} is a classifier ({name}): its head labels text, and it cannot generate "
+                           "or score text: set generation.classify=true and generation.max_new_tokens=0" + without)
+    elif g.classify:
+        raise JobError(f"generation.classify needs a classifier (a fine-tuned *ForSequenceClassification), and "
+                       f"{job.model.path} is a {name}")
+    elif reads_both_ways(config):
+        if g.max_new_tokens or not g.embedding or without:
             raise JobError(f"{job.model.path} is an encoder ({name}): it reads text both ways, so it embeds but "
                            "cannot generate or score text: set generation.max_new_tokens=0 and generation.embedding="
                            "cls or mean, as its model card says it pools (experiment=embed, with its pooling)"
-                           + "".join(f", without generation.{k}" for k in extras))
-    elif g.embedding == "cls":
+                           + without)
+    if g.embedding == "cls" and not reads_both_ways(config):
         raise JobError(f"generation.embedding=cls pools the first token, which in a decoder ({name}) has seen "
                        "nothing after it: prompts that begin alike (with a BOS token) would all get one vector; "
                        "use last or mean")
@@ -141,7 +151,8 @@ that generation.embedding has, by its name for them."""
 def sentence_transformers_notes(job: JobConfig, path: str, revision: Optional[str],
                                 context: Optional[int]) -> list[str]:
     """How a sentence-transformers model's own pipeline (its modules.json) embeds otherwise than the job: by
-    another pooling, with a module lmbatch does not apply (a Dense projection), or cut shorter than the job's
+    another pooling, with a module lmbatch does not apply (a Dense projection), normalized or not unlike the
+    job's vectors, or cut shorter than the job's
     `context` or input.max_prompt_tokens (an older version's max_seq_length; newer ones save it as the
     tokenizer's, which an encoder's context is)."""
     modules = _model_json(path, "modules.json", revision) if job.generation.embedding else None
@@ -161,6 +172,10 @@ def sentence_transformers_notes(job: JobConfig, path: str, revision: Optional[st
                              + (f"(generation.embedding={ours})" if ours else "(lmbatch has no such pooling)"))
         elif kind not in ("Transformer", "Normalize"):
             notes.append(f"has a {kind} module, which lmbatch does not apply")
+    normalizes = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    if normalizes != job.generation.embedding_normalize:
+        notes.append(f"{'normalizes' if normalizes else 'does not normalize'} its vectors "
+                     f"(generation.embedding_normalize={str(normalizes).lower()})")
     length = (_model_json(path, "sentence_bert_config.json", revision) or {}).get("max_seq_length")
     if isinstance(length, int) and length < min(job.input.max_prompt_tokens or math.inf, context or math.inf):
         notes.append(f"embeds at most {length} tokens (its max_seq_length: input.max_prompt_tokens={length} "

@@ -4,9 +4,9 @@
 are random-init models built deterministically from a config plus a byte-level BPE tokenizer
 trained on a fixed corpus; `builtin://tiny-bert` is an encoder (it reads both ways, so it only
 embeds) with a WordPiece tokenizer, as BERT-style sentence-transformers models are. Each is saved
-with `save_pretrained` into a cache directory on first use,
-and then loaded like any other model through `from_pretrained`. They produce nonsense, quickly:
-they exist so that the whole job runs, and is tested, without a download.
+with `save_pretrained` into a cache directory on first use, and then loaded like any other model
+through `from_pretrained`. They produce nonsense, quickly: they exist so that the whole job runs,
+and is tested, without a download.
 
     python -m lmbatch.models tiny-gpt2 /tmp/tiny-gpt2    # write one to a directory of your choice
 """
@@ -66,6 +66,12 @@ def reads_both_ways(config) -> bool:
 
     return (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_encoder_decoder
             and not getattr(config, "is_decoder", False))
+
+
+def is_classifier(config) -> bool:
+    """Whether a checkpoint is a sequence classifier (a `*ForSequenceClassification`: BERT fine-tuned to
+    label texts, a reward model), whose head gives labels' scores and no tokens to generate with."""
+    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
 
 
 def resolve_model_path(path: str) -> str:

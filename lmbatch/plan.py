@@ -128,7 +128,8 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
 
 
 ADDED_GENERATION_KEYS = ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema", "regex",
-                         "prompt_logprobs", "top_logprobs", "json_whitespace", "adapter", "min_p", "embedding")
+                         "prompt_logprobs", "top_logprobs", "json_whitespace", "adapter", "min_p", "embedding",
+                         "classify")
 """generation keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set
 (and embedding_dimensions and embedding_normalize only with embedding)."""
 

@@ -44,6 +44,8 @@ LOGPROB = pa.field("logprob", pa.float64())
 CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
 PROMPT_LOGPROB = pa.field("prompt_logprob", pa.float64())
 EMBEDDING = pa.field("embedding", pa.list_(pa.float32()))
+LABEL = pa.field("label", pa.string())
+LABEL_SCORES = pa.field("label_scores", pa.list_(pa.float32()))
 TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(TOKEN_LOGPROB))
 
 DEATHS_BEFORE_ISOLATING = 2
@@ -82,6 +84,8 @@ def output_columns(job: JobConfig) -> list[pa.Field]:
         columns.append(PROMPT_LOGPROB)
     if g.embedding:
         columns.append(EMBEDDING)
+    if g.classify:
+        columns += [LABEL, LABEL_SCORES]
     if job.output.parse_json:
         columns.append(pa.field("generated_json", job.generated_json_type))
     return columns
@@ -117,7 +121,7 @@ def sampling_params(g: GenerationOptions) -> SamplingParams:
                           num_return_sequences=g.num_return_sequences, logprobs=g.logprobs,
                           top_logprobs=g.top_logprobs, prompt_logprobs=g.prompt_logprobs, adapter=g.adapter,
                           embedding=Pooling(g.embedding, g.embedding_dimensions, g.embedding_normalize)
-                          if g.embedding else None)
+                          if g.embedding else None, classify=g.classify)
 
 
 def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
@@ -311,11 +315,12 @@ class Replica:
             "logprob": [c.logprob for c in done],
             "choice_logprobs": [c.choice_logprobs for c in done],
             "prompt_logprob": [c.prompt_logprob for c in done],
+            "label": [c.label for c in done],
         }
         for f in self.columns:
             if f.name == "generated_json":  # parsed from the answers, a value that does not fit the type null
                 out = out.append_column(f, structured.parsed_column(texts, f.type))
-            elif f.name in ("token_logprobs", "embedding"):  # Arrow values per row, not a Python object per value
+            elif f.name in ("token_logprobs", "embedding", "label_scores"):  # Arrow values per row, not objects
                 out = out.append_column(f, list_column([getattr(c, f.name) for c in done], f.type.value_type))
             else:
                 out = out.append_column(f, pa.array(values[f.name], f.type))

@@ -345,6 +345,7 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
     # A resumed run's own errors are only some of the output's.
     this_run = [("errors by kind (this run)", by_kind(metrics["errors_by_kind"]))
                 ] if metrics["rows_skipped_as_done"] else []
+    generated = metrics["generated_tokens"]
     rows = [
         ("rows in output", f"{totals['rows']:,}"),
         ("rows ok / error", f"{totals['rows_ok']:,} / {totals['rows_error']:,}"),
@@ -354,12 +355,13 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
         *retry,
         *cut_rows(metrics, held_to_pattern),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
-        ("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}"),
+        # a run that generated nothing (its prompts only embedded or scored, or every row done before) has
+        # no decode rates to show
+        *([("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}")] if generated else []),
         ("prompt tokens/s", f"{metrics['prompt_tokens_per_s'] or 0:,.1f}"),  # the rate of a job that only embeds
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),
-        # None: nothing was generated this run (every row resumed as done, or an error row)
-        ("padding efficiency", _or_dash(metrics["padding_efficiency"])),
-        ("decode slot efficiency", _or_dash(metrics["decode_slot_efficiency"])),
+        ("padding efficiency", _or_dash(metrics["padding_efficiency"])),  # None: nothing computed this run
+        *([("decode slot efficiency", _or_dash(metrics["decode_slot_efficiency"]))] if generated else []),
         ("wall time", f"{metrics['wall_seconds']:,.1f}s"),
     ]
     if metrics.get("startup_seconds") is not None:  # what tokens/s above are diluted by on short jobs
@@ -379,7 +381,7 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
         rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
     for name, r in metrics["replicas"].items():
         # a job that generated nothing (its prompts only embedded or scored) goes at so many rows/s
-        pace = (f"{r['generated_tokens_per_s'] or 0:,.1f} gen tok/s" if metrics["generated_tokens"]
+        pace = (f"{r['generated_tokens_per_s'] or 0:,.1f} gen tok/s" if generated
                 else f"{r['rows'] / r['seconds'] if r['seconds'] else 0:,.1f} rows/s")
         rows.append((f"replica {name}", f"{r['rows']:,} rows, {pace}"))
     width = max(len(k) for k, _ in rows)

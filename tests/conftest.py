@@ -103,6 +103,20 @@ def save_lora_adapter(base, directory, seed: int):
     return directory
 
 
+def save_classifier(base: str, directory: Path, labels: list[str], problem_type: str | None = None) -> str:
+    """A sequence classifier of `base`'s architecture (a *ForSequenceClassification, random weights) with its
+    tokenizer, its labels named in its config as a fine-tuned classifier's are."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(base, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                        label2id={name: i for i, name in enumerate(labels)}, problem_type=problem_type)
+    torch.manual_seed(2)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
+    return str(directory)
+
+
 def save_headless(model_path: str, directory: Path) -> str:
     """The model without its LM head, with its tokenizer, as embedding models are often saved (a
     Qwen3Model, not a Qwen3ForCausalLM)."""

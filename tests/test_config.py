@@ -77,7 +77,7 @@ def test_wrong_type_fails():
 
 @pytest.mark.parametrize("override,message", [
     ("generation.max_new_tokens=-3", "max_new_tokens must be >= 1"),
-    ("generation.max_new_tokens=0", "max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs or"),
+    ("generation.max_new_tokens=0", "max_new_tokens must be >= 1 (or 0 with generation.prompt_logprobs, generation.embedding or"),
     ("generation.top_logprobs=3", "generation.top_logprobs needs generation.logprobs=true"),
     ("generation.min_p=1.5", "generation.min_p must be in [0, 1], got 1.5"),
     ("generation.embedding=first", "generation.embedding must be last, mean, cls or null, got 'first'"),

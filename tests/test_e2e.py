@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import choice_oracle, compose, oracle, save_lora_adapter, varied_prompts, write_prompts
+from conftest import choice_oracle, compose, oracle, save_classifier, save_lora_adapter, varied_prompts, write_prompts
 from lmbatch.io import JobError
 from lmbatch.models import model_identity
 from lmbatch.output import OutputDir, OutputState
@@ -309,6 +309,7 @@ def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny
     assert result["metrics"]["rows_cut_at_token_limit"] == 0 and "cut at token limit" not in said
     assert " rows/s | 0 errors" in said and "gen tok/s |" not in said  # the pace in rows, on the progress line
     assert re.search(r"replica \S+ +6 rows, [\d.]+ rows/s", said), said  # and each replica's in the summary
+    assert "generated tokens/s" not in said and "decode slot efficiency" not in said  # which it has none of
 
 
 def test_an_encoder_embeds_through_the_job_as_sentence_transformers_does(local_ray, tmp_path):
@@ -328,7 +329,8 @@ def test_an_encoder_embeds_through_the_job_as_sentence_transformers_does(local_r
                 "generation.embedding=cls", "input.max_prompt_tokens=64", "input.on_too_long=truncate_end",
                 "input.param_columns=[max_new_tokens]", "cluster.num_replicas=1"))
     rows = pq.read_table(out).to_pylist()
-    assert rows[7]["error"].startswith("invalid parameter: max_new_tokens must be 0: the model (BertModel) reads")
+    assert rows[7]["error"] == ("invalid parameter: max_new_tokens must be 0: the model (BertModel) is an encoder, "
+                                "which reads text both ways, and cannot generate")
     path = resolve_model_path("builtin://tiny-bert")
     st = SentenceTransformer(modules=[Transformer(path, max_seq_length=64), Pooling(64, pooling_mode="cls"),
                                       Normalize()], device="cpu")
@@ -336,6 +338,31 @@ def test_an_encoder_embeds_through_the_job_as_sentence_transformers_does(local_r
     assert max(r["num_prompt_tokens"] for r in rows[:7]) > 64  # some were cut
     for row, vector in zip(rows, expected):
         assert row["error"] is None and row["embedding"] == pytest.approx(vector.tolist(), abs=1e-5), row["id"]
+
+
+def test_a_classification_job(local_ray, tmp_path, tiny_bert):
+    """generation.classify through the whole job with a BERT classifier: each row's label and label scores
+    are what transformers' text-classification pipeline gives its prompt alone, and DuckDB filters on them
+    as the README shows."""
+    import duckdb
+    from transformers import pipeline
+
+    labels = ["negative", "neutral", "positive"]
+    classifier = save_classifier(tiny_bert, tmp_path / "classifier", labels)
+    prompts = varied_prompts(6, seed=12, max_words=60)
+    out = tmp_path / "out"
+    run(compose(f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
+                f"model.path={classifier}", "experiment=classify", "cluster.num_replicas=1"))
+    table = pq.read_table(out)
+    assert table.schema.field("label_scores").type == pa.list_(pa.float32())
+    expected = pipeline("text-classification", model=classifier, top_k=None, device="cpu")(prompts)
+    for row, scores in zip(table.to_pylist(), expected):
+        by_label = {d["label"]: d["score"] for d in scores}
+        assert row["label"] == scores[0]["label"] and row["generated_text"] == "" and row["error"] is None
+        assert row["label_scores"] == pytest.approx([by_label[name] for name in labels], abs=1e-5)
+    positive = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{out}/*.parquet') "
+                                        "WHERE label = 'positive' AND label_scores[3] > 0.3").fetchone()[0]
+    assert positive == sum(s[0]["label"] == "positive" and s[0]["score"] > 0.3 for s in expected)
 
 
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):

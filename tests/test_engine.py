@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from conftest import choice_oracle, save_headless, varied_prompts
+from conftest import choice_oracle, save_classifier, save_headless, varied_prompts
 from lmbatch import engine as engine_module
 from lmbatch import scoring
 from lmbatch.config import BatchingConfig, ModelConfig
@@ -473,6 +473,36 @@ def test_an_encoder_embeds_each_prompt_as_sentence_transformers_does(encoder, re
         expected = st.encode(texts, convert_to_tensor=True)
         vectors = torch.stack([torch.tensor(got[i].embedding.to_numpy()) for i in range(len(texts))])
         assert torch.allclose(vectors, expected, rtol=1e-4, atol=1e-5), mode
+
+
+@pytest.mark.parametrize("base, labels, problem_type", [
+    ("tiny_bert", ["negative", "neutral", "positive"], None),  # softmax over the labels
+    ("tiny_bert", ["quality"], "regression"),  # the raw score (FineWeb-Edu's classifier is one)
+    ("tiny_llama", ["rejected", "chosen"], "multi_label_classification"),  # a decoder's head; a sigmoid each
+])
+def test_a_classifier_labels_each_prompt_as_the_transformers_pipeline_does(base, labels, problem_type, request,
+                                                                           tmp_path):
+    """generation.classify: each row's label and label scores are what transformers' text-classification
+    pipeline gives its prompt alone (top_k=None: every label's score), for an encoder's head and a
+    decoder's, single-label, regression and multi-label, though the job's micro-batches pad it (fixed batches
+    in input order); a row asking a classifier to generate is an error row."""
+    from transformers import pipeline
+
+    path = save_classifier(request.getfixturevalue(base), tmp_path, labels, problem_type)
+    engine = make_engine(path, strategy="fixed", fixed_batch_size=8)
+    texts = varied_prompts(20, seed=6, max_words=100)
+    params = SamplingParams(classify=True)
+    requests = [Request(i, engine.tokenizer(t)["input_ids"], 0, params) for i, t in enumerate(texts)]
+    got = {c.key: c for c in engine.generate(requests + [Request(99, requests[0].prompt_ids, 2, params)])}
+    name = type(engine.model).__name__
+    assert got.pop(99).error == f"invalid parameter: max_new_tokens must be 0: the model ({name}) is a classifier, " \
+                                "and cannot generate"
+    classifier = pipeline("text-classification", model=path, top_k=None, device="cpu")
+    for i, text in enumerate(texts):
+        expected = {d["label"]: d["score"] for d in classifier([text])[0]}
+        assert got[i].label == max(expected, key=expected.get), i
+        assert got[i].label_scores.to_pylist() == pytest.approx([expected[name] for name in labels], rel=1e-4,
+                                                                abs=1e-5), i
 
 
 def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_llama, lora_adapter):

@@ -29,7 +29,8 @@ from fsspec.implementations.local import LocalFileSystem
 from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, compose, oracle, save_headless, save_lora_adapter, varied_prompts, write_prompts
+from conftest import (REPO, compose, oracle, save_classifier, save_headless, save_lora_adapter, varied_prompts,
+                      write_prompts)
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
 from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
 from lmbatch.dry_run import dry_run
@@ -920,8 +921,9 @@ def test_an_encoder_only_embeds_and_its_sentence_transformers_pipeline_is_compar
                                                                                   tiny_roberta, capsys):
     """An encoder (BERT, RoBERTa) is refused for anything but embedding, as the job plans; `cls` pooling is
     refused for a decoder; an encoder's context is its tokenizer's length (RoBERTa's 514 positions hold 512
-    tokens); a sentence-transformers model whose own pipeline pools otherwise, adds a Dense module or cuts
-    texts shorter (as a newer or an older version saves it) is warned of, and one that matches is not."""
+    tokens); a sentence-transformers model whose own pipeline pools otherwise, adds a Dense module, normalizes
+    otherwise or cuts texts shorter (as a newer or an older version saves it) is warned of, and one that
+    matches is not."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
@@ -949,10 +951,12 @@ def test_an_encoder_only_embeds_and_its_sentence_transformers_pipeline_is_compar
     SentenceTransformer(modules=[*modules[:2], Dense(64, 32), Normalize()]).save(str(tmp_path / "dense"))
     plan(tmp_path / "st", *embed)
     assert "warning" not in capsys.readouterr().out
-    plan(tmp_path / "dense", "generation.max_new_tokens=0", "generation.embedding=mean")
+    plan(tmp_path / "dense", "generation.max_new_tokens=0", "generation.embedding=mean",
+         "generation.embedding_normalize=false")
     assert (f"warning: {tmp_path / 'dense'} is a sentence-transformers model whose own pipeline (modules.json) "
             "differs from this job's, so its vectors will differ from its encode(): it pools by cls "
-            "(generation.embedding=cls); it has a Dense module, which lmbatch does not apply") in capsys.readouterr().out
+            "(generation.embedding=cls); it has a Dense module, which lmbatch does not apply; it normalizes its "
+            "vectors (generation.embedding_normalize=true)") in capsys.readouterr().out
     # as versions before 6 save it (all-MiniLM-L6-v2's files): pooling flags, and the length it embeds at
     (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
@@ -963,6 +967,31 @@ def test_an_encoder_only_embeds_and_its_sentence_transformers_pipeline_is_compar
             ) in capsys.readouterr().out
     plan(tmp_path / "st", "generation.max_new_tokens=0", "generation.embedding=mean", "input.max_prompt_tokens=256")
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_classifier_only_classifies(tmp_path, tiny_llama, tiny_bert):
+    """A classifier (a *ForSequenceClassification) is refused for anything but classifying (and embedding
+    beside), and generation.classify for a model that is not one; classify names another job."""
+    classifier, source = save_classifier(tiny_bert, tmp_path / "classifier", ["no", "yes"]), one_prompt(tmp_path)
+
+    def plan(model, *extra):
+        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
+                                              f"model.path={model}", *extra)))
+    with pytest.raises(JobError, match=re.escape(f"{classifier} is a classifier (BertForSequenceClassification): its "
+                                                 "head labels text, and it cannot generate or score text: set "
+                                                 "generation.classify=true and generation.max_new_tokens=0")):
+        plan(classifier)
+    with pytest.raises(JobError, match=r"max_new_tokens=0, without generation.prompt_logprobs$"):
+        plan(classifier, "generation.max_new_tokens=0", "generation.classify=true", "generation.prompt_logprobs=true")
+    for model, name in [(tiny_llama, "LlamaForCausalLM"), (tiny_bert, "BertModel")]:
+        with pytest.raises(JobError, match=re.escape(f"generation.classify needs a classifier (a fine-tuned "
+                                                     f"*ForSequenceClassification), and {model} is a {name}")):
+            plan(model, "generation.max_new_tokens=0", "generation.classify=true")
+    classifying = plan(classifier, "generation.max_new_tokens=0", "generation.classify=true")
+    both = plan(classifier, "generation.max_new_tokens=0", "generation.classify=true", "generation.embedding=cls")
+    assert classifying.settings.context_limit == 512 and classifying.fingerprint != both.fingerprint
+    with pytest.raises(ConfigError, match="or generation.classify: score, embed or classify the prompts"):
+        plan(classifier, "generation.max_new_tokens=0")
 
 
 def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
