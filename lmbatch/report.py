@@ -355,8 +355,8 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
         *retry,
         *cut_rows(metrics, held_to_pattern),
         ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
-        # a run that generated nothing (its prompts only embedded or scored, or every row done before) has
-        # no decode rates to show
+        # a run that generated nothing (its prompts only embedded, scored or classified, or every row done before)
+        # has no decode rates to show
         *([("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}")] if generated else []),
         ("prompt tokens/s", f"{metrics['prompt_tokens_per_s'] or 0:,.1f}"),  # the rate of a job that only embeds
         ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),
@@ -380,7 +380,7 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
     if metrics.get("object_store_peak_mb") is not None:
         rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
     for name, r in metrics["replicas"].items():
-        # a job that generated nothing (its prompts only embedded or scored) goes at so many rows/s
+        # a job that generated nothing (its prompts only embedded, scored or classified) goes at so many rows/s
         pace = (f"{r['generated_tokens_per_s'] or 0:,.1f} gen tok/s" if generated
                 else f"{r['rows'] / r['seconds'] if r['seconds'] else 0:,.1f} rows/s")
         rows.append((f"replica {name}", f"{r['rows']:,} rows, {pace}"))
