@@ -173,7 +173,8 @@ class ModelConfig:
     """Passed to from_pretrained; `auto` spreads one replica over its `cluster.gpus_per_replica` GPUs."""
     attn_implementation: Optional[str] = None
     """Attention kernel (`sdpa`, `flash_attention_2`, `eager`); null: FlashAttention-2 on GPU when the
-    flash_attn package is installed, else transformers' choice (SDPA where the model supports it)."""
+    flash_attn package is installed and the model supports it, else transformers' choice (SDPA where the
+    model supports it)."""
     kv_cache: Optional[str] = None
     """`static` (allocated once per micro-batch) or `dynamic` (grows every decode step); null: static
     on GPU, where growing the cache cost 1.4-5x more per decode step on an H200, dynamic on CPU."""

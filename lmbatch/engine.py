@@ -39,14 +39,23 @@ from lmbatch.token_logprobs import TokenTexts
 log = logging.getLogger("lmbatch.engine")
 
 
-def choose_attention(requested: Optional[str], device: str, dtype: str, flash_installed: bool) -> Optional[str]:
-    """The configured attention kernel; unset: FlashAttention-2 on a GPU in 16-bit when the
-    flash_attn package is installed, else None (transformers picks SDPA where the model has it)."""
+def choose_attention(requested: Optional[str], device: str, dtype: str, flash_usable: bool) -> Optional[str]:
+    """The configured attention kernel; unset: FlashAttention-2 on a GPU in 16-bit when it is usable (the
+    flash_attn package installed and the model written for it), else None (transformers picks SDPA where
+    the model has it)."""
     if requested:
         return requested
-    if flash_installed and device.startswith("cuda") and dtype in ("bfloat16", "float16"):
+    if flash_usable and device.startswith("cuda") and dtype in ("bfloat16", "float16"):
         return "flash_attention_2"
     return None
+
+
+def has_flash_attention(auto, config) -> bool:
+    """Whether the class `auto` loads for `config` is written for FlashAttention-2: asked of one that is
+    not (MPNet, many older encoders), transformers refuses to load it. A class of the model's own code
+    (trust_remote_code) is not known before it is loaded: it is trusted to say so itself."""
+    model_class = auto._model_mapping.get(type(config), None)
+    return model_class is None or bool(getattr(model_class, "_supports_flash_attn", False))
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -104,18 +113,18 @@ class HFEngine:
         dtype = model.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=model.trust_remote_code)
-        attention = choose_attention(model.attn_implementation, device, dtype,
-                                     flash_installed=importlib.util.find_spec("flash_attn") is not None)
-        if attention:
-            kwargs["attn_implementation"] = attention
-        if model.device_map:
-            kwargs["device_map"] = model.device_map
         config = AutoConfig.from_pretrained(model_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
         # a classifier with its head, an encoder without one (it has no LM head), anything else with its LM head
         auto = (AutoModelForSequenceClassification if is_classifier(config) else
                 AutoModel if reads_both_ways(config) else AutoModelForCausalLM)
+        kwargs = dict(config=config, dtype=getattr(torch, dtype), trust_remote_code=model.trust_remote_code)
+        flash_usable = importlib.util.find_spec("flash_attn") is not None and has_flash_attention(auto, config)
+        attention = choose_attention(model.attn_implementation, device, dtype, flash_usable)
+        if attention:
+            kwargs["attn_implementation"] = attention
+        if model.device_map:
+            kwargs["device_map"] = model.device_map
         loaded = auto.from_pretrained(model_path, revision=model.revision, **kwargs)
         adapters = None
         if model.adapter:  # merged: the adapter then costs nothing per token

@@ -17,7 +17,7 @@ from conftest import choice_oracle, save_classifier, save_headless, varied_promp
 from lmbatch import engine as engine_module
 from lmbatch import scoring
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import HFEngine, choose_attention, choose_kv_cache
+from lmbatch.engine import HFEngine, choose_attention, choose_kv_cache, has_flash_attention
 from lmbatch.interface import Completion, Pooling, Request, SamplingParams
 from lmbatch.processors import PerRowSampler, RepetitionPenalty
 
@@ -734,14 +734,24 @@ def test_device_map_auto_loads_through_accelerate(tiny_llama):
 
 @pytest.mark.parametrize("requested, device, dtype, flash, expected", [
     (None, "cpu", "float32", True, None),                       # CPU: transformers' choice (SDPA)
-    (None, "cuda", "bfloat16", False, None),                    # no flash_attn installed: SDPA
+    (None, "cuda", "bfloat16", False, None),                    # no flash_attn, or a model without it: SDPA
     (None, "cuda", "bfloat16", True, "flash_attention_2"),
     (None, "cuda:0", "float16", True, "flash_attention_2"),
     (None, "cuda", "float32", True, None),                      # FlashAttention needs 16-bit
     ("eager", "cuda", "bfloat16", True, "eager"),               # the config always wins
 ])
 def test_attention_kernel_choice(requested, device, dtype, flash, expected):
-    assert choose_attention(requested, device, dtype, flash_installed=flash) == expected
+    assert choose_attention(requested, device, dtype, flash_usable=flash) == expected
+
+
+def test_flash_attention_asked_only_of_a_model_that_has_it():
+    """transformers refuses to load a model with attn_implementation=flash_attention_2 unless it is written for
+    it: with flash_attn installed on a GPU, an MPNet embedder (all-mpnet-base-v2's) would not load at all."""
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig, MPNetConfig
+
+    assert has_flash_attention(AutoModelForCausalLM, LlamaConfig())
+    assert has_flash_attention(AutoModel, BertConfig())
+    assert not has_flash_attention(AutoModel, MPNetConfig())
 
 
 @pytest.mark.parametrize("requested, device, expected", [
