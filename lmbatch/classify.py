@@ -4,30 +4,25 @@ gives them for the prompt alone."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pyarrow as pa
 import torch
 
-from lmbatch.embedding import right_padded
+from lmbatch.embedding import EncoderReading, last_hidden_states
 from lmbatch.interface import Request
-from lmbatch.scoring import left_padded_positions
 
 
 def classify_prompts(model, batch: list[Request], input_ids, attention_mask,
-                     bidirectional: bool) -> dict[int, tuple[str, pa.Array]]:
+                     encoder: Optional[EncoderReading]) -> dict[int, tuple[str, pa.Array]]:
     """Each prompt's (likeliest label's name, every label's score), by request key. An encoder's head reads
-    the prompt right-padded, as alone (each architecture pools in its own way: BERT's pooler over [CLS],
-    RoBERTa's head over <s>); a decoder's head (`score`) reads the last token's hidden state, its positions
-    counted from the row's first real token in the left-padded batch."""
-    device = model.device
+    the prompt as alone (each architecture pools in its own way: BERT's pooler over [CLS], RoBERTa's head
+    over <s>); a decoder's head (`score`) reads the last token's hidden state."""
     with torch.inference_mode():
-        if bidirectional:
-            input_ids, attention_mask = right_padded(input_ids, attention_mask)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        if encoder:
+            logits = model(**encoder.inputs(input_ids, attention_mask, model.device)).logits
         else:  # the head alone: transformers' own pooling looks for the last token by the pad id, which EOS may be
-            mask = attention_mask.to(device)
-            hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False,
-                                      position_ids=left_padded_positions(mask)).last_hidden_state
-            logits = model.score(hidden[:, -1])
+            logits = model.score(last_hidden_states(model, input_ids, attention_mask, None)[0][:, -1])
         scores = label_scores(logits.float(), model.config).cpu()
     names = model.config.id2label
     return {r.key: (names[int(s.argmax())], pa.array(s.numpy())) for r, s in zip(batch, scores)}

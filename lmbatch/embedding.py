@@ -1,7 +1,11 @@
 """Prompt embeddings (generation.embedding): a forward pass of the model without its LM head over the
-prompts of a micro-batch, the last hidden states pooled per row."""
+prompts of a micro-batch, the last hidden states pooled per row. `last_hidden_states` is that forward
+pass, which classification (`lmbatch.classify`) shares with embedding."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional
 
 import pyarrow as pa
 import torch
@@ -10,26 +14,62 @@ from lmbatch.interface import Pooling, Request
 from lmbatch.scoring import left_padded_positions
 
 
-def embed_prompts(model, batch: list[Request], input_ids, attention_mask, pooling: Pooling,
-                  bidirectional: bool) -> dict[int, pa.Array]:
-    """Each prompt's embedding (by request key), as the model gives it for the prompt alone: the hidden
-    states of its last layer (after the final norm), pooled. The prompts come left-padded: a decoder reads
-    them so, its positions counted from each row's first real token; an encoder (`bidirectional`) reads
-    them right-padded, as its positions count from the first slot (or, in RoBERTa's, from the pad id)."""
-    device = model.device
-    if bidirectional:
+@dataclasses.dataclass(frozen=True)
+class EncoderReading:
+    """How an encoder (a model that reads text both ways) is handed a left-padded micro-batch."""
+
+    pair_separator: Optional[int] = None
+    """The separator token of a model that tells a pair's two texts apart by token types (BERT: [SEP]; set
+    where the tokenizer returns token_type_ids and the model has more than one type): a cross-encoder reads
+    the second text as type 1. None: no token types (RoBERTa's pairs are told apart by separators alone)."""
+
+    @classmethod
+    def of(cls, model, tokenizer) -> "EncoderReading":
+        types = ("token_type_ids" in tokenizer.model_input_names
+                 and getattr(model.config, "type_vocab_size", 1) > 1 and tokenizer.sep_token_id is not None)
+        return cls(tokenizer.sep_token_id if types else None)
+
+    def inputs(self, input_ids, attention_mask, device) -> dict:
+        """The model's keyword inputs: the rows right-padded, as they are read alone (positions count from the
+        first slot, or in RoBERTa's from the pad id), and token types where the model reads them: 0 up to
+        and including the first separator ([CLS] text [SEP]), 1 after it (the pair's second text and its
+        [SEP]), as the tokenizer gives them for the pair alone."""
         input_ids, attention_mask = right_padded(input_ids, attention_mask)
-    mask = attention_mask.to(device)
-    kwargs = {} if bidirectional else dict(use_cache=False, position_ids=left_padded_positions(mask))
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        if self.pair_separator is not None:
+            separators = (input_ids == self.pair_separator).long()
+            after_first = (separators.cumsum(-1) - separators) > 0
+            inputs["token_type_ids"] = (after_first & attention_mask.bool()).long().to(device)
+        return inputs
+
+
+def last_hidden_states(model, input_ids, attention_mask, encoder: Optional[EncoderReading]):
+    """(hidden states of the last layer, after the final norm; the attention mask they line up with) of the
+    model without its head (`base_model`: LlamaModel in LlamaForCausalLM), each row as the model computes it
+    alone. The prompts come left-padded: a decoder reads them so, its positions counted from each row's
+    first real token; an encoder reads them as `encoder` says."""
+    device = model.device
+    if encoder:
+        inputs = encoder.inputs(input_ids, attention_mask, device)
+    else:
+        mask = attention_mask.to(device)
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False,
+                      position_ids=left_padded_positions(mask))
+    return model.base_model(**inputs).last_hidden_state, inputs["attention_mask"]
+
+
+def embed_prompts(model, batch: list[Request], input_ids, attention_mask, pooling: Pooling,
+                  encoder: Optional[EncoderReading]) -> dict[int, pa.Array]:
+    """Each prompt's embedding (by request key), as the model gives it for the prompt alone: the hidden
+    states of its last layer, pooled."""
     with torch.inference_mode():
-        # base_model: the model without its LM head (LlamaModel in LlamaForCausalLM), which ends in the norm
-        hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=mask, **kwargs).last_hidden_state
+        hidden, mask = last_hidden_states(model, input_ids, attention_mask, encoder)
         if pooling.kind == "mean":  # a masked sum as one matmul, not a float32 copy of every hidden state
             vectors = (mask[:, None, :].to(hidden.dtype) @ hidden).squeeze(1).float() / mask.sum(-1, keepdim=True)
         else:  # one token's: the first ([CLS]) or the last, the real tokens being in one run either way
             first = mask.argmax(-1)
             index = first if pooling.kind == "cls" else first + mask.sum(-1) - 1
-            vectors = hidden[torch.arange(len(hidden), device=device), index].float()
+            vectors = hidden[torch.arange(len(hidden), device=hidden.device), index].float()
         vectors = vectors[:, :pooling.dimensions]
         if pooling.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)

@@ -25,7 +25,7 @@ import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.classify import classify_prompts
-from lmbatch.embedding import embed_prompts
+from lmbatch.embedding import EncoderReading, embed_prompts
 from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
                                row_seed, shared_prefix)
 from lmbatch.models import ending_ids, is_classifier, reads_both_ways, special_tokens_only, tokenizer_source
@@ -80,10 +80,11 @@ class HFEngine:
         peft model holding model.adapters, whose layers are in `model`."""
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.kv_cache = choose_kv_cache(kv_cache, str(model.device))
-        self.bidirectional = reads_both_ways(model.config)  # an encoder: it only embeds (or classifies)
+        # An encoder only embeds (or classifies), reading each micro-batch as this says; None for a decoder.
+        self.encoder = EncoderReading.of(model, tokenizer) if reads_both_ways(model.config) else None
         # What the model is that cannot generate, if it is one: its rows must not ask it to.
         self.cannot_generate = ("a classifier" if is_classifier(model.config) else
-                                "an encoder, which reads text both ways" if self.bidirectional else None)
+                                "an encoder, which reads text both ways" if self.encoder else None)
         generation_config = getattr(model, "generation_config", None)  # none in an encoder or a classifier
         self.eos_ids = ending_ids(getattr(generation_config, "eos_token_id", None), self.tokenizer)
         # Texts never show special tokens, so a stop string that spells one is looked for as the token.
@@ -350,11 +351,11 @@ class HFEngine:
             for c in completions:
                 c.prompt_logprob = prompt_scores[c.key]
         if params.embedding:
-            embeddings = embed_prompts(self.model, batch, *prompts, params.embedding, self.bidirectional)
+            embeddings = embed_prompts(self.model, batch, *prompts, params.embedding, self.encoder)
             for c in completions:
                 c.embedding = embeddings[c.key]
         if params.classify:
-            labels = classify_prompts(self.model, batch, *prompts, self.bidirectional)
+            labels = classify_prompts(self.model, batch, *prompts, self.encoder)
             for c in completions:
                 c.label, c.label_scores = labels[c.key]
         if scored:

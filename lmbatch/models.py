@@ -308,7 +308,8 @@ def build_tokenizer(vocab_size: int = 1024):
 
 
 def build_wordpiece_tokenizer(max_length: int = 512):
-    """A BERT-style WordPiece tokenizer: lower-cased, each text read as `[CLS] text [SEP]`. Its vocabulary is
+    """A BERT-style WordPiece tokenizer: lower-cased, each text read as `[CLS] text [SEP]` and a pair as
+    `[CLS] first [SEP] second [SEP]`, the second text and its [SEP] of token type 1. Its vocabulary is
     set, not trained (the WordPiece trainer breaks ties differently from run to run): the sample corpus's
     words, and printable ASCII characters alone and as word pieces, which spell any other word."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -326,7 +327,8 @@ def build_wordpiece_tokenizer(max_length: int = 512):
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length,
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])  # BERT's
 
 
 def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_std: float = 0.2,
