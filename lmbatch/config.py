@@ -52,6 +52,10 @@ class InputConfig:
     """Input columns copied to the output besides the id; null keeps them all, [] keeps none."""
     template: Optional[str] = None
     """Optional prompt template with `{column}` placeholders filled from the row."""
+    pair_column: Optional[str] = None
+    """Column of a second text read with each prompt as a pair, for an encoder that reads two (a cross-encoder
+    reranker: query and passage; an NLI classifier: premise and hypothesis), joined as its tokenizer joins
+    them (BERT: `[CLS] prompt [SEP] pair [SEP]`). Plain prompts only; too long, a pair is cut at its end."""
     messages_column: Optional[str] = None
     """Column of chat messages (a list of {role, content}) used instead of prompt_column."""
     system_prompt: Optional[str] = None
@@ -105,6 +109,12 @@ class InputConfig:
                  f"input.on_too_long must be 'error', 'truncate' or 'truncate_end', got {self.on_too_long!r}")
         _require(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
                  f"input.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
+        _require(not (self.pair_column and self.chat),
+                 "input.pair_column pairs plain texts (as a cross-encoder reads them); it cannot be combined with a "
+                 "chat template or input.messages_column")
+        _require(not (self.pair_column and self.on_too_long == "truncate"),
+                 "input.on_too_long=truncate would cut a pair's first text (the query) from its start: use "
+                 "truncate_end, which cuts the second text at its end, as rerankers are trained to read it")
         _require(not (self.on_too_long == "truncate_end" and self.chat),
                  "input.on_too_long=truncate_end would cut off the end of a chat, the turn the model answers: "
                  "use truncate, which drops the oldest turns")

@@ -106,9 +106,10 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
 def check_model_use(job: JobConfig, config, text_config) -> None:
     """What the job asks of the model against what the model is: a classifier (its head labels text) only
     classifies, and an encoder (it reads text both ways) only embeds, besides; generation.classify needs a
-    classifier; `cls` pooling is refused for a decoder, whose first token sees nothing after it;
-    generation.embedding_dimensions within the model's hidden size; and a warning for a model saved without
-    a language-model head (an embedding model, as a Qwen3Model), which loads with a random (or tied) one."""
+    classifier; input.pair_column an encoder; `cls` pooling is refused for a decoder, whose first token sees
+    nothing after it; generation.embedding_dimensions within the model's hidden size; and a warning for a model
+    saved without a language-model head (an embedding model, as a Qwen3Model), which loads with a random (or
+    tied) one."""
     g, hidden = job.generation, getattr(text_config, "hidden_size", None)
     architectures = getattr(config, "architectures", None) or []
     name = architectures[0] if architectures else config.model_type
@@ -127,6 +128,10 @@ def check_model_use(job: JobConfig, config, text_config) -> None:
                            "cannot generate or score text: set generation.max_new_tokens=0 and generation.embedding="
                            "cls or mean, as its model card says it pools (experiment=embed, with its pooling)"
                            + without)
+    if job.input.pair_column and not reads_both_ways(config):
+        raise JobError(f"input.pair_column is read by encoders (cross-encoders, NLI classifiers), which tell a "
+                       f"pair's texts apart; {job.model.path} is a decoder ({name}): put both texts in the prompt "
+                       "with input.template instead")
     if g.embedding == "cls" and not reads_both_ways(config):
         raise JobError(f"generation.embedding=cls pools the first token, which in a decoder ({name}) has seen "
                        "nothing after it: prompts that begin alike (with a BOS token) would all get one vector; "

@@ -134,16 +134,18 @@ ADDED_GENERATION_KEYS = ("choices", "logprobs", "presence_penalty", "frequency_p
 (and embedding_dimensions and embedding_normalize only with embedding)."""
 
 
+ADDED_INPUT_KEYS = ("chat_template_kwargs", "chat_template", "max_prompt_tokens", "pair_column")
+"""input keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set."""
+
+
 def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
     """What makes two runs the same job: the input files and everything that shapes a row's output."""
     identity = {
         "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
         # limit is left to "files", which hold the rows taken: a limit above the input's rows is the
         # same job as none (and jobs from before the key keep their fingerprint)
-        # (chat_template_kwargs, chat_template and max_prompt_tokens, added later, count when set: jobs from
-        # before them keep their fingerprint)
         "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")
-                  and not (k in ("chat_template_kwargs", "chat_template", "max_prompt_tokens") and not v)},
+                  and not (k in ADDED_INPUT_KEYS and not v)},
         # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume);
         # revision, adapter and adapters, added later, count when set (jobs from before them keep their fingerprint)
         "model": {k: v for k, v in dataclasses.asdict(job.model).items()
@@ -174,7 +176,8 @@ def plan_job(job: JobConfig) -> JobPlan:
     keep = i.keep_columns or []
     required = {**{c: "any" for c in [i.id_column, *keep, *template_fields(i.template)]},
                 **{c: PER_ROW_PARAMETERS[c] for c in i.param_columns},
-                i.text_column: "messages" if i.messages_column else "string"}  # the kinds checked win over "any"
+                i.text_column: "messages" if i.messages_column else "string",  # the kinds checked win over "any"
+                **({i.pair_column: "string"} if i.pair_column else {})}
     inputs = io.inspect_inputs(input_uri, required).head(i.limit)
     passthrough = _passthrough_columns(job, inputs)
     model, context_limit, kv_bytes_per_token = check_model(job)
@@ -207,7 +210,8 @@ def plan_job(job: JobConfig) -> JobPlan:
         tokenizer_path=tokenizer_path, tokenizer_revision=tokenizer_revision, generation=job.generation,
         param_columns=tuple(i.param_columns), adapters=tuple(job.model.adapters),
         context_limit=context_limit, max_prompt_tokens=i.max_prompt_tokens, on_too_long=i.on_too_long,
-        template=i.template, chat=i.chat, chat_template_kwargs=i.chat_template_kwargs, chat_template=i.chat_template,
+        template=i.template, pair_column=i.pair_column, chat=i.chat, chat_template_kwargs=i.chat_template_kwargs,
+        chat_template=i.chat_template,
         system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,
         tokenizer_class=direct_class_path(

@@ -52,6 +52,8 @@ class PrepareSettings:
     """input.max_prompt_tokens: a prompt must fit under it too."""
     on_too_long: str = "error"
     template: Optional[str] = None
+    pair_column: Optional[str] = None
+    """input.pair_column: each prompt is read with this column's text as a pair."""
     chat: bool = False
     """Render with the tokenizer's chat template (then no extra special tokens are added)."""
     chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -70,7 +72,8 @@ class PrepareSettings:
     @property
     def row_columns(self) -> list[str]:
         """The columns each row is checked and rendered from (the id first)."""
-        needed = [self.passthrough_columns[0], self.prompt_column, *self.param_columns, *template_fields(self.template)]
+        needed = [self.passthrough_columns[0], self.prompt_column, *([self.pair_column] if self.pair_column else []),
+                  *self.param_columns, *template_fields(self.template)]
         return list(dict.fromkeys(needed))
 
     @property
@@ -140,8 +143,9 @@ def direct_class_path(tokenizer, path: str, revision: Optional[str] = None) -> O
     return class_path if same else None
 
 
-def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    """Token ids per text: the same as `tokenizer(texts)["input_ids"]`.
+def encode(tokenizer, texts: list[str] | list[tuple[str, str]], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids per text, or per pair of texts as the tokenizer joins them: the same as
+    `tokenizer(texts)["input_ids"]` (`tokenizer(firsts, seconds)` for pairs).
 
     A fast tokenizer is called through its Rust backend directly: transformers' per-row
     conversion into a BatchEncoding costs as much as the tokenizing itself, and every
@@ -149,6 +153,9 @@ def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[i
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
+        if texts and isinstance(texts[0], tuple):
+            firsts, seconds = (list(t) for t in zip(*texts))
+            return tokenizer(firsts, seconds, add_special_tokens=add_special_tokens)["input_ids"]
         return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
@@ -178,6 +185,16 @@ def row_prompt(row: dict, s: PrepareSettings) -> str | list[dict]:
     if s.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": s.system_prompt}, *messages]
     return messages
+
+
+def row_pair(row: dict, s: PrepareSettings) -> str:
+    """The second text of the row's pair (input.pair_column)."""
+    value = row.get(s.pair_column)
+    if value is None:
+        raise RowError(f"null pair: column {s.pair_column!r} is null")
+    if not value.strip():  # a string: the plan checked the column's type
+        raise RowError(f"empty pair: column {s.pair_column!r} is empty or whitespace")
+    return value
 
 
 def render_chat(tokenizer, messages: list[dict], variables: dict, template: Optional[str] = None) -> str:
@@ -361,7 +378,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     id_column = s.passthrough_columns[0]
     duplicates = set(duplicate_rows)
     tokenizer = load_tokenizer(s.tokenizer_path, s.trust_remote_code, s.tokenizer_class, s.tokenizer_revision)
-    texts: dict[int, str] = {}
+    texts: dict[int, str | tuple[str, str]] = {}  # a pair of texts where input.pair_column is set
     chats: dict[int, list[dict]] = {}  # the messages of chat rows, which truncation drops turns of
     errors: list[Optional[str]] = [None] * len(rows)
     settings: list[GenerationOptions] = [s.generation] * len(rows)
@@ -378,7 +395,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
             if isinstance(prompt, list):
                 chats[i] = prompt
                 prompt = render_chat(tokenizer, prompt, s.chat_template_kwargs, s.chat_template)
-            texts[i] = prompt
+            texts[i] = (prompt, row_pair(row, s)) if s.pair_column else prompt
         except RowError as e:
             errors[i] = str(e)
 

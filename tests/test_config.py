@@ -1,5 +1,7 @@
 """Every shipped config composes and validates; bad keys, types and values fail with a clear message."""
 
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import ValidationError
@@ -108,6 +110,17 @@ def test_wrong_type_fails():
 def test_invalid_values_fail_with_the_key_named(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         to_job_config(compose(override, f"output.path={tmp_path}"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("input.apply_chat_template=true", "input.pair_column pairs plain texts (as a cross-encoder reads them); it "
+                                       "cannot be combined with a chat template or input.messages_column"),
+    ("input.on_too_long=truncate", "input.on_too_long=truncate would cut a pair's first text (the query) from its "
+                                   "start: use truncate_end"),
+])
+def test_a_pair_is_plain_text_cut_at_its_end(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_job_config(compose("input.pair_column=passage", override, f"output.path={tmp_path}"))
 
 
 def test_missing_interpolation_is_a_config_error():

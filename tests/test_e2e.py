@@ -340,29 +340,33 @@ def test_an_encoder_embeds_through_the_job_as_sentence_transformers_does(local_r
         assert row["error"] is None and row["embedding"] == pytest.approx(vector.tolist(), abs=1e-5), row["id"]
 
 
-def test_a_classification_job(local_ray, tmp_path, tiny_bert):
-    """generation.classify through the whole job with a BERT classifier: each row's label and label scores
-    are what transformers' text-classification pipeline gives its prompt alone, and DuckDB filters on them
-    as the README shows."""
+def test_a_classification_job_reads_pairs(local_ray, tmp_path, tiny_bert):
+    """generation.classify through the whole job with a BERT classifier of pairs (NLI: a premise, and a
+    hypothesis in input.pair_column): each row's label and label scores are what transformers'
+    text-classification pipeline gives its pair alone; a row without a hypothesis is an error row; DuckDB
+    filters on the labels as the README shows."""
     import duckdb
     from transformers import pipeline
 
-    labels = ["negative", "neutral", "positive"]
+    labels = ["contradiction", "neutral", "entailment"]
     classifier = save_classifier(tiny_bert, tmp_path / "classifier", labels)
-    prompts = varied_prompts(6, seed=12, max_words=60)
+    premises, hypotheses = varied_prompts(7, seed=12, max_words=60), varied_prompts(6, seed=13, max_words=12)
     out = tmp_path / "out"
-    run(compose(f"input.path={write_prompts(tmp_path / 'in.parquet', prompts)}", f"output.path={out}",
+    source = write_prompts(tmp_path / "in.parquet", premises, hypothesis=[*hypotheses, None])
+    run(compose(f"input.path={source}", f"output.path={out}", "input.pair_column=hypothesis",
                 f"model.path={classifier}", "experiment=classify", "cluster.num_replicas=1"))
-    table = pq.read_table(out)
-    assert table.schema.field("label_scores").type == pa.list_(pa.float32())
-    expected = pipeline("text-classification", model=classifier, top_k=None, device="cpu")(prompts)
-    for row, scores in zip(table.to_pylist(), expected):
+    rows = pq.read_table(out).sort_by("id").to_pylist()
+    assert pq.read_schema(next(out.glob("*.parquet"))).field("label_scores").type == pa.list_(pa.float32())
+    assert rows[6]["error"] == "null pair: column 'hypothesis' is null" and rows[6]["label"] is None
+    pairs = [{"text": p, "text_pair": h} for p, h in zip(premises, hypotheses)]
+    expected = pipeline("text-classification", model=classifier, top_k=None, device="cpu")(pairs)
+    for row, scores in zip(rows, expected):
         by_label = {d["label"]: d["score"] for d in scores}
         assert row["label"] == scores[0]["label"] and row["generated_text"] == "" and row["error"] is None
         assert row["label_scores"] == pytest.approx([by_label[name] for name in labels], abs=1e-5)
-    positive = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{out}/*.parquet') "
-                                        "WHERE label = 'positive' AND label_scores[3] > 0.3").fetchone()[0]
-    assert positive == sum(s[0]["label"] == "positive" and s[0]["score"] > 0.3 for s in expected)
+    entailed = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{out}/*.parquet') "
+                                        "WHERE label = 'entailment' AND label_scores[3] > 0.3").fetchone()[0]
+    assert entailed == sum(s[0]["label"] == "entailment" and s[0]["score"] > 0.3 for s in expected)
 
 
 def test_a_lora_adapter_job(local_ray, tmp_path, tiny_llama, lora_adapter):

@@ -505,6 +505,27 @@ def test_a_classifier_labels_each_prompt_as_the_transformers_pipeline_does(base,
                                                                 abs=1e-5), i
 
 
+def test_a_cross_encoder_scores_each_pair_as_sentence_transformers_does(tiny_bert, tmp_path):
+    """input.pair_column: a cross-encoder (a BERT head of one output: a reranker's relevance) reads each query and
+    passage joined as its tokenizer joins a pair, the passage of token type 1, and scores it as sentence-transformers'
+    CrossEncoder.predict does the pair alone, though the job's micro-batches pad it (fixed batches in input order)."""
+    from sentence_transformers import CrossEncoder
+
+    from lmbatch.prepare import encode
+
+    path = save_classifier(tiny_bert, tmp_path, ["relevance"])
+    engine = make_engine(path, strategy="fixed", fixed_batch_size=8)
+    assert engine.encoder.pair_separator == engine.tokenizer.sep_token_id
+    queries, passages = varied_prompts(20, seed=8, max_words=12), varied_prompts(20, seed=9, max_words=100)
+    pairs = list(zip(queries, passages))
+    params = SamplingParams(classify=True)
+    requests = [Request(i, ids, 0, params) for i, ids in enumerate(encode(engine.tokenizer, pairs, True))]
+    assert requests[0].prompt_ids == engine.tokenizer(*pairs[0])["input_ids"]
+    scores = [c.label_scores.to_pylist()[0] for c in engine.generate(requests)]
+    expected = CrossEncoder(path, device="cpu").predict(pairs)
+    assert scores == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-5)
+
+
 def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_llama, lora_adapter):
     """model.adapter, merged into the weights as the engine loads: batched greedy output equals that of
     the base model with the adapter loaded by transformers (unmerged: the adapter runs beside each

@@ -992,6 +992,35 @@ def test_a_classifier_only_classifies(tmp_path, tiny_llama, tiny_bert):
     assert classifying.settings.context_limit == 512 and classifying.fingerprint != both.fingerprint
     with pytest.raises(ConfigError, match="or generation.classify: score, embed or classify the prompts"):
         plan(classifier, "generation.max_new_tokens=0")
+    # input.pair_column: a second text read with each prompt, by an encoder only; part of the job
+    write_prompts(source, ["a"], passage=["b"])
+    pairs = plan(classifier, "generation.max_new_tokens=0", "generation.classify=true", "input.pair_column=passage")
+    assert pairs.fingerprint != classifying.fingerprint and "passage" in pairs.settings.row_columns
+    with pytest.raises(JobError, match=re.escape(f"input.pair_column is read by encoders (cross-encoders, NLI "
+                                                 f"classifiers), which tell a pair's texts apart; {tiny_llama} is a "
+                                                 "decoder (LlamaForCausalLM)")):
+        plan(tiny_llama, "generation.max_new_tokens=0", "generation.embedding=last", "input.pair_column=passage")
+    with pytest.raises(JobError, match="has no column 'hypothesis'"):
+        plan(classifier, "generation.max_new_tokens=0", "generation.classify=true", "input.pair_column=hypothesis")
+
+
+def test_a_pair_is_tokenized_as_the_tokenizer_joins_one_and_cut_at_its_second_texts_end(tmp_path, tiny_bert):
+    """input.pair_column: each prompt and its row's second text are one pair, as the tokenizer joins it
+    ([CLS] query [SEP] passage [SEP]); with on_too_long=truncate_end a long pair keeps the query whole and
+    loses the end of the passage, as the tokenizer's only_second truncation cuts it; a null or empty second
+    text is an error row."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    queries, passages = ["what is a cat", "why", "how", "who"], ["word " * 100, "because", None, "  "]
+    source = write_prompts(tmp_path / "in.parquet", queries, passage=passages)
+    plan = plan_job(to_job_config(compose(
+        f"input.path={source}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_bert}", "experiment=embed",
+        "generation.embedding=cls", "input.pair_column=passage", "input.max_prompt_tokens=32",
+        "input.on_too_long=truncate_end")))
+    rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
+    assert rows[PROMPT_IDS].to_pylist()[:2] == [tokenizer(q, p, truncation="only_second", max_length=32)["input_ids"]
+                                                for q, p in zip(queries[:2], passages[:2])]
+    assert rows[ERROR].to_pylist() == [None, None, "null pair: column 'passage' is null",
+                                       "empty pair: column 'passage' is empty or whitespace"]
 
 
 def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
