@@ -156,14 +156,15 @@ that generation.embedding has, by its name for them."""
 def sentence_transformers_notes(job: JobConfig, path: str, revision: Optional[str],
                                 context: Optional[int]) -> list[str]:
     """How a sentence-transformers model's own pipeline (its modules.json) embeds otherwise than the job: by
-    another pooling, with a module lmbatch does not apply (a Dense projection), normalized or not unlike the
-    job's vectors, or cut shorter than the job's
+    another pooling (or one without its prompt's tokens), with a module lmbatch does not apply (a Dense
+    projection), normalized or not unlike the job's vectors, after a default prompt the job's texts do not
+    begin with, or cut shorter than the job's
     `context` or input.max_prompt_tokens (an older version's max_seq_length; newer ones save it as the
     tokenizer's, which an encoder's context is)."""
     modules = _model_json(path, "modules.json", revision) if job.generation.embedding else None
     if not isinstance(modules, list):
         return []
-    notes = []
+    notes, prompt = [], default_prompt(_model_json(path, "config_sentence_transformers.json", revision))
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         if kind == "Pooling":
@@ -175,17 +176,35 @@ def sentence_transformers_notes(job: JobConfig, path: str, revision: Optional[st
             if ours != job.generation.embedding:
                 notes.append(f"pools by {mode} "
                              + (f"(generation.embedding={ours})" if ours else "(lmbatch has no such pooling)"))
+            if config.get("include_prompt") is False and (prompt or job.input.template):
+                notes.append("pools without the tokens of its prompt, which lmbatch pools with")
         elif kind not in ("Transformer", "Normalize"):
             notes.append(f"has a {kind} module, which lmbatch does not apply")
     normalizes = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     if normalizes != job.generation.embedding_normalize:
         notes.append(f"{'normalizes' if normalizes else 'does not normalize'} its vectors "
                      f"(generation.embedding_normalize={str(normalizes).lower()})")
+    if prompt:
+        name, text = prompt
+        escaped = text.replace("{", "{{").replace("}", "}}")
+        if not (job.input.template or "").startswith(escaped):
+            notes.append(f"puts {json.dumps(text)} before every text (its default_prompt_name, {name}): "
+                         f"'input.template=\"{escaped}{{{job.input.prompt_column}}}\"' does as it does")
     length = (_model_json(path, "sentence_bert_config.json", revision) or {}).get("max_seq_length")
     if isinstance(length, int) and length < min(job.input.max_prompt_tokens or math.inf, context or math.inf):
         notes.append(f"embeds at most {length} tokens (its max_seq_length: input.max_prompt_tokens={length} "
                      "input.on_too_long=truncate_end cuts as it does)")
     return notes
+
+
+def default_prompt(config) -> Optional[tuple[str, str]]:
+    """The prompt (its name and text) a sentence-transformers model's encode() puts before every text unless
+    told otherwise: its config's default_prompt_name, where that names a prompt that is not empty."""
+    if not isinstance(config, dict) or not isinstance(config.get("prompts"), dict):
+        return None
+    name = config.get("default_prompt_name")
+    text = config["prompts"].get(name) if isinstance(name, str) else None
+    return (name, text) if isinstance(text, str) and text else None
 
 
 def _model_json(path: str, name: str, revision: Optional[str]):

@@ -40,7 +40,7 @@ from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.pipeline import JobFailed, ReadStalled, count_committed, prepare_within, run
 from lmbatch.plan import plan_job, to_job_config
-from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, load_tokenizer, prepare_chunk
+from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, load_tokenizer, prepare_chunk, row_prompt
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
                              isolating, load_engine, row_options, sampling_params)
 from lmbatch.report import LiveChunks
@@ -922,8 +922,8 @@ def test_an_encoder_only_embeds_and_its_sentence_transformers_pipeline_is_compar
     """An encoder (BERT, RoBERTa) is refused for anything but embedding, as the job plans; `cls` pooling is
     refused for a decoder; an encoder's context is its tokenizer's length (RoBERTa's 514 positions hold 512
     tokens); a sentence-transformers model whose own pipeline pools otherwise, adds a Dense module, normalizes
-    otherwise or cuts texts shorter (as a newer or an older version saves it) is warned of, and one that
-    matches is not."""
+    otherwise, cuts texts shorter (as a newer or an older version saves it), puts a default prompt before each
+    text or pools without a prompt's tokens is warned of, and one that matches is not."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
@@ -967,6 +967,24 @@ def test_an_encoder_only_embeds_and_its_sentence_transformers_pipeline_is_compar
             ) in capsys.readouterr().out
     plan(tmp_path / "st", "generation.max_new_tokens=0", "generation.embedding=mean", "input.max_prompt_tokens=256")
     assert "warning" not in capsys.readouterr().out
+    # E5-style: a prompt its encode() puts before every text, and pooling that leaves the prompt's tokens out
+    modules = [Transformer(tiny_bert), Pooling(64, pooling_mode="mean", include_prompt=False), Normalize()]
+    prompted = SentenceTransformer(modules=modules, prompts={"query": "query: {x} ", "passage": "passage: "},
+                                   default_prompt_name="query")
+    prompted.save(str(tmp_path / "prompted"))
+    assert prompted.encode("a").tolist() != prompted.encode("query: {x} a", prompt="").tolist()
+    prompted[1].include_prompt = True  # then its vector is the text's after the prompt, as lmbatch pools it
+    assert prompted.encode("a").tolist() == prompted.encode("query: {x} a", prompt="").tolist()
+    embed = ("generation.max_new_tokens=0", "generation.embedding=mean")
+    write_prompts(source, ["a"], text=["a"])
+    plan(tmp_path / "prompted", *embed, "input.prompt_column=text")
+    assert ("its encode(): it pools without the tokens of its prompt, which lmbatch pools with; it puts "
+            "\"query: {x} \" before every text (its default_prompt_name, query): "
+            "'input.template=\"query: {{x}} {text}\"' does as it does") in capsys.readouterr().out
+    templated = plan(tmp_path / "prompted", *embed, "input.prompt_column=text", "input.template='query: {{x}} {text}'")
+    assert capsys.readouterr().out.endswith("encode(): it pools without the tokens of its prompt, which lmbatch pools "
+                                           "with\n")  # and no more
+    assert row_prompt({"id": 0, "text": "a"}, templated.settings) == "query: {x} a"  # the text encode() embeds
 
 
 def test_a_classifier_only_classifies(tmp_path, tiny_llama, tiny_bert):
