@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.request
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -184,8 +185,11 @@ def test_a_local_job_whose_replicas_would_starve_stops_before_touching_the_outpu
     the output is touched (`output.mode=overwrite` would have cleared a finished one)."""
     out = tmp_path / "out"
     job = [f"output.path={out}", "engine=echo", "output.mode=overwrite"]
-    run_job(*job, cwd=tmp_path)
+    plan = plan_job(to_job_config(compose(*job)))  # a run of this job that wrote one part
+    plan.begin_output()
+    plan.output.write_part(plan.chunks[0].id, pa.table({"id": [0]}))
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert "_lmbatch_job.json" in before and len(before) == 2, before
     done = generate(*job, "cluster.num_replicas=64", "cluster.cpus_per_replica=1", cwd=tmp_path)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert re.fullmatch(r"lmbatch: error: replicas of cluster.cpus_per_replica=1 take (\d+) of the Ray cluster's \1 "
