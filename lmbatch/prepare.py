@@ -311,11 +311,23 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
         if s.on_too_long == "truncate" and room > head:
             ids = ids[:head] + ids[-(room - head):]  # and the end of the prompt: that is what the model continues
         elif s.on_too_long == "truncate_end" and room > tail:
+            if s.pair_column and room - tail <= (second := second_text_start(ids, special_ids)):
+                raise RowError(f"too long: pair has {len(ids)} tokens; {over}, and its first text takes {second} of "
+                               f"the {room} tokens it may have (input.on_too_long=truncate_end cuts the second text "
+                               "only)")
             ids = ids[:room - tail] + ids[len(ids) - tail:]
         else:
             raise RowError(f"too long: prompt has {len(ids)} tokens; {over} (input.on_too_long=truncate keeps the "
                            "end, truncate_end the start)")
     return ids, max_new
+
+
+def second_text_start(ids: list[int], special_ids: frozenset) -> int:
+    """Where the second text of a pair begins in its ids: after the special tokens that follow the first text
+    ([SEP] in BERT's `[CLS] a [SEP] b [SEP]`, `</s></s>` in RoBERTa's)."""
+    first = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
+    separator = next((n for n in range(first, len(ids)) if ids[n] in special_ids), len(ids))
+    return next((n for n in range(separator, len(ids)) if ids[n] not in special_ids), len(ids))
 
 
 def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, g: GenerationOptions,

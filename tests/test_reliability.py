@@ -1025,20 +1025,27 @@ def test_a_classifier_only_classifies(tmp_path, tiny_llama, tiny_bert):
 def test_a_pair_is_tokenized_as_the_tokenizer_joins_one_and_cut_at_its_second_texts_end(tmp_path, tiny_bert):
     """input.pair_column: each prompt and its row's second text are one pair, as the tokenizer joins it
     ([CLS] query [SEP] passage [SEP]); with on_too_long=truncate_end a long pair keeps the query whole and
-    loses the end of the passage, as the tokenizer's only_second truncation cuts it; a null or empty second
-    text is an error row."""
+    loses the end of the passage, as the tokenizer's only_second truncation cuts it, and a query that leaves no
+    room for the passage is an error row (the tokenizer refuses it); so is a null or empty second text."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    queries, passages = ["what is a cat", "why", "how", "who"], ["word " * 100, "because", None, "  "]
+    queries, passages = ["what is a cat", "why", "how", "who", "what " * 29, "what " * 28], [
+        "word " * 100, "because", None, "  ", "b", "b"]
     source = write_prompts(tmp_path / "in.parquet", queries, passage=passages)
     plan = plan_job(to_job_config(compose(
         f"input.path={source}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_bert}", "experiment=embed",
         "generation.embedding=cls", "input.pair_column=passage", "input.max_prompt_tokens=32",
         "input.on_too_long=truncate_end")))
     rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
-    assert rows[PROMPT_IDS].to_pylist()[:2] == [tokenizer(q, p, truncation="only_second", max_length=32)["input_ids"]
-                                                for q, p in zip(queries[:2], passages[:2])]
+    cut = {i: tokenizer(q, p, truncation="only_second", max_length=32)["input_ids"]
+           for i, (q, p) in enumerate(zip(queries, passages)) if i in (0, 1, 5)}
+    assert {i: rows[PROMPT_IDS][i].as_py() for i in cut} == cut
     assert rows[ERROR].to_pylist() == [None, None, "null pair: column 'passage' is null",
-                                       "empty pair: column 'passage' is empty or whitespace"]
+                                       "empty pair: column 'passage' is empty or whitespace",
+                                       "too long: pair has 33 tokens; it exceeds input.max_prompt_tokens=32, and its "
+                                       "first text takes 31 of the 32 tokens it may have "
+                                       "(input.on_too_long=truncate_end cuts the second text only)", None]
+    with pytest.raises(Exception, match="Sequence to truncate too short"):  # as the tokenizer refuses it
+        tokenizer(queries[4], "b b", truncation="only_second", max_length=32)
 
 
 def test_an_adapter_with_a_tokenizer_of_its_own_is_read_with_it(tmp_path, tiny_llama):
