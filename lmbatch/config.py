@@ -55,7 +55,8 @@ class InputConfig:
     pair_column: Optional[str] = None
     """Column of a second text read with each prompt as a pair, for an encoder that reads two (a cross-encoder
     reranker: query and passage; an NLI classifier: premise and hypothesis), joined as its tokenizer joins
-    them (BERT: `[CLS] prompt [SEP] pair [SEP]`). Plain prompts only; too long, a pair is cut at its end."""
+    them (BERT: `[CLS] prompt [SEP] pair [SEP]`). Plain prompts only; too long, a pair is an error row, or with
+    input.on_too_long=truncate_end cut at the end of its second text."""
     messages_column: Optional[str] = None
     """Column of chat messages (a list of {role, content}) used instead of prompt_column."""
     system_prompt: Optional[str] = None

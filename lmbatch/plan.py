@@ -211,8 +211,7 @@ def plan_job(job: JobConfig) -> JobPlan:
         param_columns=tuple(i.param_columns), adapters=tuple(job.model.adapters),
         context_limit=context_limit, max_prompt_tokens=i.max_prompt_tokens, on_too_long=i.on_too_long,
         template=i.template, pair_column=i.pair_column, chat=i.chat, chat_template_kwargs=i.chat_template_kwargs,
-        chat_template=i.chat_template,
-        system_prompt=i.system_prompt,
+        chat_template=i.chat_template, system_prompt=i.system_prompt,
         trust_remote_code=job.model.trust_remote_code,
         tokenizer_class=direct_class_path(
             load_tokenizer(tokenizer_path, model.trust_remote_code, revision=tokenizer_revision),

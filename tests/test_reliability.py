@@ -973,7 +973,7 @@ def test_an_encoder_only_embeds_and_its_sentence_transformers_pipeline_is_compar
                                    default_prompt_name="query")
     prompted.save(str(tmp_path / "prompted"))
     assert prompted.encode("a").tolist() != prompted.encode("query: {x} a", prompt="").tolist()
-    prompted[1].include_prompt = True  # then its vector is the text's after the prompt, as lmbatch pools it
+    prompted[1].include_prompt = True  # pooled over prompt and text, as lmbatch pools the templated text
     assert prompted.encode("a").tolist() == prompted.encode("query: {x} a", prompt="").tolist()
     embed = ("generation.max_new_tokens=0", "generation.embedding=mean")
     write_prompts(source, ["a"], text=["a"])
