@@ -11,6 +11,7 @@ import torch
 
 from lmbatch.embedding import EncoderReading, last_hidden_states
 from lmbatch.interface import Request
+from lmbatch.models import score_function
 
 
 def classify_prompts(model, batch: list[Request], input_ids, attention_mask,
@@ -29,11 +30,6 @@ def classify_prompts(model, batch: list[Request], input_ids, attention_mask,
 
 
 def label_scores(logits, config):
-    """The scores transformers' text-classification pipeline reports by default: a regression head's
-    outputs as they are, a sigmoid of each for a multi-label head or one of a single output (a
-    reranker's relevance), else a softmax over the labels."""
-    if config.problem_type == "regression":
-        return logits
-    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
-        return logits.sigmoid()
-    return logits.softmax(-1)
+    """The scores transformers' text-classification pipeline reports by default (`models.score_function`)."""
+    function = score_function(config)
+    return logits if function == "identity" else logits.sigmoid() if function == "sigmoid" else logits.softmax(-1)

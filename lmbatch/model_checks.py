@@ -15,7 +15,8 @@ from typing import Optional
 from lmbatch import structured
 from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.io import JobError, absolute
-from lmbatch.models import adapter_misfit, ending_ids, is_classifier, reads_both_ways, tokenizer_source
+from lmbatch.models import (adapter_misfit, cross_encoder_function, ending_ids, is_classifier, reads_both_ways,
+                            score_function, tokenizer_source)
 from lmbatch.prepare import encode, load_tokenizer
 from lmbatch.structured import Indexes, PatternError
 
@@ -99,6 +100,13 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     if notes := sentence_transformers_notes(job, local, revision, limit):
         print(f"lmbatch: warning: {job.model.path} is a sentence-transformers model whose own pipeline (modules.json) "
               f"differs from this job's, so its vectors will differ from its encode(): it {'; it '.join(notes)}")
+    ours, theirs = score_function(config), cross_encoder_function(config)
+    if job.generation.classify and theirs not in (None, ours):
+        logits = " (the logits: ln(p / (1 - p)) of a label score p), which rank alike" if (
+            theirs, ours) == ("identity", "sigmoid") else ""
+        print(f"lmbatch: warning: {job.model.path} is a sentence-transformers cross-encoder whose predict() gives "
+              f"its scores through {theirs}{logits}; label_scores go through {ours}, as transformers' "
+              "text-classification pipeline gives them")
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter, adapters=adapters)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 

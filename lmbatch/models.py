@@ -74,6 +74,27 @@ def is_classifier(config) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
 
 
+def score_function(config) -> str:
+    """What transformers' text-classification pipeline applies to a classifier's logits by default, and so
+    what label_scores are: `identity` for a regression head, `sigmoid` for a multi-label head or one of a
+    single output (a reranker's relevance), else `softmax` over the labels."""
+    if config.problem_type == "regression":
+        return "identity"
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def cross_encoder_function(config) -> Optional[str]:
+    """What a sentence-transformers cross-encoder's predict() applies to its logits, where its config names it
+    (`sentence_transformers.activation_fn` from version 4, `sbert_ce_default_activation_function` before):
+    `identity` for the raw logits (ms-marco-MiniLM's), `sigmoid`, ... None where the config names none."""
+    saved = getattr(config, "sentence_transformers", None)
+    named = ((saved.get("activation_fn") if isinstance(saved, dict) else None)
+             or getattr(config, "sbert_ce_default_activation_function", None))
+    return named.rsplit(".", 1)[-1].lower() if isinstance(named, str) else None
+
+
 def resolve_model_path(path: str) -> str:
     """A local directory or hub id passes through; `builtin://NAME` is built once and cached."""
     if not path.startswith(BUILTIN):

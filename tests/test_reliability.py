@@ -9,6 +9,7 @@ rows lost, rows duplicated.
 
 import collections
 import json
+import math
 import os
 import re
 import shutil
@@ -1020,6 +1021,36 @@ def test_a_classifier_only_classifies(tmp_path, tiny_llama, tiny_bert):
         plan(tiny_llama, "generation.max_new_tokens=0", "generation.embedding=last", "input.pair_column=passage")
     with pytest.raises(JobError, match="has no column 'hypothesis'"):
         plan(classifier, "generation.max_new_tokens=0", "generation.classify=true", "input.pair_column=hypothesis")
+
+
+def test_a_cross_encoder_that_gives_its_logits_is_warned_of(tmp_path, tiny_bert, capsys):
+    """sentence-transformers' CrossEncoder.predict scores through the activation a reranker's config names:
+    ms-marco-MiniLM's names Identity (the logits), where label_scores, as transformers' pipeline gives them, go
+    through a sigmoid. The job warns, with the relation between the two, which predict() and the pipeline bear
+    out; a config that names none (predict() then applies a sigmoid too) is not warned of."""
+    from sentence_transformers import CrossEncoder
+    from transformers import pipeline
+
+    reranker = save_classifier(tiny_bert, tmp_path / "reranker", ["relevance"])
+    config = json.loads((tmp_path / "reranker" / "config.json").read_text())
+    source = write_prompts(tmp_path / "in.parquet", ["a query"], passage=["a passage"])
+    job = to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", f"model.path={reranker}",
+                                "experiment=classify", "input.pair_column=passage"))
+    plan_job(job)
+    assert "warning" not in capsys.readouterr().out
+    identity = "torch.nn.modules.linear.Identity"
+    for saved in ({"sentence_transformers": {"activation_fn": identity}},  # sentence-transformers 4 and later
+                  {"sbert_ce_default_activation_function": identity}):  # before
+        (tmp_path / "reranker" / "config.json").write_text(json.dumps({**config, **saved}))
+        plan_job(job)
+        assert (f"warning: {reranker} is a sentence-transformers cross-encoder whose predict() gives its scores "
+                "through identity (the logits: ln(p / (1 - p)) of a label score p), which rank alike; label_scores "
+                "go through sigmoid, as transformers' text-classification pipeline gives them"
+                ) in capsys.readouterr().out
+        p = pipeline("text-classification", model=reranker, top_k=None, device="cpu")(
+            {"text": "a query", "text_pair": "a passage"})[0]["score"]
+        logit = CrossEncoder(reranker, device="cpu").predict([("a query", "a passage")])[0]
+        assert logit == pytest.approx(math.log(p / (1 - p)), rel=1e-4, abs=1e-5)
 
 
 def test_a_pair_is_tokenized_as_the_tokenizer_joins_one_and_cut_at_its_second_texts_end(tmp_path, tiny_bert):
