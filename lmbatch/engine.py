@@ -1,4 +1,4 @@
-"""One model replica: load once, generate planned micro-batches, decode.
+"""One model replica: generate planned micro-batches and decode, with a model `lmbatch.loading` loaded once.
 
 `HFEngine` runs transformers' `generate` on left-padded micro-batches planned by
 `lmbatch.batching`. A micro-batch that raises (an out-of-memory error, or a row that breaks
@@ -16,7 +16,6 @@ computed once (`lmbatch.prefix`); several adapters of the model take turns by mi
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import time
 from typing import Callable, Optional, Sequence
@@ -28,7 +27,8 @@ from lmbatch.classify import classify_prompts
 from lmbatch.embedding import EncoderReading, embed_prompts
 from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
                                row_seed, shared_prefix)
-from lmbatch.models import ending_ids, is_classifier, reads_both_ways, special_tokens_only, tokenizer_source
+from lmbatch.loading import load_model
+from lmbatch.models import ending_ids, is_classifier, reads_both_ways, special_tokens_only
 from lmbatch.prefix import layout, prefix_cache
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)
@@ -37,25 +37,6 @@ from lmbatch.structured import Indexes, PatternError
 from lmbatch.token_logprobs import TokenTexts
 
 log = logging.getLogger("lmbatch.engine")
-
-
-def choose_attention(requested: Optional[str], device: str, dtype: str, flash_usable: bool) -> Optional[str]:
-    """The configured attention kernel; unset: FlashAttention-2 on a GPU in 16-bit when it is usable (the
-    flash_attn package installed and the model written for it), else None (transformers picks SDPA where
-    the model has it)."""
-    if requested:
-        return requested
-    if flash_usable and device.startswith("cuda") and dtype in ("bfloat16", "float16"):
-        return "flash_attention_2"
-    return None
-
-
-def has_flash_attention(auto, config) -> bool:
-    """Whether the class `auto` loads for `config` is written for FlashAttention-2: asked of one that is
-    not (MPNet, many older encoders), transformers refuses to load it. A class of the model's own code
-    (trust_remote_code) is not known before it is loaded: it is trusted to say so itself."""
-    model_class = auto._model_mapping.get(type(config), None)
-    return model_class is None or bool(getattr(model_class, "_supports_flash_attn", False))
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -103,47 +84,12 @@ class HFEngine:
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
              device: Optional[str] = None, threads: Optional[int] = None) -> "HFEngine":
-        """Load once per replica: on `device` (default: CUDA when there is one), in the configured dtype."""
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        from lmbatch.prepare import load_tokenizer
-
+        """Load once per replica (`lmbatch.loading`): on `device` (default: CUDA when there is one), in the
+        configured dtype, with `threads` torch threads."""
         if threads:
             torch.set_num_threads(threads)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = model.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        config = AutoConfig.from_pretrained(model_path, revision=model.revision,
-                                            trust_remote_code=model.trust_remote_code)
-        # a classifier with its head, an encoder without one (it has no LM head), anything else with its LM head
-        auto = (AutoModelForSequenceClassification if is_classifier(config) else
-                AutoModel if reads_both_ways(config) else AutoModelForCausalLM)
-        kwargs = dict(config=config, dtype=getattr(torch, dtype), trust_remote_code=model.trust_remote_code)
-        flash_usable = importlib.util.find_spec("flash_attn") is not None and has_flash_attention(auto, config)
-        attention = choose_attention(model.attn_implementation, device, dtype, flash_usable)
-        if attention:
-            kwargs["attn_implementation"] = attention
-        if model.device_map:
-            kwargs["device_map"] = model.device_map
-        loaded = auto.from_pretrained(model_path, revision=model.revision, **kwargs)
-        adapters = None
-        if model.adapter:  # merged: the adapter then costs nothing per token
-            from peft import PeftModel
-
-            loaded = PeftModel.from_pretrained(loaded, model.adapter).merge_and_unload()
-        elif model.adapters:  # each beside the layers it adapts, switched on for the micro-batches of its rows
-            from peft import PeftModel
-
-            (first, path), *others = model.adapters.items()
-            adapters = PeftModel.from_pretrained(loaded, path, adapter_name=first)
-            for name, path in others:
-                adapters.load_adapter(path, adapter_name=name)
-        if not model.device_map:
-            loaded.to(device)
-        tokenizer_path, revision = tokenizer_source(model_path, model.revision, model.adapter)
-        tokenizer = load_tokenizer(tokenizer_path, model.trust_remote_code, revision=revision)
-        return cls(loaded.eval(), tokenizer, batching, model.kv_cache, adapters)
+        loaded, tokenizer, adapters = load_model(model_path, model, device)
+        return cls(loaded, tokenizer, batching, model.kv_cache, adapters)
 
     # -- planning ---------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> list[list[Request]]:
