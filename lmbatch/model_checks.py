@@ -100,13 +100,8 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     if notes := sentence_transformers_notes(job, local, revision, limit):
         print(f"lmbatch: warning: {job.model.path} is a sentence-transformers model whose own pipeline (modules.json) "
               f"differs from this job's, so its vectors will differ from its encode(): it {'; it '.join(notes)}")
-    ours, theirs = score_function(config), cross_encoder_function(config)
-    if job.generation.classify and theirs not in (None, ours):
-        logits = " (the logits: ln(p / (1 - p)) of a label score p), which rank alike" if (
-            theirs, ours) == ("identity", "sigmoid") else ""
-        print(f"lmbatch: warning: {job.model.path} is a sentence-transformers cross-encoder whose predict() gives "
-              f"its scores through {theirs}{logits}; label_scores go through {ours}, as transformers' "
-              "text-classification pipeline gives them")
+    if job.generation.classify and (note := cross_encoder_note(config)):
+        print(f"lmbatch: warning: {job.model.path} {note}")
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter, adapters=adapters)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
 
@@ -203,6 +198,18 @@ def sentence_transformers_notes(job: JobConfig, path: str, revision: Optional[st
         notes.append(f"embeds at most {length} tokens (its max_seq_length: input.max_prompt_tokens={length} "
                      "input.on_too_long=truncate_end cuts as it does)")
     return notes
+
+
+def cross_encoder_note(config) -> Optional[str]:
+    """How a sentence-transformers cross-encoder's predict() scores otherwise than label_scores, where its config
+    names another function for it (ms-marco-MiniLM's: the logits)."""
+    ours, theirs = score_function(config), cross_encoder_function(config)
+    if theirs in (None, ours):
+        return None
+    logits = " (the logits: ln(p / (1 - p)) of a label score p), which rank alike" if (
+        theirs, ours) == ("identity", "sigmoid") else ""
+    return (f"is a sentence-transformers cross-encoder whose predict() gives its scores through {theirs}{logits}; "
+            f"label_scores go through {ours}, as transformers' text-classification pipeline gives them")
 
 
 def default_prompt(config) -> Optional[tuple[str, str]]:
