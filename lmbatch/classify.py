@@ -21,9 +21,9 @@ def classify_prompts(model, batch: list[Request], input_ids, attention_mask,
     over <s>); a decoder's head (`score`) reads the last token's hidden state."""
     with torch.inference_mode():
         if encoder:
-            logits = model(**encoder.inputs(input_ids, attention_mask, model.device)).logits
+            logits = model(**encoder.inputs(batch, input_ids, attention_mask, model.device)).logits
         else:  # the head alone: transformers' own pooling looks for the last token by the pad id, which EOS may be
-            logits = model.score(last_hidden_states(model, input_ids, attention_mask, None)[0][:, -1])
+            logits = model.score(last_hidden_states(model, batch, input_ids, attention_mask, None)[0][:, -1])
         scores = label_scores(logits.float(), model.config).cpu()
     names = model.config.id2label
     return {r.key: (names[int(s.argmax())], pa.array(s.numpy())) for r, s in zip(batch, scores)}

@@ -18,39 +18,37 @@ from lmbatch.scoring import left_padded_positions
 class EncoderReading:
     """How an encoder (a model that reads text both ways) is handed a left-padded micro-batch."""
 
-    pair_separator: Optional[int] = None
-    """The separator token of a model that tells a pair's two texts apart by token types (BERT: [SEP]; set
-    where the tokenizer returns token_type_ids and the model has more than one type): a cross-encoder reads
-    the second text as type 1. None: no token types (RoBERTa's pairs are told apart by separators alone)."""
+    token_types: bool = False
+    """Whether the model tells a pair's two texts apart by token types (BERT: set where the tokenizer returns
+    token_type_ids and the model has more than one type): a cross-encoder reads the second text as type 1.
+    False: no token types (RoBERTa's pairs are told apart by separators alone)."""
 
     @classmethod
     def of(cls, model, tokenizer) -> "EncoderReading":
-        types = ("token_type_ids" in tokenizer.model_input_names
-                 and getattr(model.config, "type_vocab_size", 1) > 1 and tokenizer.sep_token_id is not None)
-        return cls(tokenizer.sep_token_id if types else None)
+        return cls("token_type_ids" in tokenizer.model_input_names and getattr(model.config, "type_vocab_size", 1) > 1)
 
-    def inputs(self, input_ids, attention_mask, device) -> dict:
+    def inputs(self, batch: list[Request], input_ids, attention_mask, device) -> dict:
         """The model's keyword inputs: the rows right-padded, as they are read alone (positions count from the
-        first slot, or in RoBERTa's from the pad id), and token types where the model reads them: 0 up to
-        and including the first separator ([CLS] text [SEP]), 1 after it (the pair's second text and its
-        [SEP]), as the tokenizer gives them for the pair alone."""
+        first slot, or in RoBERTa's from the pad id), and token types where the model reads them: 1 from where
+        a pair's second text begins (`Request.second_text_start`: its text and its [SEP]), 0 before it and in
+        a single text, as the tokenizer gives them for the row alone."""
         input_ids, attention_mask = right_padded(input_ids, attention_mask)
         inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        if self.pair_separator is not None:
-            separators = (input_ids == self.pair_separator).long()
-            after_first = (separators.cumsum(-1) - separators) > 0
-            inputs["token_type_ids"] = (after_first & attention_mask.bool()).long().to(device)
+        if self.token_types:
+            width = input_ids.shape[1]
+            starts = torch.tensor([[width if r.second_text_start is None else r.second_text_start] for r in batch])
+            inputs["token_type_ids"] = ((torch.arange(width) >= starts) & attention_mask.bool()).long().to(device)
         return inputs
 
 
-def last_hidden_states(model, input_ids, attention_mask, encoder: Optional[EncoderReading]):
+def last_hidden_states(model, batch: list[Request], input_ids, attention_mask, encoder: Optional[EncoderReading]):
     """(hidden states of the last layer, after the final norm; the attention mask they line up with) of the
     model without its head (`base_model`: LlamaModel in LlamaForCausalLM), each row as the model computes it
     alone. The prompts come left-padded: a decoder reads them so, its positions counted from each row's
     first real token; an encoder reads them as `encoder` says."""
     device = model.device
     if encoder:
-        inputs = encoder.inputs(input_ids, attention_mask, device)
+        inputs = encoder.inputs(batch, input_ids, attention_mask, device)
     else:
         mask = attention_mask.to(device)
         inputs = dict(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False,
@@ -63,7 +61,7 @@ def embed_prompts(model, batch: list[Request], input_ids, attention_mask, poolin
     """Each prompt's embedding (by request key), as the model gives it for the prompt alone: the hidden
     states of its last layer, pooled."""
     with torch.inference_mode():
-        hidden, mask = last_hidden_states(model, input_ids, attention_mask, encoder)
+        hidden, mask = last_hidden_states(model, batch, input_ids, attention_mask, encoder)
         if pooling.kind == "mean":  # a masked sum as one matmul, not a float32 copy of every hidden state
             vectors = (mask[:, None, :].to(hidden.dtype) @ hidden).squeeze(1).float() / mask.sum(-1, keepdim=True)
         else:  # one token's: the first ([CLS]) or the last, the real tokens being in one run either way

@@ -70,6 +70,9 @@ class Request:
     """(text, token ids) of each text the row must answer with (generation.choices); () for free text."""
     pattern: Optional[str] = None
     """The regular expression the row's text must match whole (generation.json_schema or regex), or None."""
+    second_text_start: Optional[int] = None
+    """Where a pair's second text begins in prompt_ids (input.pair_column): an encoder that reads token types
+    reads it and what follows as type 1. None: one text."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from lmbatch.chunks import Chunk, read_chunk
 CHUNK, CHUNK_ROWS, ROW = "_chunk", "_chunk_rows", "_row"
 PROMPT_IDS, MAX_NEW, ERROR, PARAMS = "_prompt_ids", "_max_new_tokens", "_error", "_params"
 CHOICES = "_choices"  # the token ids of each of a row's generation.choices
+SECOND_TEXT = "_second_text_start"  # where a pair's second text begins in its prompt ids (input.pair_column)
 NUM_PROMPT_TOKENS = "num_prompt_tokens"
 
 
@@ -143,9 +144,8 @@ def direct_class_path(tokenizer, path: str, revision: Optional[str] = None) -> O
     return class_path if same else None
 
 
-def encode(tokenizer, texts: list[str] | list[tuple[str, str]], add_special_tokens: bool) -> list[list[int]]:
-    """Token ids per text, or per pair of texts as the tokenizer joins them: the same as
-    `tokenizer(texts)["input_ids"]` (`tokenizer(firsts, seconds)` for pairs).
+def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids per text: the same as `tokenizer(texts)["input_ids"]`.
 
     A fast tokenizer is called through its Rust backend directly: transformers' per-row
     conversion into a BatchEncoding costs as much as the tokenizing itself, and every
@@ -153,11 +153,32 @@ def encode(tokenizer, texts: list[str] | list[tuple[str, str]], add_special_toke
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        if texts and isinstance(texts[0], tuple):
-            firsts, seconds = (list(t) for t in zip(*texts))
-            return tokenizer(firsts, seconds, add_special_tokens=add_special_tokens)["input_ids"]
         return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], special_ids: frozenset) -> list[tuple[list[int], int]]:
+    """Token ids per pair of texts as the tokenizer joins them (`tokenizer(firsts, seconds)["input_ids"]`), each
+    with where its second text begins. A fast tokenizer says which text each token comes from, so a separator
+    typed into the first text ("a [SEP] b", read as the token) stays in it; without one (or where the second
+    text has no tokens), the second text is taken to begin after the special tokens that follow the first."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        firsts, seconds = (list(t) for t in zip(*pairs))
+        return [(ids, second_text_start(ids, special_ids)) for ids in tokenizer(firsts, seconds)["input_ids"]]
+    encoded = []
+    for e in backend.encode_batch(pairs, add_special_tokens=True):
+        second = [n for n, text in enumerate(e.sequence_ids) if text == 1]
+        encoded.append((e.ids, second[0] if second else second_text_start(e.ids, special_ids)))
+    return encoded
+
+
+def second_text_start(ids: list[int], special_ids: frozenset) -> int:
+    """Where the second text of a pair begins in its ids, read from the ids alone: after the special tokens
+    that follow the first text ([SEP] in BERT's `[CLS] a [SEP] b [SEP]`, `</s></s>` in RoBERTa's)."""
+    first = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
+    separator = next((n for n in range(first, len(ids)) if ids[n] in special_ids), len(ids))
+    return next((n for n in range(separator, len(ids)) if ids[n] not in special_ids), len(ids))
 
 
 def row_prompt(row: dict, s: PrepareSettings) -> str | list[dict]:
@@ -288,13 +309,14 @@ def row_setting(name: str, value):
 
 
 def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
-                   special_ids: frozenset = frozenset()) -> tuple[list[int], int]:
+                   special_ids: frozenset = frozenset(), second_start: Optional[int] = None) -> tuple[list[int], int]:
     """Apply max_length, the model's context, max_prompt_tokens and on_too_long; return (prompt ids, max
     new tokens).
     Truncating keeps the special tokens the prompt starts with (`special_ids`: the BOS that Llama,
     Mistral and Gemma tokenizers put first, without which such a model drifts) and cuts after them;
     truncate_end keeps those it ends with (the EOS an embedding model's tokenizer puts last, whose
-    hidden state is the embedding) and cuts before them."""
+    hidden state is the embedding) and cuts before them; a pair's (`second_start`: where its second text
+    begins) it cuts in the second text only."""
     max_new = g.max_new_tokens
     if g.max_length is not None:
         max_new = min(max_new, g.max_length - len(ids))
@@ -311,23 +333,15 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
         if s.on_too_long == "truncate" and room > head:
             ids = ids[:head] + ids[-(room - head):]  # and the end of the prompt: that is what the model continues
         elif s.on_too_long == "truncate_end" and room > tail:
-            if s.pair_column and room - tail <= (second := second_text_start(ids, special_ids)):
-                raise RowError(f"too long: pair has {len(ids)} tokens; {over}, and its first text takes {second} of "
-                               f"the {room} tokens it may have (input.on_too_long=truncate_end cuts the second text "
-                               "only)")
+            if second_start is not None and room - tail <= second_start:
+                raise RowError(f"too long: pair has {len(ids)} tokens; {over}, and its first text takes "
+                               f"{second_start} of the {room} tokens it may have (input.on_too_long=truncate_end "
+                               "cuts the second text only)")
             ids = ids[:room - tail] + ids[len(ids) - tail:]
         else:
             raise RowError(f"too long: prompt has {len(ids)} tokens; {over} (input.on_too_long=truncate keeps the "
                            "end, truncate_end the start)")
     return ids, max_new
-
-
-def second_text_start(ids: list[int], special_ids: frozenset) -> int:
-    """Where the second text of a pair begins in its ids: after the special tokens that follow the first text
-    ([SEP] in BERT's `[CLS] a [SEP] b [SEP]`, `</s></s>` in RoBERTa's)."""
-    first = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
-    separator = next((n for n in range(first, len(ids)) if ids[n] in special_ids), len(ids))
-    return next((n for n in range(separator, len(ids)) if ids[n] not in special_ids), len(ids))
 
 
 def drop_oldest_turns(messages: list[dict], ids: list[int], s: PrepareSettings, g: GenerationOptions,
@@ -411,11 +425,19 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
         except RowError as e:
             errors[i] = str(e)
 
-    # A chat template already holds the special tokens the model expects.
-    encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat) if texts else []
     # BOS and the like, and the special tokens added for chat templates (<|im_start|>, <|user|>)
     special_ids = frozenset(tokenizer.all_special_ids) | {
         token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+    second_start: list[Optional[int]] = [None] * len(rows)
+    if not texts:
+        encoded = []
+    elif s.pair_column:
+        encoded = []
+        for i, (ids, start) in zip(texts, encode_pairs(tokenizer, list(texts.values()), special_ids)):
+            encoded.append(ids)
+            second_start[i] = start
+    else:  # a chat template already holds the special tokens the model expects
+        encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat)
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)
@@ -428,7 +450,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
                 choice_ids[i], settings[i] = with_choices(settings[i], tokenizer, tokenized_choices)
             if i in chats and s.on_too_long == "truncate":
                 ids = drop_oldest_turns(chats[i], ids, s, settings[i], tokenizer)
-            ids, new = fit_to_context(ids, s, settings[i], special_ids)
+            ids, new = fit_to_context(ids, s, settings[i], special_ids, second_start[i])
             if choice_ids[i] and new < settings[i].max_new_tokens:  # a choice cut short is none of them
                 raise RowError(f"too long: prompt has {len(ids)} tokens, leaving {new} under max_length="
                                f"{settings[i].max_length}, and the longest choice and an EOS take "
@@ -448,6 +470,7 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
         ERROR: pa.array(errors, pa.string()),
         PARAMS: pa.array(overrides, pa.string()),
         CHOICES: pa.array(choice_ids, pa.list_(pa.list_(pa.int32()))),
+        SECOND_TEXT: pa.array(second_start, pa.int64()),
     }
     for name, column in extra.items():
         out = out.append_column(name, column)

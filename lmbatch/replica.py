@@ -133,9 +133,10 @@ def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str
     """A request per valid row of a prepared chunk (error rows have none), keyed by its position."""
     job_params, job_pattern = sampling_params(generation), structured.pattern(generation)
     requests = []
-    for i, (ids, max_new, err, row_id, overrides, choices) in enumerate(zip(
+    for i, (ids, max_new, err, row_id, overrides, choices, second_text_start) in enumerate(zip(
             rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), rows[P.ERROR].to_pylist(),
-            rows[id_column].to_pylist(), rows[P.PARAMS].to_pylist(), rows[P.CHOICES].to_pylist())):
+            rows[id_column].to_pylist(), rows[P.PARAMS].to_pylist(), rows[P.CHOICES].to_pylist(),
+            rows[P.SECOND_TEXT].to_pylist())):
         if err is not None:
             continue
         g = row_options(generation, overrides)
@@ -144,7 +145,8 @@ def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str
         requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
                                 seed=row_seed(g.seed, row_id) if params.do_sample else 0,
                                 choices=tuple(zip(g.choices, map(tuple, choices))) if choices else (),
-                                pattern=structured.pattern(g) if overrides else job_pattern))
+                                pattern=structured.pattern(g) if overrides else job_pattern,
+                                second_text_start=second_text_start))
     return requests
 
 

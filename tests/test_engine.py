@@ -509,19 +509,24 @@ def test_a_classifier_labels_each_prompt_as_the_transformers_pipeline_does(base,
 def test_a_cross_encoder_scores_each_pair_as_sentence_transformers_does(tiny_bert, tmp_path):
     """input.pair_column: a cross-encoder (a BERT head of one output: a reranker's relevance) reads each query and
     passage joined as its tokenizer joins a pair, the passage of token type 1, and scores it as sentence-transformers'
-    CrossEncoder.predict does the pair alone, though the job's micro-batches pad it (fixed batches in input order)."""
+    CrossEncoder.predict does the pair alone, though the job's micro-batches pad it (fixed batches in input order).
+    A [SEP] typed into a query is read as the token, and the query's type stays 0 after it, as the tokenizer gives."""
     from sentence_transformers import CrossEncoder
 
-    from lmbatch.prepare import encode
+    from lmbatch.prepare import encode_pairs
 
     path = save_classifier(tiny_bert, tmp_path, ["relevance"])
     engine = make_engine(path, strategy="fixed", fixed_batch_size=8)
-    assert engine.encoder.pair_separator == engine.tokenizer.sep_token_id
+    assert engine.encoder.token_types
     queries, passages = varied_prompts(20, seed=8, max_words=12), varied_prompts(20, seed=9, max_words=100)
+    queries[1::3] = [q.replace(" ", " [SEP] ", 1) for q in queries[1::3]]
     pairs = list(zip(queries, passages))
     params = SamplingParams(classify=True)
-    requests = [Request(i, ids, 0, params) for i, ids in enumerate(encode(engine.tokenizer, pairs, True))]
-    assert requests[0].prompt_ids == engine.tokenizer(*pairs[0])["input_ids"]
+    requests = [Request(i, ids, 0, params, second_text_start=start)
+                for i, (ids, start) in enumerate(encode_pairs(engine.tokenizer, pairs, frozenset()))]
+    alone = engine.tokenizer(*pairs[1])
+    assert requests[1].prompt_ids == alone["input_ids"] and alone["input_ids"].count(engine.tokenizer.sep_token_id) == 3
+    assert alone["token_type_ids"].index(1) == requests[1].second_text_start
     scores = [c.label_scores.to_pylist()[0] for c in engine.generate(requests)]
     expected = CrossEncoder(path, device="cpu").predict(pairs)
     assert scores == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-5)

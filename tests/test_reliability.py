@@ -41,7 +41,8 @@ from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.pipeline import JobFailed, ReadStalled, count_committed, prepare_within, run
 from lmbatch.plan import plan_job, to_job_config
-from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, load_tokenizer, prepare_chunk, row_prompt
+from lmbatch.prepare import (ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT, load_tokenizer, prepare_chunk,
+                             row_prompt)
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
                              isolating, load_engine, row_options, sampling_params)
 from lmbatch.report import LiveChunks
@@ -1057,24 +1058,27 @@ def test_a_pair_is_tokenized_as_the_tokenizer_joins_one_and_cut_at_its_second_te
     """input.pair_column: each prompt and its row's second text are one pair, as the tokenizer joins it
     ([CLS] query [SEP] passage [SEP]); with on_too_long=truncate_end a long pair keeps the query whole and
     loses the end of the passage, as the tokenizer's only_second truncation cuts it, and a query that leaves no
-    room for the passage is an error row (the tokenizer refuses it); so is a null or empty second text."""
+    room for the passage is an error row (the tokenizer refuses it); so is a null or empty second text. Where the
+    passage begins is noted for the token types, a [SEP] typed into the query being the query's."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    queries, passages = ["what is a cat", "why", "how", "who", "what " * 29, "what " * 28], [
-        "word " * 100, "because", None, "  ", "b", "b"]
+    queries = ["what is a cat", "why", "how", "who", "what " * 29, "what " * 28, "what [SEP] is a cat",
+               "why [SEP] " + "what " * 28]
+    passages = ["word " * 100, "because", None, "  ", "b", "b", "word " * 100, "b"]
     source = write_prompts(tmp_path / "in.parquet", queries, passage=passages)
     plan = plan_job(to_job_config(compose(
         f"input.path={source}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_bert}", "experiment=embed",
         "generation.embedding=cls", "input.pair_column=passage", "input.max_prompt_tokens=32",
         "input.on_too_long=truncate_end")))
     rows = pa.concat_tables(prepare_chunk(chunk, plan.settings) for chunk in plan.chunks)
-    cut = {i: tokenizer(q, p, truncation="only_second", max_length=32)["input_ids"]
-           for i, (q, p) in enumerate(zip(queries, passages)) if i in (0, 1, 5)}
-    assert {i: rows[PROMPT_IDS][i].as_py() for i in cut} == cut
+    cut = {i: tokenizer(q, p, truncation="only_second", max_length=32)
+           for i, (q, p) in enumerate(zip(queries, passages)) if i in (0, 1, 5, 6)}
+    assert {i: rows[PROMPT_IDS][i].as_py() for i in cut} == {i: c["input_ids"] for i, c in cut.items()}
+    assert {i: rows[SECOND_TEXT][i].as_py() for i in cut} == {i: c["token_type_ids"].index(1) for i, c in cut.items()}
+    too_long = ("too long: pair has {} tokens; it exceeds input.max_prompt_tokens=32, and its first text takes {} of "
+                "the 32 tokens it may have (input.on_too_long=truncate_end cuts the second text only)")
     assert rows[ERROR].to_pylist() == [None, None, "null pair: column 'passage' is null",
-                                       "empty pair: column 'passage' is empty or whitespace",
-                                       "too long: pair has 33 tokens; it exceeds input.max_prompt_tokens=32, and its "
-                                       "first text takes 31 of the 32 tokens it may have "
-                                       "(input.on_too_long=truncate_end cuts the second text only)", None]
+                                       "empty pair: column 'passage' is empty or whitespace", too_long.format(33, 31),
+                                       None, None, too_long.format(34, 32)]
     with pytest.raises(Exception, match="Sequence to truncate too short"):  # as the tokenizer refuses it
         tokenizer(queries[4], "b b", truncation="only_second", max_length=32)
 
