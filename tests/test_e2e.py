@@ -45,9 +45,15 @@ def prompt_logprob_alone(model_path, prompt) -> float:
     return sum(each[j, t].item() for j, t in enumerate(ids[1:]))
 
 
-def test_generate_end_to_end(local_ray, tmp_path, prompts_file, tiny_llama):
-    out = tmp_path / "out"
-    result = run_job(out, prompts_file, tiny_llama)
+@pytest.fixture(scope="module")
+def default_job(local_ray, tmp_path_factory, prompts_file, tiny_llama):
+    """(output directory, result) of the job with its defaults, which several tests read."""
+    out = tmp_path_factory.mktemp("default") / "out"
+    return out, run_job(out, prompts_file, tiny_llama)
+
+
+def test_generate_end_to_end(default_job, prompts_file, tiny_llama):
+    out, result = default_job
     source = pq.read_table(prompts_file)
     table = pq.read_table(out)
 
@@ -145,10 +151,9 @@ def test_reasoning_is_what_comes_before_the_closing_tag():
     assert split_reasoning(None, *think) == (None, None)  # an error row
 
 
-def test_stop_strings_cut_the_text_and_reasoning_tags_split_it(local_ray, tmp_path, prompts_file, tiny_llama):
-    run_job(tmp_path / "full", prompts_file, tiny_llama)
+def test_stop_strings_cut_the_text_and_reasoning_tags_split_it(default_job, tmp_path, prompts_file, tiny_llama):
     run_job(tmp_path / "cut", prompts_file, tiny_llama, "generation.stop=[e,XYZ]")
-    full, cut = pq.read_table(tmp_path / "full").to_pylist(), pq.read_table(tmp_path / "cut").to_pylist()
+    full, cut = pq.read_table(default_job[0]).to_pylist(), pq.read_table(tmp_path / "cut").to_pylist()
     stopped = 0
     for f, c in zip(full, cut):
         assert "e" not in c["generated_text"]
