@@ -456,13 +456,15 @@ def test_an_encoder_embeds_each_prompt_as_sentence_transformers_does(encoder, re
     """An encoder (BERT, RoBERTa: it reads both ways) embeds each prompt as sentence-transformers' encode()
     does it alone, with cls and mean pooling, though the job's micro-batches pad it on the left (fixed
     batches in input order: prompts of 1 to 100 words side by side); a row asking it to generate is an
-    error row, and the others are embedded all the same."""
+    error row, and the others are embedded all the same. A separator typed into a text is read as the
+    token, and BERT's text stays of token type 0 after it."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling as STPooling, Transformer
 
     path = request.getfixturevalue(encoder)
     engine = make_engine(path, strategy="fixed", fixed_batch_size=8)
     texts = varied_prompts(24, seed=4, max_words=100)
+    texts[5] = f"a {engine.tokenizer.sep_token} typed into a text stays in it"
     for mode in ("cls", "mean"):
         params = SamplingParams(embedding=Pooling(mode))
         requests = [Request(i, engine.tokenizer(t)["input_ids"], 0, params) for i, t in enumerate(texts)]
