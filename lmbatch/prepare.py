@@ -429,15 +429,13 @@ def prepare_chunk(chunk: Chunk, s: PrepareSettings, duplicate_rows: Sequence[int
     special_ids = frozenset(tokenizer.all_special_ids) | {
         token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
     second_start: list[Optional[int]] = [None] * len(rows)
-    if not texts:
-        encoded = []
-    elif s.pair_column:
+    if s.pair_column and texts:
         encoded = []
         for i, (ids, start) in zip(texts, encode_pairs(tokenizer, list(texts.values()), special_ids)):
             encoded.append(ids)
             second_start[i] = start
     else:  # a chat template already holds the special tokens the model expects
-        encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat)
+        encoded = encode(tokenizer, list(texts.values()), add_special_tokens=not s.chat) if texts else []
     prompt_ids: list[Optional[list[int]]] = [None] * len(rows)
     counts: list[Optional[int]] = [None] * len(rows)
     max_new: list[int] = [0] * len(rows)
