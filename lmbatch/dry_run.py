@@ -6,8 +6,9 @@ import math
 
 from lmbatch.batching import decode_steps, padding_efficiency
 from lmbatch.interface import identical_requests, padded_tokens, plan_requests, shared_prefix
-from lmbatch.prepare import ERROR, NUM_PROMPT_TOKENS, load_tokenizer, prepare_chunk
+from lmbatch.prepare import ERROR, NUM_PROMPT_TOKENS, prepare_chunk
 from lmbatch.replica import chunk_requests
+from lmbatch.tokens import load_tokenizer
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
 ERROR_EXAMPLES = 3

@@ -17,8 +17,8 @@ from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.io import JobError, absolute
 from lmbatch.models import (adapter_misfit, cross_encoder_function, ending_ids, is_classifier, reads_both_ways,
                             score_function, tokenizer_source)
-from lmbatch.prepare import encode, load_tokenizer
 from lmbatch.structured import Indexes, PatternError
+from lmbatch.tokens import encode, load_tokenizer
 
 
 def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[int]]:

@@ -26,8 +26,8 @@ from lmbatch.io import InputPlan, JobError, absolute
 from lmbatch.model_checks import check_model
 from lmbatch.models import model_identity, tokenizer_source
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
-from lmbatch.prepare import (PrepareSettings, RowError, direct_class_path, fit_to_context, load_tokenizer,
-                             template_fields)
+from lmbatch.prepare import PrepareSettings, RowError, fit_to_context, template_fields
+from lmbatch.tokens import direct_class_path, load_tokenizer
 from lmbatch.interface import FAILED_IN_GENERATION
 from lmbatch.replica import SAMPLE_INDEX, error_kind, output_columns
 

@@ -15,6 +15,8 @@ import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Optional
 
+from lmbatch.tokens import special_ids
+
 if TYPE_CHECKING:
     from lmbatch.config import GenerationOptions
 
@@ -85,7 +87,7 @@ def token_bytes(tokenizer, ended_ids) -> dict[bytes, list[int]]:
                            "(byte-level BPE, as GPT-2, Llama 3 and Qwen have) or SentencePiece pieces "
                            f"(Llama 2, Mistral, Gemma); this one decodes with {decoder[:80]}")
     added = tokenizer.added_tokens_decoder  # written as their own text, not in the alphabet
-    left_out = {*tokenizer.all_special_ids, *ended_ids, *(i for i, t in added.items() if t.special)}
+    left_out = special_ids(tokenizer) | set(ended_ids)
     vocabulary: dict[bytes, list[int]] = {}
     for token, i in tokenizer.get_vocab().items():
         if i not in left_out:

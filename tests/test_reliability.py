@@ -41,11 +41,11 @@ from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.pipeline import JobFailed, ReadStalled, count_committed, prepare_within, run
 from lmbatch.plan import plan_job, to_job_config
-from lmbatch.prepare import (ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT, load_tokenizer, prepare_chunk,
-                             row_prompt)
+from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT, prepare_chunk, row_prompt
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
                              isolating, load_engine, row_options, sampling_params)
 from lmbatch.report import LiveChunks
+from lmbatch.tokens import load_tokenizer
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 
@@ -1125,8 +1125,8 @@ def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_job(tmp_path, tiny_ll
 import json
 from lmbatch.config import InputConfig, JobConfig, ModelConfig, OutputConfig
 from lmbatch.plan import plan_job
-from lmbatch.prepare import load_tokenizer
 from lmbatch.replica import load_engine
+from lmbatch.tokens import load_tokenizer
 
 def plan(revision=None):
     return plan_job(JobConfig(input=InputConfig(path={str(source)!r}),
