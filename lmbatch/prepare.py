@@ -217,10 +217,10 @@ def row_setting(name: str, value):
 
 
 def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
-                   special_ids: frozenset = frozenset(), second_start: Optional[int] = None) -> tuple[list[int], int]:
+                   special: frozenset = frozenset(), second_start: Optional[int] = None) -> tuple[list[int], int]:
     """Apply max_length, the model's context, max_prompt_tokens and on_too_long; return (prompt ids, max
     new tokens).
-    Truncating keeps the special tokens the prompt starts with (`special_ids`: the BOS that Llama,
+    Truncating keeps the special tokens the prompt starts with (`special`: the BOS that Llama,
     Mistral and Gemma tokenizers put first, without which such a model drifts) and cuts after them;
     truncate_end keeps those it ends with (the EOS an embedding model's tokenizer puts last, whose
     hidden state is the embedding) and cuts before them; a pair's (`second_start`: where its second text
@@ -236,8 +236,8 @@ def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,
         limits.append((s.max_prompt_tokens, f"it exceeds input.max_prompt_tokens={s.max_prompt_tokens}"))
     room, over = min(limits, default=(len(ids), ""))
     if len(ids) > room:
-        head = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
-        tail = next((n for n, t in enumerate(reversed(ids)) if t not in special_ids), len(ids))
+        head = next((n for n, t in enumerate(ids) if t not in special), len(ids))
+        tail = next((n for n, t in enumerate(reversed(ids)) if t not in special), len(ids))
         if s.on_too_long == "truncate" and room > head:
             ids = ids[:head] + ids[-(room - head):]  # and the end of the prompt: that is what the model continues
         elif s.on_too_long == "truncate_end" and room > tail:
