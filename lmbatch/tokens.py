@@ -78,7 +78,7 @@ def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[i
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], special_ids: frozenset) -> list[tuple[list[int], int]]:
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], special: frozenset) -> list[tuple[list[int], int]]:
     """Token ids per pair of texts as the tokenizer joins them (`tokenizer(firsts, seconds)["input_ids"]`), each
     with where its second text begins. A fast tokenizer says which text each token comes from, so a separator
     typed into the first text ("a [SEP] b", read as the token) stays in it; without one (or where the second
@@ -86,20 +86,20 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], special_ids: frozenset
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         firsts, seconds = (list(t) for t in zip(*pairs))
-        return [(ids, second_text_start(ids, special_ids)) for ids in tokenizer(firsts, seconds)["input_ids"]]
+        return [(ids, second_text_start(ids, special)) for ids in tokenizer(firsts, seconds)["input_ids"]]
     encoded = []
     for e in backend.encode_batch(pairs, add_special_tokens=True):
         second = [n for n, text in enumerate(e.sequence_ids) if text == 1]
-        encoded.append((e.ids, second[0] if second else second_text_start(e.ids, special_ids)))
+        encoded.append((e.ids, second[0] if second else second_text_start(e.ids, special)))
     return encoded
 
 
-def second_text_start(ids: list[int], special_ids: frozenset) -> int:
+def second_text_start(ids: list[int], special: frozenset) -> int:
     """Where the second text of a pair begins in its ids, read from the ids alone: after the special tokens
     that follow the first text ([SEP] in BERT's `[CLS] a [SEP] b [SEP]`, `</s></s>` in RoBERTa's)."""
-    first = next((n for n, t in enumerate(ids) if t not in special_ids), len(ids))
-    separator = next((n for n in range(first, len(ids)) if ids[n] in special_ids), len(ids))
-    return next((n for n in range(separator, len(ids)) if ids[n] not in special_ids), len(ids))
+    first = next((n for n, t in enumerate(ids) if t not in special), len(ids))
+    separator = next((n for n in range(first, len(ids)) if ids[n] in special), len(ids))
+    return next((n for n in range(separator, len(ids)) if ids[n] not in special), len(ids))
 
 
 def special_ids(tokenizer) -> frozenset:
