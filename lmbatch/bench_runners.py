@@ -64,12 +64,16 @@ class Result:
     def row(self, rows: int) -> dict:
         s = self.seconds
         rows = rows if self.rows_done is None else self.rows_done
+
+        def ratio(part: int, whole: int):
+            return round(part / whole, 4) if whole else None
+
         return {
             "variant": self.variant, "seconds": round(s, 3), "rows_per_s": round(rows / s, 3),
             "prompt_tokens_per_s": round(self.prompt_tokens / s, 1),
             "generated_tokens_per_s": round(self.generated_tokens / s, 1),
-            "padding_efficiency": round(self.prompt_tokens / self.padded_prompt_tokens, 4) if self.padded_prompt_tokens else None,
-            "decode_slot_efficiency": round(self.generated_tokens / self.decode_slots, 4) if self.decode_slots else None,
+            "padding_efficiency": ratio(self.prompt_tokens, self.padded_prompt_tokens),
+            "decode_slot_efficiency": ratio(self.generated_tokens, self.decode_slots),
             "peak_rss_mb": megabytes(self.peak_rss),
             "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 2),
             "rows_done": rows,
@@ -183,8 +187,8 @@ class Bench:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         c = self.cfg
-        config = GenerationConfig(max_new_tokens=max(self.new), do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+        config = GenerationConfig(max_new_tokens=max(self.new), do_sample=False,
+                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         cache = ContinuousBatchingConfig(num_blocks=c.cb_num_blocks, page_size=c.cb_page_size,
                                          max_batch_tokens=c.cb_max_batch_tokens)
         results = {}
