@@ -14,7 +14,7 @@ import psutil
 
 from lmbatch.batching import decode_steps
 from lmbatch.bench_workload import build_workload
-from lmbatch.report import PeakSampler, megabytes
+from lmbatch.report import PeakSampler, megabytes, ratio
 
 if TYPE_CHECKING:
     from lmbatch.benchmark import BenchmarkConfig
@@ -64,10 +64,6 @@ class Result:
     def row(self, rows: int) -> dict:
         s = self.seconds
         rows = rows if self.rows_done is None else self.rows_done
-
-        def ratio(part: int, whole: int):
-            return round(part / whole, 4) if whole else None
-
         return {
             "variant": self.variant, "seconds": round(s, 3), "rows_per_s": round(rows / s, 3),
             "prompt_tokens_per_s": round(self.prompt_tokens / s, 1),

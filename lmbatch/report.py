@@ -133,8 +133,8 @@ class Progress:
             "rows_per_s": round(s["rows"] / wall, 3) if wall else None,
             "generated_tokens_per_s": round(s["generated_tokens"] / wall, 3) if wall else None,
             "prompt_tokens_per_s": round(s["prompt_tokens"] / wall, 3) if wall else None,
-            "padding_efficiency": _ratio(s["prompt_tokens"], s["padded_prompt_tokens"]),
-            "decode_slot_efficiency": _ratio(s["generated_tokens"], s["decode_slots"]),
+            "padding_efficiency": ratio(s["prompt_tokens"], s["padded_prompt_tokens"]),
+            "decode_slot_efficiency": ratio(s["generated_tokens"], s["decode_slots"]),
             "micro_batch_split_retries": s["split_retries"],
             "prompt_tokens_shared": s["shared_prefix_tokens"],
             "chunk_restarts": self.chunk_restarts,
@@ -310,7 +310,8 @@ def megabytes(n: Optional[int]) -> Optional[float]:
     return None if n is None else round(n / 2**20, 1)
 
 
-def _ratio(a: int, b: int) -> Optional[float]:
+def ratio(a: int, b: int) -> Optional[float]:
+    """a / b to 4 places (an efficiency), None where b is 0 (nothing was computed)."""
     return round(a / b, 4) if b else None
 
 
