@@ -104,7 +104,8 @@ class Bench:
 
     def run_engine(self, variant: str, **batching) -> Result:
         """The engine in-process, with the benchmark's batching changed by `batching` (one model serves all)."""
-        from lmbatch.engine import HFEngine, Request
+        from lmbatch.engine import HFEngine
+        from lmbatch.interface import Request
         from lmbatch.interface import Pooling, SamplingParams
 
         engine = HFEngine(self.model, self.tokenizer, dataclasses.replace(self.cfg.batching, **batching),

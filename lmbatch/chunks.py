@@ -12,7 +12,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lmbatch.io import InputFile, JobError, read_columns, resolve_filesystem, with_scheme
+from lmbatch.errors import JobError
+from lmbatch.io import InputFile, read_columns
+from lmbatch.storage import resolve_filesystem, with_scheme
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lmbatch.config import ConfigError
-from lmbatch.io import JobError
+from lmbatch.errors import JobError
 
 # Set once Hydra has composed the config and handed it to the job: an exit before that is Hydra's.
 _config_composed = False
@@ -20,7 +20,8 @@ def run_cli(cfg: DictConfig) -> None:
     fails while it runs with one line on the cause and exit status 1."""
     global _config_composed
     _config_composed = True
-    from lmbatch.pipeline import JobFailed, run
+    from lmbatch.errors import JobFailed
+    from lmbatch.pipeline import run
 
     try:
         run(cfg)

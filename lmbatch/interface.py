@@ -118,11 +118,6 @@ def list_column(rows: Sequence[Optional[pa.Array]], value_type: pa.DataType) -> 
                                     mask=pa.array([r is None for r in rows], pa.bool_()))
 
 
-FAILED_IN_GENERATION = ("out of memory", "generation failed", "crashed")
-"""Error kinds of rows that failed in generation, not for their input: another try may succeed
-(output.mode=retry_errors), where a row too long or without a prompt fails the same way again."""
-
-
 @dataclass
 class EngineStats:
     """Counters for the efficiency figures of the benchmark and the run summary."""

@@ -7,10 +7,8 @@ the plan scans), so a bad job (missing path, corrupt file, missing column) stops
 
 from __future__ import annotations
 
-import concurrent.futures
 import fnmatch
 import functools
-import os
 import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
@@ -20,10 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-
-class JobError(Exception):
-    """The job cannot run as configured; the message is meant for the user, without a traceback."""
+from lmbatch.errors import JobError
+from lmbatch.storage import HIVE_NULL, in_threads, resolve_filesystem, with_scheme
 
 
 @dataclass(frozen=True)
@@ -61,40 +57,6 @@ class InputPlan:
         return replace(self, files=files)
 
 
-def absolute(path: str) -> str:
-    """A URI as it is; a local path absolute (Ray's workers run elsewhere), `~` expanded: the shell
-    leaves a `~` quoted for Hydra or read from a config file, and `output.path` made a directory `~`."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or URI; credentials and endpoint come from the environment.
-
-    pyarrow's own filesystems first (local, s3, gs, hdfs, ...); any other scheme that an installed
-    fsspec implementation knows (az:// with adlfs, ...) is wrapped for pyarrow.
-    """
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), absolute(uri)
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass  # not a scheme pyarrow knows: try fsspec
-    except OSError as e:
-        raise JobError(f"cannot open {uri}: {e}") from None
-    import fsspec
-
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-    except (ImportError, ValueError) as e:
-        raise JobError(f"cannot open {uri}: neither pyarrow nor fsspec has a filesystem for it ({e})") from None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-def with_scheme(uri: str, path: str) -> str:
-    """Give a filesystem path back the scheme of the URI it came from (s3://bucket/x)."""
-    return f"{uri.split('://', 1)[0]}://{path}" if "://" in uri else path
-
-
 def _is_data_file(relative_path: str) -> bool:
     """A Parquet file, not hidden and not below a hidden directory: `_temporary/` (a Spark write
     in progress or abandoned), `.hidden/`, `_delta_log/` hold no rows of the table."""
@@ -126,9 +88,6 @@ def _glob_match(pattern: list[str], parts: list[str]) -> bool:
                    if not any(map(_hidden, parts[:i])))
     return (bool(parts) and not (_hidden(parts[0]) and not head.startswith(parts[0][0]))
             and fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:]))
-
-
-HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark and Hive name the directory of null values
 
 
 def hive_partitions(uri: str, path: str) -> dict[str, Optional[str]]:
@@ -249,18 +208,6 @@ def inspect_inputs(uri: str, required: dict[str, str]) -> InputPlan:
         schema = merged
         files.append(InputFile(path=info.path, num_rows=meta.num_rows, size=info.size))
     return InputPlan(uri=uri, files=files, schema=schema, partition_columns=tuple(partition_keys))
-
-
-# Work on many files (input footers and ids, the parts checked before _SUCCESS, a chunk's partition
-# parts) runs this many files at a time: an object store takes tens of milliseconds per request,
-# so 10,000 files one by one would take minutes.
-CONCURRENT_FILES = 16
-
-
-def in_threads(fn, items: list) -> Iterator:
-    """fn over items, CONCURRENT_FILES at a time (I/O bound); results in the order of items."""
-    with concurrent.futures.ThreadPoolExecutor(min(CONCURRENT_FILES, max(1, len(items)))) as pool:
-        yield from pool.map(fn, items)
 
 
 def _read_footer(fs: pafs.FileSystem, path: str):
@@ -395,9 +342,4 @@ def _id_keys(ids: pa.ChunkedArray) -> np.ndarray:
             key = lambda v: hash(repr(v))  # noqa: E731
     return np.fromiter((key(v) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
 
-
-def is_inside(inner: str, outer: str) -> bool:
-    """Whether path `inner` equals `outer` or lies below it (same scheme, normalised)."""
-    a, b = inner.rstrip("/"), outer.rstrip("/")
-    return a == b or a.startswith(b + "/")
 

@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from lmbatch.io import JobError
+from lmbatch.errors import JobError
 from lmbatch.output import LEASE_FILE, OutputDir
 
 RENEW_S = 10.0

@@ -14,7 +14,8 @@ from typing import Optional
 
 from lmbatch import structured
 from lmbatch.config import JobConfig, ModelConfig
-from lmbatch.io import JobError, absolute
+from lmbatch.errors import JobError
+from lmbatch.storage import absolute
 from lmbatch.models import (adapter_misfit, cross_encoder_function, ending_ids, is_classifier, reads_both_ways,
                             score_function, tokenizer_source)
 from lmbatch.structured import Indexes, PatternError

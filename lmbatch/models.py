@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
+from lmbatch.storage import cache_dir
 
 BUILTIN = "builtin://"
 _VERSION = "v1"  # bump when the recipe changes, so cached copies are rebuilt
@@ -35,10 +36,6 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant
 ARCHITECTURES = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 _LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what from_pretrained loads, under any file name
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LMBATCH_CACHE", Path.home() / ".cache" / "lmbatch"))
 
 
 def tokenizer_source(path: str, revision: Optional[str], adapter: Optional[str]) -> tuple[str, Optional[str]]:

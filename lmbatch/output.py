@@ -33,7 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import lmbatch
-from lmbatch.io import HIVE_NULL, JobError, in_threads, resolve_filesystem
+from lmbatch.errors import JobError
+from lmbatch.storage import HIVE_NULL, in_threads, resolve_filesystem
 
 STATE_FILE = "_lmbatch_job.json"
 MANIFEST = "_manifest.json"

@@ -28,23 +28,21 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 import lmbatch
-from lmbatch import io, resources
+from lmbatch import resources
 from lmbatch.config import JobConfig
 from lmbatch.chunks import Chunk
 from lmbatch.lease import RENEW_S, Lease, release_held
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
 from lmbatch.prepare import PrepareSettings, prepare_chunk
-from lmbatch.replica import Replica, error_kind, output_columns
+from lmbatch.errors import error_kind
+from lmbatch.replica import Replica, output_columns
 from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, by_kind, format_summary, megabytes,
                             object_store_bytes)
+from lmbatch.errors import JobFailed
+from lmbatch.storage import is_inside, with_scheme
 
 log = logging.getLogger("lmbatch.pipeline")
-
-
-class JobFailed(RuntimeError):
-    """The job failed while it ran (a replica could not load the model, a part could not be
-    written, parts went missing): the message is one line on the cause; committed chunks stay."""
 
 
 # -- execution ---------------------------------------------------------------------------------
@@ -136,7 +134,7 @@ def prepare_within(chunk: Chunk, settings: PrepareSettings, duplicates: list[int
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        files = ", ".join(sorted({io.with_scheme(settings.input_uri, p.file) for p in chunk.pieces}))
+        files = ", ".join(sorted({with_scheme(settings.input_uri, p.file) for p in chunk.pieces}))
         raise ReadStalled(f"reading chunk {chunk.id} of the input ({files}) did not finish within "
                           f"cluster.stall_timeout_s={timeout_s:g} s: is its storage hung (a stale mount)? The job "
                           "stops rather than wait for it forever")
@@ -251,7 +249,7 @@ def manifest(plan: JobPlan, totals: dict) -> dict:
         "fingerprint": plan.fingerprint,
         "model_identity": plan.model_identity,
         "input": {"uri": plan.inputs.uri, "rows": plan.inputs.num_rows,
-                  "files": [{"path": io.with_scheme(plan.inputs.uri, f.path), "rows": f.num_rows, "bytes": f.size}
+                  "files": [{"path": with_scheme(plan.inputs.uri, f.path), "rows": f.num_rows, "bytes": f.size}
                             for f in plan.inputs.files]},
         "output": {"uri": plan.output.uri, "chunk_rows": plan.chunk_rows, **totals},
         # part -> the input rows it holds, as [file index, first row, stop row] ranges
@@ -271,7 +269,7 @@ def failure_cause(error: Exception) -> str:
     for wrapped in ("The above exception was the direct cause", "During handling of the above exception"):
         text = text.split(wrapped)[0]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # The exception's type without its module (`lmbatch.io.JobError: ...` -> `JobError: ...`).
+    # The exception's type without its module (`lmbatch.errors.JobError: ...` -> `JobError: ...`).
     cause = re.sub(r"^[\w.]+\.(?=\w+: )", "", lines[-1]) if lines else type(error).__name__
     if getattr(error, "actor_init_failed", False):
         return f"a replica could not start: {cause}"
@@ -342,7 +340,7 @@ def notices(plan: JobPlan) -> list[str]:
         kept = "kept" if mode == "report" else f"written as {'an error row' if n == 1 else 'error rows'}"
         found.append(f"warning: {n:,} {'row repeats' if n == 1 else 'rows repeat'} an earlier {job.input.id_column!r} "
                      f"value; {'it is' if n == 1 else 'they are'} {kept} (input.on_duplicate_id={mode})")
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and io.is_inside(uri, os.getcwd()):  # `ray job submit`
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and is_inside(uri, os.getcwd()):  # `ray job submit`
         found.append(f"warning: output.path {uri} lies in the working directory Ray made for this submitted job, "
                      "which Ray may delete after it and other nodes do not see; set output.path to shared storage "
                      "or an object store")

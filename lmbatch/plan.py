@@ -19,17 +19,22 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmbatch import io
 from lmbatch.chunks import Chunk, choose_chunk_rows, plan_chunks
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
-from lmbatch.io import InputPlan, JobError, absolute
+from lmbatch.errors import JobError
+from lmbatch.io import InputPlan
+from lmbatch.storage import absolute
 from lmbatch.model_checks import check_model
 from lmbatch.models import model_identity, tokenizer_source
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
-from lmbatch.prepare import PrepareSettings, RowError, fit_to_context, template_fields
+from lmbatch.errors import RowError
+from lmbatch.prepare import PrepareSettings, fit_to_context, template_fields
 from lmbatch.tokens import direct_class_path, load_tokenizer
-from lmbatch.interface import FAILED_IN_GENERATION
-from lmbatch.replica import SAMPLE_INDEX, error_kind, output_columns
+from lmbatch.errors import FAILED_IN_GENERATION
+from lmbatch.errors import error_kind
+from lmbatch.replica import SAMPLE_INDEX, output_columns
+from lmbatch.io import find_duplicate_ids, inspect_inputs, is_text, long_strings
+from lmbatch.storage import is_inside
 
 
 @dataclass
@@ -171,14 +176,14 @@ def plan_job(job: JobConfig) -> JobPlan:
     i = job.input
     input_uri = resolve_input_uri(i.path)
     output_uri = absolute(job.output.path)
-    if io.is_inside(output_uri, input_uri) or io.is_inside(input_uri, output_uri):
+    if is_inside(output_uri, input_uri) or is_inside(input_uri, output_uri):
         raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
     keep = i.keep_columns or []
     required = {**{c: "any" for c in [i.id_column, *keep, *template_fields(i.template)]},
                 **{c: PER_ROW_PARAMETERS[c] for c in i.param_columns},
                 i.text_column: "messages" if i.messages_column else "string",  # the kinds checked win over "any"
                 **({i.pair_column: "string"} if i.pair_column else {})}
-    inputs = io.inspect_inputs(input_uri, required).head(i.limit)
+    inputs = inspect_inputs(input_uri, required).head(i.limit)
     passthrough = _passthrough_columns(job, inputs)
     model, context_limit, kv_bytes_per_token = check_model(job)
 
@@ -224,7 +229,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity,
                    kv_bytes_per_token=kv_bytes_per_token, retrying=retrying)
     if i.on_duplicate_id != "ignore" and not state.finished:
-        plan.duplicate_rows = _duplicates_by_chunk(chunks, io.find_duplicate_ids(input_uri, inputs.files, i.id_column))
+        plan.duplicate_rows = _duplicates_by_chunk(chunks, find_duplicate_ids(input_uri, inputs.files, i.id_column))
     return plan
 
 
@@ -249,11 +254,11 @@ def _check_partition_by(job: JobConfig, inputs: InputPlan, passthrough: list[str
             or pa.types.is_fixed_size_binary(type_):  # Spark refuses these too
         raise JobError(f"output.partition_by={column!r} is a {type_} column; partition by a column of strings, "
                        "numbers, booleans or dates, whose values can name a directory")
-    if not io.is_text(type_):
+    if not is_text(type_):
         return  # numbers, dates and booleans print short
     # A UTF-8 byte quotes to at most 3 ("%C3"): shorter values fit, so only the longer are looked at.
     shortest_suspect = (MAX_NAME_BYTES - len(column) - 1) // 3
-    too_long = [v for v in io.long_strings(inputs.uri, inputs.files, column, shortest_suspect)
+    too_long = [v for v in long_strings(inputs.uri, inputs.files, column, shortest_suspect)
                 if len(partition_dir(column, v).encode()) > MAX_NAME_BYTES]
     if too_long:
         example = too_long[0][:60] + "…"

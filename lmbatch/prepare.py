@@ -21,6 +21,7 @@ from lmbatch import structured
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, GenerationOptions
 from lmbatch.chunks import Chunk, read_chunk
 from lmbatch.tokens import encode, encode_pairs, load_tokenizer, special_ids
+from lmbatch.errors import RowError
 
 # Columns the prepare step adds; the replica consumes them and the writer drops the underscored ones.
 CHUNK, CHUNK_ROWS, ROW = "_chunk", "_chunk_rows", "_row"
@@ -28,10 +29,6 @@ PROMPT_IDS, MAX_NEW, ERROR, PARAMS = "_prompt_ids", "_max_new_tokens", "_error",
 CHOICES = "_choices"  # the token ids of each of a row's generation.choices
 SECOND_TEXT = "_second_text_start"  # where a pair's second text begins in its prompt ids (input.pair_column)
 NUM_PROMPT_TOKENS = "num_prompt_tokens"
-
-
-class RowError(ValueError):
-    """This row cannot be generated; the message goes to the output's `error` column."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from lmbatch.interface import (TOKEN_LOGPROB, Completion, Pooling, Request, Samp
                                list_column, row_seed, with_repeats)
 from lmbatch.output import OutputDir, with_part_metadata
 from lmbatch.report import LiveReporter
+from lmbatch.errors import error_kind
 
 GENERATED_COLUMNS = pa.schema([
     ("generated_text", pa.string()),
@@ -226,11 +227,6 @@ class StallWatchdog:
             if on_batch is not None:
                 on_batch(completions)
         return call
-
-
-def error_kind(message: str) -> str:
-    """Error messages start with their kind: 'too long: prompt has ...' -> 'too long'."""
-    return message.split(":", 1)[0]
 
 
 class Replica:

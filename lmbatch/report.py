@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, TextIO
 
-from lmbatch.interface import FAILED_IN_GENERATION
+from lmbatch.errors import FAILED_IN_GENERATION
 
 
 class Progress:

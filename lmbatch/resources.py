@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from lmbatch.config import ClusterConfig, JobConfig
-from lmbatch.io import JobError
+from lmbatch.errors import JobError
 from lmbatch.models import parameter_count
 from lmbatch.plan import JobPlan
 

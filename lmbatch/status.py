@@ -14,7 +14,8 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from lmbatch.io import JobError, absolute
+from lmbatch.errors import JobError
+from lmbatch.storage import absolute
 from lmbatch.lease import EXPIRE_S, process_gone, read_lease
 from lmbatch.output import CHUNK_MARKERS, METRICS, STATE_FILE, SUCCESS, OutputDir
 from lmbatch.report import by_kind

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
-from lmbatch.io import JobError
+from lmbatch.errors import JobError
 from lmbatch.models import parameter_count
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.resources import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall

@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import choice_oracle, compose, oracle, save_classifier, save_lora_adapter, varied_prompts, write_prompts
-from lmbatch.io import JobError
+from lmbatch.errors import JobError
 from lmbatch.models import model_identity
 from lmbatch.output import OutputDir, OutputState
-from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, JobFailed, failure_cause, run
+from lmbatch.errors import JobFailed
+from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.status import output_status
 from lmbatch.replica import split_reasoning

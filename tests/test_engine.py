@@ -17,7 +17,8 @@ from conftest import choice_oracle, save_classifier, save_headless, varied_promp
 from lmbatch import engine as engine_module
 from lmbatch import scoring
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import HFEngine, choose_kv_cache
+from lmbatch.engine import HFEngine
+from lmbatch.interface import choose_kv_cache
 from lmbatch.loading import choose_attention, has_flash_attention
 from lmbatch.interface import Completion, Pooling, Request, SamplingParams
 from lmbatch.processors import PerRowSampler, RepetitionPenalty

@@ -33,13 +33,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from conftest import (REPO, compose, oracle, save_classifier, save_headless, save_lora_adapter, varied_prompts,
                       write_prompts)
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
-from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine, Request
+from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine
+from lmbatch.interface import Request
 from lmbatch.dry_run import dry_run
-from lmbatch.io import JobError
+from lmbatch.errors import JobError
 from lmbatch import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
-from lmbatch.pipeline import JobFailed, ReadStalled, count_committed, prepare_within, run
+from lmbatch.errors import JobFailed
+from lmbatch.pipeline import ReadStalled, count_committed, prepare_within, run
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT, prepare_chunk, row_prompt
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,

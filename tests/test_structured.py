@@ -17,7 +17,7 @@ from conftest import compose, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ConfigError, GenerationOptions, ModelConfig
 from lmbatch.engine import HFEngine
 from lmbatch.interface import Request, SamplingParams
-from lmbatch.io import JobError
+from lmbatch.errors import JobError
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.structured import PatternError, arrow_type, parsed_column, pattern, token_bytes
 
