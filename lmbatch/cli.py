@@ -8,7 +8,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from lmbatch.config import ConfigError
+from lmbatch.config import ConfigError, register_configs
 from lmbatch.errors import JobError
 
 # Set once Hydra has composed the config and handed it to the job: an exit before that is Hydra's.
@@ -40,6 +40,7 @@ def run_hydra_main(hydra_main: Callable[[], None]) -> None:
     type, a missing group option, a malformed override) with a readable message of its own and exit
     status 1, which is the status of a job that failed while it ran: make it 2, as for every other bad
     job, so that a scheduler's retry policy keyed on the status does not retry a typo."""
+    register_configs()
     try:
         hydra_main()
     except SystemExit as e:

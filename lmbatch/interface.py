@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import pyarrow as pa
 
-from lmbatch.batching import padded_size
+from lmbatch.batching import padded_size, plan_micro_batches
 
 if TYPE_CHECKING:
     from lmbatch.config import BatchingConfig
@@ -142,8 +142,9 @@ def plan_requests(batching: BatchingConfig, requests: Sequence[Request]) -> list
     keys: list = [r.params for r in requests]
     if batching.share_prefix and batching.group_prefixes and batching.strategy == "bucketed":
         keys = list(zip(keys, prefix_groups(requests, batching.max_batch_rows)))
-    return batching.plan([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
-                         group_keys=keys, sequences=[r.params.num_return_sequences for r in requests])
+    return plan_micro_batches([len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
+                              group_keys=keys, sequences=[r.params.num_return_sequences for r in requests],
+                              **batching.planner_settings)
 
 
 SHARED_PREFIX_MIN_TOKENS = 16

@@ -143,7 +143,7 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
     import math
     import random
 
-    from lmbatch.batching import decode_steps
+    from lmbatch.batching import decode_steps, plan_micro_batches
     from lmbatch.chunks import choose_chunk_rows
 
     rng = random.Random(0)
@@ -156,7 +156,8 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
         steps = 0
         for start in range(0, len(lengths), window):
             rows = slice(start, start + window)
-            steps += decode_steps(b.plan(lengths[rows], new_tokens[rows]), new_tokens[rows])
+            steps += decode_steps(plan_micro_batches(lengths[rows], new_tokens[rows], **b.planner_settings),
+                                  new_tokens[rows])
         return steps
 
     assert job_steps("gpu") * 5 < job_steps("bucketed")
