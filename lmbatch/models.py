@@ -298,7 +298,7 @@ def _build_atomically(target: Path, name: str) -> None:
 
 
 def _corpus() -> list[str]:
-    from lmbatch.samples import sample_sentences
+    from lmbatch.input.builtin import sample_sentences
 
     return sample_sentences()
 
@@ -333,7 +333,7 @@ def build_wordpiece_tokenizer(max_length: int = 512):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from lmbatch.samples import WORDS
+    from lmbatch.input.builtin import WORDS
 
     chars = [chr(c) for c in range(33, 127)]
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 import lmbatch
 from lmbatch import resources
 from lmbatch.config import JobConfig
-from lmbatch.chunks import Chunk
+from lmbatch.input.chunks import Chunk
 from lmbatch.lease import RENEW_S, Lease, release_held
 from lmbatch.output import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config

@@ -19,10 +19,10 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmbatch.chunks import Chunk, choose_chunk_rows, plan_chunks
+from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
 from lmbatch.errors import JobError
-from lmbatch.io import InputPlan
+from lmbatch.input.files import InputPlan
 from lmbatch.storage import absolute
 from lmbatch.model_checks import check_model
 from lmbatch.models import model_identity, tokenizer_source
@@ -33,7 +33,7 @@ from lmbatch.tokens import direct_class_path, load_tokenizer
 from lmbatch.errors import FAILED_IN_GENERATION
 from lmbatch.errors import error_kind
 from lmbatch.replica import SAMPLE_INDEX, output_columns
-from lmbatch.io import find_duplicate_ids, inspect_inputs, is_text, long_strings
+from lmbatch.input.files import find_duplicate_ids, inspect_inputs, is_text, long_strings
 from lmbatch.storage import is_inside
 
 
@@ -96,7 +96,7 @@ def to_job_config(cfg: Any) -> JobConfig:
 
 def resolve_input_uri(path: str) -> str:
     from lmbatch.models import BUILTIN
-    from lmbatch.samples import builtin_input_path
+    from lmbatch.input.builtin import builtin_input_path
 
     if path.startswith(BUILTIN):
         try:

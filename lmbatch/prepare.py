@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from lmbatch import structured
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, GenerationOptions
-from lmbatch.chunks import Chunk, read_chunk
+from lmbatch.input.chunks import Chunk, read_chunk
 from lmbatch.tokens import encode, encode_pairs, load_tokenizer, special_ids
 from lmbatch.errors import RowError
 

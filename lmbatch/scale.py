@@ -57,7 +57,7 @@ ConfigStore.instance().store(name="scale_schema", node=ScaleConfig)
 
 def write_input(directory: Path, rows: int, rows_per_file: int, row_group_rows: Optional[int]) -> Path:
     """Deterministic prompts of varied length, `rows_per_file` rows in each file."""
-    from lmbatch.samples import sample_sentences
+    from lmbatch.input.builtin import sample_sentences
 
     pool = pa.array(sample_sentences(4096, seed=99))
     directory.mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,7 @@ def save_headless(model_path: str, directory: Path) -> str:
 
 def varied_prompts(n: int, seed: int = 0, max_words: int = 300) -> list[str]:
     """Prompts from one word to several hundred tokens, in shuffled order."""
-    from lmbatch.samples import WORDS
+    from lmbatch.input.builtin import WORDS
 
     rng = random.Random(seed)
     lengths = [1, 2, 3, max_words] + [int(rng.lognormvariate(2.5, 1.2)) + 1 for _ in range(n - 4)]

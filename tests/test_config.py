@@ -144,7 +144,7 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
     import random
 
     from lmbatch.batching import decode_steps, plan_micro_batches
-    from lmbatch.chunks import choose_chunk_rows
+    from lmbatch.input.chunks import choose_chunk_rows
 
     rng = random.Random(0)
     lengths = [min(1024, max(4, int(rng.lognormvariate(math.log(128), 1.0)))) for _ in range(20_000)]

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_prompts
-from lmbatch.chunks import Chunk, choose_chunk_rows, plan_chunks, read_chunk
+from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks, read_chunk
 from lmbatch.errors import JobError
-from lmbatch.io import InputFile, InputPlan, find_duplicate_ids, inspect_inputs
+from lmbatch.input.files import InputFile, InputPlan, find_duplicate_ids, inspect_inputs
 
 
 def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():

@@ -37,7 +37,7 @@ from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngin
 from lmbatch.interface import Request
 from lmbatch.dry_run import dry_run
 from lmbatch.errors import JobError
-from lmbatch import chunks as lmbatch_chunks
+from lmbatch.input import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output import LEASE_FILE, part_name
 from lmbatch.errors import JobFailed

@@ -2,7 +2,7 @@
 
 Everything here runs before any model loads, from Parquet footers (and the id and prompt columns
 the plan scans), so a bad job (missing path, corrupt file, missing column) stops with one readable
-`JobError`. Cutting the input into chunks and reading a chunk back: `lmbatch.chunks`.
+`JobError`. Cutting the input into chunks and reading a chunk back: `lmbatch.input.chunks`.
 """
 
 from __future__ import annotations
