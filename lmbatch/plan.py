@@ -33,7 +33,8 @@ from lmbatch.tokens import direct_class_path, load_tokenizer
 from lmbatch.errors import FAILED_IN_GENERATION
 from lmbatch.errors import error_kind
 from lmbatch.replica import SAMPLE_INDEX, output_columns
-from lmbatch.input.files import find_duplicate_ids, inspect_inputs, is_text, long_strings
+from lmbatch.input.files import inspect_inputs, is_text
+from lmbatch.input.scans import find_duplicate_ids, long_strings
 from lmbatch.storage import is_inside
 
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import write_prompts
 from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks, read_chunk
 from lmbatch.errors import JobError
-from lmbatch.input.files import InputFile, InputPlan, find_duplicate_ids, inspect_inputs
+from lmbatch.input.files import InputFile, InputPlan, inspect_inputs
+from lmbatch.input.scans import find_duplicate_ids
 
 
 def test_a_filesystem_only_fsspec_knows_is_read_through_pyarrow():

@@ -11,6 +11,8 @@ import os
 import random
 import tempfile
 
+from lmbatch.storage import cache_dir
+
 WORDS = (
     "the a an of to in and or but with for on at by from as is are was were be been it this that these "
     "data table row column file job model batch token prompt answer question summary report value "
@@ -58,8 +60,6 @@ def builtin_input_path(name: str) -> str:
     """Write a built-in input set once (atomically: parallel runs may race) and return its path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from lmbatch.models import cache_dir
 
     if name not in BUILTIN_INPUTS:
         raise ValueError(f"unknown built-in input {name!r}; choose one of {sorted(BUILTIN_INPUTS)}")

@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lmbatch.errors import JobError
-from lmbatch.input.files import InputFile, read_columns
+from lmbatch.input.files import InputFile
+from lmbatch.input.scans import read_columns
 from lmbatch.storage import resolve_filesystem, with_scheme
 
 

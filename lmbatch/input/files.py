@@ -1,25 +1,24 @@
-"""Input side: find the Parquet files, validate them up front, and scan whole columns of them.
+"""The input's files checked up front, from their Parquet footers: columns present and of the right kind,
+one schema over all files (`inspect_inputs`).
 
-Everything here runs before any model loads, from Parquet footers (and the id and prompt columns
-the plan scans), so a bad job (missing path, corrupt file, missing column) stops with one readable
-`JobError`. Cutting the input into chunks and reading a chunk back: `lmbatch.input.chunks`.
+Everything here runs before any model loads, so a bad job (missing path, corrupt file, missing column)
+stops with one readable `JobError`. Finding the files: `discovery`; scanning a column: `scans`; cutting
+the rows into chunks and reading a chunk back: `chunks`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import urllib.parse
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import Optional
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
 from lmbatch.errors import JobError
-from lmbatch.storage import HIVE_NULL, in_threads, resolve_filesystem, with_scheme
+from lmbatch.input.discovery import discover_files, hive_partitions
+from lmbatch.storage import in_threads, with_scheme
 
 
 @dataclass(frozen=True)
@@ -55,89 +54,6 @@ class InputPlan:
             files.append(replace(f, num_rows=min(f.num_rows, rows)))
             rows -= f.num_rows
         return replace(self, files=files)
-
-
-def _is_data_file(relative_path: str) -> bool:
-    """A Parquet file, not hidden and not below a hidden directory: `_temporary/` (a Spark write
-    in progress or abandoned), `.hidden/`, `_delta_log/` hold no rows of the table."""
-    parts = relative_path.strip("/").split("/")
-    return not any(map(_hidden, parts)) and parts[-1].endswith((".parquet", ".parq", ".pq"))
-
-
-def _hidden(name: str) -> bool:
-    """Not data, as Spark, Hive and pyarrow see it: `_SUCCESS`, `_temporary/`, `.crc` files."""
-    return name.startswith(("_", "."))
-
-
-def _glob_base(path: str) -> Optional[str]:
-    """The directory a glob pattern starts below (None: not a glob)."""
-    if not any(c in path for c in "*?["):
-        return None
-    return path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0] or "/"
-
-
-def _glob_match(pattern: list[str], parts: list[str]) -> bool:
-    """Whether a path's segments match a glob's, as a shell would: `*`, `?` and `[...]` within one
-    segment, `**` across any number. A name starting with `_` or `.` (an unfinished Spark write's
-    `_temporary/`, checksum files) is matched only by a pattern segment that starts the same way."""
-    if not pattern:
-        return not parts
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_glob_match(rest, parts[i:]) for i in range(len(parts) + 1)
-                   if not any(map(_hidden, parts[:i])))
-    return (bool(parts) and not (_hidden(parts[0]) and not head.startswith(parts[0][0]))
-            and fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:]))
-
-
-def hive_partitions(uri: str, path: str) -> dict[str, Optional[str]]:
-    """`key=value` directories between the input root (a directory or a glob's base) and a file.
-
-    Spark and Hive write a table partitioned by a column as `column=value/part-*.parquet`, leaving
-    the column out of the files: reading it back from the paths keeps it in the output.
-    """
-    directories = path[len(_input_root(uri)):].strip("/").split("/")[:-1]
-    pairs = (d.partition("=") for d in directories if "=" in d)
-    return {k: None if v == HIVE_NULL else urllib.parse.unquote(v) for k, _, v in pairs}
-
-
-@functools.lru_cache(maxsize=8)
-def _input_root(uri: str) -> str:
-    path = resolve_filesystem(uri)[1]
-    return _glob_base(path) or path
-
-
-def discover_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
-    """The Parquet files named by a file, a directory (searched recursively) or a glob."""
-    fs, path = resolve_filesystem(uri)
-    base = _glob_base(path)
-    if base is not None:
-        infos = _list(fs, base, uri)
-        pattern = path.split("/")
-        found = [i for i in infos if i.is_file and _glob_match(pattern, i.path.split("/"))]
-        if not found:
-            raise JobError(f"input.path {uri} matches no files")
-        return fs, found
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise JobError(f"input.path {uri} does not exist")
-    if info.type == pafs.FileType.File:
-        return fs, [info]
-    infos = _list(fs, path, uri)
-    found = [i for i in infos if i.is_file and _is_data_file(i.path[len(path):])]
-    if not found:
-        if any(i.is_file for i in infos):
-            raise JobError(f"input.path {uri} holds no Parquet files (*.parquet)")
-        raise JobError(f"input.path {uri} is an empty directory")
-    return fs, found
-
-
-def _list(fs: pafs.FileSystem, base: str, uri: str) -> list[pafs.FileInfo]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    except (FileNotFoundError, OSError) as e:
-        raise JobError(f"cannot list input.path {uri}: {e}") from None
-    return sorted(infos, key=lambda i: i.path)
 
 
 def is_text(t: pa.DataType) -> bool:
@@ -255,91 +171,5 @@ def _common_type(x: pa.DataType, y: pa.DataType) -> Optional[pa.DataType]:
             pa.types.is_signed_integer(x) == pa.types.is_signed_integer(y):
         return x if x.bit_width >= y.bit_width else y
     return None
-
-
-def read_columns(parquet: pq.ParquetFile, uri: str, path: str, groups: tuple, columns: tuple) -> pa.Table:
-    """The given columns of some row groups; a column the file lacks is one of its Hive partitions."""
-    stored = [c for c in columns if c in parquet.schema_arrow.names]
-    try:
-        table = parquet.read_row_groups(list(groups), columns=stored)
-    except (OSError, pa.ArrowException) as e:  # the footer was read when planning: the data is bad
-        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).rstrip(".")
-        raise JobError(f"input file {with_scheme(uri, path)} cannot be read (row groups {', '.join(map(str, groups))}, "
-                       f"columns {', '.join(stored)}): {detail} (a corrupt file? replace or remove it)") from None
-    partitions = hive_partitions(uri, path)
-    for c in columns:
-        if c not in stored:
-            table = table.append_column(c, pa.array([partitions[c]] * table.num_rows, pa.string()))
-    return table.select(list(columns))
-
-
-def _row_groups_of(fs: pafs.FileSystem, uri: str, path: str, column: str) -> Iterator[pa.ChunkedArray]:
-    """One column of a file, a row group at a time: a scan of the whole input holds one row group."""
-    with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        for g in range(parquet.metadata.num_row_groups):
-            yield read_columns(parquet, uri, path, (g,), (column,))[column]
-
-
-def long_strings(uri: str, files: list[InputFile], column: str, min_bytes: int) -> list[str]:
-    """The distinct values of a string column at least `min_bytes` long in UTF-8, over the input's
-    rows (a file's `num_rows`, which a limit may cut)."""
-    fs, _ = resolve_filesystem(uri)
-
-    def of_file(f: InputFile) -> set[str]:
-        found, offset = set(), 0
-        for values in _row_groups_of(fs, uri, f.path, column):
-            if offset >= f.num_rows:
-                break
-            values = values.slice(0, f.num_rows - offset).cast(pa.large_string())
-            offset += len(values)
-            found.update(values.filter(pc.greater_equal(pc.binary_length(values), min_bytes)).to_pylist())
-        return found
-    return sorted(set().union(*in_threads(of_file, files)))
-
-
-def find_duplicate_ids(uri: str, files: list[InputFile], id_column: str) -> list[int]:
-    """Rows whose id appeared earlier in the input, as sorted positions in the whole input.
-
-    Streams the id column one row group at a time and keeps a 64-bit hash and a position per
-    row (16 bytes; 160 MB for 10M rows), released when the check ends. Null ids are skipped.
-    """
-    fs, _ = resolve_filesystem(uri)
-    hashes, positions, offset = [], [], 0
-    for file_hashes, present, rows in in_threads(lambda f: _id_hashes(fs, uri, f.path, id_column), files):
-        hashes.append(file_hashes)
-        positions.append(present + offset)
-        offset += rows
-    flat = np.concatenate(hashes)
-    where = np.concatenate(positions)
-    order = np.argsort(flat, kind="stable")  # stable: an id's first occurrence sorts first
-    repeats = np.zeros(len(flat), dtype=bool)
-    repeats[1:] = flat[order[1:]] == flat[order[:-1]]
-    return np.sort(where[order[repeats]]).tolist()
-
-
-def _id_hashes(fs: pafs.FileSystem, uri: str, path: str, id_column: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(hashes of a file's non-null ids, their row positions, the file's rows), a row group at a time."""
-    hashes, positions, offset = [np.empty(0, np.int64)], [np.empty(0, np.int64)], 0  # a file may have no rows
-    for ids in _row_groups_of(fs, uri, path, id_column):
-        hashes.append(_id_keys(ids.drop_null()))
-        positions.append(np.flatnonzero(ids.is_valid().to_numpy(zero_copy_only=False)) + offset)
-        offset += len(ids)
-    return np.concatenate(hashes), np.concatenate(positions), offset
-
-
-def _id_keys(ids: pa.ChunkedArray) -> np.ndarray:
-    """A 64-bit key per id, the same for equal ids. Integers are their own key: Python's hash() gives
-    -1 and -2 (or 1 and 2**61) one value, which made distinct ids count as repeats. Other ids are
-    hashed as text where Arrow can cast them (the same trap for -1.0 and -2.0), else as Python values."""
-    if pa.types.is_integer(ids.type):
-        return ids.to_numpy().astype(np.int64)  # uint64 above 2**63 wraps: still one key per value
-    key = hash
-    if not (pa.types.is_binary(ids.type) or pa.types.is_large_binary(ids.type)):
-        try:
-            ids = ids.cast(pa.string())
-        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # structs, lists: not hashable as they come
-            key = lambda v: hash(repr(v))  # noqa: E731
-    return np.fromiter((key(v) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
 
 
