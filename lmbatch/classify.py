@@ -11,7 +11,7 @@ import torch
 
 from lmbatch.embedding import EncoderReading, last_hidden_states
 from lmbatch.interface import Request
-from lmbatch.models import score_function
+from lmbatch.models.architecture import score_function
 
 
 def classify_prompts(model, batch: list[Request], input_ids, attention_mask,

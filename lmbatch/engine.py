@@ -28,7 +28,8 @@ from lmbatch.embedding import EncoderReading, embed_prompts
 from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
                                row_seed, shared_prefix)
 from lmbatch.loading import load_model
-from lmbatch.models import ending_ids, is_classifier, reads_both_ways, special_tokens_only
+from lmbatch.models import is_classifier, reads_both_ways
+from lmbatch.models.architecture import ending_ids, special_tokens_only
 from lmbatch.prefix import layout, prefix_cache
 from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
                                 TokenLogprobs, first_tokens)

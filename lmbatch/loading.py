@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from lmbatch.config import ModelConfig
-from lmbatch.models import is_classifier, reads_both_ways, tokenizer_source
+from lmbatch.models import is_classifier, reads_both_ways
+from lmbatch.models.files import tokenizer_source
 
 
 def choose_attention(requested: Optional[str], device: str, dtype: str, flash_usable: bool) -> Optional[str]:

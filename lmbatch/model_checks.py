@@ -16,8 +16,9 @@ from lmbatch import structured
 from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.errors import JobError
 from lmbatch.storage import absolute
-from lmbatch.models import (adapter_misfit, cross_encoder_function, ending_ids, is_classifier, reads_both_ways,
-                            score_function, tokenizer_source)
+from lmbatch.models import is_classifier, reads_both_ways
+from lmbatch.models.architecture import cross_encoder_function, ending_ids, score_function
+from lmbatch.models.files import adapter_misfit, tokenizer_source
 from lmbatch.structured import Indexes, PatternError
 from lmbatch.tokens import encode, load_tokenizer
 
@@ -28,8 +29,9 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     missing model."""
     from transformers import AutoConfig
 
-    from lmbatch.models import (BUILTIN, check_weights, hub_commit, kv_cache_bytes_per_token, load_generation_config,
-                                resolve_model_path, settings_not_applied)
+    from lmbatch.models import BUILTIN, kv_cache_bytes_per_token, resolve_model_path
+    from lmbatch.models.architecture import load_generation_config, settings_not_applied
+    from lmbatch.models.files import check_weights, hub_commit
 
     path, revision = job.model.path, job.model.revision
     if not path.startswith(BUILTIN):

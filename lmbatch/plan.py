@@ -25,7 +25,8 @@ from lmbatch.errors import JobError
 from lmbatch.input.files import InputPlan
 from lmbatch.storage import absolute
 from lmbatch.model_checks import check_model
-from lmbatch.models import model_identity, tokenizer_source
+from lmbatch.models import model_identity
+from lmbatch.models.files import tokenizer_source
 from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.errors import RowError
 from lmbatch.prepare import PrepareSettings, fit_to_context, template_fields
