@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 import psutil
 
-from lmbatch.batching import decode_steps
+from lmbatch.engine.batching import decode_steps
 from lmbatch.bench_workload import build_workload
 from lmbatch.report import PeakSampler, megabytes, ratio
 
@@ -104,9 +104,9 @@ class Bench:
 
     def run_engine(self, variant: str, **batching) -> Result:
         """The engine in-process, with the benchmark's batching changed by `batching` (one model serves all)."""
-        from lmbatch.engine import HFEngine
-        from lmbatch.interface import Request
-        from lmbatch.interface import Pooling, SamplingParams
+        from lmbatch.engine.hf import HFEngine
+        from lmbatch.engine.types import Request
+        from lmbatch.engine.types import Pooling, SamplingParams
 
         engine = HFEngine(self.model, self.tokenizer, dataclasses.replace(self.cfg.batching, **batching),
                           kv_cache=self.cfg.kv_cache)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from lmbatch.batching import decode_steps, padding_efficiency
-from lmbatch.interface import identical_requests, padded_tokens, plan_requests, shared_prefix
+from lmbatch.engine.batching import decode_steps, padding_efficiency
+from lmbatch.engine.requests import identical_requests, padded_tokens, plan_requests, shared_prefix
 from lmbatch.prepare import ERROR, NUM_PROMPT_TOKENS, prepare_chunk
 from lmbatch.replica import chunk_requests
 from lmbatch.tokens import load_tokenizer

@@ -42,7 +42,7 @@ from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, by_kind
 from lmbatch.errors import JobFailed
 from lmbatch.storage import is_inside, with_scheme
 
-log = logging.getLogger("lmbatch.pipeline")
+log = logging.getLogger(__name__)
 
 
 # -- execution ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from lmbatch.interface import Request, SamplingParams
+from lmbatch.engine.types import Request, SamplingParams
 
 
 class PerRowSampler(LogitsProcessor):

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 from lmbatch import prepare as P
 from lmbatch import structured
 from lmbatch.config import GenerationOptions, JobConfig
-from lmbatch.interface import (TOKEN_LOGPROB, Completion, Pooling, Request, SamplingParams, identical_requests,
-                               list_column, row_seed, with_repeats)
+from lmbatch.engine.requests import identical_requests, row_seed, with_repeats
+from lmbatch.engine.types import TOKEN_LOGPROB, Completion, Pooling, Request, SamplingParams, list_column
 from lmbatch.output import OutputDir, with_part_metadata
 from lmbatch.report import LiveReporter
 from lmbatch.errors import error_kind
@@ -65,7 +65,7 @@ While others generate, it goes on."""
 CRASHED = ("crashed: the replica process died generating this row alone (a crash in native code, killed for "
            "memory, or stalled past cluster.stall_timeout_s)")
 
-log = logging.getLogger("lmbatch.replica")
+log = logging.getLogger(__name__)
 
 
 def output_columns(job: JobConfig) -> list[pa.Field]:
@@ -153,12 +153,12 @@ def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str
 
 def load_engine(job: JobConfig, device: str | None = None):
     if job.engine == "echo":  # no torch or transformers import in this process
-        from lmbatch.echo import EchoEngine
+        from lmbatch.engine.echo import EchoEngine
 
         return EchoEngine(job.batching)
     from transformers.utils import logging as transformers_logging
 
-    from lmbatch.engine import HFEngine
+    from lmbatch.engine.hf import HFEngine
     from lmbatch.models import resolve_model_path
 
     path = resolve_model_path(job.model.path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from lmbatch.interface import TOKEN_LOGPROB, TOP_LOGPROB
+from lmbatch.engine.types import TOKEN_LOGPROB, TOP_LOGPROB
 
 
 class TokenTexts:

@@ -5,10 +5,10 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmbatch.batching import decode_steps, padded_size, padding_efficiency, plan_micro_batches
+from lmbatch.engine.batching import decode_steps, padded_size, padding_efficiency, plan_micro_batches
 from lmbatch.config import BatchingConfig
-from lmbatch.interface import (Completion, Request, SamplingParams, identical_requests, plan_requests, prefix_groups,
-                               shared_prefix, with_repeats)
+from lmbatch.engine.requests import identical_requests, plan_requests, prefix_groups, shared_prefix, with_repeats
+from lmbatch.engine.types import Completion, Request, SamplingParams
 
 
 def test_bucketed_orders_by_length_and_respects_budget():

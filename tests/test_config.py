@@ -143,7 +143,7 @@ def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
     import math
     import random
 
-    from lmbatch.batching import decode_steps, plan_micro_batches
+    from lmbatch.engine.batching import decode_steps, plan_micro_batches
     from lmbatch.input.chunks import choose_chunk_rows
 
     rng = random.Random(0)
@@ -176,7 +176,7 @@ def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
 def test_openai_and_vllm_conventions_mean_what_they_mean_there():
     """Request files exported from OpenAI's API or vLLM hold temperature 0 (greedy) and top_k -1 (off)."""
     from lmbatch.config import GenerationOptions
-    from lmbatch.interface import SamplingParams
+    from lmbatch.engine.types import SamplingParams
     from lmbatch.replica import sampling_params
 
     assert sampling_params(GenerationOptions(do_sample=True, temperature=0.0, top_k=5, top_p=0.5)) == SamplingParams()

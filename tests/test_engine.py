@@ -14,13 +14,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import choice_oracle, save_classifier, save_headless, varied_prompts
-from lmbatch import engine as engine_module
-from lmbatch import scoring
+from lmbatch.engine import hf as engine_module
+from lmbatch.engine import scoring
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.engine import HFEngine
-from lmbatch.interface import choose_kv_cache
-from lmbatch.loading import choose_attention, has_flash_attention
-from lmbatch.interface import Completion, Pooling, Request, SamplingParams
+from lmbatch.engine.hf import HFEngine
+from lmbatch.engine.loading import choose_kv_cache
+from lmbatch.engine.loading import choose_attention, has_flash_attention
+from lmbatch.engine.types import Completion, Pooling, Request, SamplingParams
 from lmbatch.processors import PerRowSampler, RepetitionPenalty
 
 

@@ -33,8 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from conftest import (REPO, compose, oracle, save_classifier, save_headless, save_lora_adapter, varied_prompts,
                       write_prompts)
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
-from lmbatch.engine import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine
-from lmbatch.interface import Request
+from lmbatch.engine.hf import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine
+from lmbatch.engine.types import Request
 from lmbatch.dry_run import dry_run
 from lmbatch.errors import JobError
 from lmbatch.input import chunks as lmbatch_chunks

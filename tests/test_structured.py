@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import compose, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ConfigError, GenerationOptions, ModelConfig
-from lmbatch.engine import HFEngine
-from lmbatch.interface import Request, SamplingParams
+from lmbatch.engine.hf import HFEngine
+from lmbatch.engine.types import Request, SamplingParams
 from lmbatch.errors import JobError
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.structured import PatternError, arrow_type, parsed_column, pattern, token_bytes

@@ -9,7 +9,7 @@ import inspect
 
 import torch
 
-from lmbatch.interface import Request
+from lmbatch.engine.types import Request
 
 SCORING_LOGITS = 2 ** 27
 """Logits (rows x choice tokens x vocabulary) one forward pass of choice scoring may return: rows are

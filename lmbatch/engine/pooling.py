@@ -1,6 +1,7 @@
-"""Prompt embeddings (generation.embedding): a forward pass of the model without its LM head over the
-prompts of a micro-batch, the last hidden states pooled per row. `last_hidden_states` is that forward
-pass, which classification (`lmbatch.classify`) shares with embedding."""
+"""Pooling the prompts of a micro-batch, without generating: embeddings (generation.embedding), the last
+hidden states of a forward pass without the LM head pooled per row, and sequence classification
+(generation.classify), a classifier's label scores for each row as transformers' text-classification
+pipeline gives them for the prompt alone. Both share one forward pass, `last_hidden_states`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Optional
 import pyarrow as pa
 import torch
 
-from lmbatch.interface import Pooling, Request
-from lmbatch.scoring import left_padded_positions
+from lmbatch.engine.scoring import left_padded_positions
+from lmbatch.engine.types import Pooling, Request
+from lmbatch.models.architecture import score_function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,3 +81,24 @@ def right_padded(input_ids, attention_mask):
     width = attention_mask.shape[1]
     index = (torch.arange(width) + (attention_mask == 0).sum(-1, keepdim=True)) % width
     return input_ids.gather(1, index), attention_mask.gather(1, index)
+
+
+def classify_prompts(model, batch: list[Request], input_ids, attention_mask,
+                     encoder: Optional[EncoderReading]) -> dict[int, tuple[str, pa.Array]]:
+    """Each prompt's (likeliest label's name, every label's score), by request key. An encoder's head reads
+    the prompt as alone (each architecture pools in its own way: BERT's pooler over [CLS], RoBERTa's head
+    over <s>); a decoder's head (`score`) reads the last token's hidden state."""
+    with torch.inference_mode():
+        if encoder:
+            logits = model(**encoder.inputs(batch, input_ids, attention_mask, model.device)).logits
+        else:  # the head alone: transformers' own pooling looks for the last token by the pad id, which EOS may be
+            logits = model.score(last_hidden_states(model, batch, input_ids, attention_mask, None)[0][:, -1])
+        scores = label_scores(logits.float(), model.config).cpu()
+    names = model.config.id2label
+    return {r.key: (names[int(s.argmax())], pa.array(s.numpy())) for r, s in zip(batch, scores)}
+
+
+def label_scores(logits, config):
+    """The scores transformers' text-classification pipeline reports by default (`models.score_function`)."""
+    function = score_function(config)
+    return logits if function == "identity" else logits.sigmoid() if function == "sigmoid" else logits.softmax(-1)

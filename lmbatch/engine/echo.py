@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 from lmbatch.config import BatchingConfig
-from lmbatch.interface import Completion, EngineStats, Request
+from lmbatch.engine.types import Completion, EngineStats, Request
 
 
 class EchoEngine:

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import torch
 
-from lmbatch.interface import Request
-from lmbatch.scoring import cache_keyword
+from lmbatch.engine.scoring import cache_keyword
+from lmbatch.engine.types import Request
 
 
 def layout(batch: Sequence[Request], shared: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,21 +23,33 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
-from lmbatch.classify import classify_prompts
-from lmbatch.embedding import EncoderReading, embed_prompts
-from lmbatch.interface import (Completion, EngineStats, Request, choose_kv_cache, padded_tokens, plan_requests,
-                               row_seed, shared_prefix)
-from lmbatch.loading import load_model
+from lmbatch.engine.loading import choose_kv_cache, load_model
+from lmbatch.engine.pooling import EncoderReading, classify_prompts, embed_prompts
+from lmbatch.engine.prefix import layout, prefix_cache
+from lmbatch.engine.requests import (
+    padded_tokens,
+    plan_requests,
+    row_seed,
+    shared_prefix,
+)
+from lmbatch.engine.scoring import cache_keyword, score_choices, score_prompts
+from lmbatch.engine.types import Completion, EngineStats, Request
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.architecture import ending_ids, special_tokens_only
-from lmbatch.prefix import layout, prefix_cache
-from lmbatch.processors import (Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty, StopStrings,
-                                TokenLogprobs, first_tokens)
-from lmbatch.scoring import cache_keyword, score_choices, score_prompts
+from lmbatch.processors import (
+    Choices,
+    Guided,
+    OutputPenalties,
+    PerRowSampler,
+    RepetitionPenalty,
+    StopStrings,
+    TokenLogprobs,
+    first_tokens,
+)
 from lmbatch.structured import Indexes, PatternError
 from lmbatch.token_logprobs import TokenTexts
 
-log = logging.getLogger("lmbatch.engine")
+log = logging.getLogger(__name__)
 
 
 def _is_oom(error: BaseException) -> bool:
