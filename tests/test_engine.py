@@ -54,7 +54,7 @@ def test_greedy_batched_equals_each_prompt_alone(model_path, strategy, kv_cache)
     completions = {c.key: c for c in engine.generate(requests)}
     assert engine.stats.micro_batches > 1 and len(completions) == len(requests)
     for r in requests:
-        expected = engine._finish(r, 0, alone(engine, r))
+        expected = engine.texts.finish(r, 0, alone(engine, r))
         got = completions[r.key]
         assert (got.text, got.num_generated_tokens, got.finish_reason) == (
             expected.text, expected.num_generated_tokens, expected.finish_reason), f"row {r.key}"
@@ -79,7 +79,7 @@ def test_finish_reasons_and_stop_strings(tiny_llama):
     assert 1 <= cut.num_generated_tokens < 24
     # The counted tokens are exactly those that produced the text up to and including the stop string.
     tokens = alone(engine, Request(0, ids, 24))[: cut.num_generated_tokens]
-    assert stop in engine._decode(tokens) and stop not in engine._decode(tokens[:-1])
+    assert stop in engine.texts.decode(tokens) and stop not in engine.texts.decode(tokens[:-1])
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_a_tokenizer_without_pad_or_eos_pads_with_any_id(tiny_llama, tmp_path):
     got = sorted(engine.generate(requests), key=lambda c: c.key)
     assert engine.stats.micro_batches < len(requests)
     for r, c in zip(requests, got):
-        assert (c.text, c.finish_reason) == (engine._decode(alone(engine, r)), "length"), f"row {r.key}"
+        assert (c.text, c.finish_reason) == (engine.texts.decode(alone(engine, r)), "length"), f"row {r.key}"
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_llama_without_pad"])
@@ -200,7 +200,7 @@ def test_a_prefix_all_prompts_share_is_computed_once_and_changes_nothing(model_p
     got = {c.key: c for c in engine.generate(requests)}
     assert engine.stats.shared_prefix_tokens >= 16 * (len(requests) - engine.stats.micro_batches)
     for r in requests:
-        expected = engine._finish(r, 0, alone(engine, r))
+        expected = engine.texts.finish(r, 0, alone(engine, r))
         assert (got[r.key].text, got[r.key].num_generated_tokens) == (expected.text, expected.num_generated_tokens)
 
 
@@ -272,9 +272,9 @@ def test_presence_and_frequency_penalties_count_each_rows_own_tokens_as_alone(mo
         penalties = LogitsProcessorList([PenaltiesOneByOne(presence, frequency, len(r.prompt_ids))])
         out = engine.model.generate(torch.tensor([r.prompt_ids]), max_new_tokens=r.max_new_tokens, do_sample=False,
                                     pad_token_id=engine.pad_id, logits_processor=penalties)
-        expected = engine._finish(r, 0, out[0, len(r.prompt_ids):].tolist())
+        expected = engine.texts.finish(r, 0, out[0, len(r.prompt_ids):].tolist())
         assert (got[r.key].text, got[r.key].num_generated_tokens) == (expected.text, expected.num_generated_tokens)
-        changed += expected.text != engine._finish(r, 0, alone(engine, r)).text
+        changed += expected.text != engine.texts.finish(r, 0, alone(engine, r)).text
     assert changed >= 3  # the penalties shape the texts
 
 
@@ -285,7 +285,7 @@ def logprob_alone(engine, request, **settings):
                                 do_sample=False, pad_token_id=engine.pad_id, eos_token_id=sorted(engine.eos_ids),
                                 output_logits=True, return_dict_in_generate=True, **settings)
     tokens = out.sequences[0, len(request.prompt_ids):].tolist()
-    c = engine._finish(request, 0, tokens)
+    c = engine.texts.finish(request, 0, tokens)
     counted = c.num_generated_tokens - (tokens[c.num_generated_tokens - 1] in engine.eos_ids)
     return c, sum(torch.log_softmax(out.logits[t][0], -1)[tokens[t]].item() for t in range(counted))
 
@@ -330,7 +330,7 @@ def test_top_logprobs_are_each_steps_likeliest_tokens_as_alone(model_path):
         with torch.no_grad():
             logits = engine.model(torch.tensor([r.prompt_ids + tokens])).logits[0, len(r.prompt_ids) - 1:-1]
         # the counted tokens: the text's, less an EOS that ended the row
-        assert tokens and engine._finish(r, 0, tokens).text == c.text
+        assert tokens and engine.texts.finish(r, 0, tokens).text == c.text
         assert c.num_generated_tokens - 1 <= len(tokens) <= c.num_generated_tokens
         for t, logprobs in zip(entries, torch.log_softmax(logits, -1)):
             assert t["token"] == engine.tokenizer.decode([t["token_id"]])
@@ -553,7 +553,7 @@ def test_a_lora_adapter_is_merged_and_generates_as_transformers_applies_it(tiny_
     for r in requests:
         alone = adapted.generate(torch.tensor([r.prompt_ids]), max_new_tokens=8, do_sample=False,
                                  pad_token_id=engine.pad_id)
-        assert got[r.key] == engine._finish(r, 0, alone[0, len(r.prompt_ids):].tolist()).text, r.key
+        assert got[r.key] == engine.texts.finish(r, 0, alone[0, len(r.prompt_ids):].tolist()).text, r.key
     assert got != {c.key: c.text for c in base.generate(requests)}
 
 
@@ -580,7 +580,7 @@ def test_rows_of_several_adapters_each_generate_as_transformers_applies_theirs(t
             if r.params.adapter == name:
                 alone = model.generate(torch.tensor([r.prompt_ids]), max_new_tokens=6, do_sample=False,
                                        pad_token_id=engine.pad_id)
-                assert got[r.key] == engine._finish(r, 0, alone[0, len(r.prompt_ids):].tolist()).text, (name, r.key)
+                assert got[r.key] == engine.texts.finish(r, 0, alone[0, len(r.prompt_ids):].tolist()).text, (name, r.key)
     same_prompt = [Request(i, requests[0].prompt_ids, 6, SamplingParams(adapter=name)) for i, name in enumerate(names)]
     assert len({c.text for c in engine.generate(same_prompt)}) == 3  # each adapter changes the text
 
@@ -615,7 +615,7 @@ def test_a_row_ends_at_the_tokenizers_eos_too(tiny_llama, tmp_path):
     assert tokenizer_eos not in (3, 4) and engine.eos_ids == {3, 4, tokenizer_eos}
     r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
     for eos in (3, 4, tokenizer_eos):
-        assert engine._finish(r, 0, [11, 12, eos, 13]) == Completion(0, 0, engine._decode([11, 12]), 3, "stop")
+        assert engine.texts.finish(r, 0, [11, 12, eos, 13]) == Completion(0, 0, engine.texts.decode([11, 12]), 3, "stop")
 
 
 def test_a_stop_string_that_spells_a_special_token_ends_the_row_at_that_token(tiny_llama):
@@ -634,7 +634,7 @@ def test_a_stop_string_that_spells_a_special_token_ends_the_row_at_that_token(ti
     at = tokens.index(user)
     params = SamplingParams(stop=("<|user|>", "zzz"), logprobs=True)
     stopped, free = engine.generate([Request(0, prompt, 8, params), Request(1, prompt, 8)])
-    assert (stopped.text, stopped.num_generated_tokens, stopped.finish_reason) == (engine._decode(tokens[:at]), at + 1,
+    assert (stopped.text, stopped.num_generated_tokens, stopped.finish_reason) == (engine.texts.decode(tokens[:at]), at + 1,
                                                                                     "stop")
     _, logprob = logprob_alone(engine, Request(0, prompt, at))
     assert stopped.logprob == pytest.approx(logprob, abs=1e-4)
@@ -645,7 +645,7 @@ def test_eos_ends_a_row_with_stop(tiny_llama):
     engine = make_engine(tiny_llama)
     eos = next(iter(engine.eos_ids))
     r = Request(0, engine.tokenizer("hello")["input_ids"], 5)
-    assert engine._finish(r, 0, [11, 12, eos, engine.pad_id]) == Completion(0, 0, engine._decode([11, 12]), 3, "stop")
+    assert engine.texts.finish(r, 0, [11, 12, eos, engine.pad_id]) == Completion(0, 0, engine.texts.decode([11, 12]), 3, "stop")
 
 
 def test_sampling_is_seeded_and_returns_n_samples(tiny_llama):

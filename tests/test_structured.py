@@ -49,7 +49,7 @@ def pattern_oracle(engine, request: Request):
                                 do_sample=False, pad_token_id=engine.pad_id, eos_token_id=eos,
                                 prefix_allowed_tokens_fn=allowed, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, start:].tolist()
-    completion = engine._finish(request, 0, tokens)
+    completion = engine.texts.finish(request, 0, tokens)
     # the model's own log-probability of each token (its raw logits), the EOS that ends the row left out
     completion.logprob = sum(step[0].float().log_softmax(-1)[t].item() for step, t in zip(out.logits, tokens[:-1]))
     return completion

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,7 @@ from lmbatch.engine.requests import (
     shared_prefix,
 )
 from lmbatch.engine.scoring import cache_keyword, score_choices, score_prompts
+from lmbatch.engine.texts import Texts
 from lmbatch.engine.types import Completion, EngineStats, Request
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.architecture import ending_ids, special_tokens_only
@@ -68,6 +69,32 @@ FAILED_ROWS_BEFORE_ANY_SUCCESS = 16
 """Rows failing alone, none done yet, that say the engine is broken: a bad row is one in thousands."""
 
 
+class BatchInputs(NamedTuple):
+    """A micro-batch laid out for generate."""
+    prompts: tuple
+    """(input_ids, attention_mask) of the whole prompts, left-padded: what the prompts are scored on."""
+    input_ids: torch.Tensor
+    """What generate is handed: the prompts past a shared prefix, one row per sequence."""
+    attention_mask: torch.Tensor
+    longest: int
+    """Where generation starts in input_ids."""
+    shared: int
+    """Prompt tokens computed once, into `cache`, for every sequence (0: none)."""
+    cache: Any
+    """The shared prefix's KV cache, or None."""
+
+
+class Steering(NamedTuple):
+    """What steers a micro-batch's generate, and what the readings after it need to know of it."""
+    processors: list
+    criteria: list
+    logprobs: Optional[TokenLogprobs]
+    scored: bool
+    """Whether every choice's log-probability is asked for."""
+    at_first_step: bool
+    """Whether those are read at the first step (choices of one token each)."""
+
+
 class HFEngine:
     def __init__(self, model, tokenizer, batching: BatchingConfig, kv_cache: Optional[str] = None, adapters=None):
         """Wrap a loaded model and its (left-padding) tokenizer; `HFEngine.load` loads them. `adapters`: the
@@ -81,8 +108,7 @@ class HFEngine:
                                 "an encoder, which reads text both ways" if self.encoder else None)
         generation_config = getattr(model, "generation_config", None)  # none in an encoder or a classifier
         self.eos_ids = ending_ids(getattr(generation_config, "eos_token_id", None), self.tokenizer)
-        # Texts never show special tokens, so a stop string that spells one is looked for as the token.
-        self._special_tokens = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        self.texts = Texts(self.tokenizer, self.eos_ids)
         if generation_config:
             self.model.generation_config = special_tokens_only(generation_config)
         # No pad token and no EOS to pad with (load_tokenizer pads with EOS): any id will do, as
@@ -216,13 +242,39 @@ class HFEngine:
 
     # -- one micro-batch --------------------------------------------------------------------
     def _generate_batch(self, batch: list[Request]) -> list[Completion]:
-        from transformers import GenerationConfig
-
+        """One micro-batch through generate: its inputs laid out (a shared prefix computed once), the
+        processors its settings need, the new tokens cut into completions, then the prompt readings."""
         params = batch[0].params
         self._use_adapter(params.adapter)
-        ends = self._ends(params.stop)
+        ends = self.texts.ends(params.stop)
         n = params.num_return_sequences
         most = max(r.max_new_tokens for r in batch)  # 0: the prompts are only scored or embedded
+        inputs = self._inputs(batch, n, most)
+        config = self._generation_config(ends, most, static=inputs.cache is None)
+        steer = self._steering(batch, inputs, config.max_new_tokens, ends)
+        start = time.perf_counter()
+        new_tokens: list[list[int]] = [[] for _ in range(len(inputs.input_ids))]
+        if most:
+            device = self.model.device
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device),
+                    generation_config=config, logits_processor=steer.processors, stopping_criteria=steer.criteria,
+                    **({cache_keyword(self.model): inputs.cache} if inputs.cache is not None else {}),
+                )
+            new_tokens = out[:, inputs.longest:].tolist()
+            self.stats.shared_prefix_tokens += inputs.shared * (len(batch) * n - 1)
+        steps = len(new_tokens[0])
+        log.debug("micro-batch of %d rows, prompts up to %d tokens, %d decode steps: %.2fs", len(batch), inputs.longest,
+                  steps, time.perf_counter() - start)
+        completions = self._completions(batch, new_tokens, ends, steer.logprobs)
+        self._read_prompts(batch, completions, inputs.prompts, steer)
+        self._count(batch, steps, completions)
+        return completions
+
+    def _inputs(self, batch: list[Request], n: int, most: int) -> BatchInputs:
+        """The micro-batch left-padded, its shared prefix (if any) computed once into a cache, and each
+        row repeated n times: one sequence per (row, sample), so that each gets its own random stream."""
         prompts = layout(batch, 0, self.pad_id)  # left-padded, as the prompts are scored
         shared = shared_prefix(batch) if self.batching.share_prefix else 0
         cache = prefix_cache(self.model, batch[0].prompt_ids[:shared], len(batch) * n, self.kv_cache,
@@ -231,19 +283,30 @@ class HFEngine:
             shared = 0
         input_ids, attention_mask = layout(batch, shared, self.pad_id) if shared else prompts
         longest = input_ids.shape[1]  # where generation starts
-        if n > 1:  # one sequence per (row, sample), so that each gets its own random stream
+        if n > 1:
             input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        return BatchInputs(prompts, input_ids, attention_mask, longest, shared, cache)
+
+    def _generation_config(self, ends: frozenset[int], most: int, static: bool):
+        from transformers import GenerationConfig
+
         # Decoding is greedy over scores that the sampler (if any) has already reduced to its draw.
-        config = GenerationConfig(
+        return GenerationConfig(
             max_new_tokens=max(most, 1),  # it refuses 0; generate is then not called
             do_sample=False, temperature=None, top_p=None, top_k=None,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(ends) or None,
             # A static cache (generate's, or the shared prefix's) is sized to this batch (longest prompt + most
             # new tokens, what the planner budgets). No auto-compile: every micro-batch has another shape.
-            cache_implementation="static" if self.kv_cache == "static" and cache is None else None,
+            cache_implementation="static" if self.kv_cache == "static" and static else None,
             disable_compile=True,
         )
+
+    def _steering(self, batch: list[Request], inputs: BatchInputs, max_new_tokens: int,
+                  ends: frozenset[int]) -> Steering:
+        """The logits processors and stopping criteria the micro-batch's settings need, in the order they
+        apply: log-probabilities read first (the model's own) and last (what was drawn from)."""
+        params, n, longest = batch[0].params, batch[0].params.num_return_sequences, inputs.longest
         device = self.model.device
         processors = []
         scored = params.logprobs and any(r.choices for r in batch)  # every choice's log-probability
@@ -255,7 +318,7 @@ class HFEngine:
         if logprobs:
             processors.append(logprobs.first)
         if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenalty(params.repetition_penalty, attention_mask.to(device)))
+            processors.append(RepetitionPenalty(params.repetition_penalty, inputs.attention_mask.to(device)))
         if params.presence_penalty or params.frequency_penalty:
             processors.append(OutputPenalties(params.presence_penalty, params.frequency_penalty, longest))
         if any(r.choices for r in batch):
@@ -268,34 +331,24 @@ class HFEngine:
                                       for r in batch for _ in range(n)], longest))
         if params.do_sample:
             processors.append(PerRowSampler(params, [row_seed(r.seed, s) for r in batch for s in range(n)], device,
-                                            config.max_new_tokens))
+                                            max_new_tokens))
         if logprobs:
             processors.append(logprobs.last)
-        text_stops = tuple(s for s in params.stop if s not in self._special_tokens)
-        criteria = [StopStrings(self.tokenizer, text_stops, longest, ends | {self.pad_id})
-                    ] if text_stops else []
-        start = time.perf_counter()
-        new_tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
-        if most:
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    generation_config=config, logits_processor=processors, stopping_criteria=criteria,
-                    **({cache_keyword(self.model): cache} if cache is not None else {}),
-                )
-            new_tokens = out[:, longest:].tolist()
-            self.stats.shared_prefix_tokens += shared * (len(batch) * n - 1)
-        steps = len(new_tokens[0])
-        log.debug("micro-batch of %d rows, prompts up to %d tokens, %d decode steps: %.2fs", len(batch), longest,
-                  steps, time.perf_counter() - start)
+        text_stops = tuple(s for s in params.stop if s not in self.texts.special_tokens)
+        criteria = [StopStrings(self.tokenizer, text_stops, longest, ends | {self.pad_id})] if text_stops else []
+        return Steering(processors, criteria, logprobs, scored, at_first_step)
 
+    def _completions(self, batch: list[Request], new_tokens: list[list[int]], ends: frozenset[int],
+                     logprobs: Optional[TokenLogprobs]) -> list[Completion]:
+        """Each sequence's new tokens cut at its row's limit and stop, with its log-probabilities."""
+        params, n = batch[0].params, batch[0].params.num_return_sequences
         token_logprobs = logprobs.per_sequence() if logprobs else None
         top_logprobs = logprobs.top_per_sequence(len(new_tokens)) if params.top_logprobs else None
         completions = []
         for i, r in enumerate(batch):
             for s in range(n):
                 tokens = new_tokens[i * n + s][: r.max_new_tokens]
-                c = self._finish(r, s, tokens)
+                c = self.texts.finish(r, s, tokens)
                 if logprobs:  # the tokens counted, less an EOS (or special stop token) that ended the row
                     counted = c.num_generated_tokens - (c.num_generated_tokens > 0 and
                                                         tokens[c.num_generated_tokens - 1] in ends)
@@ -305,6 +358,12 @@ class HFEngine:
                         c.token_logprobs = self._token_texts().token_logprobs(
                             tokens[:counted], counted_logprobs, *(top[i * n + s, :counted] for top in top_logprobs))
                 completions.append(c)
+        return completions
+
+    def _read_prompts(self, batch: list[Request], completions: list[Completion], prompts, steer: Steering) -> None:
+        """What the rows ask of their prompts besides new tokens: the prompt's log-probability, its
+        embedding, its label, each choice's log-probability."""
+        params, n = batch[0].params, batch[0].params.num_return_sequences
         if params.prompt_logprobs:
             prompt_scores = score_prompts(self.model, batch, *prompts)
             for c in completions:
@@ -317,16 +376,14 @@ class HFEngine:
             labels = classify_prompts(self.model, batch, *prompts, self.encoder)
             for c in completions:
                 c.label, c.label_scores = labels[c.key]
-        if scored:
-            if at_first_step:
-                first_step = logprobs.first_step.tolist()
+        if steer.scored:
+            if steer.at_first_step:
+                first_step = steer.logprobs.first_step.tolist()
                 scores = {r.key: first_step[i * n][:len(r.choices)] for i, r in enumerate(batch) if r.choices}
             else:
                 scores = score_choices(self.model, self.pad_id, batch, *prompts)
             for c in completions:
                 c.choice_logprobs = scores.get(c.key)
-        self._count(batch, steps, completions)
-        return completions
 
     def _use_adapter(self, name: Optional[str]) -> None:
         """Switch model.adapters to the micro-batch's adapter (the planner gives each its own micro-batches),
@@ -339,51 +396,10 @@ class HFEngine:
             self.adapters.base_model.enable_adapter_layers()
             self.adapters.set_adapter(name, inference_mode=True)
 
-    def _ends(self, stop: tuple[str, ...]) -> frozenset[int]:
-        """The tokens that end a row: an EOS, or a special token one of its stop strings spells (a chat
-        model's "<|im_end|>", where its generation config names only the base model's EOS)."""
-        return frozenset({*self.eos_ids, *(self._special_tokens[s] for s in stop if s in self._special_tokens)})
-
-    def _finish(self, r: Request, sample: int, tokens: list[int]) -> Completion:
-        """Cut at an ending token (`_ends`) or the first stop string; tell `stop` from `length`; count true
-        tokens."""
-        ends = self._ends(r.params.stop)
-        eos = next((n for n, t in enumerate(tokens) if t in ends), None)
-        # The stop string is looked for before the EOS too: a row that a stop string ended while its
-        # neighbours went on is padded, and where the tokenizer has no pad token (GPT-2, Llama 3)
-        # the padding is EOS, right after the stop string.
-        body = tokens if eos is None else tokens[:eos]
-        chosen = next((text for text, ids in r.choices if list(ids) == body), None)
-        if chosen is not None and eos is not None:  # the choice's own text, however the tokenizer decodes it
-            return Completion(r.key, sample, chosen, eos + 1, "stop")
-        text = self._decode(body)
-        hits = sorted((text.find(s), s) for s in r.params.stop if s in text)
-        if hits:
-            cut, stop = hits[0]
-            return Completion(r.key, sample, text[:cut], self._tokens_until(body, stop), "stop")
-        if eos is not None:
-            return Completion(r.key, sample, text, eos + 1, "stop")
-        # Without EOS or a stop string only the token limit ends a row.
-        return Completion(r.key, sample, text, len(tokens), "length")
-
-    def _tokens_until(self, tokens: list[int], stop: str) -> int:
-        """Fewest tokens whose text holds the stop string: the tokens generated until it was complete."""
-        lo, hi = 1, len(tokens)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if stop in self._decode(tokens[:mid]):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
     def _token_texts(self) -> TokenTexts:
         if self._texts is None:  # made on first use: only generation.top_logprobs needs it
             self._texts = TokenTexts(self.tokenizer, getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0)
         return self._texts
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _count(self, batch: list[Request], steps: int, completions: list[Completion]) -> None:
         s = self.stats
