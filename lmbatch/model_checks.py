@@ -12,15 +12,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from lmbatch import structured
 from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.errors import JobError
 from lmbatch.storage import absolute
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.architecture import cross_encoder_function, ending_ids, score_function
 from lmbatch.models.files import adapter_misfit, tokenizer_source
-from lmbatch.structured import Indexes, PatternError
+from lmbatch.decoding.structured import Indexes, PatternError
 from lmbatch.tokens import encode, load_tokenizer
+from lmbatch.decoding.structured import pattern
 
 
 def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[int]]:
@@ -246,7 +246,7 @@ def check_structured(job: JobConfig, tokenizer, model_eos) -> None:
     key = "generation.regex" if g.regex is not None else "generation.json_schema"
     try:
         indexes = Indexes(tokenizer, ending_ids(model_eos, tokenizer))  # as each replica will build it
-        if regex := structured.pattern(g):
+        if regex := pattern(g):
             indexes.index(regex)
     except PatternError as e:
         message = str(e).removeprefix("invalid parameter: ")

@@ -31,12 +31,13 @@ import lmbatch
 from lmbatch import resources
 from lmbatch.config import JobConfig
 from lmbatch.input.chunks import Chunk
-from lmbatch.lease import RENEW_S, Lease, release_held
-from lmbatch.output import with_part_metadata
+from lmbatch.output.lease import RENEW_S, Lease, release_held
+from lmbatch.output.directory import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
 from lmbatch.prepare import PrepareSettings, prepare_chunk
 from lmbatch.errors import error_kind
-from lmbatch.replica import Replica, output_columns
+from lmbatch.output.columns import output_columns
+from lmbatch.replica import Replica
 from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, by_kind, format_summary, megabytes,
                             object_store_bytes)
 from lmbatch.errors import JobFailed

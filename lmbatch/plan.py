@@ -27,13 +27,13 @@ from lmbatch.storage import absolute
 from lmbatch.model_checks import check_model
 from lmbatch.models import model_identity
 from lmbatch.models.files import tokenizer_source
-from lmbatch.output import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
+from lmbatch.output.directory import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.errors import RowError
 from lmbatch.prepare import PrepareSettings, fit_to_context, template_fields
 from lmbatch.tokens import direct_class_path, load_tokenizer
 from lmbatch.errors import FAILED_IN_GENERATION
 from lmbatch.errors import error_kind
-from lmbatch.replica import SAMPLE_INDEX, output_columns
+from lmbatch.output.columns import SAMPLE_INDEX, output_columns
 from lmbatch.input.files import inspect_inputs, is_text
 from lmbatch.input.scans import find_duplicate_ids, long_strings
 from lmbatch.storage import is_inside

@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 
-from lmbatch import structured
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, GenerationOptions
 from lmbatch.input.chunks import Chunk, read_chunk
 from lmbatch.tokens import encode, encode_pairs, load_tokenizer, special_ids
 from lmbatch.errors import RowError
+from lmbatch.decoding.structured import PatternError, pattern
 
 # Columns the prepare step adds; the replica consumes them and the writer drops the underscored ones.
 CHUNK, CHUNK_ROWS, ROW = "_chunk", "_chunk_rows", "_row"
@@ -178,11 +178,11 @@ def row_generation(row: dict, s: PrepareSettings) -> tuple[GenerationOptions, Op
             raise RowError(f"invalid parameter: adapter {g.adapter!r} is not one of model.adapters "
                            f"({', '.join(s.adapters)})")
         if "json_schema" in overrides:
-            structured.pattern(g)  # one outlines-core cannot follow is an error row here, not in the replica
+            pattern(g)  # one outlines-core cannot follow is an error row here, not in the replica
         return g, overrides
     except ConfigError as e:  # a value out of range (row_setting made the types right)
         raise RowError(f"invalid parameter: {str(e).replace('generation.', '')}") from None
-    except structured.PatternError as e:
+    except PatternError as e:
         raise RowError(str(e)) from None
 
 

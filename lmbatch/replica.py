@@ -24,30 +24,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmbatch import prepare as P
-from lmbatch import structured
 from lmbatch.config import GenerationOptions, JobConfig
 from lmbatch.engine.requests import identical_requests, row_seed, with_repeats
-from lmbatch.engine.types import TOKEN_LOGPROB, Completion, Pooling, Request, SamplingParams, list_column
-from lmbatch.output import OutputDir, with_part_metadata
+from lmbatch.engine.types import Completion, Pooling, Request, SamplingParams, list_column
+from lmbatch.output.directory import OutputDir, with_part_metadata
 from lmbatch.report import LiveReporter
 from lmbatch.errors import error_kind
+from lmbatch.decoding.structured import pattern
+from lmbatch.output.json_column import parsed_column
+from lmbatch.output.columns import output_columns, split_reasoning
 
-GENERATED_COLUMNS = pa.schema([
-    ("generated_text", pa.string()),
-    ("num_prompt_tokens", pa.int64()),
-    ("num_generated_tokens", pa.int64()),
-    ("finish_reason", pa.string()),
-    ("error", pa.string()),
-])
-REASONING = pa.field("reasoning", pa.string())
-SAMPLE_INDEX = pa.field("sample_index", pa.int64())
-LOGPROB = pa.field("logprob", pa.float64())
-CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.float64()))
-PROMPT_LOGPROB = pa.field("prompt_logprob", pa.float64())
-EMBEDDING = pa.field("embedding", pa.list_(pa.float32()))
-LABEL = pa.field("label", pa.string())
-LABEL_SCORES = pa.field("label_scores", pa.list_(pa.float32()))
-TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(TOKEN_LOGPROB))
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
@@ -66,46 +52,6 @@ CRASHED = ("crashed: the replica process died generating this row alone (a crash
            "memory, or stalled past cluster.stall_timeout_s)")
 
 log = logging.getLogger(__name__)
-
-
-def output_columns(job: JobConfig) -> list[pa.Field]:
-    """The columns lmbatch adds to every output row, after the kept input columns."""
-    g, columns = job.generation, list(GENERATED_COLUMNS)
-    if job.output.reasoning_tags:
-        columns.append(REASONING)
-    if g.num_return_sequences > 1:
-        columns.append(SAMPLE_INDEX)
-    if g.logprobs:
-        columns.append(LOGPROB)
-        if g.choices or "choices" in job.input.param_columns:  # rows with choices, maybe all
-            columns.append(CHOICE_LOGPROBS)
-        if g.top_logprobs:
-            columns.append(TOKEN_LOGPROBS)
-    if g.prompt_logprobs:
-        columns.append(PROMPT_LOGPROB)
-    if g.embedding:
-        columns.append(EMBEDDING)
-    if g.classify:
-        columns += [LABEL, LABEL_SCORES]
-    if job.output.parse_json:
-        columns.append(pa.field("generated_json", job.generated_json_type))
-    return columns
-
-
-def split_reasoning(text: Optional[str], opening: str, closing: str) -> tuple[Optional[str], Optional[str]]:
-    """(reasoning, answer) of a reasoning model's text: the reasoning is what comes before the first
-    closing tag (its opening tag dropped: a chat template may put that in the prompt instead), the
-    answer what follows. Without a closing tag, a text that opens with the tag was cut short while
-    reasoning (its answer is empty), and any other text is all answer (thinking turned off)."""
-    if text is None:  # an error row
-        return None, None
-    head, closed, answer = text.partition(closing)
-    head = head.strip()
-    if head.startswith(opening):
-        head = head[len(opening):].strip()
-    elif not closed:
-        return None, text
-    return head, answer.lstrip() if closed else ""
 
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:
@@ -132,7 +78,7 @@ def row_options(generation: GenerationOptions, overrides: str | None) -> Generat
 
 def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str) -> list[Request]:
     """A request per valid row of a prepared chunk (error rows have none), keyed by its position."""
-    job_params, job_pattern = sampling_params(generation), structured.pattern(generation)
+    job_params, job_pattern = sampling_params(generation), pattern(generation)
     requests = []
     for i, (ids, max_new, err, row_id, overrides, choices, second_text_start) in enumerate(zip(
             rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), rows[P.ERROR].to_pylist(),
@@ -146,7 +92,7 @@ def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str
         requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
                                 seed=row_seed(g.seed, row_id) if params.do_sample else 0,
                                 choices=tuple(zip(g.choices, map(tuple, choices))) if choices else (),
-                                pattern=structured.pattern(g) if overrides else job_pattern,
+                                pattern=pattern(g) if overrides else job_pattern,
                                 second_text_start=second_text_start))
     return requests
 
@@ -317,7 +263,7 @@ class Replica:
         }
         for f in self.columns:
             if f.name == "generated_json":  # parsed from the answers, a value that does not fit the type null
-                out = out.append_column(f, structured.parsed_column(texts, f.type))
+                out = out.append_column(f, parsed_column(texts, f.type))
             elif f.name in ("token_logprobs", "embedding", "label_scores"):  # Arrow values per row, not objects
                 out = out.append_column(f, list_column([getattr(c, f.name) for c in done], f.type.value_type))
             else:

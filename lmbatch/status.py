@@ -16,8 +16,8 @@ import pyarrow.fs as pafs
 
 from lmbatch.errors import JobError
 from lmbatch.storage import absolute
-from lmbatch.lease import EXPIRE_S, process_gone, read_lease
-from lmbatch.output import CHUNK_MARKERS, METRICS, STATE_FILE, SUCCESS, OutputDir
+from lmbatch.output.lease import EXPIRE_S, process_gone, read_lease
+from lmbatch.output.directory import CHUNK_MARKERS, METRICS, STATE_FILE, SUCCESS, OutputDir
 from lmbatch.report import by_kind
 
 TOTALS = ("rows", "rows_ok", "rows_error", "rows_error_by_kind", "parts")

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import choice_oracle, compose, oracle, save_classifier, save_lora_adapter, varied_prompts, write_prompts
 from lmbatch.errors import JobError
 from lmbatch.models import model_identity
-from lmbatch.output import OutputDir, OutputState
+from lmbatch.output.directory import OutputDir, OutputState
 from lmbatch.errors import JobFailed
 from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, failure_cause, run
 from lmbatch.plan import plan_job, to_job_config
 from lmbatch.status import output_status
-from lmbatch.replica import split_reasoning
+from lmbatch.output.columns import split_reasoning
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from lmbatch.engine.hf import HFEngine
 from lmbatch.engine.loading import choose_kv_cache
 from lmbatch.engine.loading import choose_attention, has_flash_attention
 from lmbatch.engine.types import Completion, Pooling, Request, SamplingParams
-from lmbatch.processors import PerRowSampler, RepetitionPenalty
+from lmbatch.decoding.processors import PerRowSampler, RepetitionPenalty
 
 
 def make_engine(path, kv_cache=None, **batching):
@@ -138,7 +138,7 @@ def test_stop_strings_are_checked_on_rows_still_going_and_confirmed_as_finish_cu
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from lmbatch.processors import StopStrings
+    from lmbatch.decoding.stopping import StopStrings
 
     vocab = {"[PAD]": 0, "[EOS]": 1, "a": 2, ".": 3, "b": 4, "[UNK]": 5}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
@@ -210,7 +210,7 @@ def test_a_shared_prefix_changes_no_setting_of_a_row(model_path, kind, kv_cache)
     """Every processor reads a row's generated tokens and padding right when the prefix is shared: the
     same completions as without sharing (each checked against its own oracle elsewhere)."""
     from lmbatch.config import GenerationOptions
-    from lmbatch.structured import pattern
+    from lmbatch.decoding.structured import pattern
 
     params = {"penalties": SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3,
                                           stop=("e",), logprobs=True),

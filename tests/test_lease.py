@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from lmbatch import lease as lease_module
-from lmbatch.lease import Lease
-from lmbatch.output import LEASE_FILE, OutputDir, OutputState
+from lmbatch.output import lease as lease_module
+from lmbatch.output.lease import Lease
+from lmbatch.output.directory import LEASE_FILE, OutputDir, OutputState
 
 
 @pytest.fixture(autouse=True)

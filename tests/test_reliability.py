@@ -39,7 +39,7 @@ from lmbatch.dry_run import dry_run
 from lmbatch.errors import JobError
 from lmbatch.input import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
-from lmbatch.output import LEASE_FILE, part_name
+from lmbatch.output.directory import LEASE_FILE, part_name
 from lmbatch.errors import JobFailed
 from lmbatch.pipeline import ReadStalled, count_committed, prepare_within, run
 from lmbatch.plan import plan_job, to_job_config

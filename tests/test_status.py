@@ -13,7 +13,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmbatch.lease import EXPIRE_S
+from lmbatch.output.lease import EXPIRE_S
 from lmbatch.status import describe, main, output_status
 
 STARTED = datetime.datetime(2026, 12, 1, 1, 0, tzinfo=datetime.timezone.utc)

@@ -19,7 +19,8 @@ from lmbatch.engine.hf import HFEngine
 from lmbatch.engine.types import Request, SamplingParams
 from lmbatch.errors import JobError
 from lmbatch.plan import plan_job, to_job_config
-from lmbatch.structured import PatternError, arrow_type, parsed_column, pattern, token_bytes
+from lmbatch.decoding.structured import PatternError, pattern, token_bytes
+from lmbatch.output.json_column import arrow_type, parsed_column
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no", "maybe"]}, "sure": {"type": "boolean"}},
           "required": ["label", "sure"]}
@@ -273,7 +274,7 @@ def test_a_pattern_is_compiled_once_per_replica_even_one_that_fails(engine, monk
     """A column may hold the same regex on every row, good or bad: each is compiled once."""
     import outlines_core
 
-    from lmbatch.structured import Indexes
+    from lmbatch.decoding.structured import Indexes
 
     compiled, real = [], outlines_core.Index
 

@@ -65,7 +65,7 @@ class JobConfig:
     @property
     def generated_json_type(self):
         """The Arrow type of the generated_json column (output.parse_json)."""
-        from lmbatch.structured import arrow_type
+        from lmbatch.output.json_column import arrow_type
 
         return arrow_type(self.generation.json_schema)
 

@@ -37,18 +37,11 @@ from lmbatch.engine.texts import Texts
 from lmbatch.engine.types import Completion, EngineStats, Request
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.architecture import ending_ids, special_tokens_only
-from lmbatch.processors import (
-    Choices,
-    Guided,
-    OutputPenalties,
-    PerRowSampler,
-    RepetitionPenalty,
-    StopStrings,
-    TokenLogprobs,
-    first_tokens,
-)
-from lmbatch.structured import Indexes, PatternError
-from lmbatch.token_logprobs import TokenTexts
+from lmbatch.decoding.logprobs import TokenLogprobs, first_tokens
+from lmbatch.decoding.processors import Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty
+from lmbatch.decoding.stopping import StopStrings
+from lmbatch.decoding.structured import Indexes, PatternError
+from lmbatch.decoding.logprobs import TokenTexts
 
 log = logging.getLogger(__name__)
 

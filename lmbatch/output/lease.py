@@ -23,7 +23,7 @@ import uuid
 from typing import Callable, Optional
 
 from lmbatch.errors import JobError
-from lmbatch.output import LEASE_FILE, OutputDir
+from lmbatch.output.directory import LEASE_FILE, OutputDir
 
 RENEW_S = 10.0
 EXPIRE_S = 60.0

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor
 
-from lmbatch.engine.types import Request, SamplingParams
+from lmbatch.engine.types import SamplingParams
 
 
 class PerRowSampler(LogitsProcessor):
@@ -189,94 +189,3 @@ class OutputPenalties(LogitsProcessor):
         return scores.scatter_add(1, generated, -penalty)
 
 
-class TokenLogprobs:
-    """The model's log-probability of each token generated, from its own scores: `first` runs before
-    any processor (keeping those scores and their log-normalizer), `last` after all of them, where the
-    token generate picks is the argmax of the scores it returns (decoding is greedy: the sampler leaves
-    only its draw). No processor changes the picked token's score in place (Choices restores the scores
-    of the tokens it keeps), so it is read from the kept scores without a copy of them. At the first
-    step it also keeps the log-probabilities of `candidates` (sequences x k token ids), if given, and
-    at every step those of the `top` likeliest tokens (generation.top_logprobs)."""
-
-    class _Hook(LogitsProcessor):
-        def __init__(self, see):
-            self.see = see
-
-        def __call__(self, input_ids, scores):
-            self.see(scores)
-            return scores
-
-    def __init__(self, candidates: Optional[torch.Tensor] = None, top: int = 0):
-        self.first, self.last = self._Hook(self._keep), self._Hook(self._take)
-        self.scores = self.normalizer = None
-        self.steps: list = []  # per decode step, each sequence's log-probability of its token
-        self.candidates, self.first_step = candidates, None
-        self.top, self.top_steps = top, []  # per decode step, (log-probabilities, ids) of the likeliest tokens
-
-    def _keep(self, scores):
-        self.scores, self.normalizer = scores, torch.logsumexp(scores.float(), dim=-1)
-        if self.candidates is not None and not self.steps:
-            self.first_step = scores.float().gather(1, self.candidates) - self.normalizer[:, None]
-        if self.top:
-            values, ids = scores.topk(self.top, dim=-1)
-            self.top_steps.append((values.float() - self.normalizer[:, None], ids))
-
-    def _take(self, final):
-        chosen = final.argmax(dim=-1, keepdim=True)
-        self.steps.append(self.scores.float().gather(1, chosen).squeeze(1) - self.normalizer)
-        self.scores = self.normalizer = None
-
-    def per_sequence(self) -> list[list[float]]:
-        return torch.stack(self.steps, dim=1).tolist() if self.steps else []
-
-    def top_per_sequence(self, sequences: int):
-        """The likeliest tokens at each step: (their log-probabilities, their ids), numpy arrays of
-        sequences x steps x top."""
-        if not self.top_steps:
-            empty = torch.zeros(sequences, 0, self.top)
-            return empty.numpy(), empty.long().numpy()
-        return tuple(torch.stack(x, dim=1).cpu().numpy() for x in zip(*self.top_steps))
-
-
-def first_tokens(batch: list[Request], n: int) -> list[list[int]]:
-    """Each sequence's choices' first tokens, padded with token 0 to the most choices of a row."""
-    width = max(len(r.choices) for r in batch)
-    return [[ids[0] for _, ids in r.choices] + [0] * (width - len(r.choices)) for r in batch for _ in range(n)]
-
-
-class StopStrings(StoppingCriteria):
-    """End a row once its newest tokens hold a stop string, so no decode steps are wasted past it.
-
-    transformers' own `stop_strings` matches on vocabulary strings and was seen to stop rows of a
-    byte-level tokenizer that never produced the string. Decoding a short tail of each row is
-    exact for every tokenizer; the final cut is made on the whole decoded text in `_finish`.
-
-    This runs at every decode step, so it decodes only the rows still going, with the fast
-    tokenizer's backend, and confirms a match with transformers' decode (the one `_finish` cuts
-    by, whose clean-up of spaces may differ). At 1,024 rows on this CPU a step's check went from
-    5.8 to 2.3 ms with all rows going, and from 4.9 to 0.6 ms with nine in ten ended, against a GPU
-    decode step of 18-30 ms (H200, Qwen2.5-0.5B shape, 512-1,024 rows). A match that only the
-    clean-up makes is found by `_finish` instead, which costs decode steps, never text.
-    """
-
-    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int, ended_ids: frozenset[int]):
-        self.tokenizer, self.stops, self.start = tokenizer, stops, prompt_length
-        self.window = max(map(len, stops)) + 4  # a token holds >= 1 character, bar a few partial bytes
-        self.ended_ids = ended_ids
-        """EOS and pad: a row whose newest token is one has ended (generate pads a row once it ends).
-        A live row that made one is checked a step later: its window still holds the string."""
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.draft = backend.decode_batch if backend is not None else tokenizer.batch_decode
-
-    def holds_stop(self, text: str) -> bool:
-        return any(s in text for s in self.stops)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        tails = input_ids[:, max(self.start, input_ids.shape[1] - self.window):].tolist()
-        live = [i for i, tail in enumerate(tails) if tail[-1] not in self.ended_ids]
-        drafts = self.draft([tails[i] for i in live], skip_special_tokens=True)
-        maybe = [i for i, text in zip(live, drafts) if self.holds_stop(text)]
-        stopped = [False] * len(tails)
-        for i, text in zip(maybe, self.tokenizer.batch_decode([tails[i] for i in maybe], skip_special_tokens=True)):
-            stopped[i] = self.holds_stop(text)
-        return torch.tensor(stopped, device=input_ids.device)
