@@ -19,7 +19,7 @@ from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.architecture import cross_encoder_function, ending_ids, score_function
 from lmbatch.models.files import adapter_misfit, tokenizer_source
 from lmbatch.decoding.structured import Indexes, PatternError
-from lmbatch.tokens import encode, load_tokenizer
+from lmbatch.prepare.tokens import encode, load_tokenizer
 from lmbatch.decoding.structured import pattern
 
 

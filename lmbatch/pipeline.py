@@ -34,7 +34,8 @@ from lmbatch.input.chunks import Chunk
 from lmbatch.output.lease import RENEW_S, Lease, release_held
 from lmbatch.output.directory import with_part_metadata
 from lmbatch.plan import JobPlan, plan_job, to_job_config
-from lmbatch.prepare import PrepareSettings, prepare_chunk
+from lmbatch.prepare.chunk import prepare_chunk
+from lmbatch.prepare.settings import PrepareSettings
 from lmbatch.errors import error_kind
 from lmbatch.output.columns import output_columns
 from lmbatch.replica import Replica

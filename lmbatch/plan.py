@@ -29,8 +29,9 @@ from lmbatch.models import model_identity
 from lmbatch.models.files import tokenizer_source
 from lmbatch.output.directory import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.errors import RowError
-from lmbatch.prepare import PrepareSettings, fit_to_context, template_fields
-from lmbatch.tokens import direct_class_path, load_tokenizer
+from lmbatch.prepare.context import fit_to_context
+from lmbatch.prepare.settings import PrepareSettings, template_fields
+from lmbatch.prepare.tokens import direct_class_path, load_tokenizer
 from lmbatch.errors import FAILED_IN_GENERATION
 from lmbatch.errors import error_kind
 from lmbatch.output.columns import SAMPLE_INDEX, output_columns

@@ -23,17 +23,33 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lmbatch import prepare as P
 from lmbatch.config import GenerationOptions, JobConfig
-from lmbatch.engine.requests import identical_requests, row_seed, with_repeats
-from lmbatch.engine.types import Completion, Pooling, Request, SamplingParams, list_column
-from lmbatch.output.directory import OutputDir, with_part_metadata
-from lmbatch.report import LiveReporter
-from lmbatch.errors import error_kind
 from lmbatch.decoding.structured import pattern
-from lmbatch.output.json_column import parsed_column
+from lmbatch.engine.requests import identical_requests, row_seed, with_repeats
+from lmbatch.engine.types import (
+    Completion,
+    Pooling,
+    Request,
+    SamplingParams,
+    list_column,
+)
+from lmbatch.errors import error_kind
 from lmbatch.output.columns import output_columns, split_reasoning
-
+from lmbatch.output.directory import OutputDir, with_part_metadata
+from lmbatch.output.json_column import parsed_column
+from lmbatch.prepare.settings import (
+    CHOICES,
+    CHUNK,
+    CHUNK_ROWS,
+    ERROR,
+    MAX_NEW,
+    NUM_PROMPT_TOKENS,
+    PARAMS,
+    PROMPT_IDS,
+    ROW,
+    SECOND_TEXT,
+)
+from lmbatch.report import LiveReporter
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
@@ -81,9 +97,9 @@ def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str
     job_params, job_pattern = sampling_params(generation), pattern(generation)
     requests = []
     for i, (ids, max_new, err, row_id, overrides, choices, second_text_start) in enumerate(zip(
-            rows[P.PROMPT_IDS].to_pylist(), rows[P.MAX_NEW].to_pylist(), rows[P.ERROR].to_pylist(),
-            rows[id_column].to_pylist(), rows[P.PARAMS].to_pylist(), rows[P.CHOICES].to_pylist(),
-            rows[P.SECOND_TEXT].to_pylist())):
+            rows[PROMPT_IDS].to_pylist(), rows[MAX_NEW].to_pylist(), rows[ERROR].to_pylist(),
+            rows[id_column].to_pylist(), rows[PARAMS].to_pylist(), rows[CHOICES].to_pylist(),
+            rows[SECOND_TEXT].to_pylist())):
         if err is not None:
             continue
         g = row_options(generation, overrides)
@@ -205,9 +221,9 @@ class Replica:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
-        for chunk_id in pc.unique(batch[P.CHUNK]).to_pylist():
-            rows = batch.filter(pc.equal(batch[P.CHUNK], chunk_id))
-            expected = rows[P.CHUNK_ROWS][0].as_py()
+        for chunk_id in pc.unique(batch[CHUNK]).to_pylist():
+            rows = batch.filter(pc.equal(batch[CHUNK], chunk_id))
+            expected = rows[CHUNK_ROWS][0].as_py()
             if rows.num_rows != expected:  # Ray split a chunk across calls: never write part of one
                 raise RuntimeError(f"chunk {chunk_id} arrived with {rows.num_rows} of {expected} rows")
             started = time.perf_counter()
@@ -222,11 +238,11 @@ class Replica:
         """Generate every valid row of a chunk; return the output rows in input order, and counts for
         the chunk's summary: rows that repeated an earlier one's prompt and settings (greedy), so took a
         copy of its completion, and rows whose prompt was cut to fit the context (on_too_long=truncate)."""
-        rows = rows.sort_by(P.ROW)
-        positions = rows[P.ROW].to_pylist()
+        rows = rows.sort_by(ROW)
+        positions = rows[ROW].to_pylist()
         if positions != list(range(len(positions))):
             raise RuntimeError(f"chunk {chunk_id}: row positions are not 0..{len(positions) - 1}")
-        errors = rows[P.ERROR].to_pylist()
+        errors = rows[ERROR].to_pylist()
         requests = chunk_requests(rows, self.generation, self.passthrough[0])
         unique, repeats = identical_requests(requests)
         live = LiveReporter(self.live_chunks, self.name, chunk_id) if self.live_chunks is not None else None
@@ -244,7 +260,7 @@ class Replica:
             for s in range(n):
                 done.append(Completion(i, s, None, 0, "error", err) if err is not None else by_row[(i, s)])
         out = rows.select(self.passthrough).take(pa.array([c.key for c in done], pa.int64()))
-        prompt_tokens = rows[P.NUM_PROMPT_TOKENS].to_pylist()
+        prompt_tokens = rows[NUM_PROMPT_TOKENS].to_pylist()
         texts, reasoning = [c.text for c in done], [None] * len(done)
         if self.reasoning_tags:
             reasoning, texts = zip(*(split_reasoning(text, *self.reasoning_tags) for text in texts))

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, write_prompts
 from lmbatch.models import resolve_model_path
-from lmbatch.tokens import load_tokenizer
+from lmbatch.prepare.tokens import load_tokenizer
 
 
 def run_cli(args, cwd, timeout=300, entry=None):

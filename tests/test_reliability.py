@@ -43,11 +43,13 @@ from lmbatch.output.directory import LEASE_FILE, part_name
 from lmbatch.errors import JobFailed
 from lmbatch.pipeline import ReadStalled, count_committed, prepare_within, run
 from lmbatch.plan import plan_job, to_job_config
-from lmbatch.prepare import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT, prepare_chunk, row_prompt
+from lmbatch.prepare.chunk import prepare_chunk
+from lmbatch.prepare.rows import row_prompt
+from lmbatch.prepare.settings import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
                              isolating, load_engine, row_options, sampling_params)
 from lmbatch.report import LiveChunks
-from lmbatch.tokens import load_tokenizer
+from lmbatch.prepare.tokens import load_tokenizer
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 

@@ -43,7 +43,7 @@ def load_model(model_path: str, model: ModelConfig, device: Optional[str] = None
         AutoModelForSequenceClassification,
     )
 
-    from lmbatch.tokens import load_tokenizer
+    from lmbatch.prepare.tokens import load_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = model.dtype
