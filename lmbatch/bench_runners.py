@@ -14,7 +14,8 @@ import psutil
 
 from lmbatch.engine.batching import decode_steps
 from lmbatch.bench_workload import build_workload
-from lmbatch.report import PeakSampler, megabytes, ratio
+from lmbatch.report.samplers import PeakSampler
+from lmbatch.report.summary import megabytes, ratio
 
 if TYPE_CHECKING:
     from lmbatch.benchmark import BenchmarkConfig

@@ -39,8 +39,9 @@ from lmbatch.prepare.settings import PrepareSettings
 from lmbatch.errors import error_kind
 from lmbatch.output.columns import output_columns
 from lmbatch.replica import Replica
-from lmbatch.report import (LiveChunks, PeakSampler, Periodic, Progress, by_kind, format_summary, megabytes,
-                            object_store_bytes)
+from lmbatch.report.progress import LiveChunks, Progress
+from lmbatch.report.samplers import PeakSampler, Periodic, object_store_bytes
+from lmbatch.report.summary import by_kind, format_summary, megabytes
 from lmbatch.errors import JobFailed
 from lmbatch.storage import is_inside, with_scheme
 

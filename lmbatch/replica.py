@@ -49,7 +49,7 @@ from lmbatch.prepare.settings import (
     ROW,
     SECOND_TEXT,
 )
-from lmbatch.report import LiveReporter
+from lmbatch.report.progress import LiveReporter
 
 DEATHS_BEFORE_ISOLATING = 2
 """Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from hydra.core.config_store import ConfigStore
 
-from lmbatch.report import PeakSampler, megabytes
+from lmbatch.report.samplers import PeakSampler
+from lmbatch.report.summary import megabytes
 
 REPO = Path(__file__).resolve().parents[1]
 

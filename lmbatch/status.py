@@ -18,7 +18,7 @@ from lmbatch.errors import JobError
 from lmbatch.storage import absolute
 from lmbatch.output.lease import EXPIRE_S, process_gone, read_lease
 from lmbatch.output.directory import CHUNK_MARKERS, METRICS, STATE_FILE, SUCCESS, OutputDir
-from lmbatch.report import by_kind
+from lmbatch.report.summary import by_kind
 
 TOTALS = ("rows", "rows_ok", "rows_error", "rows_error_by_kind", "parts")
 

@@ -48,7 +48,7 @@ from lmbatch.prepare.rows import row_prompt
 from lmbatch.prepare.settings import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT
 from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
                              isolating, load_engine, row_options, sampling_params)
-from lmbatch.report import LiveChunks
+from lmbatch.report.progress import LiveChunks
 from lmbatch.prepare.tokens import load_tokenizer
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}

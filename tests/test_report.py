@@ -5,7 +5,9 @@ import threading
 
 import pytest
 
-from lmbatch.report import PeakSampler, Progress, duration, format_summary
+from lmbatch.report.progress import Progress
+from lmbatch.report.samplers import PeakSampler
+from lmbatch.report.summary import duration, format_summary
 
 
 def test_peak_sampler_keeps_the_peak_of_each_figure():

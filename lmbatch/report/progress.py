@@ -1,10 +1,9 @@
-"""Visibility: a progress line during the run, the end-of-run summary, and peak sampling.
+"""Visibility while a job runs: the progress line, and the metrics the end-of-run summary reads.
 
 Both are built from the one summary row per chunk that replicas return, so the driver holds
 counters, never rows. A chunk can take minutes, so replicas also report the rows done so far in
 the chunk they are generating to `LiveChunks`, a small Ray actor that the driver polls for the
-progress line. `PeakSampler` watches a figure (Ray's object-store bytes here; process memory in
-the benchmarks) on a thread and keeps its peak.
+progress line. The summary itself: `summary`; the peak of a figure over the run: `samplers`.
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ import json
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, TextIO
+from typing import Optional, TextIO
 
-from lmbatch.errors import FAILED_IN_GENERATION
+from lmbatch.report.summary import duration, ratio
 
 
 class Progress:
@@ -215,175 +214,7 @@ class LiveReporter:
             self.live_chunks.report.remote(self.replica, self.chunk, self.rows, self.generated_tokens)
 
 
-class Periodic:
-    """Calls `fn` on a thread every `interval` seconds while in a `with` block. Stops early once
-    `fn` raises: what it watches has gone (a process, Ray shutting down)."""
-
-    def __init__(self, fn: Callable[[], Any], interval: float):
-        self.fn, self.interval = fn, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _call(self) -> bool:
-        try:
-            self.fn()
-            return True
-        except Exception:  # noqa: BLE001 - see the class docstring
-            return False
-
-    def _run(self):
-        while not self._stop.wait(self.interval) and self._call():
-            pass
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        self._stop.set()
-        if exc_type is None:
-            self._thread.join()
         # else the job is stopping: no wait on a call to what may have gone with it (Ray, on a
         # SIGTERM to the whole process group, waits 60 s for its dead GCS); the thread is a daemon
 
 
-class PeakSampler(Periodic):
-    """Calls `measure` every `interval` seconds while in a `with` block, and at its start and end,
-    and keeps the peak of what it returns (a number, or a tuple of numbers whose peaks are kept
-    one by one).
-
-    Sampling costs CPU that the measured work then lacks, so intervals are seconds, not
-    milliseconds. A `measure` of None, or one that raises, leaves `peak` as far as it got.
-    """
-
-    def __init__(self, measure: Optional[Callable[[], Any]], interval: float):
-        self.measure, self.peak = measure, None
-        super().__init__(self._take, interval)
-
-    def _take(self) -> None:
-        value = self.measure()
-        if self.peak is None:
-            self.peak = value
-        elif isinstance(value, tuple):
-            self.peak = tuple(map(max, self.peak, value))
-        else:
-            self.peak = max(self.peak, value)
-
-    def __enter__(self):
-        if self.measure is not None and self._call():
-            super().__enter__()
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if self._thread.is_alive():
-            super().__exit__(exc_type, *exc)
-            if exc_type is None:
-                self._call()
-
-
-def object_store_bytes() -> Optional[Callable[[], int]]:
-    """A measure of the bytes in Ray's object store, asked of the raylet through the call behind
-    `ray memory`; None where that needs grpcio (installed by `ray[default]`, not by `ray[data]`)."""
-    try:
-        import ray
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        measure = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used  # noqa: E731
-        measure()
-        return measure
-    except Exception:  # noqa: BLE001 - no grpcio, or another Ray version: the figure is optional
-        return None
-
-
-def duration(seconds: float) -> str:
-    """7 -> '7s', 192 -> '3m12s', 7380 -> '2h03m'."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def megabytes(n: Optional[int]) -> Optional[float]:
-    return None if n is None else round(n / 2**20, 1)
-
-
-def ratio(a: int, b: int) -> Optional[float]:
-    """a / b to 4 places (an efficiency), None where b is 0 (nothing was computed)."""
-    return round(a / b, 4) if b else None
-
-
-def _or_dash(value) -> str:
-    return "-" if value is None else str(value)
-
-
-def cut_rows(metrics: dict, held_to_pattern: bool = False) -> list[tuple[str, str]]:
-    """The rows whose text ended at max_new_tokens (or max_length) rather than on its own, when they
-    are many: a limit set too low cuts answers short, with nothing else to tell of it. Held to a JSON
-    schema or a regular expression, any: such a text stops short of what the schema accepts."""
-    cut, ok = metrics["rows_cut_at_token_limit"], metrics["rows_ok_this_run"]
-    if not cut or (not held_to_pattern and cut / ok < 0.1):  # cut rows are rows ok
-        return []
-    why = ("a text held to a json_schema or regex that is cut is not one it accepts: raise generation.max_new_tokens, "
-           "or bound the schema's strings and arrays") if held_to_pattern else (
-        "raise generation.max_new_tokens if they should end on their own")
-    return [("rows cut at token limit", f"{cut:,} ({cut / ok:.0%} of the rows ok this run: finish_reason length); "
-                                        + why)]
-
-
-def by_kind(counts: dict, most: Optional[int] = None) -> str:
-    return ", ".join(f"{kind}: {n:,}" for kind, n in list(counts.items())[:most]) or "none"
-
-
-def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -> str:
-    """A short table for the terminal; the same numbers are saved as _metrics.json."""
-    kinds = totals["rows_error_by_kind"]  # in the whole output
-    retry = [("rows failed in generation", "once the cause is gone (a GPU too small, a bug), "
-                                           "output.mode=retry_errors generates them again")
-             ] if any(kind in FAILED_IN_GENERATION for kind in kinds) else []
-    # A resumed run's own errors are only some of the output's.
-    this_run = [("errors by kind (this run)", by_kind(metrics["errors_by_kind"]))
-                ] if metrics["rows_skipped_as_done"] else []
-    generated = metrics["generated_tokens"]
-    rows = [
-        ("rows in output", f"{totals['rows']:,}"),
-        ("rows ok / error", f"{totals['rows_ok']:,} / {totals['rows_error']:,}"),
-        ("rows written this run", f"{metrics['rows_this_run']:,} (skipped as done: {metrics['rows_skipped_as_done']:,})"),
-        ("errors by kind", by_kind(kinds)),
-        *this_run,
-        *retry,
-        *cut_rows(metrics, held_to_pattern),
-        ("tokens in / out", f"{metrics['prompt_tokens']:,} / {metrics['generated_tokens']:,}"),
-        # a run that generated nothing (its prompts only embedded, scored or classified, or every row done before)
-        # has no decode rates to show
-        *([("generated tokens/s", f"{metrics['generated_tokens_per_s'] or 0:,.1f}")] if generated else []),
-        ("prompt tokens/s", f"{metrics['prompt_tokens_per_s'] or 0:,.1f}"),  # the rate of a job that only embeds
-        ("rows/s", f"{metrics['rows_per_s'] or 0:,.2f}"),
-        ("padding efficiency", _or_dash(metrics["padding_efficiency"])),  # None: nothing computed this run
-        *([("decode slot efficiency", _or_dash(metrics["decode_slot_efficiency"]))] if generated else []),
-        ("wall time", f"{metrics['wall_seconds']:,.1f}s"),
-    ]
-    if metrics.get("startup_seconds") is not None:  # what tokens/s above are diluted by on short jobs
-        rows.append(("start-up", f"{metrics['startup_seconds']:,.1f}s (Ray, replicas, model loads)"))
-    if metrics.get("rows_repeating_a_prompt"):  # fewer rows generated than written: say why
-        rows.append(("rows repeating a prompt", f"{metrics['rows_repeating_a_prompt']:,} (greedy: each copied from "
-                                                "the first row of its chunk with that prompt and settings)"))
-    if metrics.get("prompt_tokens_shared"):  # what batching.share_prefix saved: prompt tokens not computed again
-        rows.append(("prompt tokens shared", f"{metrics['prompt_tokens_shared']:,} (the prefix all prompts of a "
-                                             "micro-batch begin with, computed once for them)"))
-    if metrics.get("rows_truncated"):  # what input.on_too_long cut: the model saw less of them
-        rows.append(("prompts truncated", f"{metrics['rows_truncated']:,} (too long for the context or "
-                                          "input.max_prompt_tokens: cut to fit, as input.on_too_long says)"))
-    if metrics.get("chunk_restarts"):  # each a replica process that died: killed, crashed, its node lost
-        rows.append(("chunks restarted", f"{metrics['chunk_restarts']:,} (their replica process died: see the log)"))
-    if metrics.get("object_store_peak_mb") is not None:
-        rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
-    for name, r in metrics["replicas"].items():
-        # a job that generated nothing (its prompts only embedded, scored or classified) goes at so many rows/s
-        pace = (f"{r['generated_tokens_per_s'] or 0:,.1f} gen tok/s" if generated
-                else f"{r['rows'] / r['seconds'] if r['seconds'] else 0:,.1f} rows/s")
-        rows.append((f"replica {name}", f"{r['rows']:,} rows, {pace}"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
