@@ -8,7 +8,7 @@ from lmbatch.engine.batching import decode_steps, padding_efficiency
 from lmbatch.engine.requests import identical_requests, padded_tokens, plan_requests, shared_prefix
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.settings import ERROR, NUM_PROMPT_TOKENS
-from lmbatch.replica import chunk_requests
+from lmbatch.replica.requests import chunk_requests
 from lmbatch.prepare.tokens import load_tokenizer
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape

@@ -38,7 +38,7 @@ from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.settings import PrepareSettings
 from lmbatch.errors import error_kind
 from lmbatch.output.columns import output_columns
-from lmbatch.replica import Replica
+from lmbatch.replica.actor import Replica
 from lmbatch.report.progress import LiveChunks, Progress
 from lmbatch.report.samplers import PeakSampler, Periodic, object_store_bytes
 from lmbatch.report.summary import by_kind, format_summary, megabytes

@@ -177,7 +177,7 @@ def test_openai_and_vllm_conventions_mean_what_they_mean_there():
     """Request files exported from OpenAI's API or vLLM hold temperature 0 (greedy) and top_k -1 (off)."""
     from lmbatch.config import GenerationOptions
     from lmbatch.engine.types import SamplingParams
-    from lmbatch.replica import sampling_params
+    from lmbatch.replica.requests import sampling_params
 
     assert sampling_params(GenerationOptions(do_sample=True, temperature=0.0, top_k=5, top_p=0.5)) == SamplingParams()
     assert sampling_params(GenerationOptions(temperature=0.3, top_k=5)) == SamplingParams()  # greedy: nothing to sample

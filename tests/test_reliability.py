@@ -46,8 +46,10 @@ from lmbatch.plan import plan_job, to_job_config
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.rows import row_prompt
 from lmbatch.prepare.settings import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT
-from lmbatch.replica import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, Replica, check_load_deaths,
-                             isolating, load_engine, row_options, sampling_params)
+from lmbatch.replica.actor import Replica, load_engine
+from lmbatch.replica.faults import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, check_load_deaths,
+                                    isolating)
+from lmbatch.replica.requests import row_options, sampling_params
 from lmbatch.report.progress import LiveChunks
 from lmbatch.prepare.tokens import load_tokenizer
 
@@ -695,7 +697,7 @@ def test_a_replica_whose_check_of_the_output_hangs_ends_its_process(tmp_path):
     script = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
               "from conftest import compose\n"
               "from lmbatch.plan import to_job_config\n"
-              "from lmbatch.replica import Replica\n"
+              "from lmbatch.replica.actor import Replica\n"
               f"job = to_job_config(compose('output.path={out}', 'cluster.load_timeout_s=2'))\n"
               f"Replica(job, {str(out)!r}, ['id'], fingerprint='0123456789abcdef')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

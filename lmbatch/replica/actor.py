@@ -4,33 +4,28 @@ Each call receives whole prepared chunks (rows tagged with their chunk id and po
 generates them, puts every row back in input order under an index that fails loudly on a
 missing or duplicated row, writes the chunk's part atomically and returns one summary row
 per chunk for the driver's progress and metrics. A replica whose generation hangs ends its
-process (`StallWatchdog`), and a chunk whose replica processes keep dying is generated one row
-at a time, to find the row that kills them (`isolating`).
+process, and a chunk whose replica processes keep dying is generated one row at a time, to find
+the row that kills them (`faults`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import faulthandler
 import json
 import logging
 import os
 import socket
 import time
-from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lmbatch.config import GenerationOptions, JobConfig
-from lmbatch.decoding.structured import pattern
-from lmbatch.engine.requests import identical_requests, row_seed, with_repeats
+from lmbatch.config import JobConfig
+from lmbatch.engine.requests import identical_requests, with_repeats
 from lmbatch.engine.types import (
     Completion,
-    Pooling,
     Request,
-    SamplingParams,
     list_column,
 )
 from lmbatch.errors import error_kind
@@ -38,79 +33,17 @@ from lmbatch.output.columns import output_columns, split_reasoning
 from lmbatch.output.directory import OutputDir, with_part_metadata
 from lmbatch.output.json_column import parsed_column
 from lmbatch.prepare.settings import (
-    CHOICES,
     CHUNK,
     CHUNK_ROWS,
     ERROR,
-    MAX_NEW,
     NUM_PROMPT_TOKENS,
-    PARAMS,
-    PROMPT_IDS,
     ROW,
-    SECOND_TEXT,
 )
+from lmbatch.replica.faults import CRASHED, StallWatchdog, check_load_deaths, isolating
+from lmbatch.replica.requests import chunk_requests, sampling_params
 from lmbatch.report.progress import LiveReporter
 
-DEATHS_BEFORE_ISOLATING = 2
-"""Deaths of the replica processes generating one chunk (a node lost, an out-of-memory kill, a crash
-in native code) after which its rows are generated one at a time, so that a row that kills the
-process is found and written as an error row. One node lost rarely hits one chunk twice."""
-CRASHING_ROWS_PER_CHUNK = 6
-"""Rows of one chunk that may kill their process, each found at the cost of a replica restart. Past
-that the job stops (a rerun resumes): so many deaths point at the node or the model, not the rows.
-(Ray Data itself retries a chunk whose process died without end.)"""
-LOAD_DEATHS_BEFORE_STOPPING = 2
-"""Deaths of one replica's process in a row while it loads the model (killed for memory: each replica
-loads a copy; a crash in native code; a hang past cluster.load_timeout_s) after which, while no
-replica has the model loaded, the job stops instead of letting Ray restart the replica without end.
-While others generate, it goes on."""
-CRASHED = ("crashed: the replica process died generating this row alone (a crash in native code, killed for "
-           "memory, or stalled past cluster.stall_timeout_s)")
-
 log = logging.getLogger(__name__)
-
-
-def sampling_params(g: GenerationOptions) -> SamplingParams:
-    """What the engine needs of a row's settings. Temperature 0 decodes greedily, as in OpenAI's API
-    and vLLM, and top_k -1 is vLLM's "disabled", our 0. A greedy row's sampling controls are left at
-    their defaults, as they change nothing, so that greedy rows share micro-batches (and repeats)
-    whatever their columns say."""
-    if g.do_sample and g.temperature > 0:
-        sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p)
-    else:
-        sampling = {}
-    return SamplingParams(**sampling, repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
-                          frequency_penalty=g.frequency_penalty, stop=tuple(g.stop),
-                          num_return_sequences=g.num_return_sequences, logprobs=g.logprobs,
-                          top_logprobs=g.top_logprobs, prompt_logprobs=g.prompt_logprobs, adapter=g.adapter,
-                          embedding=Pooling(g.embedding, g.embedding_dimensions, g.embedding_normalize)
-                          if g.embedding else None, classify=g.classify)
-
-
-def row_options(generation: GenerationOptions, overrides: str | None) -> GenerationOptions:
-    """The job's generation settings with a row's parameter overrides (JSON, as prepare wrote them)."""
-    return dataclasses.replace(generation, **json.loads(overrides)) if overrides else generation
-
-
-def chunk_requests(rows: pa.Table, generation: GenerationOptions, id_column: str) -> list[Request]:
-    """A request per valid row of a prepared chunk (error rows have none), keyed by its position."""
-    job_params, job_pattern = sampling_params(generation), pattern(generation)
-    requests = []
-    for i, (ids, max_new, err, row_id, overrides, choices, second_text_start) in enumerate(zip(
-            rows[PROMPT_IDS].to_pylist(), rows[MAX_NEW].to_pylist(), rows[ERROR].to_pylist(),
-            rows[id_column].to_pylist(), rows[PARAMS].to_pylist(), rows[CHOICES].to_pylist(),
-            rows[SECOND_TEXT].to_pylist())):
-        if err is not None:
-            continue
-        g = row_options(generation, overrides)
-        params = sampling_params(g) if overrides else job_params
-        # The seed comes from the row's id, not its position: samples do not depend on chunking.
-        requests.append(Request(key=i, prompt_ids=ids, max_new_tokens=max_new, params=params,
-                                seed=row_seed(g.seed, row_id) if params.do_sample else 0,
-                                choices=tuple(zip(g.choices, map(tuple, choices))) if choices else (),
-                                pattern=pattern(g) if overrides else job_pattern,
-                                second_text_start=second_text_start))
-    return requests
 
 
 def load_engine(job: JobConfig, device: str | None = None):
@@ -132,63 +65,6 @@ def load_engine(job: JobConfig, device: str | None = None):
     # One progress line is the driver's; a "Loading weights" bar per replica would interleave with it.
     transformers_logging.disable_progress_bar()
     return HFEngine.load(path, job.model, job.batching, device=device, threads=job.cluster.threads)
-
-
-def isolating(chunk_id: str, deaths: int) -> bool:
-    """Whether to generate a chunk's rows one at a time, after `deaths` processes died generating it.
-    Raise (stopping the job) once more died than isolating rows explains."""
-    if deaths > DEATHS_BEFORE_ISOLATING + CRASHING_ROWS_PER_CHUNK:
-        raise RuntimeError(
-            f"chunk {chunk_id}: {deaths} replica processes died generating it, {deaths - DEATHS_BEFORE_ISOLATING} "
-            "of them on its rows alone; so many point at the node or the model, not the rows (killed for "
-            "memory, a crash in native code, a hang past cluster.stall_timeout_s): the replica logs above say why")
-    return deaths >= DEATHS_BEFORE_ISOLATING
-
-
-def check_load_deaths(deaths: int, replicas_ready: int) -> None:
-    """Before a replica loads the model, after `deaths` of its processes died loading it: raise
-    (stopping the job) when that keeps happening and no replica has the model loaded, as the job
-    would otherwise wait forever."""
-    if deaths >= LOAD_DEATHS_BEFORE_STOPPING and not replicas_ready:
-        raise RuntimeError(
-            f"replica processes died {deaths} times in a row loading the model, and no replica has it loaded: "
-            "killed for memory (each replica loads its own copy of the model: fewer cluster.num_replicas, a smaller "
-            "model.dtype or nodes with more memory), a crash in native code or a load that hung past "
-            "cluster.load_timeout_s; the replica logs above say why")
-    if deaths:
-        log.warning("this replica's process died %d time(s) in a row loading the model; %d replicas have it loaded "
-                    "and generate meanwhile; loading it again", deaths, replicas_ready)
-
-
-class StallWatchdog:
-    """Ends this process, printing every thread's stack, when generation makes no progress for
-    `timeout_s` (cluster.stall_timeout_s): armed while a chunk is generated, re-armed by each
-    micro-batch done; and while the model loads (cluster.load_timeout_s). faulthandler's timer runs
-    in a C thread of its own, so it fires even while a hung call holds the GIL. Ray then restarts the
-    replica and retries the chunk."""
-
-    def __init__(self, timeout_s: Optional[float]):
-        self.timeout_s = timeout_s
-
-    def arm(self) -> None:
-        if self.timeout_s:
-            faulthandler.dump_traceback_later(self.timeout_s, exit=True)
-
-    def __enter__(self):
-        self.arm()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.timeout_s:
-            faulthandler.cancel_dump_traceback_later()
-
-    def rearming(self, on_batch):
-        """`on_batch` (or nothing) after re-arming the timer: a micro-batch is done."""
-        def call(completions):
-            self.arm()
-            if on_batch is not None:
-                on_batch(completions)
-        return call
 
 
 class Replica:
