@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Optional
 
 import psutil
 
-from lmbatch.engine.batching import decode_steps
 from lmbatch.bench_workload import build_workload
+from lmbatch.engine.batching import decode_steps
 from lmbatch.report.samplers import PeakSampler
 from lmbatch.report.summary import megabytes, ratio
 
@@ -106,8 +106,7 @@ class Bench:
     def run_engine(self, variant: str, **batching) -> Result:
         """The engine in-process, with the benchmark's batching changed by `batching` (one model serves all)."""
         from lmbatch.engine.hf import HFEngine
-        from lmbatch.engine.types import Request
-        from lmbatch.engine.types import Pooling, SamplingParams
+        from lmbatch.engine.types import Pooling, Request, SamplingParams
 
         engine = HFEngine(self.model, self.tokenizer, dataclasses.replace(self.cfg.batching, **batching),
                           kv_cache=self.cfg.kv_cache)

@@ -28,21 +28,20 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 import lmbatch
-from lmbatch import resources
 from lmbatch.config import JobConfig
+from lmbatch.errors import JobFailed, error_kind
 from lmbatch.input.chunks import Chunk
-from lmbatch.output.lease import RENEW_S, Lease, release_held
+from lmbatch.output.columns import output_columns
 from lmbatch.output.directory import with_part_metadata
-from lmbatch.plan import JobPlan, plan_job, to_job_config
+from lmbatch.output.lease import RENEW_S, Lease, release_held
+from lmbatch.plan.job import JobPlan, plan_job, to_job_config
+from lmbatch.plan.resources import check_cluster, memory_shortfall_here, ray_address, starts_own_ray
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.settings import PrepareSettings
-from lmbatch.errors import error_kind
-from lmbatch.output.columns import output_columns
 from lmbatch.replica.actor import Replica
 from lmbatch.report.progress import LiveChunks, Progress
 from lmbatch.report.samplers import PeakSampler, Periodic, object_store_bytes
 from lmbatch.report.summary import by_kind, format_summary, megabytes
-from lmbatch.errors import JobFailed
 from lmbatch.storage import is_inside, with_scheme
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
     if ray.is_initialized():  # the caller (a test, a notebook) owns Ray
         yield False
         return
-    address = resources.ray_address(job)
+    address = ray_address(job)
     on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address)
@@ -74,7 +73,7 @@ def ray_session(job: JobConfig, say_stopped: Callable[[], None]):
         # scheduler's stop ended in an abort more often than not (9 of 15 runs). Python's handler instead:
         signal.signal(signal.SIGTERM, functools.partial(_exit_on_sigterm, say_stopped))
     try:
-        yield resources.starts_own_ray(job)
+        yield starts_own_ray(job)
     finally:
         ray.shutdown()
         if main_thread:
@@ -347,7 +346,7 @@ def notices(plan: JobPlan) -> list[str]:
         found.append(f"warning: output.path {uri} lies in the working directory Ray made for this submitted job, "
                      "which Ray may delete after it and other nodes do not see; set output.path to shared storage "
                      "or an object store")
-    if shortfall := resources.memory_shortfall_here(job):
+    if shortfall := memory_shortfall_here(job):
         found.append(f"warning: {shortfall}")
     if not plan.chunks:
         found.append(f"warning: input.path {plan.inputs.uri} holds no rows; the output holds none either")
@@ -370,7 +369,7 @@ def run(cfg: DictConfig | JobConfig) -> dict:
     if plan.state.finished:
         return already_finished(plan)
     if job.dry_run:
-        from lmbatch.dry_run import dry_run
+        from lmbatch.plan.dry_run import dry_run
 
         say_notices(plan)
         return dry_run(plan)
@@ -418,7 +417,7 @@ def generate(plan: JobPlan, progress: Progress) -> dict:
         plan.begin_output()
     else:
         with say_how_to_resume(plan), ray_session(job, functools.partial(say_stopped, plan)) as local:
-            resources.check_cluster(plan, local)
+            check_cluster(plan, local)
             plan.begin_output()
             with PeakSampler(object_store_bytes(), interval=1.0) as store, live_progress(progress) as live_chunks:
                 # No prefetch: it holds each chunk's summary back until the next chunk is done, so the

@@ -15,10 +15,10 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 from lmbatch.errors import JobError
-from lmbatch.storage import absolute
-from lmbatch.output.lease import EXPIRE_S, process_gone, read_lease
 from lmbatch.output.directory import CHUNK_MARKERS, METRICS, STATE_FILE, SUCCESS, OutputDir
+from lmbatch.output.lease import EXPIRE_S, process_gone, read_lease
 from lmbatch.report.summary import by_kind
+from lmbatch.storage import absolute
 
 TOTALS = ("rows", "rows_ok", "rows_error", "rows_error_by_kind", "parts")
 

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
 from lmbatch.errors import JobError
 
 

@@ -141,7 +141,7 @@ def test_the_sentiment_experiment_labels_reviews(tmp_path, capsys):
 
 
 def test_a_long_prompt_is_shown_by_its_start_and_end():
-    from lmbatch.dry_run import SHOWN_PROMPT_CHARS, shown_prompt
+    from lmbatch.plan.dry_run import SHOWN_PROMPT_CHARS, shown_prompt
 
     prompt = "<|system|>\nBe brief.\n" + "word " * 1000 + "\n<|assistant|>\n"
     shown = shown_prompt(prompt)

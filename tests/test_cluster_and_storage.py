@@ -24,8 +24,8 @@ from conftest import REPO, compose, write_prompts
 from lmbatch.config import ClusterConfig
 from lmbatch.errors import JobError
 from lmbatch.models import parameter_count
-from lmbatch.plan import plan_job, to_job_config
-from lmbatch.resources import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall
+from lmbatch.plan.job import plan_job, to_job_config
+from lmbatch.plan.resources import available_memory, cpu_shortfall, gpu_mismatch, memory_shortfall
 
 BIN = os.path.dirname(sys.executable)
 

@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 
 from conftest import CONF, compose, write_prompts
 from lmbatch.config import ConfigError, JobConfig
-from lmbatch.plan import plan_job, to_job_config
+from lmbatch.plan.job import plan_job, to_job_config
 
 BENCHMARK_GROUPS = {"preset"}  # options of conf/benchmark.yaml, composed below
 GROUP_OPTIONS = [(group.name, f.stem) for group in sorted(CONF.iterdir())

@@ -16,7 +16,7 @@ from lmbatch.models import model_identity
 from lmbatch.output.directory import OutputDir, OutputState
 from lmbatch.errors import JobFailed
 from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, failure_cause, run
-from lmbatch.plan import plan_job, to_job_config
+from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.status import output_status
 from lmbatch.output.columns import split_reasoning
 

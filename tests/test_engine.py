@@ -708,7 +708,7 @@ def test_a_models_own_generation_settings_do_not_change_the_output(tiny_llama, t
     from transformers import GenerationConfig
 
     from lmbatch.config import GenerationOptions, JobConfig
-    from lmbatch.model_checks import check_model
+    from lmbatch.plan.model_checks import check_model
 
     shipped = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
                    num_beams=3, no_repeat_ngram_size=2, min_new_tokens=12)

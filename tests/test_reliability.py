@@ -35,14 +35,14 @@ from conftest import (REPO, compose, oracle, save_classifier, save_headless, sav
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
 from lmbatch.engine.hf import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine
 from lmbatch.engine.types import Request
-from lmbatch.dry_run import dry_run
+from lmbatch.plan.dry_run import dry_run
 from lmbatch.errors import JobError
 from lmbatch.input import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output.directory import LEASE_FILE, part_name
 from lmbatch.errors import JobFailed
 from lmbatch.pipeline import ReadStalled, count_committed, prepare_within, run
-from lmbatch.plan import plan_job, to_job_config
+from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.rows import row_prompt
 from lmbatch.prepare.settings import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT
@@ -696,7 +696,7 @@ def test_a_replica_whose_check_of_the_output_hangs_ends_its_process(tmp_path):
     os.mkfifo(out / "_lmbatch_job.json")
     script = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
               "from conftest import compose\n"
-              "from lmbatch.plan import to_job_config\n"
+              "from lmbatch.plan.job import to_job_config\n"
               "from lmbatch.replica.actor import Replica\n"
               f"job = to_job_config(compose('output.path={out}', 'cluster.load_timeout_s=2'))\n"
               f"Replica(job, {str(out)!r}, ['id'], fingerprint='0123456789abcdef')\n")

@@ -18,7 +18,7 @@ from lmbatch.config import BatchingConfig, ConfigError, GenerationOptions, Model
 from lmbatch.engine.hf import HFEngine
 from lmbatch.engine.types import Request, SamplingParams
 from lmbatch.errors import JobError
-from lmbatch.plan import plan_job, to_job_config
+from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.decoding.structured import PatternError, pattern, token_bytes
 from lmbatch.output.json_column import arrow_type, parsed_column
 

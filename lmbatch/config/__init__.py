@@ -9,12 +9,7 @@ key fails when the config is composed, and each `__post_init__` checks values wh
 from lmbatch.config.batching import BatchingConfig
 from lmbatch.config.checks import ConfigError
 from lmbatch.config.cluster import ClusterConfig
-from lmbatch.config.generation import (
-           EMBEDDING_POOLINGS,
-           MAX_TOP_LOGPROBS,
-           PER_ROW_PARAMETERS,
-           GenerationOptions,
-)
+from lmbatch.config.generation import EMBEDDING_POOLINGS, MAX_TOP_LOGPROBS, PER_ROW_PARAMETERS, GenerationOptions
 from lmbatch.config.input import InputConfig
 from lmbatch.config.job import JobConfig, register_configs
 from lmbatch.config.model import ModelConfig

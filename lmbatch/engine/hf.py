@@ -23,25 +23,19 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 
 from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.decoding.logprobs import TokenLogprobs, TokenTexts, first_tokens
+from lmbatch.decoding.processors import Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty
+from lmbatch.decoding.stopping import StopStrings
+from lmbatch.decoding.structured import Indexes, PatternError
 from lmbatch.engine.loading import choose_kv_cache, load_model
 from lmbatch.engine.pooling import EncoderReading, classify_prompts, embed_prompts
 from lmbatch.engine.prefix import layout, prefix_cache
-from lmbatch.engine.requests import (
-    padded_tokens,
-    plan_requests,
-    row_seed,
-    shared_prefix,
-)
+from lmbatch.engine.requests import padded_tokens, plan_requests, row_seed, shared_prefix
 from lmbatch.engine.scoring import cache_keyword, score_choices, score_prompts
 from lmbatch.engine.texts import Texts
 from lmbatch.engine.types import Completion, EngineStats, Request
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.architecture import ending_ids, special_tokens_only
-from lmbatch.decoding.logprobs import TokenLogprobs, first_tokens
-from lmbatch.decoding.processors import Choices, Guided, OutputPenalties, PerRowSampler, RepetitionPenalty
-from lmbatch.decoding.stopping import StopStrings
-from lmbatch.decoding.structured import Indexes, PatternError
-from lmbatch.decoding.logprobs import TokenTexts
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,7 @@ def has_flash_attention(auto, config) -> bool:
 def load_model(model_path: str, model: ModelConfig, device: Optional[str] = None):
     """(the model in eval mode, its tokenizer, the peft model holding model.adapters or None), loaded on
     `device` (default: CUDA when there is one) in the configured dtype."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from lmbatch.prepare.tokens import load_tokenizer
 

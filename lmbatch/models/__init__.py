@@ -3,11 +3,7 @@ writes one), facts read from a model's config (architecture.py) and from its fil
 package hands on the names that tests and users import; the product imports the modules.
 """
 
-from lmbatch.models.architecture import (
-                                    is_classifier,
-                                    kv_cache_bytes_per_token,
-                                    reads_both_ways,
-)
+from lmbatch.models.architecture import is_classifier, kv_cache_bytes_per_token, reads_both_ways
 from lmbatch.models.builtin import (
                                     ARCHITECTURES,
                                     BUILTIN,

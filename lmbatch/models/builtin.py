@@ -93,14 +93,7 @@ def build_wordpiece_tokenizer(max_length: int = 512):
     `[CLS] first [SEP] second [SEP]`, the second text and its [SEP] of token type 1. Its vocabulary is
     set, not trained (the WordPiece trainer breaks ties differently from run to run): the sample corpus's
     words, and printable ASCII characters alone and as word pieces, which spell any other word."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from lmbatch.input.builtin import WORDS
@@ -127,13 +120,7 @@ def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_s
     an argmax between padded and unpadded runs, and the tests compare greedy outputs exactly.
     """
     import torch
-    from transformers import (
-        AutoModel,
-        AutoModelForCausalLM,
-        BertConfig,
-        GPT2Config,
-        LlamaConfig,
-    )
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
     if name == "tiny-bert":
         tokenizer = build_wordpiece_tokenizer(max_length=min(max_positions, 512))

@@ -12,19 +12,8 @@ import pyarrow as pa
 from lmbatch.config import GenerationOptions
 from lmbatch.decoding.structured import pattern
 from lmbatch.engine.requests import row_seed
-from lmbatch.engine.types import (
-    Pooling,
-    Request,
-    SamplingParams,
-)
-from lmbatch.prepare.settings import (
-    CHOICES,
-    ERROR,
-    MAX_NEW,
-    PARAMS,
-    PROMPT_IDS,
-    SECOND_TEXT,
-)
+from lmbatch.engine.types import Pooling, Request, SamplingParams
+from lmbatch.prepare.settings import CHOICES, ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT
 
 
 def sampling_params(g: GenerationOptions) -> SamplingParams:

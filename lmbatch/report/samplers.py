@@ -77,10 +77,7 @@ def object_store_bytes() -> Optional[Callable[[], int]]:
     `ray memory`; None where that needs grpcio (installed by `ray[default]`, not by `ray[data]`)."""
     try:
         import ray
-        from ray._private.internal_api import (
-            get_memory_info_reply,
-            get_state_from_address,
-        )
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
         measure = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used  # noqa: E731

@@ -10,8 +10,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,25 +17,22 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks
 from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
-from lmbatch.errors import JobError
-from lmbatch.input.files import InputPlan
-from lmbatch.storage import absolute
-from lmbatch.model_checks import check_model
+from lmbatch.config.model import ModelConfig
+from lmbatch.errors import FAILED_IN_GENERATION, JobError, RowError, error_kind
+from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks
+from lmbatch.input.files import InputPlan, inspect_inputs, is_text
+from lmbatch.input.scans import find_duplicate_ids, long_strings
 from lmbatch.models import model_identity
 from lmbatch.models.files import tokenizer_source
+from lmbatch.output.columns import SAMPLE_INDEX, output_columns
 from lmbatch.output.directory import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
-from lmbatch.errors import RowError
+from lmbatch.plan.fingerprint import job_fingerprint
+from lmbatch.plan.model_checks import check_model
 from lmbatch.prepare.context import fit_to_context
 from lmbatch.prepare.settings import PrepareSettings, template_fields
 from lmbatch.prepare.tokens import direct_class_path, load_tokenizer
-from lmbatch.errors import FAILED_IN_GENERATION
-from lmbatch.errors import error_kind
-from lmbatch.output.columns import SAMPLE_INDEX, output_columns
-from lmbatch.input.files import inspect_inputs, is_text
-from lmbatch.input.scans import find_duplicate_ids, long_strings
-from lmbatch.storage import is_inside
+from lmbatch.storage import absolute, is_inside
 
 
 @dataclass
@@ -98,8 +93,8 @@ def to_job_config(cfg: Any) -> JobConfig:
 
 
 def resolve_input_uri(path: str) -> str:
-    from lmbatch.models import BUILTIN
     from lmbatch.input.builtin import builtin_input_path
+    from lmbatch.models import BUILTIN
 
     if path.startswith(BUILTIN):
         try:
@@ -135,85 +130,87 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
     return columns
 
 
-ADDED_GENERATION_KEYS = ("choices", "logprobs", "presence_penalty", "frequency_penalty", "json_schema", "regex",
-                         "prompt_logprobs", "top_logprobs", "json_whitespace", "adapter", "min_p", "embedding",
-                         "classify")
-"""generation keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set
-(and embedding_dimensions and embedding_normalize only with embedding)."""
-
-
-ADDED_INPUT_KEYS = ("chat_template_kwargs", "chat_template", "max_prompt_tokens", "pair_column")
-"""input keys added after 0.2.0 jobs were first made: they count in a job's fingerprint only when set."""
-
-
-def _fingerprint(job: JobConfig, inputs: InputPlan) -> str:
-    """What makes two runs the same job: the input files and everything that shapes a row's output."""
-    identity = {
-        "files": [(f.path, f.size, f.num_rows) for f in inputs.files],
-        # limit is left to "files", which hold the rows taken: a limit above the input's rows is the
-        # same job as none (and jobs from before the key keep their fingerprint)
-        "input": {k: v for k, v in dataclasses.asdict(job.input).items() if k not in ("path", "limit")
-                  and not (k in ADDED_INPUT_KEYS and not v)},
-        # kv_cache is like batching: how rows are computed, not what they are (and 0.2.0 jobs resume);
-        # revision, adapter and adapters, added later, count when set (jobs from before them keep their fingerprint)
-        "model": {k: v for k, v in dataclasses.asdict(job.model).items()
-                  if k != "kv_cache" and not (k in ("revision", "adapter", "adapters") and not v)},
-        # ADDED_GENERATION_KEYS count when set (an empty schema, any JSON, and an empty json_whitespace are set)
-        "generation": {k: v for k, v in dataclasses.asdict(job.generation).items()
-                       if not (k in ADDED_GENERATION_KEYS and v in (None, [], False, 0))
-                       and not (k.startswith("embedding_") and not job.generation.embedding)},
-        "engine": job.engine,
-        "partition_by": job.output.partition_by,
-        **({"reasoning_tags": job.output.reasoning_tags} if job.output.reasoning_tags else {}),  # added later
-        **({"parse_json": True} if job.output.parse_json else {}),  # added later
-        "chunk_layout": 2,  # chunks span files since 0.2: parts of an older layout must not be resumed
-    }
-    # Parts written before partition columns were read lack them: not the same job. Added only when
-    # present, so other jobs keep their fingerprint (and resume).
-    if inputs.partition_columns:
-        identity["partition_columns"] = inputs.partition_columns
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def plan_job(job: JobConfig) -> JobPlan:
+    """Check the input, the model and the output, and plan the job: its chunks, those already committed
+    (a resumed run skips them) and how its rows are prepared. Raises JobError for a job that cannot run."""
     i = job.input
     input_uri = resolve_input_uri(i.path)
     output_uri = absolute(job.output.path)
     if is_inside(output_uri, input_uri) or is_inside(input_uri, output_uri):
         raise JobError(f"output.path {output_uri} overlaps input.path {input_uri}; write the output elsewhere")
-    keep = i.keep_columns or []
-    required = {**{c: "any" for c in [i.id_column, *keep, *template_fields(i.template)]},
-                **{c: PER_ROW_PARAMETERS[c] for c in i.param_columns},
-                i.text_column: "messages" if i.messages_column else "string",  # the kinds checked win over "any"
-                **({i.pair_column: "string"} if i.pair_column else {})}
-    inputs = inspect_inputs(input_uri, required).head(i.limit)
+    inputs = inspect_inputs(input_uri, _required_columns(job)).head(i.limit)
     passthrough = _passthrough_columns(job, inputs)
     model, context_limit, kv_bytes_per_token = check_model(job)
 
     if job.output.partition_by:
         _check_partition_by(job, inputs, passthrough)
     output = OutputDir(output_uri, job.output.partition_by)
-    fingerprint = _fingerprint(job, inputs)
+    fingerprint = job_fingerprint(job, inputs)
+    identity = _model_identity(model)
+    state, retrying = _output_state(job, output, fingerprint, identity)
+    chunk_rows = state.chunk_rows or _chunk_rows(job, inputs.num_rows)
+    settings = _prepare_settings(job, model, input_uri, inputs, passthrough, context_limit)
+    check_room_for_prompts(job, settings)
+    job = dataclasses.replace(job, model=model)
+    chunks = plan_chunks(inputs.files, chunk_rows)
+    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity,
+                   kv_bytes_per_token=kv_bytes_per_token, retrying=retrying)
+    if i.on_duplicate_id != "ignore" and not state.finished:
+        plan.duplicate_rows = _duplicates_by_chunk(chunks, find_duplicate_ids(input_uri, inputs.files, i.id_column))
+    return plan
+
+
+def _required_columns(job: JobConfig) -> dict[str, str]:
+    """The input columns the job reads, each with the kind of value it must hold (COLUMN_KINDS)."""
+    i = job.input
+    keep = i.keep_columns or []
+    return {**{c: "any" for c in [i.id_column, *keep, *template_fields(i.template)]},
+            **{c: PER_ROW_PARAMETERS[c] for c in i.param_columns},
+            i.text_column: "messages" if i.messages_column else "string",  # the kinds checked win over "any"
+            **({i.pair_column: "string"} if i.pair_column else {})}
+
+
+def _model_identity(model: ModelConfig) -> Optional[str]:
+    """The model's identity (`model_identity`) with its adapters': a retrained adapter is another model as
+    much as retrained weights are."""
     identity = model_identity(model.path, model.revision)
-    if model.adapter:  # a retrained adapter is another model as much as retrained weights are
+    if model.adapter:
         identity = f"{identity} with adapter {model_identity(model.adapter)}"
     if model.adapters:
         identity = f"{identity} with adapters " + ", ".join(f"{name} {model_identity(local)}"
                                                              for name, local in sorted(model.adapters.items()))
+    return identity
+
+
+def _output_state(job: JobConfig, output: OutputDir, fingerprint: str,
+                  identity: Optional[str]) -> tuple[OutputState, dict[str, collections.Counter]]:
+    """What the output holds of this job; with output.mode=retry_errors, the committed chunks whose rows
+    failed in generation are taken out of it, to be generated again."""
     state = output.inspect(fingerprint, job.output.mode, identity)
     retrying = _failed_in_generation(output, state.done_chunks) if job.output.mode == "retry_errors" else {}
     if retrying:
         if state.model_changed:
-            raise JobError(f"output.path {output_uri} was made with other model files than model.path holds now: "
+            raise JobError(f"output.path {output.uri} was made with other model files than model.path holds now: "
                            "retrying its failed rows would mix the outputs of two models; point model.path at the "
                            "model it was made with, or use output.mode=overwrite to start again")
         state = dataclasses.replace(state, done_chunks=state.done_chunks - retrying.keys(), finished=False)
+    return state, retrying
+
+
+def _chunk_rows(job: JobConfig, input_rows: int) -> int:
+    """Rows per chunk for a new output (a resumed one keeps those it was begun with)."""
     configured = job.batching.chunk_rows
     if job.output.max_rows_per_file:  # one part per chunk: a smaller chunk is a smaller file
         configured = min(configured, max(1, job.output.max_rows_per_file // job.generation.num_return_sequences))
-    chunk_rows = state.chunk_rows or choose_chunk_rows(inputs.num_rows, configured, job.cluster.num_replicas)
+    return choose_chunk_rows(input_rows, configured, job.cluster.num_replicas)
+
+
+def _prepare_settings(job: JobConfig, model: ModelConfig, input_uri: str, inputs: InputPlan, passthrough: list[str],
+                      context_limit: Optional[int]) -> PrepareSettings:
+    """What the prepare tasks need of the job, its tokenizer's class found once here."""
+    i = job.input
     tokenizer_path, tokenizer_revision = tokenizer_source(model.path, model.revision, model.adapter)
-    settings = PrepareSettings(
+    return PrepareSettings(
         input_uri=input_uri, prompt_column=i.text_column, passthrough_columns=tuple(passthrough),
         tokenizer_path=tokenizer_path, tokenizer_revision=tokenizer_revision, generation=job.generation,
         param_columns=tuple(i.param_columns), adapters=tuple(job.model.adapters),
@@ -226,14 +223,6 @@ def plan_job(job: JobConfig) -> JobPlan:
             tokenizer_path, tokenizer_revision),
         input_schema=inputs.schema,
     )
-    check_room_for_prompts(job, settings)
-    job = dataclasses.replace(job, model=model)
-    chunks = plan_chunks(inputs.files, chunk_rows)
-    plan = JobPlan(job, inputs, settings, output, state, fingerprint, chunk_rows, chunks, model_identity=identity,
-                   kv_bytes_per_token=kv_bytes_per_token, retrying=retrying)
-    if i.on_duplicate_id != "ignore" and not state.finished:
-        plan.duplicate_rows = _duplicates_by_chunk(chunks, find_duplicate_ids(input_uri, inputs.files, i.id_column))
-    return plan
 
 
 def _failed_in_generation(output: OutputDir, chunk_ids) -> dict[str, collections.Counter]:

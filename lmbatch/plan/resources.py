@@ -16,7 +16,7 @@ from typing import Optional
 from lmbatch.config import ClusterConfig, JobConfig
 from lmbatch.errors import JobError
 from lmbatch.models import parameter_count
-from lmbatch.plan import JobPlan
+from lmbatch.plan.job import JobPlan
 
 
 def ray_address(job: JobConfig) -> Optional[str]:

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Optional
 
 from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.errors import JobError
-from lmbatch.storage import absolute
 from lmbatch.models import is_classifier, reads_both_ways
-from lmbatch.models.architecture import cross_encoder_function, ending_ids, score_function
 from lmbatch.models.files import adapter_misfit, tokenizer_source
-from lmbatch.decoding.structured import Indexes, PatternError
-from lmbatch.prepare.tokens import encode, load_tokenizer
-from lmbatch.decoding.structured import pattern
+from lmbatch.plan.encoder_notes import cross_encoder_note, sentence_transformers_notes
+from lmbatch.plan.prompt_checks import check_chat_template, check_structured, unspaced_choices
+from lmbatch.prepare.tokens import load_tokenizer
+from lmbatch.storage import absolute
 
 
 def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[int]]:
@@ -154,121 +152,6 @@ def check_model_use(job: JobConfig, config, text_config) -> None:
               "log-probabilities mean little. For embeddings alone, set generation.max_new_tokens=0")
 
 
-ST_POOLINGS = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mean", "lasttoken": "last"}
-"""sentence-transformers' pooling modes (its `pooling_mode`, or a `pooling_mode_*` flag of older versions)
-that generation.embedding has, by its name for them."""
-
-
-def sentence_transformers_notes(job: JobConfig, path: str, revision: Optional[str],
-                                context: Optional[int]) -> list[str]:
-    """How a sentence-transformers model's own pipeline (its modules.json) embeds otherwise than the job: by
-    another pooling (or one without its prompt's tokens), with a module lmbatch does not apply (a Dense
-    projection), normalized or not unlike the job's vectors, after a default prompt the job's texts do not
-    begin with, or cut shorter than the job's
-    `context` or input.max_prompt_tokens (an older version's max_seq_length; newer ones save it as the
-    tokenizer's, which an encoder's context is)."""
-    modules = _model_json(path, "modules.json", revision) if job.generation.embedding else None
-    if not isinstance(modules, list):
-        return []
-    notes, prompt = [], default_prompt(_model_json(path, "config_sentence_transformers.json", revision))
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind == "Pooling":
-            config = _model_json(path, f"{module.get('path')}/config.json", revision) or {}
-            flags = [k.removeprefix("pooling_mode_") for k, on in config.items()
-                     if k.startswith("pooling_mode_") and on is True]  # several at once are concatenated
-            mode = config.get("pooling_mode") or "+".join(flags)
-            ours = ST_POOLINGS.get(mode)
-            if ours != job.generation.embedding:
-                notes.append(f"pools by {mode} "
-                             + (f"(generation.embedding={ours})" if ours else "(lmbatch has no such pooling)"))
-            if config.get("include_prompt") is False and (prompt or job.input.template):
-                notes.append("pools without the tokens of its prompt, which lmbatch pools with")
-        elif kind not in ("Transformer", "Normalize"):
-            notes.append(f"has a {kind} module, which lmbatch does not apply")
-    normalizes = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    if normalizes != job.generation.embedding_normalize:
-        notes.append(f"{'normalizes' if normalizes else 'does not normalize'} its vectors "
-                     f"(generation.embedding_normalize={str(normalizes).lower()})")
-    if prompt:
-        name, text = prompt
-        escaped = text.replace("{", "{{").replace("}", "}}")
-        if not (job.input.template or "").startswith(escaped):
-            notes.append(f"puts {json.dumps(text)} before every text (its default_prompt_name, {name}): "
-                         f"'input.template=\"{escaped}{{{job.input.prompt_column}}}\"' does as it does")
-    length = (_model_json(path, "sentence_bert_config.json", revision) or {}).get("max_seq_length")
-    if isinstance(length, int) and length < min(job.input.max_prompt_tokens or math.inf, context or math.inf):
-        notes.append(f"embeds at most {length} tokens (its max_seq_length: input.max_prompt_tokens={length} "
-                     "input.on_too_long=truncate_end cuts as it does)")
-    return notes
-
-
-def cross_encoder_note(config) -> Optional[str]:
-    """How a sentence-transformers cross-encoder's predict() scores otherwise than label_scores, where its config
-    names another function for it (ms-marco-MiniLM's: the logits)."""
-    ours, theirs = score_function(config), cross_encoder_function(config)
-    if theirs in (None, ours):
-        return None
-    logits = " (the logits: ln(p / (1 - p)) of a label score p), which rank alike" if (
-        theirs, ours) == ("identity", "sigmoid") else ""
-    return (f"is a sentence-transformers cross-encoder whose predict() gives its scores through {theirs}{logits}; "
-            f"label_scores go through {ours}, as transformers' text-classification pipeline gives them")
-
-
-def default_prompt(config) -> Optional[tuple[str, str]]:
-    """The prompt (its name and text) a sentence-transformers model's encode() puts before every text unless
-    told otherwise: its config's default_prompt_name, where that names a prompt that is not empty."""
-    if not isinstance(config, dict) or not isinstance(config.get("prompts"), dict):
-        return None
-    name = config.get("default_prompt_name")
-    text = config["prompts"].get(name) if isinstance(name, str) else None
-    return (name, text) if isinstance(text, str) and text else None
-
-
-def _model_json(path: str, name: str, revision: Optional[str]):
-    """A JSON file of a model directory or hub model; None where it has none (or it cannot be read)."""
-    from transformers.utils import cached_file
-
-    try:
-        found = cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False)
-        return json.loads(Path(found).read_text()) if found else None
-    except Exception:  # noqa: BLE001 - a hub that cannot be reached, a file that is not JSON: no notes
-        return None
-
-
-def check_structured(job: JobConfig, tokenizer, model_eos) -> None:
-    """Structured output that cannot run stops the job here, not as every row's error: no outlines-core, a
-    tokenizer whose tokens cannot be spelled as bytes, no EOS, or a job-level json_schema or regex that no
-    text of the tokenizer's can match (compiled once here, as each replica compiles it again)."""
-    if not job.held_to_pattern:
-        return
-    g = job.generation
-    key = "generation.regex" if g.regex is not None else "generation.json_schema"
-    try:
-        indexes = Indexes(tokenizer, ending_ids(model_eos, tokenizer))  # as each replica will build it
-        if regex := pattern(g):
-            indexes.index(regex)
-    except PatternError as e:
-        message = str(e).removeprefix("invalid parameter: ")
-        raise JobError(f"generation.{message}" if message.startswith("json_schema") else f"{key}: {message}") from None
-
-
-def unspaced_choices(job: JobConfig, tokenizer) -> Optional[str]:
-    """A likely mistake in generation.choices: labels without the leading space a model writes after a
-    prompt that ends in a word or a colon ("Sentiment:"), where the space is part of the label's token.
-    Forced to spell the label otherwise, the model's answer and its probabilities mean little."""
-    template = job.input.template or "?"  # a prompt of its own most often ends in a word or a colon
-    if job.input.chat or template[-1:].isspace():
-        return None
-    for choice in job.generation.choices:
-        alone, spaced = (encode(tokenizer, [text], add_special_tokens=False)[0] for text in (choice, " " + choice))
-        if not choice[:1].isspace() and len(spaced) < len(alone):
-            return (f"generation.choices holds {choice!r}, which the model's tokens spell in {len(alone)} but "
-                    f"{' ' + choice!r} in {len(spaced)}: after a prompt that ends in a word or a colon a model "
-                    f"writes the space, so write the labels with it ({' ' + choice!r}) unless the prompt ends in one")
-    return None
-
-
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -321,53 +204,3 @@ def check_shared_tokenizer(adapters: dict[str, str], tokenizer, trust_remote_cod
                            "in a job of its own)")
 
 
-def check_chat_template(job: JobConfig, tokenizer, source: str) -> None:
-    """The chat template must render the conversation the job builds around each row's text (a
-    user message, after the system prompt if any): else every row would become an error row
-    (templates raise on what they refuse, e.g. a system message). Conversations of a messages
-    column vary by row, so there only the system prompt is tried. The job's own template
-    (input.chat_template) is checked instead of the tokenizer's."""
-    own = job.input.chat_template
-    if not own and not tokenizer.chat_template:
-        raise JobError(f"the tokenizer of {source} has no chat template, which input.messages_column, "
-                       "input.system_prompt, input.apply_chat_template and input.chat_template_kwargs need "
-                       "(give one with input.chat_template)")
-    what = "input.chat_template" if own else f"the chat template of {source}"
-    variables = job.input.chat_template_kwargs
-    if taken := sorted(set(variables) & {"conversation", "messages", "tokenize", "add_generation_prompt"}):
-        raise JobError(f"input.chat_template_kwargs cannot set {', '.join(taken)}: lmbatch passes the chat template "
-                       "each row's messages, with the prompt for the model's turn")
-    read = template_variables(own or tokenizer.chat_template) if variables else None  # parsed only to check them
-    if read is not None and set(variables) - read:
-        raise JobError(f"input.chat_template_kwargs sets {', '.join(sorted(set(variables) - read))}, which "
-                       f"{what} does not read, so it would change nothing; it reads {', '.join(sorted(read))}")
-    if own:
-        try:  # as transformers compiles it: a template that is not Jinja stops the job, not each row
-            from transformers.utils import chat_template_utils
-
-            chat_template_utils._compile_jinja_template(own)
-        except Exception as e:  # noqa: BLE001 - jinja's syntax errors, of whatever kind
-            raise JobError(f"input.chat_template is not a template transformers can render: {e}") from None
-    if job.input.messages_column and not job.input.system_prompt:
-        return
-    system = [{"role": "system", "content": job.input.system_prompt}] if job.input.system_prompt else []
-    try:
-        tokenizer.apply_chat_template([*system, {"role": "user", "content": "Hello"}], tokenize=False,
-                                      add_generation_prompt=True, chat_template=own, **variables)
-    except Exception as e:  # noqa: BLE001 - whatever the template raises
-        raise JobError(f"{what} fails on a single user message"
-                       f"{' after input.system_prompt' if system else ''}: {e}") from None
-
-
-def template_variables(chat_template) -> Optional[set[str]]:
-    """The variables a chat template reads from its caller; None where it cannot be parsed here (a
-    template of tags that transformers alone knows), so that nothing is refused for that."""
-    import jinja2.meta
-    from transformers.utils import chat_template_utils
-
-    sources = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
-    try:  # parsed in the environment transformers renders it in (its tags and extensions)
-        environment = chat_template_utils._compile_jinja_template("").environment
-        return set().union(*(jinja2.meta.find_undeclared_variables(environment.parse(s)) for s in sources))
-    except Exception:  # noqa: BLE001 - a private function of transformers, or a template it alone parses
-        return None
