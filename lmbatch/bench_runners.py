@@ -213,7 +213,7 @@ class Bench:
         import pyarrow.parquet as pq
 
         from lmbatch.config import ClusterConfig, GenerationOptions, InputConfig, JobConfig, ModelConfig, OutputConfig
-        from lmbatch.pipeline import run
+        from lmbatch.pipeline.run import run
 
         c = self.cfg
         source = self.workdir / "prompts.parquet"

@@ -21,7 +21,7 @@ def run_cli(cfg: DictConfig) -> None:
     global _config_composed
     _config_composed = True
     from lmbatch.errors import JobFailed
-    from lmbatch.pipeline import run
+    from lmbatch.pipeline.run import run
 
     try:
         run(cfg)

@@ -128,7 +128,7 @@ def test_the_sentiment_experiment_labels_reviews(tmp_path, capsys):
     """conf/experiment/sentiment.yaml, as the README shows it: a template over two lines, the labels
     as choices and their log-probabilities; its dry run shows the prompt and the labels' tokens."""
     from conftest import compose
-    from lmbatch.pipeline import run
+    from lmbatch.pipeline.run import run
 
     pq.write_table(pa.table({"id": [1], "review": ["Broke in a day."]}), tmp_path / "reviews.parquet")
     job = compose("experiment=sentiment", f"input.path={tmp_path / 'reviews.parquet'}", "dry_run=true",
@@ -184,7 +184,7 @@ def test_a_dry_run_counts_the_prompt_tokens_micro_batches_share(tmp_path, capsys
     """Prompts of one template, its instructions first: the dry run says how many prompt tokens the
     planned micro-batches would compute once, whatever the KV cache (none with batching.share_prefix=false)."""
     from conftest import compose, varied_prompts, write_prompts
-    from lmbatch.pipeline import run
+    from lmbatch.pipeline.run import run
 
     source = write_prompts(tmp_path / "in.parquet", varied_prompts(20, seed=5, max_words=20))
     instructions = "Read the text below carefully and answer in one short sentence, plainly and politely."

@@ -15,7 +15,9 @@ from lmbatch.errors import JobError
 from lmbatch.models import model_identity
 from lmbatch.output.directory import OutputDir, OutputState
 from lmbatch.errors import JobFailed
-from lmbatch.pipeline import ERROR_CHECK_MIN_ROWS, failure_cause, run
+from lmbatch.pipeline.run import run
+from lmbatch.pipeline.run import ERROR_CHECK_MIN_ROWS
+from lmbatch.pipeline.session import failure_cause
 from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.status import output_status
 from lmbatch.output.columns import split_reasoning
@@ -643,7 +645,7 @@ def test_a_job_with_too_many_error_rows_stops_and_goes_on_once_they_are_accepted
 def test_a_running_job_says_in_its_lease_how_far_it_has_got(local_ray, tmp_path, tiny_llama, monkeypatch):
     """The lease a run renews (every 10 s; 0.1 s here) carries its rows done and in all, as its
     progress line last said, for a run waiting on it and for anyone watching the output (lmbatch-status)."""
-    from lmbatch import pipeline
+    from lmbatch.pipeline import run as pipeline_run
 
     renewed, write, watched = [], OutputDir.write_lease, []
 
@@ -653,7 +655,7 @@ def test_a_running_job_says_in_its_lease_how_far_it_has_got(local_ray, tmp_path,
         if renewed[-1]["renewals"] == 1:
             watched.append(output_status(self.uri))
 
-    monkeypatch.setattr(pipeline, "RENEW_S", 0.1)
+    monkeypatch.setattr(pipeline_run, "RENEW_S", 0.1)
     monkeypatch.setattr(OutputDir, "write_lease", write_lease)
     path = write_prompts(tmp_path / "in.parquet", varied_prompts(40, seed=2, max_words=20))
     run(compose(f"input.path={path}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_llama}",

@@ -41,7 +41,9 @@ from lmbatch.input import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output.directory import LEASE_FILE, part_name
 from lmbatch.errors import JobFailed
-from lmbatch.pipeline import ReadStalled, count_committed, prepare_within, run
+from lmbatch.pipeline.run import run
+from lmbatch.pipeline.commit import count_committed
+from lmbatch.pipeline.dataset import ReadStalled, prepare_within
 from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.rows import row_prompt
@@ -1538,16 +1540,16 @@ def test_a_stop_that_ray_cannot_finish_still_ends_the_job(tmp_path):
     to lapse."""
     script = """
 import functools, signal, sys, time
-from lmbatch import pipeline
-from lmbatch.lease import Lease
-from lmbatch.output import OutputDir
-from lmbatch.report import Periodic
-pipeline.STOP_GRACE_S = 3
+from lmbatch.output.directory import OutputDir
+from lmbatch.output.lease import Lease
+from lmbatch.pipeline import session
+from lmbatch.report.samplers import Periodic
+session.STOP_GRACE_S = 3
 lease = Lease(OutputDir(sys.argv[1]))
 lease.acquire(print)
 Periodic(lease.renew, 0.01).__enter__()  # renewing all along, as a run's thread does (every 10 s)
 said = lambda: print("lmbatch: stopped with 2 of 4 chunks committed", file=sys.stderr)
-signal.signal(signal.SIGTERM, functools.partial(pipeline._exit_on_sigterm, said))
+signal.signal(signal.SIGTERM, functools.partial(session._exit_on_sigterm, said))
 try:
     print("generating", flush=True)  # inside the try: a SIGTERM right after it unwinds through finally
     time.sleep(60)

@@ -193,7 +193,7 @@ def test_a_job_whose_pattern_cannot_be_followed_stops_as_it_is_planned(tmp_path,
 
 
 def test_a_dry_run_shows_the_expression_a_schema_becomes(tmp_path, tiny_llama, capsys):
-    from lmbatch.pipeline import run
+    from lmbatch.pipeline.run import run
 
     source = write_prompts(tmp_path / "in.parquet", ["a b"])
     run(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_llama}", "dry_run=true",
@@ -246,7 +246,7 @@ def test_the_extract_experiment_is_held_to_its_schema_and_parsed(tmp_path, tiny_
     """conf/experiment/extract.yaml, as the README shows it: the schema in YAML, its column typed."""
     import pyarrow as pa
 
-    from lmbatch.pipeline import run
+    from lmbatch.pipeline.run import run
 
     source = write_prompts(tmp_path / "in.parquet", ["x"], ticket=["I was charged twice."])
     job = compose("experiment=extract", f"input.path={source}", f"output.path={tmp_path / 'out'}",
