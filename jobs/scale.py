@@ -13,7 +13,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from lmbatch.scale import run_scale  # noqa: E402
+from lmbatch.bench.scale import register_config, run_scale  # noqa: E402
+
+register_config()
 
 
 @hydra.main(config_path="../conf", config_name="scale", version_base="1.3")

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from lmbatch.benchmark import BenchmarkConfig, run_benchmark
-from lmbatch.scale import ScaleConfig, run_scale
+from lmbatch.bench.benchmark import BenchmarkConfig, run_benchmark
+from lmbatch.bench.scale import ScaleConfig, run_scale
 
 
 @pytest.mark.slow

@@ -31,11 +31,14 @@ def test_every_shipped_config_composes_and_validates(group, option, tmp_path):
     ("benchmark", []), ("benchmark", ["preset=cpu"]), ("benchmark", ["preset=gpu"]), ("scale", []),
 ])
 def test_benchmark_configs_compose_and_validate(config, overrides, tmp_path):
-    import lmbatch.benchmark  # noqa: F401 - registers the schemas
-    import lmbatch.scale  # noqa: F401
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
+
+    from lmbatch.bench import benchmark, scale
+
+    benchmark.register_config()
+    scale.register_config()
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name=config, overrides=[*overrides, f"{'work_dir' if config == 'scale' else 'output_dir'}={tmp_path}"])

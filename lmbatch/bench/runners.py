@@ -1,4 +1,4 @@
-"""The benchmark's variants (`lmbatch.benchmark`): each runs the workload one way, timed, and counts the
+"""The benchmark's variants (`benchmark`): each runs the workload one way, timed, and counts the
 tokens it computed, so that padding and decode slots compare across them."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Optional
 
 import psutil
 
-from lmbatch.bench_workload import build_workload
+from lmbatch.bench.workload import build_workload
 from lmbatch.engine.batching import decode_steps
 from lmbatch.report.samplers import PeakSampler
 from lmbatch.report.summary import megabytes, ratio
 
 if TYPE_CHECKING:
-    from lmbatch.benchmark import BenchmarkConfig
+    from lmbatch.bench.benchmark import BenchmarkConfig
 
 ST_POOLING = {"cls": "cls", "mean": "mean", "last": "lasttoken"}
 """generation.embedding's poolings by sentence-transformers' names."""

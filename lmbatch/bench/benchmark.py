@@ -36,8 +36,8 @@ import numpy as np
 import psutil
 from hydra.core.config_store import ConfigStore
 
-from lmbatch.bench_runners import Bench, Result
-from lmbatch.bench_workload import build_model
+from lmbatch.bench.runners import Bench, Result
+from lmbatch.bench.workload import build_model
 from lmbatch.config import EMBEDDING_POOLINGS, BatchingConfig
 
 VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared", "ungrouped", "sentence_transformers")
@@ -107,7 +107,9 @@ class BenchmarkConfig:
     """Where results.json and results.md go."""
 
 
-ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
+def register_config() -> None:
+    """Register the schema so `defaults: [benchmark_schema, ...]` type-checks every key."""
+    ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
 
 
 def _faster(a: Result, b: Result) -> bool:
@@ -156,18 +158,9 @@ def bandwidth_note(result: Result, model, bandwidth_gb_s: float) -> str:
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
-    unknown = set(cfg.variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    if cfg.embed not in (None, *EMBEDDING_POOLINGS):
-        raise ValueError(f"embed must be {', '.join(EMBEDDING_POOLINGS)} or null, got {cfg.embed!r}")
-    if cfg.embed and set(cfg.variants) & GENERATING:
-        raise ValueError("embed compares the engine's variants (bucketed, fixed, unshared, ungrouped) and "
-                         "sentence_transformers alone")
-    if not cfg.embed and "sentence_transformers" in cfg.variants:
-        raise ValueError("the sentence_transformers variant embeds: set embed")
-    if cfg.embed and cfg.time_limit_s:  # its projection goes by decode steps, of which embedding has none
-        raise ValueError("embed runs without time_limit_s")
+    """Run every variant of the workload, interleaved, keep each one's best round, and report them side by
+    side as ratios (results.md and results.json in cfg.output_dir)."""
+    check_variants(cfg)
     if cfg.log_micro_batches:
         logging.getLogger("lmbatch.engine").setLevel(logging.DEBUG)
     out_dir = Path(cfg.output_dir)
@@ -183,19 +176,35 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                       f"{result.generated_tokens / result.seconds:10.1f} gen tok/s", flush=True)
                 if variant not in best or _faster(result, best[variant]):
                     best[variant] = result
+    report = make_report(cfg, bench, best)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report["results"], report["baseline"], report["header"]) + "".join(
+        f"\n{n}\n" for n in report["notes"])
+    (out_dir / "results.md").write_text(table)
+    print(table)
+    print(f"benchmark results in {out_dir}")
+    return report
 
+
+def check_variants(cfg: BenchmarkConfig) -> None:
+    unknown = set(cfg.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if cfg.embed not in (None, *EMBEDDING_POOLINGS):
+        raise ValueError(f"embed must be {', '.join(EMBEDDING_POOLINGS)} or null, got {cfg.embed!r}")
+    if cfg.embed and set(cfg.variants) & GENERATING:
+        raise ValueError("embed compares the engine's variants (bucketed, fixed, unshared, ungrouped) and "
+                         "sentence_transformers alone")
+    if not cfg.embed and "sentence_transformers" in cfg.variants:
+        raise ValueError("the sentence_transformers variant embeds: set embed")
+    if cfg.embed and cfg.time_limit_s:  # its projection goes by decode steps, of which embedding has none
+        raise ValueError("embed runs without time_limit_s")
+
+
+def make_report(cfg: BenchmarkConfig, bench: Bench, best: dict[str, Result]) -> dict:
+    """The variants' best rounds as rows with their ratio to the baseline, the notes on them, and the
+    workload and machine they ran on."""
     rows_n = len(bench.texts)
-    notes = [f"{name} was stopped by time_limit_s={cfg.time_limit_s:g}: {r.rows_done:,} of {rows_n:,} rows in "
-             f"{r.seconds:.1f}s; at that pace (by planned decode steps) the whole run would take about "
-             f"{r.projected_seconds:,.1f}s." for name, r in best.items() if r.rows_done is not None]
-    if "ray_job" in best and "bucketed" in best and best["ray_job"].startup_seconds is not None:
-        ray = best["ray_job"]
-        steady = best["bucketed"].seconds / max(ray.seconds - ray.startup_seconds, 1e-9)
-        notes.append(f"Ray Data job vs in-process bucketed engine: {best['bucketed'].seconds / ray.seconds:.3f}x "
-                     f"end to end, {steady:.3f}x with its start-up ({ray.startup_seconds:.1f}s: Ray, replicas, "
-                     "model loads) excluded.")
-    if cfg.memory_bandwidth_gb_s and "bucketed" in best and best["bucketed"].decode_steps:
-        notes.append(bandwidth_note(best["bucketed"], bench.model, cfg.memory_bandwidth_gb_s))
     baseline = "fixed" if "fixed" in best else cfg.variants[0]
     same = compare({k: v for k, v in best.items() if k != "pipeline"})
     rows = []
@@ -211,11 +220,23 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
               + (f"embedded ({cfg.embed} pooling), nothing generated" if cfg.embed else
                  f"max_new_tokens {cfg.min_new_tokens}-{cfg.max_new_tokens} per row")
               + f"; {machine}; best of {cfg.repeats} interleaved rounds.")
-    report = {"config": dataclasses.asdict(cfg), "machine": machine, "baseline": baseline, "results": rows,
-              "greedy_rows_differing_from_bucketed": same, "notes": notes}
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
-    table = markdown(rows, baseline, header) + "".join(f"\n{n}\n" for n in notes)
-    (out_dir / "results.md").write_text(table)
-    print(table)
-    print(f"benchmark results in {out_dir}")
-    return report
+    return {"config": dataclasses.asdict(cfg), "machine": machine, "header": header, "baseline": baseline,
+            "results": rows, "greedy_rows_differing_from_bucketed": same, "notes": notes(cfg, bench, best)}
+
+
+def notes(cfg: BenchmarkConfig, bench: Bench, best: dict[str, Result]) -> list[str]:
+    """What the table alone does not say: variants stopped by the time limit, the Ray job's start-up, and
+    how near the memory bandwidth the engine decodes."""
+    rows_n = len(bench.texts)
+    found = [f"{name} was stopped by time_limit_s={cfg.time_limit_s:g}: {r.rows_done:,} of {rows_n:,} rows in "
+             f"{r.seconds:.1f}s; at that pace (by planned decode steps) the whole run would take about "
+             f"{r.projected_seconds:,.1f}s." for name, r in best.items() if r.rows_done is not None]
+    if "ray_job" in best and "bucketed" in best and best["ray_job"].startup_seconds is not None:
+        ray = best["ray_job"]
+        steady = best["bucketed"].seconds / max(ray.seconds - ray.startup_seconds, 1e-9)
+        found.append(f"Ray Data job vs in-process bucketed engine: {best['bucketed'].seconds / ray.seconds:.3f}x "
+                     f"end to end, {steady:.3f}x with its start-up ({ray.startup_seconds:.1f}s: Ray, replicas, "
+                     "model loads) excluded.")
+    if cfg.memory_bandwidth_gb_s and "bucketed" in best and best["bucketed"].decode_steps:
+        found.append(bandwidth_note(best["bucketed"], bench.model, cfg.memory_bandwidth_gb_s))
+    return found

@@ -1,4 +1,4 @@
-"""The benchmark's workload (`lmbatch.benchmark`): a random-init model of a preset shape, saved and loaded
+"""The benchmark's workload (`benchmark`): a random-init model of a preset shape, saved and loaded
 back through from_pretrained, and deterministic prompts of heavy-tailed lengths with per-row max_new_tokens."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lmbatch.benchmark import BenchmarkConfig
+    from lmbatch.bench.benchmark import BenchmarkConfig
 
 
 def build_model(preset: str, out_dir: Path, seed: int) -> str:

@@ -29,7 +29,7 @@ from hydra.core.config_store import ConfigStore
 from lmbatch.report.samplers import PeakSampler
 from lmbatch.report.summary import megabytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -53,7 +53,9 @@ class ScaleConfig:
     """Where inputs, outputs and results.json / results.md go."""
 
 
-ConfigStore.instance().store(name="scale_schema", node=ScaleConfig)
+def register_config() -> None:
+    """Register the schema so `defaults: [scale_schema, ...]` type-checks every key."""
+    ConfigStore.instance().store(name="scale_schema", node=ScaleConfig)
 
 
 def write_input(directory: Path, rows: int, rows_per_file: int, row_group_rows: Optional[int]) -> Path:
