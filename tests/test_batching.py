@@ -5,8 +5,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmbatch.engine.batching import decode_steps, padded_size, padding_efficiency, plan_micro_batches
 from lmbatch.config import BatchingConfig
+from lmbatch.engine.batching import decode_steps, padded_size, padding_efficiency, plan_micro_batches
 from lmbatch.engine.requests import identical_requests, plan_requests, prefix_groups, shared_prefix, with_repeats
 from lmbatch.engine.types import Completion, Request, SamplingParams
 

@@ -11,16 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import choice_oracle, compose, oracle, save_classifier, save_lora_adapter, varied_prompts, write_prompts
-from lmbatch.errors import JobError
+from lmbatch.errors import JobError, JobFailed
 from lmbatch.models import model_identity
+from lmbatch.output.columns import split_reasoning
 from lmbatch.output.directory import OutputDir, OutputState
-from lmbatch.errors import JobFailed
-from lmbatch.pipeline.run import run
-from lmbatch.pipeline.run import ERROR_CHECK_MIN_ROWS
+from lmbatch.pipeline.run import ERROR_CHECK_MIN_ROWS, run
 from lmbatch.pipeline.session import failure_cause
 from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.status import output_status
-from lmbatch.output.columns import split_reasoning
 
 pytestmark = pytest.mark.slow
 

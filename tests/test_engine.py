@@ -14,14 +14,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import choice_oracle, save_classifier, save_headless, varied_prompts
+from lmbatch.config import BatchingConfig, ModelConfig
+from lmbatch.decoding.processors import PerRowSampler, RepetitionPenalty
 from lmbatch.engine import hf as engine_module
 from lmbatch.engine import scoring
-from lmbatch.config import BatchingConfig, ModelConfig
 from lmbatch.engine.hf import HFEngine
-from lmbatch.engine.loading import choose_kv_cache
-from lmbatch.engine.loading import choose_attention, has_flash_attention
+from lmbatch.engine.loading import choose_attention, choose_kv_cache, has_flash_attention
 from lmbatch.engine.types import Completion, Pooling, Request, SamplingParams
-from lmbatch.decoding.processors import PerRowSampler, RepetitionPenalty
 
 
 def make_engine(path, kv_cache=None, **batching):
@@ -460,7 +459,8 @@ def test_an_encoder_embeds_each_prompt_as_sentence_transformers_does(encoder, re
     error row, and the others are embedded all the same. A separator typed into a text is read as the
     token, and BERT's text stays of token type 0 after it."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling as STPooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
 
     path = request.getfixturevalue(encoder)
     engine = make_engine(path, strategy="fixed", fixed_batch_size=8)

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_prompts
-from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks, read_chunk
 from lmbatch.errors import JobError
+from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks, read_chunk
 from lmbatch.input.files import InputFile, InputPlan, inspect_inputs
 from lmbatch.input.scans import find_duplicate_ids
 

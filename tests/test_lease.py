@@ -13,8 +13,8 @@ import time
 import pytest
 
 from lmbatch.output import lease as lease_module
-from lmbatch.output.lease import Lease
 from lmbatch.output.directory import LEASE_FILE, OutputDir, OutputState
+from lmbatch.output.lease import Lease
 
 
 @pytest.fixture(autouse=True)

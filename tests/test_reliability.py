@@ -30,30 +30,42 @@ from fsspec.implementations.local import LocalFileSystem
 from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import (REPO, compose, oracle, save_classifier, save_headless, save_lora_adapter, varied_prompts,
-                      write_prompts)
+from conftest import (
+    REPO,
+    compose,
+    oracle,
+    save_classifier,
+    save_headless,
+    save_lora_adapter,
+    varied_prompts,
+    write_prompts,
+)
 from lmbatch.config import BatchingConfig, ConfigError, ModelConfig
 from lmbatch.engine.hf import FAILED_ROWS_BEFORE_ANY_SUCCESS, EngineFailed, HFEngine
 from lmbatch.engine.types import Request
-from lmbatch.plan.dry_run import dry_run
-from lmbatch.errors import JobError
+from lmbatch.errors import JobError, JobFailed
 from lmbatch.input import chunks as lmbatch_chunks
 from lmbatch.models import build_tokenizer, model_identity
 from lmbatch.output.directory import LEASE_FILE, part_name
-from lmbatch.errors import JobFailed
-from lmbatch.pipeline.run import run
 from lmbatch.pipeline.commit import count_committed
 from lmbatch.pipeline.dataset import ReadStalled, prepare_within
+from lmbatch.pipeline.run import run
+from lmbatch.plan.dry_run import dry_run
 from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.rows import row_prompt
 from lmbatch.prepare.settings import ERROR, MAX_NEW, PARAMS, PROMPT_IDS, SECOND_TEXT
+from lmbatch.prepare.tokens import load_tokenizer
 from lmbatch.replica.actor import Replica, load_engine
-from lmbatch.replica.faults import (CRASHED, CRASHING_ROWS_PER_CHUNK, DEATHS_BEFORE_ISOLATING, check_load_deaths,
-                                    isolating)
+from lmbatch.replica.faults import (
+    CRASHED,
+    CRASHING_ROWS_PER_CHUNK,
+    DEATHS_BEFORE_ISOLATING,
+    check_load_deaths,
+    isolating,
+)
 from lmbatch.replica.requests import row_options, sampling_params
 from lmbatch.report.progress import LiveChunks
-from lmbatch.prepare.tokens import load_tokenizer
 
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 

@@ -15,12 +15,12 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import compose, varied_prompts, write_prompts
 from lmbatch.config import BatchingConfig, ConfigError, GenerationOptions, ModelConfig
+from lmbatch.decoding.structured import PatternError, pattern, token_bytes
 from lmbatch.engine.hf import HFEngine
 from lmbatch.engine.types import Request, SamplingParams
 from lmbatch.errors import JobError
-from lmbatch.plan.job import plan_job, to_job_config
-from lmbatch.decoding.structured import PatternError, pattern, token_bytes
 from lmbatch.output.json_column import arrow_type, parsed_column
+from lmbatch.plan.job import plan_job, to_job_config
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no", "maybe"]}, "sure": {"type": "boolean"}},
           "required": ["label", "sure"]}

@@ -28,7 +28,7 @@ class BatchingConfig:
     prompt; 16 or more) once, for all its rows, into either kind of KV cache (model.kv_cache)."""
     group_prefixes: bool = True
     """With share_prefix and strategy=bucketed: bucket the rows of each template of a job that mixes them
-    apart, so that their micro-batches share it (`interface.prefix_groups`). False: order by length
+    apart, so that their micro-batches share it (`engine.requests.prefix_groups`). False: order by length
     alone, in fewer micro-batches (on a GPU, where a job's time goes by decode steps, fewer of them)."""
     chunk_rows: int = 4096
     """Rows in one unit of work: read, bucketed, generated and committed as one output file together,

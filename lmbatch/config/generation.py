@@ -19,7 +19,7 @@ PER_ROW_PARAMETERS = {"max_new_tokens": "integer", "max_length": "integer", "do_
 
 
 EMBEDDING_POOLINGS = ("last", "mean", "cls")
-"""How generation.embedding pools a prompt's last hidden states (`embedding.embed_prompts`)."""
+"""How generation.embedding pools a prompt's last hidden states (`engine.pooling.embed_prompts`)."""
 
 
 MAX_TOP_LOGPROBS = 20

@@ -1,7 +1,7 @@
 """generation.top_logprobs as Arrow: each generated token with its log-probability and the likeliest
-tokens at its step, as the `token_logprobs` column holds them (`interface.TOKEN_LOGPROB`).
+tokens at its step, as the `token_logprobs` column holds them (`engine.types.TOKEN_LOGPROB`).
 
-Built per sequence from the arrays `processors.TokenLogprobs` collects, and spelled from a table of
+Built per sequence from the arrays `TokenLogprobs` (below) collects, and spelled from a table of
 every token's text made once per replica, so a chunk of long texts (millions of entries) costs a few
 Arrow calls per row, not a Python object per token.
 """

@@ -1,9 +1,9 @@
-"""The logits processors and stopping criteria `lmbatch.engine` steers transformers' `generate` with.
+"""The logits processors `engine.hf` steers transformers' `generate` with.
 
 Each works per row, so that a row's output does not depend on its micro-batch neighbours: sampling
 from the row's own seeded stream, choices, structured output (a JSON schema or a regular expression),
-the repetition penalty (blind to left padding), OpenAI's presence and frequency penalties, the
-model's own log-probabilities, and stop strings.
+the repetition penalty (blind to left padding) and OpenAI's presence and frequency penalties. The
+model's own log-probabilities are read in `logprobs`, stop strings checked in `stopping`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ generation.regex), as vLLM's guided decoding holds them.
 
 outlines-core (`pip install 'lmbatch[structured]'`) turns a schema into a regular expression, and an
 expression into an index over the tokenizer's vocabulary: for each state of the expression's
-automaton, the tokens that keep a text inside it. `lmbatch.processors.Guided` walks a guide per row
+automaton, the tokens that keep a text inside it. `decoding.processors.Guided` walks a guide per row
 through that index as the row generates. Nothing here imports torch: prepare workers check rows' schemas.
 """
 
@@ -103,7 +103,7 @@ class Indexes:
     is remembered too: a column may repeat it on every row."""
 
     def __init__(self, tokenizer, ended_ids: set[int]):
-        """`ended_ids`: the tokens that end a row (`models.ending_ids`); a text ends with the first of them."""
+        """`ended_ids`: the tokens that end a row (`models.architecture.ending_ids`); a text ends with the first of them."""
         try:
             from outlines_core import Vocabulary
         except ImportError:

@@ -1,16 +1,16 @@
-"""One model replica: generate planned micro-batches and decode, with a model `lmbatch.loading` loaded once.
+"""One model replica: generate planned micro-batches and decode, with a model `loading` loaded once.
 
 `HFEngine` runs transformers' `generate` on left-padded micro-batches planned by
-`lmbatch.batching`. A micro-batch that raises (an out-of-memory error, or a row that breaks
+`batching`. A micro-batch that raises (an out-of-memory error, or a row that breaks
 the model) is split in halves and retried, down to single rows, so one bad row becomes one
 error row and its neighbours still succeed. An out-of-memory error also halves the token budget
 the rest of the replica's micro-batches are planned under, so a budget too large for the device
 costs one failed micro-batch, not one per micro-batch. Sampling, choices, structured output, stop
-strings, the penalties and log-probabilities are lmbatch's own processors (`lmbatch.processors`), so that
+strings, the penalties and log-probabilities are lmbatch's own processors (`decoding`), so that
 a row's output does not depend on its neighbours; prompts and choices of several tokens are scored by
-forward passes of their own (`lmbatch.scoring`). A prefix all prompts of a micro-batch share is
-computed once (`lmbatch.prefix`); several adapters of the model take turns by micro-batch
-(model.adapters). The engine without a model is `lmbatch.echo`.
+forward passes of their own (`scoring`). A prefix all prompts of a micro-batch share is
+computed once (`prefix`); several adapters of the model take turns by micro-batch
+(model.adapters). The engine without a model is `echo`; a row's text is finished in `texts`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class HFEngine:
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
              device: Optional[str] = None, threads: Optional[int] = None) -> "HFEngine":
-        """Load once per replica (`lmbatch.loading`): on `device` (default: CUDA when there is one), in the
+        """Load once per replica (`loading`): on `device` (default: CUDA when there is one), in the
         configured dtype, with `threads` torch threads."""
         if threads:
             torch.set_num_threads(threads)

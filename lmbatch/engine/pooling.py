@@ -99,6 +99,6 @@ def classify_prompts(model, batch: list[Request], input_ids, attention_mask,
 
 
 def label_scores(logits, config):
-    """The scores transformers' text-classification pipeline reports by default (`models.score_function`)."""
+    """The scores transformers' text-classification pipeline reports by default (`models.architecture.score_function`)."""
     function = score_function(config)
     return logits if function == "identity" else logits.sigmoid() if function == "sigmoid" else logits.softmax(-1)

@@ -1,5 +1,5 @@
 """Micro-batches laid out for generate, and the prefix their prompts share computed once
-(batching.share_prefix; `interface.shared_prefix` says how many tokens, and is pure so the dry run
+(batching.share_prefix; `requests.shared_prefix` says how many tokens, and is pure so the dry run
 counts them too)."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import os
 import zlib
 from typing import Optional, Sequence
 
-from lmbatch.config.batching import BatchingConfig
+from lmbatch.config import BatchingConfig
 from lmbatch.engine.batching import padded_size, plan_micro_batches
 from lmbatch.engine.types import Completion, Request
 
@@ -62,7 +62,7 @@ def prefix_groups(requests: Sequence[Request], min_sequences: int) -> list[Optio
 
 
 def padded_tokens(batch: Sequence[Request]) -> int:
-    """Tokens a micro-batch of these requests computes (`batching.padded_size`): what the budget holds."""
+    """Tokens a micro-batch of these requests computes (`engine.batching.padded_size`): what the budget holds."""
     return padded_size(sum(r.params.num_return_sequences for r in batch), max(len(r.prompt_ids) for r in batch),
                        max(r.max_new_tokens for r in batch))
 

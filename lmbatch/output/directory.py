@@ -2,7 +2,7 @@
 
 Layout of an output directory:
     _lmbatch_job.json       written first: the job's fingerprint and chunk size
-    _lmbatch_run.json       while a run goes on: its lease (`lmbatch.lease`), removed at its end
+    _lmbatch_run.json       while a run goes on: its lease (`lease`), removed at its end
     part-<chunk>.parquet    one per chunk, written atomically (temp name + rename on local disks;
                             a single PUT on object stores), so a part is either whole or absent
     _manifest.json, _metrics.json
@@ -89,13 +89,13 @@ class OutputDir:
         return f"{self.path}/{name}"
 
     def names(self) -> list[str]:
-        """What the directory holds, but the lease: another run's, which `lmbatch.lease` waits on."""
+        """What the directory holds, but the lease: another run's, which `lease` waits on."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
         return [i.base_name for i in infos if i.base_name != LEASE_FILE]
 
     def inspect(self, fingerprint: str, mode: str, model: Optional[str] = None) -> OutputState:
         """Decide between fresh start, resume and no-op; refuse to touch anything not ours. `model` is
-        the model's identity (`models.model_identity`): a job resumed with other model files at the
+        the model's identity (`models.files.model_identity`): a job resumed with other model files at the
         same model.path would mix the outputs of two models."""
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:

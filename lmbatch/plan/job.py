@@ -1,8 +1,9 @@
 """Planning a job: everything that can fail does so here, before Ray starts or a model loads.
 
 `plan_job` checks the input files, the model (config, tokenizer, weights, chat template: in
-`lmbatch.model_checks`) and the output directory, fingerprints the job, cuts the input into chunks
-and finds the chunks already committed, so that a resumed job skips them. `lmbatch.pipeline` runs the plan.
+`model_checks`) and the output directory, fingerprints the job, cuts the input into chunks
+and finds the chunks already committed, so that a resumed job skips them. `lmbatch.pipeline` runs the plan;
+the fingerprint is `fingerprint`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig
-from lmbatch.config.model import ModelConfig
+from lmbatch.config import PER_ROW_PARAMETERS, ConfigError, JobConfig, ModelConfig
 from lmbatch.errors import FAILED_IN_GENERATION, JobError, RowError, error_kind
 from lmbatch.input.chunks import Chunk, choose_chunk_rows, plan_chunks
 from lmbatch.input.files import InputPlan, inspect_inputs, is_text
@@ -46,9 +46,9 @@ class JobPlan:
     chunk_rows: int
     chunks: list[Chunk]
     model_identity: Optional[str] = None
-    """`models.model_identity` of the model, recorded with the output so that a resume can check it."""
+    """`models.files.model_identity` of the model, recorded with the output so that a resume can check it."""
     kv_bytes_per_token: Optional[int] = None
-    """KV cache a token of a sequence takes in the replicas' dtype (`models.kv_cache_bytes_per_token`)."""
+    """KV cache a token of a sequence takes in the replicas' dtype (`models.architecture.kv_cache_bytes_per_token`)."""
     duplicate_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     """Chunk id -> positions of rows repeating an earlier id (empty with on_duplicate_id=ignore)."""
     retrying: dict[str, collections.Counter] = dataclasses.field(default_factory=dict)

@@ -56,7 +56,7 @@ class PrepareSettings:
     tokenizer_revision: Optional[str] = None
     """The hub commit the plan pinned (model.revision); None for a local model."""
     input_schema: Optional[pa.Schema] = None
-    """The input's columns and types, merged over its files (`io.inspect_inputs`)."""
+    """The input's columns and types, merged over its files (`input.files.inspect_inputs`)."""
 
     @property
     def row_columns(self) -> list[str]:
