@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built locally, Parquet inputs, composed configs, a loopback Ray.
+"""Shared fixtures: tiny models built locally, Parquet inputs, a loopback Ray; and the reliability figure
+line at the end of the run. Helpers the tests import live in tests/helpers/.
 
 Nothing here downloads: models are random-init from a config, saved with save_pretrained and
 loaded back through from_pretrained, exactly like a user's local model directory.
@@ -7,17 +8,15 @@ loaded back through from_pretrained, exactly like a user's local model directory
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+from helpers.data import varied_prompts, write_prompts
+from helpers.models import save_lora_adapter
+from helpers.tally import figure_line, tallied
 
 # Workers inherit the environment of the Ray that the tests start, so set it before any init.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -90,111 +89,6 @@ def lora_adapter(tiny_llama, tmp_path_factory) -> str:
     return str(save_lora_adapter(tiny_llama, tmp_path_factory.mktemp("lora"), seed=0))
 
 
-def save_lora_adapter(base, directory, seed: int):
-    """A LoRA adapter of `base` (a model directory, or a model), random, saved in `directory`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base) if isinstance(base, str) else base,
-                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(directory)
-    return directory
-
-
-def save_classifier(base: str, directory: Path, labels: list[str], problem_type: str | None = None) -> str:
-    """A sequence classifier of `base`'s architecture (a *ForSequenceClassification, random weights) with its
-    tokenizer, its labels named in its config as a fine-tuned classifier's are."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(base, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                        label2id={name: i for i, name in enumerate(labels)}, problem_type=problem_type)
-    torch.manual_seed(2)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
-    return str(directory)
-
-
-def save_headless(model_path: str, directory: Path) -> str:
-    """The model without its LM head, with its tokenizer, as embedding models are often saved (a
-    Qwen3Model, not a Qwen3ForCausalLM)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    AutoModel.from_pretrained(model_path).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(directory)
-    return str(directory)
-
-
-def varied_prompts(n: int, seed: int = 0, max_words: int = 300) -> list[str]:
-    """Prompts from one word to several hundred tokens, in shuffled order."""
-    from lmbatch.input.builtin import WORDS
-
-    rng = random.Random(seed)
-    lengths = [1, 2, 3, max_words] + [int(rng.lognormvariate(2.5, 1.2)) + 1 for _ in range(n - 4)]
-    rng.shuffle(lengths)
-    return [" ".join(rng.choice(WORDS) for _ in range(min(k, max_words))) for k in lengths]
-
-
-def write_prompts(path: Path, prompts: list, ids: list | None = None, **extra_columns) -> Path:
-    ids = list(range(len(prompts))) if ids is None else ids
-    table = pa.table({"id": ids, "prompt": pa.array(prompts, pa.string()), **extra_columns})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    return path
-
-
-def oracle(model_path, prompt, max_new_tokens, add_special_tokens=True):
-    """model.generate on the prompt alone, decoded the way the job decodes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = oracle.models.setdefault(model_path, AutoModelForCausalLM.from_pretrained(model_path))
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    if tok.eos_token_id in new:
-        new = new[: new.index(tok.eos_token_id)]
-    return tok.decode(new, skip_special_tokens=True)
-
-
-oracle.models = {}
-
-
-def choice_oracle(model_path, prompt, choices) -> tuple[str, int]:
-    """model.generate on the prompt alone, greedy, under transformers' own constraint
-    (prefix_allowed_tokens_fn) to the tokens of the choices and then an EOS: (the choice, tokens)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = oracle.models.setdefault(model_path, AutoModelForCausalLM.from_pretrained(model_path))
-    labels = {tuple(tok(c, add_special_tokens=False).input_ids): c for c in choices}
-    ids = tok(prompt, return_tensors="pt").input_ids
-
-    def allowed(_, sequence):
-        done = tuple(sequence[ids.shape[1]:].tolist())
-        return sorted({label[len(done)] if len(label) > len(done) else tok.eos_token_id
-                       for label in labels if label[:len(done)] == done}) or [tok.eos_token_id]
-    out = model.generate(ids, max_new_tokens=max(map(len, labels)) + 1, do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, prefix_allowed_tokens_fn=allowed)
-    new = out[0, ids.shape[1]:].tolist()
-    assert new[-1] == tok.eos_token_id
-    return labels[tuple(new[:-1])], len(new)
-
-
-def compose(*overrides: str):
-    """Compose the real primary config with overrides, as `python jobs/generate.py ...` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from lmbatch.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="generate", overrides=list(overrides))
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray bound to loopback, shared by one test module and shut down after it."""
@@ -204,3 +98,24 @@ def local_ray():
              log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def long_input(tmp_path_factory):
+    """Enough chunks (8 rows each) that faults land mid-job."""
+    path = write_prompts(tmp_path_factory.mktemp("in") / "prompts.parquet", varied_prompts(400, seed=5, max_words=60),
+                         ids=[f"row-{i:04d}" for i in range(400)])
+    return path, [f"row-{i:04d}" for i in range(400)]
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
+def model_path(request):
+    """Each tiny decoder in turn: rotary positions (tiny-llama) and learned absolute ones (tiny-gpt2)."""
+    return request.getfixturevalue(request.param)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figure line, whatever order and selection of tests ran (a test that had to run
+    last printed it before): kinds of bad input tried, faults injected, rows lost, rows duplicated."""
+    if tallied():
+        terminalreporter.write_line(figure_line())

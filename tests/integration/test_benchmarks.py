@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers.config import REPO
 from lmbatch.bench.benchmark import BenchmarkConfig, run_benchmark
 from lmbatch.bench.scale import ScaleConfig, run_scale
 

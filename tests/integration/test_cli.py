@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, write_prompts
+from helpers.config import REPO
+from helpers.data import write_prompts
 from lmbatch.models import resolve_model_path
 from lmbatch.prepare.tokens import load_tokenizer
 
@@ -127,7 +128,7 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
 def test_the_sentiment_experiment_labels_reviews(tmp_path, capsys):
     """conf/experiment/sentiment.yaml, as the README shows it: a template over two lines, the labels
     as choices and their log-probabilities; its dry run shows the prompt and the labels' tokens."""
-    from conftest import compose
+    from helpers.config import compose
     from lmbatch.pipeline.run import run
 
     pq.write_table(pa.table({"id": [1], "review": ["Broke in a day."]}), tmp_path / "reviews.parquet")
@@ -183,7 +184,8 @@ def test_wheel_ships_the_configs(tmp_path):
 def test_a_dry_run_counts_the_prompt_tokens_micro_batches_share(tmp_path, capsys):
     """Prompts of one template, its instructions first: the dry run says how many prompt tokens the
     planned micro-batches would compute once, whatever the KV cache (none with batching.share_prefix=false)."""
-    from conftest import compose, varied_prompts, write_prompts
+    from helpers.config import compose
+    from helpers.data import varied_prompts, write_prompts
     from lmbatch.pipeline.run import run
 
     source = write_prompts(tmp_path / "in.parquet", varied_prompts(20, seed=5, max_words=20))

@@ -13,14 +13,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import compose, varied_prompts, write_prompts
+from helpers.data import varied_prompts
 from lmbatch.config import BatchingConfig, ConfigError, GenerationOptions, ModelConfig
 from lmbatch.decoding.structured import PatternError, pattern, token_bytes
 from lmbatch.engine.hf import HFEngine
 from lmbatch.engine.types import Request, SamplingParams
-from lmbatch.errors import JobError
-from lmbatch.output.json_column import arrow_type, parsed_column
-from lmbatch.plan.job import plan_job, to_job_config
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no", "maybe"]}, "sure": {"type": "boolean"}},
           "required": ["label", "sure"]}
@@ -164,110 +161,6 @@ def test_the_schema_and_regex_keys():
         GenerationOptions(choices=["a"], regex="a")
     with pytest.raises(PatternError, match="json_schema .* cannot be followed: Unsupported type: colour"):
         pattern(GenerationOptions(json_schema={"type": "colour"}))
-
-
-def test_a_job_whose_pattern_cannot_be_followed_stops_as_it_is_planned(tmp_path, tiny_llama):
-    """Checked against the job's tokenizer before anything starts, as the replicas would find it; a job
-    held to a pattern is another job than one without (or with another)."""
-    source = write_prompts(tmp_path / "in.parquet", ["a b", "c d"])
-
-    def plan(*overrides):
-        return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
-                                              f"model.path={tiny_llama}", *overrides)))
-
-    with pytest.raises(JobError, match=r"^generation.regex: the pattern '\(ab' cannot be followed with this tokenizer"):
-        plan("generation.regex='(ab'")
-    with pytest.raises(JobError, match="^generation.json_schema .* cannot be followed: Unsupported type: colour"):
-        plan("generation.json_schema={type: colour}")
-    fingerprints = {plan().fingerprint, plan("generation.regex='a|b'").fingerprint,
-                    plan("generation.json_schema={type: boolean}").fingerprint,
-                    plan("generation.json_schema={}").fingerprint,  # an empty schema, any JSON, is one too
-                    plan("generation.json_schema={}", "generation.json_whitespace=''").fingerprint}
-    assert len(fingerprints) == 5
-    lines = plan("generation.json_schema={type: boolean}", "generation.json_whitespace='[\\n ]{0,16}'")  # the README's
-    assert lines.job.generation.json_whitespace == r"[\n ]{0,16}"
-    readme = plan("generation.json_schema={type: object, properties: {urgent: {type: boolean}, team: {enum: [billing, "
-                  "tech]}}, required: [urgent, team]}")  # the README's, in Hydra's own syntax
-    assert readme.job.generation.json_schema == {"type": "object", "required": ["urgent", "team"], "properties": {
-        "urgent": {"type": "boolean"}, "team": {"enum": ["billing", "tech"]}}}
-
-
-def test_a_dry_run_shows_the_expression_a_schema_becomes(tmp_path, tiny_llama, capsys):
-    from lmbatch.pipeline.run import run
-
-    source = write_prompts(tmp_path / "in.parquet", ["a b"])
-    run(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}", f"model.path={tiny_llama}", "dry_run=true",
-                "generation.json_schema={type: object, properties: {sure: {type: boolean}}, required: [sure]}"))
-    assert ('its text is held to the regular expression \\{[ ]?"sure"[ ]?:[ ]?(true|false)[ ]?\\}\n'
-            in capsys.readouterr().out)
-
-
-def test_a_schema_types_the_generated_json_column():
-    """As pydantic writes a model's schema: $defs, Optional fields as anyOf with null, enums, lists."""
-    import pyarrow as pa
-
-    schema = {"$defs": {"Item": {"type": "object", "properties": {"name": {"type": "string"},
-                                                                   "qty": {"type": "integer"}}}},
-              "type": "object", "properties": {
-                  "urgent": {"type": "boolean"}, "team": {"enum": ["billing", "tech"]},
-                  "score": {"anyOf": [{"type": "number"}, {"type": "null"}]}, "note": {"type": ["string", "null"]},
-                  "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}, "level": {"const": 3}}}
-    item = pa.struct([("name", pa.string()), ("qty", pa.int64())])
-    assert arrow_type(schema) == pa.struct([("urgent", pa.bool_()), ("team", pa.string()), ("score", pa.float64()),
-                                            ("note", pa.string()), ("items", pa.list_(item)), ("level", pa.int64())])
-    assert arrow_type({"type": "integer"}) == pa.int64()
-    for bad, says in [({"type": "object"}, "json_schema: an object without properties"),
-                      ({"properties": {"a": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}},
-                       r"json_schema.a: a choice of 2 types"),
-                      ({"properties": {"a": {"enum": ["x", 1]}}}, r"json_schema.a: an enum of \['int', 'str'\]"),
-                      ({"$defs": {"N": {"properties": {"next": {"$ref": "#/$defs/N"}}}}, "$ref": "#/$defs/N"},
-                       "json_schema.next: #/\\$defs/N holds itself"),
-                      ({"type": "array"}, r"json_schema\[\]: no type")]:
-        with pytest.raises(ValueError, match=says):
-            arrow_type(bad)
-    with pytest.raises(ConfigError, match="output.parse_json needs generation.json_schema"):
-        to_job_config(compose("output.parse_json=true", "output.path=out"))
-    with pytest.raises(ConfigError, match="output.parse_json cannot type the generated_json column: json_schema: an "
-                                          "object without properties"):
-        to_job_config(compose("output.parse_json=true", "output.path=out", "generation.json_schema={type: object}"))
-
-
-def test_texts_parse_to_the_column_type_or_null():
-    import pyarrow as pa
-
-    type_ = pa.struct([("label", pa.string()), ("n", pa.int64())])
-    texts = ['{"label": "yes", "n": 3}', '{"label": "no", "n": 4', None, '{"label": "no", "n": 99999999999999999999}',
-             "true", '{"label": "no"}']
-    assert parsed_column(texts, type_).to_pylist() == [
-        {"label": "yes", "n": 3}, None, None, None, None, {"label": "no", "n": None}]  # cut, error, too big, other
-
-
-def test_the_extract_experiment_is_held_to_its_schema_and_parsed(tmp_path, tiny_llama, capsys):
-    """conf/experiment/extract.yaml, as the README shows it: the schema in YAML, its column typed."""
-    import pyarrow as pa
-
-    from lmbatch.pipeline.run import run
-
-    source = write_prompts(tmp_path / "in.parquet", ["x"], ticket=["I was charged twice."])
-    job = compose("experiment=extract", f"input.path={source}", f"output.path={tmp_path / 'out'}",
-                  f"model.path={tiny_llama}", "dry_run=true")
-    assert to_job_config(job).generated_json_type == pa.struct(
-        [("team", pa.string()), ("urgent", pa.bool_()), ("summary", pa.string())])
-    run(job)
-    printed = capsys.readouterr().out
-    assert "Ticket: I was charged twice." in printed
-    assert 'its text is held to the regular expression \\{[ ]?"team"[ ]?:[ ]?("billing"|' in printed
-
-
-def test_without_outlines_core_the_job_says_what_to_install(tmp_path, tiny_llama, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "outlines_core", None)  # as if not installed: importing it fails
-    source = write_prompts(tmp_path / "in.parquet", ["a b"])
-    with pytest.raises(JobError, match=r"^generation.regex: structured output needs outlines-core: pip install "
-                                       r"'lmbatch\[structured\]'"):
-        plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
-                                       f"model.path={tiny_llama}", "generation.regex=ab")))
 
 
 def test_a_pattern_is_compiled_once_per_replica_even_one_that_fails(engine, monkeypatch):

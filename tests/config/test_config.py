@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import ValidationError
 
-from conftest import CONF, compose, write_prompts
+from helpers.config import CONF, compose
+from helpers.data import write_prompts
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.plan.job import plan_job, to_job_config
 
