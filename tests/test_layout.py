@@ -97,6 +97,26 @@ def test_no_module_imports_itself_back_through_others():
     assert not cycles, f"modules on an import cycle: {cycles}"
 
 
+def test_the_folders_import_one_way():
+    """Folders (the stages, and the top-level modules) form layers: no folder imports another that imports
+    it back, directly or through others (docs/architecture.md gives the order)."""
+    def folder(name: str) -> str:
+        return name.split(".")[1] if "." in name else name
+    graph: dict[str, set[str]] = {}
+    for name in MODULES:
+        graph.setdefault(folder(name), set()).update(folder(t) for t in ours(name) if folder(t) != folder(name))
+
+    def below(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+    assert not {f for f in graph if f in below(f)}
+
+
 def test_the_planner_imports_nothing_of_ours_nor_ray_nor_torch():
     assert imports("lmbatch.engine.batching") <= {"__future__", "typing", "collections", "itertools", "math"}
 
@@ -155,4 +175,5 @@ print(summary.num_rows, "torch" in sys.modules, "transformers.modeling_utils" in
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-3:] == ["1", "False", "False"]
-    assert pq.read_table(plan.output.part_files()[plan.chunks[0].id][0])["id"].to_pylist() == [0]  # 2 chunks, 1 row each
+    part = plan.output.part_files()[plan.chunks[0].id][0]
+    assert pq.read_table(part)["id"].to_pylist() == [0]  # two chunks of a row each, for the two replicas

@@ -84,7 +84,7 @@ class Bench:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         from lmbatch.models import reads_both_ways
-        from lmbatch.prepare.tokens import load_tokenizer
+        from lmbatch.models.tokens import load_tokenizer
 
         self.cfg, self.model_path, self.workdir = cfg, model_path, workdir
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from lmbatch.config.batching import BatchingConfig
-from lmbatch.config.checks import ConfigError, require
+from lmbatch.config.checks import require
 from lmbatch.config.cluster import ClusterConfig
 from lmbatch.config.generation import GenerationOptions
 from lmbatch.config.input import InputConfig
@@ -57,17 +57,6 @@ class JobConfig:
         if self.output.parse_json:
             require(self.generation.json_schema is not None, "output.parse_json needs generation.json_schema: the "
                                                               "generated_json column is typed by the job's schema")
-            try:
-                self.generated_json_type
-            except ValueError as e:
-                raise ConfigError(f"output.parse_json cannot type the generated_json column: {e}") from None
-
-    @property
-    def generated_json_type(self):
-        """The Arrow type of the generated_json column (output.parse_json)."""
-        from lmbatch.output.json_column import arrow_type
-
-        return arrow_type(self.generation.json_schema)
 
 
 def register_configs() -> None:

@@ -8,13 +8,16 @@ Arrow calls per row, not a Python object per token.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
 import torch
 from transformers import LogitsProcessor
 
-from lmbatch.engine.types import TOKEN_LOGPROB, TOP_LOGPROB, Request
+from lmbatch.output.columns import TOKEN_LOGPROB, TOP_LOGPROB
+
+if TYPE_CHECKING:  # types only: the engine imports this module, not the other way round
+    from lmbatch.engine.types import Request
 
 
 class TokenTexts:

@@ -8,12 +8,14 @@ model's own log-probabilities are read in `logprobs`, stop strings checked in `s
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from transformers import LogitsProcessor
 
-from lmbatch.engine.types import SamplingParams
+if TYPE_CHECKING:  # types only: the engine imports this module, not the other way round
+    from lmbatch.engine.types import SamplingParams
+
 
 
 class PerRowSampler(LogitsProcessor):

@@ -15,7 +15,7 @@ import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Optional
 
-from lmbatch.prepare.tokens import special_ids
+from lmbatch.models.tokens import special_ids
 
 if TYPE_CHECKING:
     from lmbatch.config import GenerationOptions

@@ -38,7 +38,7 @@ def load_model(model_path: str, model: ModelConfig, device: Optional[str] = None
     `device` (default: CUDA when there is one) in the configured dtype."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lmbatch.prepare.tokens import load_tokenizer
+    from lmbatch.models.tokens import load_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = model.dtype

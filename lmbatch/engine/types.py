@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
 
@@ -84,7 +84,7 @@ class Completion:
     prompt_logprob: Optional[float] = None
     """With generation.prompt_logprobs: the model's log-probability of the prompt, each token given those before."""
     token_logprobs: Optional[pa.StructArray] = None
-    """With generation.top_logprobs: a TOKEN_LOGPROB per counted token (Arrow, not a dict per token: a
+    """With generation.top_logprobs: an `output.columns.TOKEN_LOGPROB` per counted token (Arrow, not a dict per token: a
     chunk of long texts holds millions of them)."""
     embedding: Optional[pa.Array] = None
     """With generation.embedding: the prompt's embedding (float32 values)."""
@@ -92,24 +92,6 @@ class Completion:
     """With generation.classify: the name of the prompt's likeliest label."""
     label_scores: Optional[pa.Array] = None
     """With generation.classify: every label's score (float32 values, in the model's label order)."""
-
-
-_TOKEN = [("token_id", pa.int64()), ("token", pa.string()), ("logprob", pa.float64())]
-TOP_LOGPROB = pa.struct(_TOKEN)
-"""One of the likeliest tokens at a step (generation.top_logprobs): its id, its text alone, its log-probability."""
-TOKEN_LOGPROB = pa.struct([*_TOKEN, ("top_logprobs", pa.list_(TOP_LOGPROB))])
-"""A generated token as TOP_LOGPROB, with the likeliest tokens at its step, likeliest first."""
-
-
-def list_column(rows: Sequence[Optional[pa.Array]], value_type: pa.DataType) -> pa.ListArray:
-    """One list per row from each row's array of values (None: a null list), without a Python object per value."""
-    offsets = [0]
-    for r in rows:
-        offsets.append(offsets[-1] + (len(r) if r is not None else 0))
-    present = [r for r in rows if r is not None]
-    values = pa.concat_arrays(present) if present else pa.array([], value_type)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=pa.list_(value_type),
-                                    mask=pa.array([r is None for r in rows], pa.bool_()))
 
 
 @dataclass

@@ -4,12 +4,21 @@ them; and the split of a reasoning model's text into its reasoning and its answe
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import pyarrow as pa
 
 from lmbatch.config import JobConfig
-from lmbatch.engine.types import TOKEN_LOGPROB
+from lmbatch.output.json_column import arrow_type
+
+_TOKEN = [("token_id", pa.int64()), ("token", pa.string()), ("logprob", pa.float64())]
+TOP_LOGPROB = pa.struct(_TOKEN)
+"""One of the likeliest tokens at a step (generation.top_logprobs): its id, its text alone, its log-probability."""
+
+
+TOKEN_LOGPROB = pa.struct([*_TOKEN, ("top_logprobs", pa.list_(TOP_LOGPROB))])
+"""A generated token as TOP_LOGPROB, with the likeliest tokens at its step, likeliest first."""
+
 
 GENERATED_COLUMNS = pa.schema([
     ("generated_text", pa.string()),
@@ -67,7 +76,7 @@ def output_columns(job: JobConfig) -> list[pa.Field]:
     if g.classify:
         columns += [LABEL, LABEL_SCORES]
     if job.output.parse_json:
-        columns.append(pa.field("generated_json", job.generated_json_type))
+        columns.append(pa.field("generated_json", arrow_type(job.generation.json_schema)))
     return columns
 
 
@@ -85,3 +94,14 @@ def split_reasoning(text: Optional[str], opening: str, closing: str) -> tuple[Op
     elif not closed:
         return None, text
     return head, answer.lstrip() if closed else ""
+
+
+def list_column(rows: Sequence[Optional[pa.Array]], value_type: pa.DataType) -> pa.ListArray:
+    """One list per row from each row's array of values (None: a null list), without a Python object per value."""
+    offsets = [0]
+    for r in rows:
+        offsets.append(offsets[-1] + (len(r) if r is not None else 0))
+    present = [r for r in rows if r is not None]
+    values = pa.concat_arrays(present) if present else pa.array([], value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=pa.list_(value_type),
+                                    mask=pa.array([r is None for r in rows], pa.bool_()))

@@ -8,9 +8,9 @@ from typing import Optional
 
 from lmbatch.engine.batching import decode_steps, padding_efficiency
 from lmbatch.engine.requests import identical_requests, padded_tokens, plan_requests, shared_prefix
+from lmbatch.models.tokens import load_tokenizer
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.settings import ERROR, NUM_PROMPT_TOKENS
-from lmbatch.prepare.tokens import load_tokenizer
 from lmbatch.replica.requests import chunk_requests
 
 SAMPLE_ROWS = 5000  # tokenizing every row of a huge input would be the job itself; a sample shows the shape
@@ -125,9 +125,9 @@ def say_rows(plan, sample: Sample) -> None:
     id_column = plan.settings.passthrough_columns[0]
     print(f"lmbatch dry run: {plan.inputs.num_rows:,} rows in {len(plan.inputs.files)} files, "
           f"{len(plan.chunks)} chunks of <= {plan.chunk_rows} rows, {len(plan.pending)} to generate")
-    print(f"sampled {sample.rows:,} rows: {sample.errors} would be error rows, {sample.repeats} repeat an earlier row's "
-          f"prompt and greedy settings (copied, not generated); {plan.num_duplicate_rows} rows in the input repeat an "
-          "earlier id")
+    print(f"sampled {sample.rows:,} rows: {sample.errors} would be error rows, {sample.repeats} repeat an earlier "
+          f"row's prompt and greedy settings (copied, not generated); {plan.num_duplicate_rows} rows in the input "
+          "repeat an earlier id")
     for row_id, error in sample.error_examples:
         print(f"  error row {id_column}={row_id!r}: {error}")
     if plan.job.output.too_many_errors(sample.rows, sample.errors):

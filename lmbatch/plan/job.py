@@ -25,13 +25,14 @@ from lmbatch.input.files import InputPlan, inspect_inputs, is_text
 from lmbatch.input.scans import find_duplicate_ids, long_strings
 from lmbatch.models import model_identity
 from lmbatch.models.files import tokenizer_source
+from lmbatch.models.tokens import direct_class_path, load_tokenizer
 from lmbatch.output.columns import SAMPLE_INDEX, output_columns
 from lmbatch.output.directory import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
+from lmbatch.output.json_column import arrow_type
 from lmbatch.plan.fingerprint import job_fingerprint
 from lmbatch.plan.model_checks import check_model
 from lmbatch.prepare.context import fit_to_context
 from lmbatch.prepare.settings import PrepareSettings, template_fields
-from lmbatch.prepare.tokens import direct_class_path, load_tokenizer
 from lmbatch.storage import absolute, is_inside
 
 
@@ -133,6 +134,7 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
 def plan_job(job: JobConfig) -> JobPlan:
     """Check the input, the model and the output, and plan the job: its chunks, those already committed
     (a resumed run skips them) and how its rows are prepared. Raises JobError for a job that cannot run."""
+    check_parse_json(job)
     i = job.input
     input_uri = resolve_input_uri(i.path)
     output_uri = absolute(job.output.path)
@@ -158,6 +160,15 @@ def plan_job(job: JobConfig) -> JobPlan:
     if i.on_duplicate_id != "ignore" and not state.finished:
         plan.duplicate_rows = _duplicates_by_chunk(chunks, find_duplicate_ids(input_uri, inputs.files, i.id_column))
     return plan
+
+
+def check_parse_json(job: JobConfig) -> None:
+    """output.parse_json types its column by the job's schema: refuse a schema with a part of no one type."""
+    if job.output.parse_json:
+        try:
+            arrow_type(job.generation.json_schema)
+        except ValueError as e:
+            raise ConfigError(f"output.parse_json cannot type the generated_json column: {e}") from None
 
 
 def _required_columns(job: JobConfig) -> dict[str, str]:

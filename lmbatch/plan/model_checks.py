@@ -15,9 +15,9 @@ from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.errors import JobError
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.files import adapter_misfit, tokenizer_source
+from lmbatch.models.tokens import load_tokenizer
 from lmbatch.plan.encoder_notes import cross_encoder_note, sentence_transformers_notes
 from lmbatch.plan.prompt_checks import check_chat_template, check_structured, unspaced_choices
-from lmbatch.prepare.tokens import load_tokenizer
 from lmbatch.storage import absolute
 
 

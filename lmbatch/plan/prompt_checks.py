@@ -10,7 +10,7 @@ from lmbatch.config import JobConfig
 from lmbatch.decoding.structured import Indexes, PatternError, pattern
 from lmbatch.errors import JobError
 from lmbatch.models.architecture import ending_ids
-from lmbatch.prepare.tokens import encode
+from lmbatch.models.tokens import encode
 
 
 def check_structured(job: JobConfig, tokenizer, model_eos) -> None:

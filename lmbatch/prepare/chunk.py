@@ -15,6 +15,7 @@ import pyarrow as pa
 from lmbatch.config import GenerationOptions
 from lmbatch.errors import RowError
 from lmbatch.input.chunks import Chunk, read_chunk
+from lmbatch.models.tokens import encode, encode_pairs, load_tokenizer, special_ids
 from lmbatch.prepare.context import drop_oldest_turns, fit_to_context
 from lmbatch.prepare.rows import render_chat, row_generation, row_pair, row_prompt
 from lmbatch.prepare.settings import (
@@ -30,7 +31,6 @@ from lmbatch.prepare.settings import (
     SECOND_TEXT,
     PrepareSettings,
 )
-from lmbatch.prepare.tokens import encode, encode_pairs, load_tokenizer, special_ids
 
 
 def with_choices(g: GenerationOptions, tokenizer, cache: dict) -> tuple[list[list[int]], GenerationOptions]:

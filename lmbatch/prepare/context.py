@@ -9,9 +9,9 @@ from typing import Optional
 
 from lmbatch.config import GenerationOptions
 from lmbatch.errors import RowError
+from lmbatch.models.tokens import encode
 from lmbatch.prepare.rows import render_chat
 from lmbatch.prepare.settings import PrepareSettings
-from lmbatch.prepare.tokens import encode
 
 
 def fit_to_context(ids: list[int], s: PrepareSettings, g: GenerationOptions,

@@ -23,9 +23,9 @@ import pyarrow.compute as pc
 
 from lmbatch.config import JobConfig
 from lmbatch.engine.requests import identical_requests, with_repeats
-from lmbatch.engine.types import Completion, Request, list_column
+from lmbatch.engine.types import Completion, Request
 from lmbatch.errors import error_kind
-from lmbatch.output.columns import output_columns, split_reasoning
+from lmbatch.output.columns import list_column, output_columns, split_reasoning
 from lmbatch.output.directory import OutputDir, with_part_metadata
 from lmbatch.output.json_column import parsed_column
 from lmbatch.prepare.settings import CHUNK, CHUNK_ROWS, ERROR, NUM_PROMPT_TOKENS, ROW

@@ -1,12 +1,13 @@
 """Every shipped config composes and validates; bad keys, types and values fail with a clear message."""
 
+import dataclasses
 import re
 
 import pytest
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import ValidationError
 
-from helpers.config import CONF, compose
+from helpers.config import CONF, REPO, compose
 from helpers.data import write_prompts
 from lmbatch.config import ConfigError, JobConfig
 from lmbatch.plan.job import plan_job, to_job_config
@@ -62,7 +63,7 @@ def test_experiment_is_the_classic_gpt2_example(tmp_path):
     assert (g.do_sample, g.temperature, g.num_return_sequences, g.max_length) == (True, 0.7, 5, 50)
 
 
-def test_a_hive_style_output_path_is_quoted_as_the_readme_says(tmp_path):
+def test_a_hive_style_output_path_is_quoted_as_the_operations_page_says(tmp_path):
     """A scheduled job's dated output (`dt=2026-11-29`): Hydra's override grammar refuses a bare `=`."""
     with pytest.raises(OverrideParseException, match="mismatched input '='"):
         compose(f"output.path={tmp_path}/dt=2026-11-29")
@@ -187,3 +188,30 @@ def test_openai_and_vllm_conventions_mean_what_they_mean_there():
     assert sampling_params(GenerationOptions(temperature=0.3, top_k=5)) == SamplingParams()  # greedy: nothing to sample
     sampled = sampling_params(GenerationOptions(do_sample=True, temperature=0.7, top_k=-1))
     assert (sampled.do_sample, sampled.temperature, sampled.top_k) == (True, 0.7, 0)
+
+
+def schema_keys(cls=JobConfig, prefix="") -> list[str]:
+    """Every key of the typed schema, dotted (`input.path`), groups followed into their fields."""
+    found = []
+    for f in dataclasses.fields(cls):
+        group = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        found += schema_keys(group, f"{prefix}{f.name}.") if dataclasses.is_dataclass(group) else [prefix + f.name]
+    return found
+
+
+def documented_keys(page: str) -> set[str]:
+    """The keys the first column of docs/configuration.md's table names: `input.path`, and the short forms
+    of a row that names several (`generation.temperature` / `top_p` / `top_k`)."""
+    found = set()
+    for row in re.findall(r"^\| ([^|]+) \|", page, re.M):
+        names = re.findall(r"`([a-z_.]+)`", row)
+        groups = [n.split(".")[0] for n in names if "." in n]
+        found |= {n if "." in n or not groups else f"{groups[0]}.{n}" for n in names}
+    return found
+
+
+def test_every_key_of_the_schema_is_in_the_configuration_page():
+    page = (REPO / "docs" / "configuration.md").read_text()
+    keys = schema_keys()
+    assert len(keys) > 70 and "batching.strategy" in keys  # the walk reaches every group's fields
+    assert [k for k in keys if k not in documented_keys(page)] == []

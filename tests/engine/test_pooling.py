@@ -117,7 +117,7 @@ def test_a_cross_encoder_scores_each_pair_as_sentence_transformers_does(tiny_ber
     A [SEP] typed into a query is read as the token, and the query's type stays 0 after it, as the tokenizer gives."""
     from sentence_transformers import CrossEncoder
 
-    from lmbatch.prepare.tokens import encode_pairs
+    from lmbatch.models.tokens import encode_pairs
 
     path = save_classifier(tiny_bert, tmp_path, ["relevance"])
     engine = make_engine(path, strategy="fixed", fixed_batch_size=8)

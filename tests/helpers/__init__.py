@@ -1,1 +1,3 @@
-"""Helpers the tests share: models, data, oracles, configs and processes (imported as `helpers.x`; fixtures live in conftest.py)."""
+"""Helpers the tests share: models, data, oracles, configs and processes (imported as `helpers.x`; fixtures
+live in conftest.py).
+"""

@@ -1,4 +1,5 @@
-"""The commands users type: `python jobs/generate.py`, the `lmbatch` console script, the README's examples."""
+"""The commands users type: `python jobs/generate.py`, the `lmbatch` console script, the README's and the
+docs' examples."""
 
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 from helpers.config import REPO
 from helpers.data import write_prompts
 from lmbatch.models import resolve_model_path
-from lmbatch.prepare.tokens import load_tokenizer
+from lmbatch.models.tokens import load_tokenizer
 
 
 def run_cli(args, cwd, timeout=300, entry=None):
@@ -40,7 +41,8 @@ def test_default_job_runs_offline_with_no_arguments(tmp_path):
 
 @pytest.mark.slow
 def test_console_script_runs_the_classic_gpt2_example(tmp_path, tiny_gpt2):
-    """README: the transformers example (5 samples at temperature 0.7, max length 50) on a local GPT-2 directory."""
+    """The README's last feature: the transformers example (5 samples at temperature 0.7, max length 50) on a
+    local GPT-2 directory."""
     lmbatch = shutil.which("lmbatch", path=os.path.dirname(sys.executable))
     done = run_cli(["experiment=gpt2_samples", f"model.path={tiny_gpt2}", f"output.path={tmp_path / 'out'}"],
                    cwd=tmp_path, entry=[lmbatch])
@@ -126,7 +128,7 @@ def test_dry_run_loads_no_model_and_writes_nothing(tmp_path):
 
 
 def test_the_sentiment_experiment_labels_reviews(tmp_path, capsys):
-    """conf/experiment/sentiment.yaml, as the README shows it: a template over two lines, the labels
+    """conf/experiment/sentiment.yaml, as docs/prompts-and-settings.md shows it: a template over two lines, the labels
     as choices and their log-probabilities; its dry run shows the prompt and the labels' tokens."""
     from helpers.config import compose
     from lmbatch.pipeline.run import run

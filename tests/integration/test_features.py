@@ -17,6 +17,7 @@ from helpers.config import compose
 from helpers.data import varied_prompts, write_prompts
 from helpers.models import save_classifier, save_lora_adapter
 from helpers.oracles import choice_oracle, oracle
+from lmbatch.output.json_column import arrow_type
 from lmbatch.pipeline.run import run
 from lmbatch.plan.job import to_job_config
 
@@ -34,7 +35,7 @@ def test_a_dry_run_shows_the_expression_a_schema_becomes(tmp_path, tiny_llama, c
 
 
 def test_the_extract_experiment_is_held_to_its_schema_and_parsed(tmp_path, tiny_llama, capsys):
-    """conf/experiment/extract.yaml, as the README shows it: the schema in YAML, its column typed."""
+    """conf/experiment/extract.yaml, as docs/prompts-and-settings.md shows it: the schema in YAML, its column typed."""
     import pyarrow as pa
 
     from lmbatch.pipeline.run import run
@@ -42,7 +43,7 @@ def test_the_extract_experiment_is_held_to_its_schema_and_parsed(tmp_path, tiny_
     source = write_prompts(tmp_path / "in.parquet", ["x"], ticket=["I was charged twice."])
     job = compose("experiment=extract", f"input.path={source}", f"output.path={tmp_path / 'out'}",
                   f"model.path={tiny_llama}", "dry_run=true")
-    assert to_job_config(job).generated_json_type == pa.struct(
+    assert arrow_type(to_job_config(job).generation.json_schema) == pa.struct(
         [("team", pa.string()), ("urgent", pa.bool_()), ("summary", pa.string())])
     run(job)
     printed = capsys.readouterr().out
@@ -186,7 +187,7 @@ def test_a_job_that_only_scores_and_embeds_its_prompts(local_ray, tmp_path, tiny
         with torch.inference_mode():
             expected = base(**tokenizer(prompt, return_tensors="pt")).last_hidden_state[0].mean(0)[:32]
         assert row["embedding"] == pytest.approx((expected / expected.norm()).tolist(), abs=1e-5)
-    # as the README compares them in SQL: a vector's cosine similarity with itself is 1
+    # as docs/prompts-and-settings.md compares them in SQL: a vector's cosine similarity with itself is 1
     import duckdb
     similar = duckdb.connect().execute(f"SELECT min(list_cosine_similarity(a.embedding, b.embedding)) FROM "
                                        f"read_parquet('{out}/*.parquet') a JOIN read_parquet('{out}/*.parquet') b "
@@ -231,7 +232,7 @@ def test_a_classification_job_reads_pairs(local_ray, tmp_path, tiny_bert):
     """generation.classify through the whole job with a BERT classifier of pairs (NLI: a premise, and a
     hypothesis in input.pair_column): each row's label and label scores are what transformers'
     text-classification pipeline gives its pair alone; a row without a hypothesis is an error row; DuckDB
-    filters on the labels as the README shows."""
+    filters on the labels as docs/prompts-and-settings.md shows."""
     import duckdb
     from transformers import pipeline
 

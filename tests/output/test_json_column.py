@@ -8,10 +8,10 @@ import pytest
 from helpers.config import compose
 from lmbatch.config import ConfigError
 from lmbatch.output.json_column import arrow_type, parsed_column
-from lmbatch.plan.job import to_job_config
+from lmbatch.plan.job import plan_job, to_job_config
 
 
-def test_a_schema_types_the_generated_json_column():
+def test_a_schema_types_the_generated_json_column(tmp_path):
     """As pydantic writes a model's schema: $defs, Optional fields as anyOf with null, enums, lists."""
     import pyarrow as pa
 
@@ -38,7 +38,8 @@ def test_a_schema_types_the_generated_json_column():
         to_job_config(compose("output.parse_json=true", "output.path=out"))
     with pytest.raises(ConfigError, match="output.parse_json cannot type the generated_json column: json_schema: an "
                                           "object without properties"):
-        to_job_config(compose("output.parse_json=true", "output.path=out", "generation.json_schema={type: object}"))
+        plan_job(to_job_config(compose("output.parse_json=true", f"output.path={tmp_path}",
+                                       "generation.json_schema={type: object}")))
 
 
 def test_texts_parse_to_the_column_type_or_null():

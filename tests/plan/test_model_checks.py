@@ -92,7 +92,7 @@ def test_several_adapters_are_part_of_the_job_and_checked_each(tmp_path, tiny_ll
     def plan(*extra):
         return plan_job(to_job_config(compose(f"input.path={source}", f"output.path={tmp_path / 'out'}",
                                               f"model.path={tiny_llama}", *extra)))
-    both = plan(f"+model.adapters.first={first}", f"+model.adapters.second={second}")  # as the README adds them
+    both = plan(f"+model.adapters.first={first}", f"+model.adapters.second={second}")  # as docs/prompts-and-settings.md adds them
     assert both.job.model.adapters == {"first": str(first), "second": str(second)}
     assert both.model_identity == (f"{model_identity(tiny_llama)} with adapters first {model_identity(str(first))}, "
                                    f"second {model_identity(str(second))}")

@@ -29,11 +29,11 @@ def test_a_job_whose_pattern_cannot_be_followed_stops_as_it_is_planned(tmp_path,
                     plan("generation.json_schema={}").fingerprint,  # an empty schema, any JSON, is one too
                     plan("generation.json_schema={}", "generation.json_whitespace=''").fingerprint}
     assert len(fingerprints) == 5
-    lines = plan("generation.json_schema={type: boolean}", "generation.json_whitespace='[\\n ]{0,16}'")  # the README's
+    lines = plan("generation.json_schema={type: boolean}", "generation.json_whitespace='[\\n ]{0,16}'")  # docs/prompts-and-settings.md's
     assert lines.job.generation.json_whitespace == r"[\n ]{0,16}"
-    readme = plan("generation.json_schema={type: object, properties: {urgent: {type: boolean}, team: {enum: [billing, "
-                  "tech]}}, required: [urgent, team]}")  # the README's, in Hydra's own syntax
-    assert readme.job.generation.json_schema == {"type": "object", "required": ["urgent", "team"], "properties": {
+    documented = plan("generation.json_schema={type: object, properties: {urgent: {type: boolean}, team: {enum: [billing, "
+                  "tech]}}, required: [urgent, team]}")  # docs/prompts-and-settings.md's, in Hydra's own syntax
+    assert documented.job.generation.json_schema == {"type": "object", "required": ["urgent", "team"], "properties": {
         "urgent": {"type": "boolean"}, "team": {"enum": ["billing", "tech"]}}}
 
 

@@ -14,10 +14,10 @@ from helpers.config import compose
 from helpers.data import write_prompts
 from lmbatch.config import ConfigError
 from lmbatch.models import build_tokenizer
+from lmbatch.models.tokens import load_tokenizer
 from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.settings import ERROR, PROMPT_IDS, SECOND_TEXT
-from lmbatch.prepare.tokens import load_tokenizer
 
 
 def test_truncation_keeps_the_bos_a_tokenizer_puts_first(tmp_path, tiny_llama):

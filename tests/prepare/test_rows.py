@@ -17,10 +17,10 @@ from helpers.models import THINKING_CHAT_TEMPLATE
 from helpers.tally import TALLY
 from lmbatch.config import ConfigError
 from lmbatch.errors import JobError
+from lmbatch.models.tokens import load_tokenizer
 from lmbatch.plan.job import plan_job, to_job_config
 from lmbatch.prepare.chunk import prepare_chunk
 from lmbatch.prepare.settings import ERROR, MAX_NEW, PARAMS, PROMPT_IDS
-from lmbatch.prepare.tokens import load_tokenizer
 from lmbatch.replica.requests import row_options, sampling_params
 
 STRICT_CHAT_TEMPLATE = (

@@ -127,7 +127,7 @@ def test_durations_read_at_a_glance():
     assert [duration(s) for s in (7, 192, 7380)] == ["7s", "3m12s", "2h03m"]
 
 
-def test_summary_shows_what_the_readme_lists():
+def test_summary_shows_what_the_operations_page_lists():
     """The end-of-run table: rows, errors by kind, tokens, rates, efficiencies, start-up (from the
     first replica ready), wall time and each replica."""
     progress = Progress(total_rows=40, stream=io.StringIO())

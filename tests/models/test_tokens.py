@@ -8,7 +8,7 @@ import pytest
 from tokenizers import processors
 
 from lmbatch.models import build_tokenizer
-from lmbatch.prepare.tokens import direct_class_path, encode, load_tokenizer
+from lmbatch.models.tokens import direct_class_path, encode, load_tokenizer
 
 TEXTS = ["Hello there", "", "  spaces  and\nnewlines\t", "<s> a literal special token </s>",
          "ünïcödé and emoji 🚀", "word " * 300]
@@ -57,7 +57,7 @@ def test_workers_load_autotokenizers_choice_directly_without_torch(declared_toke
     assert encode(direct, TEXTS, True) == encode(auto, TEXTS, True)
     assert direct.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(chat, tokenize=False)
     # What a prepare worker does, in a fresh process: no torch import (AutoTokenizer's brings it in).
-    worker = (f"import sys; from lmbatch.prepare.tokens import load_tokenizer, encode; "
+    worker = (f"import sys; from lmbatch.models.tokens import load_tokenizer, encode; "
               f"t = load_tokenizer({declared_tokenizer_dir!r}, class_path={class_path!r}); encode(t, ['a b'], True); "
               f"t.apply_chat_template({chat!r}, tokenize=False); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True).stdout == "False\n"
