@@ -102,9 +102,9 @@ def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_job(tmp_path, tiny_ll
     script = f"""
 import json
 from lmbatch.config import InputConfig, JobConfig, ModelConfig, OutputConfig
-from lmbatch.plan import plan_job
-from lmbatch.replica import load_engine
-from lmbatch.tokens import load_tokenizer
+from lmbatch.plan.job import plan_job
+from lmbatch.replica.actor import load_engine
+from lmbatch.models.tokens import load_tokenizer
 
 def plan(revision=None):
     return plan_job(JobConfig(input=InputConfig(path={str(source)!r}),
