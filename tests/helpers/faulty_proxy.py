@@ -5,7 +5,7 @@ after the store did it (its answer lost: a write the client must not take as fai
 
     python tests/helpers/faulty_proxy.py --target http://127.0.0.1:PORT --port P --fault-rate 0.1 --log FILE
 
-It serves until it is stopped (by pid: the tests' `faulty_store` fixture starts and stops it), and
+It serves until it is stopped (by pid: a test starts it with Popen and stops it so), and
 appends one line per request to FILE: `ok`, `throttled`, `dropped`, `hung` or `lost-answer`, then the method and
 path. Faults are drawn from a seeded generator: a run fails about the share asked for.
 """
