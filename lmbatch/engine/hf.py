@@ -105,7 +105,7 @@ class HFEngine:
         self.stats = EngineStats()
         self.rows_failed_alone = 0  # not out of memory: with none done yet, many say the engine is broken
         self._indexes: Optional[Indexes] = None  # the compiled patterns of structured output, made on first use
-        self._texts: Optional[TokenTexts] = None  # each token's text alone, for generation.top_logprobs
+        self._each_token: Optional[TokenTexts] = None  # each token's text alone, for generation.top_logprobs
 
     @classmethod
     def load(cls, model_path: str, model: ModelConfig, batching: BatchingConfig,
@@ -384,9 +384,10 @@ class HFEngine:
             self.adapters.set_adapter(name, inference_mode=True)
 
     def _token_texts(self) -> TokenTexts:
-        if self._texts is None:  # made on first use: only generation.top_logprobs needs it
-            self._texts = TokenTexts(self.tokenizer, getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0)
-        return self._texts
+        if self._each_token is None:  # made on first use: only generation.top_logprobs needs it
+            vocab_size = getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0
+            self._each_token = TokenTexts(self.tokenizer, vocab_size)
+        return self._each_token
 
     def _count(self, batch: list[Request], steps: int, completions: list[Completion]) -> None:
         s = self.stats
