@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lmbatch.errors import JobError
+from lmbatch.retrying import with_retries
 
 
 def absolute(path: str) -> str:
@@ -26,12 +27,14 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or URI; credentials and endpoint come from the environment.
 
     pyarrow's own filesystems first (local, s3, gs, hdfs, ...); any other scheme that an installed
-    fsspec implementation knows (az:// with adlfs, ...) is wrapped for pyarrow.
+    fsspec implementation knows (az:// with adlfs, ...) is wrapped for pyarrow. All but the local one
+    retry transient faults (`lmbatch.retrying`).
     """
     if "://" not in uri:
         return pafs.LocalFileSystem(), absolute(uri)
     try:
-        return pafs.FileSystem.from_uri(uri)
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return with_retries(fs), path
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # not a scheme pyarrow knows: try fsspec
     except OSError as e:
@@ -42,7 +45,7 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as e:
         raise JobError(f"cannot open {uri}: neither pyarrow nor fsspec has a filesystem for it ({e})") from None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return with_retries(pafs.PyFileSystem(pafs.FSSpecHandler(fs))), path
 
 
 def with_scheme(uri: str, path: str) -> str:

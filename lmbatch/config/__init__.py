@@ -14,7 +14,8 @@ from lmbatch.config.input import InputConfig
 from lmbatch.config.job import JobConfig, register_configs
 from lmbatch.config.model import ModelConfig
 from lmbatch.config.output import PARQUET_CODECS, OutputConfig
+from lmbatch.config.storage import StorageConfig
 
 __all__ = ["BatchingConfig", "ClusterConfig", "ConfigError", "EMBEDDING_POOLINGS", "GenerationOptions", "InputConfig",
            "JobConfig", "MAX_TOP_LOGPROBS", "ModelConfig", "OutputConfig", "PARQUET_CODECS", "PER_ROW_PARAMETERS",
-           "register_configs"]
+           "StorageConfig", "register_configs"]

@@ -14,6 +14,7 @@ from lmbatch.config.generation import GenerationOptions
 from lmbatch.config.input import InputConfig
 from lmbatch.config.model import ModelConfig
 from lmbatch.config.output import OutputConfig
+from lmbatch.config.storage import StorageConfig
 
 
 @dataclass
@@ -24,6 +25,7 @@ class JobConfig:
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     engine: str = "hf"
     """`hf`: transformers generate; `echo`: no model, a fixed text (measures the pipeline alone)."""
     dry_run: bool = False

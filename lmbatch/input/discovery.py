@@ -77,7 +77,10 @@ def discover_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
         if not found:
             raise JobError(f"input.path {uri} matches no files")
         return fs, found
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:  # a wrong endpoint, no permission, or a store that stayed down through the retries
+        raise JobError(f"cannot read input.path {uri}: {e}") from None
     if info.type == pafs.FileType.NotFound:
         raise JobError(f"input.path {uri} does not exist")
     if info.type == pafs.FileType.File:

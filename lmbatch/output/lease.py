@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -24,6 +25,7 @@ from typing import Callable, Optional
 
 from lmbatch.errors import JobError
 from lmbatch.output.directory import LEASE_FILE, OutputDir
+from lmbatch.retrying import until
 
 RENEW_S = 10.0
 EXPIRE_S = 60.0
@@ -31,6 +33,9 @@ SETTLE_S = 0.25
 """After writing the lease, read it back this much later: of two runs that took it at once, the one
 whose write came last holds it, and the other goes back to waiting. Every run waits this long as it
 starts, so it is short: a write takes milliseconds on a disk, tens of them on an object store."""
+
+RELEASE_S = 10.0
+"""The longest a run waits, as it ends, for the store to let go of its lease."""
 
 _held: set["Lease"] = set()
 """The leases this process holds, for `release_held`."""
@@ -45,6 +50,9 @@ class Lease:
         # a renewal that came second would write the lease back after it was let go.
         self._lock = threading.Lock()
         self._released = False
+        self._renewed = time.monotonic()
+        self.lost: Optional[str] = None
+        """Why the run lost its lease (a renewal the storage refused until the lease would lapse), or None."""
 
     def acquire(self, say: Callable[[str], None]) -> bool:
         """Take the lease, waiting while another run holds it; return whether it waited."""
@@ -59,6 +67,7 @@ class Lease:
                     raise JobError(f"output.path {self.output.uri} cannot be written: {e}") from None
                 time.sleep(SETTLE_S)
                 if self._read() == self.record:
+                    self._renewed = time.monotonic()
                     _held.add(self)
                     return waited
                 continue
@@ -75,14 +84,29 @@ class Lease:
 
     def renew(self, status: Optional[dict] = None) -> None:
         """Called every RENEW_S seconds while the run goes on; `status` (rows done and in all) goes
-        into the lease, for a run waiting on it and anyone watching the job."""
+        into the lease, for a run waiting on it and anyone watching the job. A renewal the storage fails
+        is tried again (`retrying`) until the lease would lapse; one that cannot land by then stops the
+        run (`lost`), as another run may take the output over."""
         with self._lock:
             if self._released:
                 return
+            deadline = self._renewed + EXPIRE_S - RENEW_S  # a margin for the clock of a run waiting on it
             try:
-                self._renew(status or {})
-            except OSError:  # the storage did not answer this time: the lease lapses only after EXPIRE_S
-                pass
+                with until(deadline):
+                    self._renew(status or {})
+                self._renewed = time.monotonic()
+            except OSError as e:
+                if time.monotonic() + RENEW_S >= deadline:  # the next renewal would come too late
+                    self._lose(f"the run's lease {LEASE_FILE} in {self.output.uri} could not be renewed for "
+                               f"{time.monotonic() - self._renewed:.0f} s ({e}); the run stops before it lapses, "
+                               f"as another run would then take the output over")
+                    raise
+
+    def _lose(self, why: str) -> None:
+        """Stop the run: the main thread is interrupted as by Ctrl-C, and `run` reports `lost`. A signal,
+        not `_thread.interrupt_main`, which a main thread blocked on a lock (Ray Data's queue) never sees."""
+        self.lost = why
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def _renew(self, status: dict) -> None:
         if (self._read() or {}).get("run") != self.record["run"]:  # ours went unrenewed for EXPIRE_S
@@ -98,8 +122,12 @@ class Lease:
         with self._lock:
             self._released = True
             _held.discard(self)
-            if (self._read() or {}).get("run") == self.record["run"]:
-                self.output.delete_lease()
+            try:  # a store that does not answer now: the lease lapses by itself, EXPIRE_S after its last renewal
+                with until(time.monotonic() + RELEASE_S):
+                    if (self._read() or {}).get("run") == self.record["run"]:
+                        self.output.delete_lease()
+            except OSError:
+                pass
 
     def _read(self) -> Optional[dict]:
         return read_lease(self.output)

@@ -27,6 +27,7 @@ from lmbatch.plan.resources import check_cluster
 from lmbatch.report.progress import Progress
 from lmbatch.report.samplers import PeakSampler, Periodic, object_store_bytes
 from lmbatch.report.summary import by_kind, format_summary, megabytes
+from lmbatch.retrying import take_counts
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ def run(cfg: DictConfig | JobConfig) -> dict:
         # The lease tells how far the run has got: to a run waiting on it, and to anyone who reads it.
         with Periodic(lambda: lease.renew(progress.status()), RENEW_S):
             return generate(plan, progress)
+    except KeyboardInterrupt:
+        if lease.lost:  # the renewals interrupted the run: say why
+            raise JobFailed(lease.lost) from None
+        raise
     finally:
         lease.release()
 
@@ -124,6 +129,7 @@ def generate(plan: JobPlan, progress: Progress) -> dict:
         write_empty_part(plan)
 
     totals = count_committed(plan)
+    progress.storage_retries.update(take_counts())  # the driver's own: the plan, the lease, the checks above
     metrics = {**progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}
     summary = format_summary(metrics, totals, job.held_to_pattern)
     if job.output.too_many_errors(totals["rows"], totals["rows_error"]):

@@ -20,6 +20,7 @@ from lmbatch.errors import JobFailed
 from lmbatch.output.lease import release_held
 from lmbatch.plan.job import JobPlan
 from lmbatch.plan.resources import ray_address, starts_own_ray
+from lmbatch.retrying import until
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,16 @@ def failure_cause(error: Exception) -> str:
     return f"a worker failed: {cause}"
 
 
+COUNT_COMMITTED_S = 10.0
+"""The longest a stopping run waits on the storage to count the chunks committed (it may be why it stops)."""
+
+
 def committed(plan: JobPlan) -> str:
-    done = len(plan.output.inspect(plan.fingerprint, "resume").done_chunks)
+    try:
+        with until(time.monotonic() + COUNT_COMMITTED_S):
+            done = len(plan.output.inspect(plan.fingerprint, "resume").done_chunks)
+    except OSError as e:
+        return f"the chunks committed in {plan.output.uri} kept (they could not be counted now: {e})"
     return f"{done} of {len(plan.chunks)} chunks committed in {plan.output.uri}"
 
 

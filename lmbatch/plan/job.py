@@ -33,6 +33,7 @@ from lmbatch.plan.fingerprint import job_fingerprint
 from lmbatch.plan.model_checks import check_model
 from lmbatch.prepare.context import fit_to_context
 from lmbatch.prepare.settings import PrepareSettings, template_fields
+from lmbatch.retrying import set_policy
 from lmbatch.storage import absolute, is_inside
 
 
@@ -134,6 +135,7 @@ def _passthrough_columns(job: JobConfig, inputs: InputPlan) -> list[str]:
 def plan_job(job: JobConfig) -> JobPlan:
     """Check the input, the model and the output, and plan the job: its chunks, those already committed
     (a resumed run skips them) and how its rows are prepared. Raises JobError for a job that cannot run."""
+    set_policy(job.storage.policy)  # before the first request to storage
     check_parse_json(job)
     i = job.input
     input_uri = resolve_input_uri(i.path)

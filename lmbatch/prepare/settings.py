@@ -20,6 +20,8 @@ PROMPT_IDS, MAX_NEW, ERROR, PARAMS = "_prompt_ids", "_max_new_tokens", "_error",
 CHOICES = "_choices"  # the token ids of each of a row's generation.choices
 SECOND_TEXT = "_second_text_start"  # where a pair's second text begins in its prompt ids (input.pair_column)
 NUM_PROMPT_TOKENS = "num_prompt_tokens"
+READ_RETRIES = b"lmbatch.storage_retries"
+"""Schema metadata of a prepared table: the storage retries (JSON, by kind) its read and prepare made."""
 
 
 

@@ -28,10 +28,11 @@ from lmbatch.errors import error_kind
 from lmbatch.output.columns import list_column, output_columns, split_reasoning
 from lmbatch.output.directory import OutputDir, with_part_metadata
 from lmbatch.output.json_column import parsed_column
-from lmbatch.prepare.settings import CHUNK, CHUNK_ROWS, ERROR, NUM_PROMPT_TOKENS, ROW
+from lmbatch.prepare.settings import CHUNK, CHUNK_ROWS, ERROR, NUM_PROMPT_TOKENS, READ_RETRIES, ROW
 from lmbatch.replica.faults import CRASHED, StallWatchdog, check_load_deaths, isolating
 from lmbatch.replica.requests import chunk_requests, sampling_params
 from lmbatch.report.progress import LiveReporter
+from lmbatch.retrying import set_policy, take_counts
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Replica:
         import ray
 
         logging.basicConfig(level=logging.INFO)
+        set_policy(job.storage.policy)
         device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.output = OutputDir(output_uri, job.output.partition_by, job.output.compression)
@@ -87,6 +89,7 @@ class Replica:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
+        retries = collections.Counter(json.loads((batch.schema.metadata or {}).get(READ_RETRIES, b"{}")))
         for chunk_id in pc.unique(batch[CHUNK]).to_pylist():
             rows = batch.filter(pc.equal(batch[CHUNK], chunk_id))
             expected = rows[CHUNK_ROWS][0].as_py()
@@ -97,7 +100,11 @@ class Replica:
             with self.watchdog:  # re-armed by each micro-batch; a write that hangs (a stale mount) ends it too
                 table, counts = self.generate_chunk(chunk_id, rows)
                 self.output.write_part(chunk_id, with_part_metadata(table, self.fingerprint, chunk_id))
-            summaries.append(self._summary(chunk_id, table, counts, before, time.perf_counter() - started))
+            # this process's storage retries since its last chunk (its start-up's too), with the read's
+            retries.update(take_counts())
+            summaries.append({**self._summary(chunk_id, table, counts, before, time.perf_counter() - started),
+                              "storage_retries": json.dumps(dict(retries))})
+            retries = collections.Counter()
         return pa.Table.from_pylist(summaries)
 
     def generate_chunk(self, chunk_id: str, rows: pa.Table) -> tuple[pa.Table, dict]:

@@ -30,6 +30,8 @@ class Progress:
         self.first_ready: Optional[float] = None
         self.sums: collections.Counter = collections.Counter()
         self.error_kinds: collections.Counter = collections.Counter()
+        self.storage_retries: collections.Counter = collections.Counter()
+        """Storage requests tried again, by kind (a store's throttling, dropped connections), in all processes."""
         self.replicas: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.chunks = 0
         self.finished: set[str] = set()
@@ -58,6 +60,7 @@ class Progress:
                             "shared_prefix_tokens"):
                     self.sums[key] += s[key]
                 self.error_kinds.update(json.loads(s["error_kinds"]))
+                self.storage_retries.update(json.loads(s.get("storage_retries", "{}")))
                 replica = self.replicas[s["replica"]]
                 replica.update(rows=s["rows"], generated_tokens=s["generated_tokens"], chunks=1)
                 replica["seconds"] += s["seconds"]
@@ -137,6 +140,7 @@ class Progress:
             "micro_batch_split_retries": s["split_retries"],
             "prompt_tokens_shared": s["shared_prefix_tokens"],
             "chunk_restarts": self.chunk_restarts,
+            "storage_retries": dict(self.storage_retries.most_common()),
             "replicas": {
                 name: {**dict(r), "seconds": round(r["seconds"], 3),
                        "generated_tokens_per_s": round(r["generated_tokens"] / r["seconds"], 3) if r["seconds"] else None}

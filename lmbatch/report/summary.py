@@ -91,6 +91,10 @@ def format_summary(metrics: dict, totals: dict, held_to_pattern: bool = False) -
                                           "input.max_prompt_tokens: cut to fit, as input.on_too_long says)"))
     if metrics.get("chunk_restarts"):  # each a replica process that died: killed, crashed, its node lost
         rows.append(("chunks restarted", f"{metrics['chunk_restarts']:,} (their replica process died: see the log)"))
+    if metrics.get("storage_retries"):  # the store's faults ridden out: a job that survived a storm says so
+        retries = metrics["storage_retries"]
+        rows.append(("storage retries", f"{sum(retries.values()):,} ({by_kind(retries)}): requests the store "
+                                        "failed for a moment, tried again"))
     if metrics.get("object_store_peak_mb") is not None:
         rows.append(("object store peak", f"{metrics['object_store_peak_mb']:,.1f} MB"))
     for name, r in metrics["replicas"].items():

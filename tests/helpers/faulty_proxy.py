@@ -7,7 +7,8 @@ after the store did it (its answer lost: a write the client must not take as fai
 
 It serves until it is stopped (by pid: a test starts it with Popen and stops it so), and
 appends one line per request to FILE: `ok`, `throttled`, `dropped`, `hung` or `lost-answer`, then the method and
-path. Faults are drawn from a seeded generator: a run fails about the share asked for.
+path. Faults are drawn from a seeded generator: a run fails about the share asked for. SIGUSR1 begins an outage
+(every request dropped) and a second one ends it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import http.client
 import http.server
 import random
+import signal
 import socketserver
 import threading
 import urllib.parse
@@ -91,8 +93,18 @@ class FaultyProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.log = open(log_path, "a", buffering=1)
         self.hang_s, self.stopped = hang_s, threading.Event()
 
+    outage = False
+
+    def handle_error(self, request, client_address):  # a client that gave up on its request: nothing to say
+        pass
+
+    def toggle_outage(self, *_) -> None:
+        self.outage = not self.outage
+
     def draw(self, method: str) -> str:
         with self.lock:
+            if self.outage:
+                return "dropped"
             if self.rng.random() >= self.fault_rate:
                 return "ok"
             # answers lost only where the request changes something: a lost GET is a dropped one
@@ -123,7 +135,9 @@ def main() -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--hang-s", type=float, default=30.0, help="how long a hung request is held, unanswered")
     args = parser.parse_args()
-    FaultyProxy(args.port, args.target, args.fault_rate, args.seed, args.log, args.hang_s).serve_forever()
+    proxy = FaultyProxy(args.port, args.target, args.fault_rate, args.seed, args.log, args.hang_s)
+    signal.signal(signal.SIGUSR1, proxy.toggle_outage)
+    proxy.serve_forever()
 
 
 if __name__ == "__main__":

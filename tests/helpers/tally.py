@@ -12,10 +12,14 @@ import pyarrow.parquet as pq
 TALLY = {"bad_input_kinds": set(), "faults": 0, "lost": 0, "duplicated": 0}
 
 
-def account(out, input_ids, samples=1):
-    """Rows lost and duplicated in a finished output, compared id by id with the input."""
-    assert os.path.exists(os.path.join(out, "_SUCCESS"))
-    table = pq.read_table(out)
+def account(out, input_ids, samples=1, filesystem=None):
+    """Rows lost and duplicated in a finished output, compared id by id with the input (`out` in
+    `filesystem`, if given: a bucket)."""
+    if filesystem is None:
+        assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    else:
+        assert filesystem.get_file_info(f"{out}/_SUCCESS").is_file
+    table = pq.read_table(out, filesystem=filesystem)
     key = ["id", "sample_index"] if samples > 1 else ["id"]
     got = collections.Counter(tuple(r.values()) for r in table.select(key).to_pylist())
     expected = collections.Counter((i, s) if samples > 1 else (i,) for i in input_ids for s in range(samples))

@@ -2,9 +2,7 @@
 """
 
 
-import os
 import re
-import subprocess
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -12,29 +10,19 @@ import pytest
 
 from helpers.config import compose
 from helpers.data import write_prompts
-from helpers.processes import BIN, free_port, run_job, run_job_ok, stop_group, wait_for_http
+from helpers.object_store import CREDENTIALS, moto_server
+from helpers.processes import run_job, run_job_ok
 from lmbatch.errors import JobError
 from lmbatch.plan.job import plan_job, to_job_config
 
 
 @pytest.fixture
-def s3(tmp_path, monkeypatch):
+def s3(monkeypatch):
     """A real S3-compatible server (moto) on 127.0.0.1 with one bucket; credentials via the standard variables."""
-    port = free_port()
-    server = subprocess.Popen([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/")
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket="lmbatch-test")
+    with moto_server("lmbatch-test") as endpoint:
+        for k, v in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(k, v)
         yield pafs.FileSystem.from_uri("s3://lmbatch-test/")[0]
-    finally:
-        stop_group(server)
 
 
 @pytest.mark.slow
