@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lmbatch.models.remote import is_remote, local_copy
 from lmbatch.storage import cache_dir
 
 BUILTIN = "builtin://"
@@ -32,7 +33,11 @@ ARCHITECTURES = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 
 
 def resolve_model_path(path: str) -> str:
-    """A local directory or hub id passes through; `builtin://NAME` is built once and cached."""
+    """A local directory or hub id passes through; `builtin://NAME` is built once and cached; a model in a
+    bucket (s3://...) gives a local copy of its files but the weights (`remote`: the plan and the
+    tokenizer read those; a replica copies the whole model)."""
+    if is_remote(path):
+        return local_copy(path, weights=False)
     if not path.startswith(BUILTIN):
         return path
     name = path[len(BUILTIN):]

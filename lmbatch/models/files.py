@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from lmbatch.models.builtin import resolve_model_path
+from lmbatch.models.remote import ModelFiles, is_remote
 
 _LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
 
@@ -29,27 +30,43 @@ def tokenizer_source(path: str, revision: Optional[str], adapter: Optional[str])
     return path, revision
 
 
-def weight_files(root: Path) -> set[str]:
-    """The weight files of a local model: those its shard indexes name, else the single file."""
-    files = set()
+def weight_files(files: ModelFiles) -> set[str]:
+    """The weight files of a model: those its shard indexes name, else the single file."""
+    found = set()
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (root / index).exists():
-            files |= set(json.loads((root / index).read_text()).get("weight_map", {}).values())
-    return files | {name for name in ("model.safetensors", "pytorch_model.bin") if (root / name).exists()}
+        if index in files.files:
+            found |= set(json.loads(files.read(index)).get("weight_map", {}).values())
+    return found | {name for name in ("model.safetensors", "pytorch_model.bin") if name in files.files}
+
+
+def safetensors_header(files: ModelFiles, name: str) -> dict:
+    """The JSON header of a safetensors file, read alone (the format: its length, the header, the data);
+    ValueError where the file is not whole: a header or data cut short."""
+    size = files.size(name)
+    if size < 8:
+        raise ValueError(f"{size} bytes, less than a header")
+    (length,) = struct.unpack("<Q", files.read(name, 0, 8))
+    if length > size - 8:
+        raise ValueError(f"its header of {length:,} bytes does not fit in its {size:,}")
+    try:
+        header = json.loads(files.read(name, 8, length))
+    except ValueError as e:
+        raise ValueError(f"its header is not JSON: {e}") from None
+    end = max((t["data_offsets"][1] for key, t in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise ValueError(f"its tensors take {8 + length + end:,} bytes, the file has {size:,}")
+    return header
 
 
 def parameter_count(directory: str) -> Optional[int]:
-    """Parameters of a local model, from its safetensors headers (None: weights in another format)."""
-    files = weight_files(Path(directory))
-    if not files or not all(name.endswith(".safetensors") for name in files):
+    """Parameters of a model directory (local or in a bucket), from its safetensors headers (None:
+    weights in another format)."""
+    files = ModelFiles(directory)
+    names = weight_files(files)
+    if not names or not all(name.endswith(".safetensors") for name in names):
         return None
-    total = 0
-    for name in files:
-        with open(Path(directory) / name, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))  # the format: header length, JSON header, data
-            header = json.loads(f.read(size))
-        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
-    return total
+    return sum(math.prod(t["shape"]) for name in names
+               for key, t in safetensors_header(files, name).items() if key != "__metadata__")
 
 
 def hub_commit(path: str, revision: Optional[str] = None) -> Optional[str]:
@@ -94,31 +111,26 @@ def adapter_misfit(model_config, adapter: str, trust_remote_code: bool = False) 
 
 
 def check_weights(directory: str) -> None:
-    """Raise ValueError, naming the file, when a local model's weights cannot be loaded: none at all
-    (a download or copy that stopped before them), a Git LFS pointer where the weights should be (a
-    clone without `git lfs pull`), a truncated safetensors file (an interrupted copy), a shard its
-    index names but that is missing. Replicas would otherwise fail loading them only after Ray and
-    the job had started. Reads only file headers."""
-    from safetensors import safe_open
-
-    root = Path(directory)
-    if not root.is_dir():
+    """Raise ValueError, naming the file, when a model's weights (local, or in a bucket) cannot be
+    loaded: none at all (a download or copy that stopped before them), a Git LFS pointer where the
+    weights should be (a clone without `git lfs pull`), a truncated safetensors file (an interrupted
+    copy), a shard its index names but that is missing. Replicas would otherwise fail loading them only
+    after Ray and the job had started. Reads only file headers."""
+    if not is_remote(directory) and not os.path.isdir(os.path.expanduser(directory)):
         raise ValueError("is a file, not a model directory (config.json, tokenizer and weights)")
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in root.iterdir()):
+    files = ModelFiles(directory)
+    if not any("/" not in name and name.endswith(WEIGHT_SUFFIXES) for name in files.files):
         raise ValueError(f"holds no weights (no {', '.join('*' + s for s in WEIGHT_SUFFIXES)} file): an "
                          "incomplete download or copy?")
-    for name in sorted(weight_files(root)):
-        path = root / name
-        if not path.exists():
+    for name in sorted(weight_files(files)):
+        if name not in files.files:
             raise ValueError(f"{name} is missing (its shard index names it)")
-        with open(path, "rb") as f:
-            if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
-                raise ValueError(f"{name} is a Git LFS pointer, not the weights: run `git lfs pull` in {root}")
+        if files.read(name, 0, min(len(_LFS_POINTER), files.size(name))) == _LFS_POINTER:
+            raise ValueError(f"{name} is a Git LFS pointer, not the weights: run `git lfs pull` in {directory}")
         if name.endswith(".safetensors"):
             try:
-                with safe_open(str(path), "numpy"):
-                    pass
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+                safetensors_header(files, name)
+            except ValueError as e:
                 raise ValueError(f"{name} is not a readable safetensors file ({e}): an interrupted copy?") from None
 
 
@@ -128,26 +140,26 @@ IDENTITY_SAMPLES, IDENTITY_SAMPLE_BYTES = 16, 64 * 1024
 def model_identity(path: str, revision: Optional[str] = None) -> Optional[str]:
     """What the model at `path` is, to tell whether it changed between two runs of one job (a model
     directory updated in place, a symlink moved to a new model, a hub id with a new commit): a local
-    directory by its content, a hub id by its commit in the local cache; None where neither is known.
+    directory (or one in a bucket) by its content, a hub id by its commit in the local cache; None where
+    neither is known.
 
     Content is every file's name and size, with 16 evenly spaced 64 KiB samples of it (all of a
     small file): at most 1 MiB read per file, even for weights of hundreds of GB, and any retrained
     or re-saved model differs in them. Copying the files, which changes their times, changes nothing.
     Hidden files are left out (`hf download --local-dir` keeps its download records in `.cache/`)."""
-    local = Path(os.path.expanduser(resolve_model_path(path)))
-    if not local.is_dir():
+    local = path if is_remote(path) else os.path.expanduser(resolve_model_path(path))
+    if not is_remote(path) and not os.path.isdir(local):
         commit = hub_commit(path, revision)
         return f"commit {commit}" if commit else None
+    files = ModelFiles(local)
     digest = hashlib.sha256()
-    for file in sorted(p for p in local.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(local).parts)):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(local)}\0{size}\0".encode())
-        with open(file, "rb") as f:
-            if size <= IDENTITY_SAMPLES * IDENTITY_SAMPLE_BYTES:
-                digest.update(f.read())
-                continue
-            for i in range(IDENTITY_SAMPLES):  # the first sample holds a safetensors file's header
-                f.seek(i * (size - IDENTITY_SAMPLE_BYTES) // (IDENTITY_SAMPLES - 1))
-                digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+    for name in sorted(files.files):
+        size = files.size(name)
+        digest.update(f"{name}\0{size}\0".encode())
+        if size <= IDENTITY_SAMPLES * IDENTITY_SAMPLE_BYTES:
+            digest.update(files.read(name))
+            continue
+        for i in range(IDENTITY_SAMPLES):  # the first sample holds a safetensors file's header
+            digest.update(files.read(name, i * (size - IDENTITY_SAMPLE_BYTES) // (IDENTITY_SAMPLES - 1),
+                                     IDENTITY_SAMPLE_BYTES))
     return f"content {digest.hexdigest()[:16]}"

@@ -15,6 +15,7 @@ from lmbatch.config import JobConfig, ModelConfig
 from lmbatch.errors import JobError
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.files import adapter_misfit, tokenizer_source
+from lmbatch.models.remote import is_remote
 from lmbatch.models.tokens import load_tokenizer
 from lmbatch.plan.encoder_notes import cross_encoder_note, sentence_transformers_notes
 from lmbatch.plan.prompt_checks import check_chat_template, check_structured, unspaced_choices
@@ -47,6 +48,8 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
                 raise JobError(f"model.path {job.model.path}: {e}") from None
         elif expanded.startswith(("/", ".")):
             raise JobError(f"model.path {job.model.path} does not exist")
+        elif is_remote(path):
+            check_model_in_bucket(path)
     try:
         local = resolve_model_path(path)
         config = AutoConfig.from_pretrained(local, trust_remote_code=job.model.trust_remote_code, revision=revision)
@@ -105,6 +108,27 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
         print(f"lmbatch: warning: {job.model.path} {note}")
     model = dataclasses.replace(job.model, path=path, revision=revision, adapter=adapter, adapters=adapters)
     return model, limit, kv_cache_bytes_per_token(text_config, job.replica_dtype)
+
+
+def check_model_in_bucket(uri: str) -> None:
+    """What check_model checks of a local directory, of a model in a bucket, where it is: its weights by
+    their headers (none copied here; the replicas copy the model, each node once)."""
+    from lmbatch.models.files import check_weights
+    from lmbatch.models.remote import ModelFiles
+
+    try:
+        files = ModelFiles(uri).files
+    except OSError as e:
+        raise JobError(f"model.path {uri} cannot be read: {e}") from None
+    if not files:
+        raise JobError(f"model.path {uri} does not exist (no files under it)")
+    if ADAPTER_CONFIG in files and "config.json" not in files:
+        raise JobError(f"model.path {uri} holds a PEFT adapter, not a model: set model.path to the model it was "
+                       "fine-tuned from and model.adapter to a local copy of the adapter")
+    try:
+        check_weights(uri)
+    except (ValueError, OSError) as e:
+        raise JobError(f"model.path {uri}: {e}") from None
 
 
 def check_model_use(job: JobConfig, config, text_config) -> None:

@@ -16,6 +16,7 @@ from typing import Optional
 from lmbatch.config import ClusterConfig, JobConfig
 from lmbatch.errors import JobError
 from lmbatch.models import parameter_count
+from lmbatch.models.remote import is_remote
 from lmbatch.plan.job import JobPlan
 
 
@@ -60,9 +61,10 @@ def memory_shortfall(job: JobConfig, parameters: int, available: int) -> Optiona
 
 def memory_shortfall_here(job: JobConfig) -> Optional[str]:
     """memory_shortfall for a job with its replicas on this machine's CPUs and a local model
-    directory (its safetensors headers give the parameters); None for any other."""
+    directory or one in a bucket (its safetensors headers give the parameters); None for any other."""
     here = starts_own_ray(job) and not job.cluster.gpus_per_replica
-    parameters = parameter_count(job.model.path) if here and os.path.isdir(job.model.path) else None
+    on_disk = os.path.isdir(job.model.path) or is_remote(job.model.path)
+    parameters = parameter_count(job.model.path) if here and on_disk else None
     available = available_memory() if parameters else None
     return memory_shortfall(job, parameters, available) if available else None
 

@@ -46,8 +46,10 @@ def load_engine(job: JobConfig, device: str | None = None):
 
     from lmbatch.engine.hf import HFEngine
     from lmbatch.models import resolve_model_path
+    from lmbatch.models.remote import is_remote, local_copy
 
-    path = resolve_model_path(job.model.path)
+    # a model in a bucket: copied once per node, into the cache the node's replicas share
+    path = local_copy(job.model.path) if is_remote(job.model.path) else resolve_model_path(job.model.path)
     adapters = [(f"model.adapters.{name}", local) for name, local in job.model.adapters.items()]
     for key, local in (("model.path", path), ("model.adapter", job.model.adapter), *adapters):
         if local and os.path.isabs(local) and not os.path.exists(local):  # the driver found it, on its own node

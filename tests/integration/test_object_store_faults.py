@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pyarrow.fs as pafs
@@ -66,8 +67,20 @@ def texts(table):
     return dict(zip(table["id"].to_pylist(), table["generated_text"].to_pylist()))
 
 
-def test_a_job_rides_out_a_store_failing_a_tenth_of_its_requests(store, tmp_path):
-    log = run_job_ok(tmp_path, *job(store), env=env(store))
+def upload(fs, local, prefix):
+    """A local directory's files into the bucket, straight to moto."""
+    for path in Path(local).rglob("*"):
+        if path.is_file():
+            with fs.open_output_stream(f"{prefix}/{path.relative_to(local)}") as f:
+                f.write(path.read_bytes())
+
+
+def test_a_job_rides_out_a_store_failing_a_tenth_of_its_requests(store, tmp_path, tiny_llama):
+    """Input, output and the model's weights in the bucket; a tenth of the job's requests fail."""
+    upload(store.filesystem(), tiny_llama, "lake/models/tiny")
+    cache = tmp_path / "cache"
+    log = run_job_ok(tmp_path, *job(store), "model.path=s3://lake/models/tiny/",
+                     env={**env(store), "LMBATCH_CACHE": str(cache)})
     faults = store.faults()
     failed = sum(n for kind, n in faults.items() if kind != "ok")
     assert failed >= 10 and {"throttled", "dropped", "hung"} <= faults.keys(), faults
@@ -84,12 +97,17 @@ def test_a_job_rides_out_a_store_failing_a_tenth_of_its_requests(store, tmp_path
     said = re.search(r"storage retries\s+([\d,]+) \(", log)
     assert said and int(said[1].replace(",", "")) >= sum(retries.values()), log[-3000:]
 
+    # the node copied the model once for its two replicas; the driver, its small files alone
+    copies = [p.name for p in (cache / "models" / "remote").iterdir() if p.is_dir()]
+    assert len(copies) == 2 and sum(name.endswith("-config") for name in copies) == 1, copies
+    assert not list((cache / "models" / "remote").glob("*-config/*.safetensors"))
+
     # the same job with everything on local disk writes the same texts
     local = tmp_path / "local-out"
     source = tmp_path / "all.parquet"
     pq.write_table(pq.read_table("lake/prompts", filesystem=fs).sort_by("id"), source)
     run_job_ok(tmp_path, f"input.path={source}", f"output.path={local}", "generation.max_new_tokens=4",
-               "batching.chunk_rows=6", "cluster.num_replicas=2")
+               "batching.chunk_rows=6", "cluster.num_replicas=2", f"model.path={tiny_llama}")
     assert texts(table) == texts(pq.read_table(local))
 
 
