@@ -104,6 +104,21 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process it started, at once, as a preempted machine loses them (left
+    alone, a dead driver's Ray processes linger for a minute); wait until they are gone."""
+    import psutil
+
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(victims, timeout=30)
+
+
 def slow_job(path, out, *extra):
     return [f"input.path={path}", f"output.path={out}", "batching.chunk_rows=8", "generation.max_new_tokens=24",
             "cluster.num_replicas=2", *extra]

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from helpers.config import REPO
 from helpers.data import varied_prompts, write_prompts
 from helpers.object_store import CREDENTIALS, faulty_store
-from helpers.processes import run_job, run_job_ok, start_job
+from helpers.processes import kill_tree, run_job, run_job_ok, start_job
 from helpers.tally import TALLY, account
 
 pytestmark = pytest.mark.slow
@@ -116,15 +115,8 @@ def test_a_run_killed_under_faults_resumes_to_the_same_output(store, tmp_path):
     proc = start_job(tmp_path, *job(store, "s3://lake/out", *slow), env=env(store))
     fs = store.filesystem()
     wait_for_objects(store, "lake/out", "part-", 2, proc)
-    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in victims:  # the driver and its Ray, as a preempted machine loses them
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_tree(proc)  # the driver and its Ray, as a preempted machine loses them
     TALLY["faults"] += 1
-    proc.wait(timeout=30)
-    psutil.wait_procs(victims, timeout=30)
     assert not fs.get_file_info("lake/out/_SUCCESS").is_file
 
     log = run_job_ok(tmp_path, *job(store, "s3://lake/out", *slow), env=env(store))

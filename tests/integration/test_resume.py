@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +22,7 @@ from helpers.config import compose
 from helpers.data import snapshot, write_prompts
 from helpers.models import llama_with_remote_code
 from helpers.oracles import oracle
-from helpers.processes import Said, finish, parts, slow_job, start_job, wait_for_parts
+from helpers.processes import Said, finish, kill_tree, parts, slow_job, start_job, wait_for_parts
 from helpers.tally import TALLY, account
 from lmbatch.errors import JobError
 from lmbatch.models import model_identity
@@ -233,17 +232,9 @@ def test_a_killed_driver_resumes_without_redoing_committed_work(tmp_path, long_i
     second = Said(start_job(tmp_path, *slow_job(path, out)))
     second.wait_for("waiting for it to end")
     # The first run's driver and the Ray it started, SIGKILLed at once, as a preempted machine loses
-    # them (left alone, the dead driver's Ray processes linger for a minute): the waiting run, on the
-    # same machine, sees the lease's process gone, takes the lease and resumes.
-    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    # them: the waiting run, on the same machine, sees the lease's process gone, takes the lease and resumes.
+    kill_tree(proc)
     TALLY["faults"] += 1
-    proc.wait(timeout=30)
-    psutil.wait_procs(victims, timeout=30)
     committed = {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns) for p in parts(out)}
     assert 5 <= len(committed) < 50 and not (out / "_SUCCESS").exists()
     (out / ".part-00000-000000399.parquet.dead.tmp").write_bytes(b"half a part")  # a write cut short
