@@ -46,8 +46,8 @@ class ModelFiles:
             self.fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
         self.root = root.rstrip("/")
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
-        self.files = {i.path[len(self.root) + 1:]: i for i in infos if i.is_file}
-        self.files = {name: i for name, i in self.files.items() if not any(p.startswith(".") for p in name.split("/"))}
+        named = ((i.path[len(self.root) + 1:], i) for i in infos if i.is_file)
+        self.files = {name: i for name, i in named if not any(p.startswith(".") for p in name.split("/"))}
 
     def size(self, name: str) -> int:
         return self.files[name].size
