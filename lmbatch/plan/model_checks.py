@@ -18,6 +18,7 @@ from lmbatch.models.files import adapter_misfit, tokenizer_source
 from lmbatch.models.remote import is_remote
 from lmbatch.models.tokens import load_tokenizer
 from lmbatch.plan.encoder_notes import cross_encoder_note, sentence_transformers_notes
+from lmbatch.plan.engine_checks import check_vllm
 from lmbatch.plan.prompt_checks import check_chat_template, check_structured, unspaced_choices
 from lmbatch.storage import absolute
 
@@ -101,6 +102,8 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
     check_shared_tokenizer(adapters, tokenizer, job.model.trust_remote_code,
                            templated=job.input.chat and not job.input.chat_template)
     check_model_use(job, config, text_config)
+    if job.engine == "vllm":
+        check_vllm(job, config)
     if notes := sentence_transformers_notes(job, local, revision, limit):
         print(f"lmbatch: warning: {job.model.path} is a sentence-transformers model whose own pipeline (modules.json) "
               f"differs from this job's, so its vectors will differ from its encode(): it {'; it '.join(notes)}")

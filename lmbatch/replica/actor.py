@@ -57,6 +57,10 @@ def load_engine(job: JobConfig, device: str | None = None):
                                     "a local model directory must exist on every node")
     # One progress line is the driver's; a "Loading weights" bar per replica would interleave with it.
     transformers_logging.disable_progress_bar()
+    if job.engine == "vllm":
+        from lmbatch.engine.vllm import VLLMEngine
+
+        return VLLMEngine.load(path, job, gpus=job.cluster.gpus_per_replica)
     return HFEngine.load(path, job.model, job.batching, device=device, threads=job.cluster.threads)
 
 

@@ -142,6 +142,12 @@ def test_the_gpu_cluster_presets_choose_gpu_batching_unless_told_otherwise(overr
     assert (batching.strategy, batching.max_batch_rows) == (strategy, rows)
 
 
+@pytest.mark.parametrize("overrides, engine", [(["cluster=gpu_node"], "vllm"), (["cluster=multi_node"], "vllm"),
+                                               (["cluster=gpu_node", "engine=hf"], "hf"), ([], "hf")])
+def test_the_gpu_cluster_presets_choose_engine_vllm_unless_told_otherwise(overrides, engine, tmp_path):
+    assert to_job_config(compose(*overrides, f"output.path={tmp_path}")).engine == engine
+
+
 def test_gpu_batching_plans_far_fewer_decode_steps(tmp_path):
     """batching=gpu exists for step-bound GPUs: on a GPU-sized workload it must cut the decode steps
     the job runs (its cost there), not just compose."""

@@ -85,7 +85,7 @@ def test_replicas_whose_weights_exceed_this_machines_memory_are_warned_of(tmp_pa
     assert re.search(rf"lmbatch: warning: {too_many} replicas x 0.0 GB of float32 weights need more memory than this "
                      r"machine has available \([\d.]+ GB\): replicas will be killed as they load; lower "
                      r"cluster.num_replicas or use model.dtype=bfloat16\n", done), done
-    for fits in ([f"cluster.num_replicas={fewer}"], [f"cluster.num_replicas={too_many}", "cluster=gpu_node"]):
+    for fits in ([f"cluster.num_replicas={fewer}"], [f"cluster.num_replicas={too_many}", "cluster=gpu_node", "engine=hf"]):
         done = run_job_ok(tmp_path, *job, *fits)
         assert "lmbatch dry run: " in done and "warning" not in done, done
 
