@@ -12,11 +12,15 @@ drift on the machine hits all alike, and are reported as ratios to the naive bas
     pipeline     transformers pipeline("text-generation", batch_size=B)
     continuous   transformers continuous batching (per-row max_new_tokens, explicitly sized cache)
     ray_job      the whole lmbatch job end to end (Parquet in, Ray Data, Parquet out)
+    vllm         plain vLLM offline, `LLM.generate` on the token ids in-process: what a user writes
+                 instead (the vllm extra; not run unless asked for, as the two below)
+    vllm_engine  engine=vllm as a replica runs it, in-process, on the same vLLM engine as `vllm`
+    vllm_job     the whole job with engine=vllm on `vllm_replicas` replicas
     sentence_transformers
                  with `embed` only: sentence-transformers' encode() (its default batch size, 32; it
                  sorts each call's texts by length), what a user embeds with instead
 
-Greedy outputs of fixed, continuous and ray_job are compared row for row with bucketed's (the
+Greedy outputs of every variant but the pipeline are compared row for row with bucketed's (the
 count of differing rows is reported; see `compare`). The pipeline cannot take a max_new_tokens
 per row, so it generates the longest for every row; it is timed, not compared.
 """
@@ -24,6 +28,7 @@ per row, so it generates the longest for every row; it is timed, not compared.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -38,10 +43,13 @@ from hydra.core.config_store import ConfigStore
 
 from lmbatch.bench.runners import Bench, Result
 from lmbatch.bench.workload import build_model
-from lmbatch.config import EMBEDDING_POOLINGS, BatchingConfig
+from lmbatch.config import EMBEDDING_POOLINGS, BatchingConfig, VLLMConfig
+from lmbatch.plan.engine_checks import INSTALL
 
-VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared", "ungrouped", "sentence_transformers")
-GENERATING = {"pipeline", "continuous", "ray_job"}
+VARIANTS = ("bucketed", "fixed", "pipeline", "continuous", "ray_job", "unshared", "ungrouped", "sentence_transformers",
+            "vllm", "vllm_engine", "vllm_job")
+VLLM_VARIANTS = {"vllm", "vllm_engine", "vllm_job"}
+GENERATING = {"pipeline", "continuous", "ray_job", *VLLM_VARIANTS}
 """The variants that only generate; `sentence_transformers` only embeds."""
 
 
@@ -95,6 +103,10 @@ class BenchmarkConfig:
     ray_replicas: int = 2
     ray_cpus_per_replica: float = 0.5
     """The end-to-end job's replica pool."""
+    vllm_replicas: int = 1
+    """vllm_job's replicas: on a CPU one vLLM engine takes every core (two on 2 cores contend)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine of the vllm variants, as the job's `vllm` group."""
     memory_bandwidth_gb_s: Optional[float] = None
     """Accelerator memory bandwidth (H200: 4800); when set, decode throughput is compared with its limit."""
     time_limit_s: Optional[float] = None
@@ -176,6 +188,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                       f"{result.generated_tokens / result.seconds:10.1f} gen tok/s", flush=True)
                 if variant not in best or _faster(result, best[variant]):
                     best[variant] = result
+        bench.close()
     report = make_report(cfg, bench, best)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))
     table = markdown(report["results"], report["baseline"], report["header"]) + "".join(
@@ -190,6 +203,9 @@ def check_variants(cfg: BenchmarkConfig) -> None:
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if set(cfg.variants) & VLLM_VARIANTS and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"the variants {sorted(set(cfg.variants) & VLLM_VARIANTS)} need vLLM, not installed here: "
+                         f"{INSTALL}")
     if cfg.embed not in (None, *EMBEDDING_POOLINGS):
         raise ValueError(f"embed must be {', '.join(EMBEDDING_POOLINGS)} or null, got {cfg.embed!r}")
     if cfg.embed and set(cfg.variants) & GENERATING:
@@ -237,6 +253,12 @@ def notes(cfg: BenchmarkConfig, bench: Bench, best: dict[str, Result]) -> list[s
         found.append(f"Ray Data job vs in-process bucketed engine: {best['bucketed'].seconds / ray.seconds:.3f}x "
                      f"end to end, {steady:.3f}x with its start-up ({ray.startup_seconds:.1f}s: Ray, replicas, "
                      "model loads) excluded.")
+    if "vllm_job" in best and "vllm" in best and best["vllm_job"].startup_seconds is not None:
+        job, plain = best["vllm_job"], best["vllm"]
+        steady = plain.seconds / max(job.seconds - job.startup_seconds, 1e-9)
+        found.append(f"engine=vllm job vs plain vLLM: {plain.seconds / job.seconds:.3f}x end to end, {steady:.3f}x "
+                     f"with its start-up ({job.startup_seconds:.1f}s: Ray, replicas, vLLM start and warm-up) excluded; "
+                     f"plain vLLM's own start-up and warm-up took {plain.startup_seconds:.1f}s.")
     if cfg.memory_bandwidth_gb_s and "bucketed" in best and best["bucketed"].decode_steps:
         found.append(bandwidth_note(best["bucketed"], bench.model, cfg.memory_bandwidth_gb_s))
     return found

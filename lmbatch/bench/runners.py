@@ -87,6 +87,7 @@ class Bench:
         from lmbatch.models.tokens import load_tokenizer
 
         self.cfg, self.model_path, self.workdir = cfg, model_path, workdir
+        self._vllm, self.vllm_startup = None, None
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
         self.dtype = dtype
@@ -208,43 +209,105 @@ class Bench:
         total = sum(map(len, self.ids))
         return Result("continuous", seconds, texts, generated, total, total, generated)  # packed: no padding
 
-    def run_ray_job(self) -> Result:
+    def job_config(self, engine: str, replicas: int, out: Path):
+        """The benchmark's workload as a job (Parquet in, Parquet out) on `replicas` replicas of `engine`."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from lmbatch.config import ClusterConfig, GenerationOptions, InputConfig, JobConfig, ModelConfig, OutputConfig
-        from lmbatch.pipeline.run import run
 
         c = self.cfg
         source = self.workdir / "prompts.parquet"
         if not source.exists():
             pq.write_table(pa.table({"id": list(range(len(self.texts))), "prompt": self.texts,
                                      "max_new_tokens": self.new}), source)
-        out = Path(tempfile.mkdtemp(prefix="ray-job-", dir=self.workdir))
-        job = JobConfig(
+        return JobConfig(
             input=InputConfig(path=str(source), param_columns=["max_new_tokens"], keep_columns=[],
                               on_duplicate_id="ignore"),
-            output=OutputConfig(path=str(out / "output")),
+            output=OutputConfig(path=str(out)),
             model=ModelConfig(path=self.model_path, dtype=self.dtype, kv_cache=c.kv_cache),
             generation=GenerationOptions(max_new_tokens=max(self.new)),
             batching=dataclasses.replace(c.batching, strategy="bucketed"),
-            cluster=ClusterConfig(num_replicas=c.ray_replicas, cpus_per_replica=c.ray_cpus_per_replica,
+            cluster=ClusterConfig(num_replicas=replicas, cpus_per_replica=c.ray_cpus_per_replica,
                                   gpus_per_replica=1 if self.device == "cuda" else 0),
-        )
+            vllm=c.vllm, engine=engine)
+
+    def run_job(self, variant: str, engine: str, replicas: int) -> Result:
+        """The whole job end to end, from Parquet to Parquet, its start-up (Ray, replicas, model loads) apart."""
+        import pyarrow.parquet as pq
+
+        from lmbatch.pipeline.run import run
+
+        out = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=self.workdir)) / "output"
+        job = self.job_config(engine, replicas, out)
         start = time.perf_counter()
         summary = run(job)
         seconds = time.perf_counter() - start
-        table = pq.read_table(out / "output", columns=["generated_text"])
+        texts = pq.read_table(out, columns=["id", "generated_text"]).sort_by("id")["generated_text"].to_pylist()
         m = summary["metrics"]
         padded = round(m["prompt_tokens"] / m["padding_efficiency"]) if m["padding_efficiency"] else 0
         slots = round(m["generated_tokens"] / m["decode_slot_efficiency"]) if m["decode_slot_efficiency"] else 0
-        return Result("ray_job", seconds, table["generated_text"].to_pylist(), m["generated_tokens"],
-                      m["prompt_tokens"], padded, slots, startup_seconds=m.get("startup_seconds"))
+        return Result(variant, seconds, texts, m["generated_tokens"], m["prompt_tokens"], padded, slots,
+                      startup_seconds=m.get("startup_seconds"))
+
+    def vllm_engine(self):
+        """One vLLM engine, as a replica holds it, for the vllm and vllm_engine variants: started and warmed up
+        once (its start-up reported apart), so both time the same engine."""
+        if self._vllm is None:
+            from lmbatch.engine.vllm import VLLMEngine
+
+            start = time.perf_counter()
+            self._vllm = VLLMEngine.load(self.model_path, self.job_config("vllm", 1, self.workdir / "unused"),
+                                         gpus=1 if self.device == "cuda" else 0)
+            self.vllm_startup = time.perf_counter() - start
+        return self._vllm
+
+    def close(self) -> None:
+        if self._vllm is not None:
+            self._vllm.close()
+
+    def run_vllm(self) -> Result:
+        """Plain vLLM offline, what a user writes instead: `LLM.generate` on the token ids, greedy, each row's
+        max_tokens."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = self.vllm_engine().llm
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in self.ids]
+        params = [SamplingParams(max_tokens=m, temperature=0.0) for m in self.new]
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        eos = self.tokenizer.eos_token_id
+        texts = [self.tokenizer.decode(t[: t.index(eos)] if eos in t else t, skip_special_tokens=True) for t in tokens]
+        generated, total = sum(map(len, tokens)), sum(map(len, self.ids))
+        return Result("vllm", seconds, texts, generated, total, total, generated, startup_seconds=self.vllm_startup)
+
+    def run_vllm_engine(self) -> Result:
+        """engine=vllm as a replica runs it, in-process: the same engine as `vllm`, through lmbatch's requests."""
+        from lmbatch.engine.types import EngineStats, Request
+
+        engine = self.vllm_engine()
+        engine.stats = EngineStats()
+        requests = [Request(i, ids, m) for i, (ids, m) in enumerate(zip(self.ids, self.new))]
+        start = time.perf_counter()
+        done = engine.generate(requests)
+        seconds = time.perf_counter() - start
+        texts = [None] * len(requests)
+        for c in done:
+            texts[c.key] = c.text
+        s = engine.stats
+        return Result("vllm_engine", seconds, texts, s.generated_tokens, s.prompt_tokens, s.padded_prompt_tokens,
+                      s.decode_slots, startup_seconds=self.vllm_startup)
 
     def run(self, variant: str) -> Result:
         runner = {"bucketed": lambda: self.run_engine("bucketed", strategy="bucketed"),
                   "fixed": lambda: self.run_engine("fixed", strategy="fixed"),
-                  "pipeline": self.run_pipeline, "continuous": self.run_continuous, "ray_job": self.run_ray_job,
+                  "pipeline": self.run_pipeline, "continuous": self.run_continuous,
+                  "ray_job": lambda: self.run_job("ray_job", "hf", self.cfg.ray_replicas),
+                  "vllm": self.run_vllm, "vllm_engine": self.run_vllm_engine,
+                  "vllm_job": lambda: self.run_job("vllm_job", "vllm", self.cfg.vllm_replicas),
                   "unshared": lambda: self.run_engine("unshared", strategy="bucketed", share_prefix=False),
                   "ungrouped": lambda: self.run_engine("ungrouped", strategy="bucketed", group_prefixes=False),
                   "sentence_transformers": self.run_sentence_transformers}

@@ -32,7 +32,7 @@ def engine(request, tmp_path_factory):
     engine = VLLMEngine.load(path, job)
     engine.oracle = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     yield engine
-    del engine.llm
+    engine.close()
 
 
 def alone(engine, r: Request) -> list[int]:

@@ -119,6 +119,21 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(victims, timeout=30)
 
 
+def descendants_named(root_pid: int, name: str) -> list[int]:
+    """The processes under `root_pid` whose name or command line holds `name` (a Ray actor's class, vLLM's
+    `VLLM::EngineCore`)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if name in p.name() or name in " ".join(p.cmdline()):
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def slow_job(path, out, *extra):
     return [f"input.path={path}", f"output.path={out}", "batching.chunk_rows=8", "generation.max_new_tokens=24",
             "cluster.num_replicas=2", *extra]

@@ -119,3 +119,19 @@ def test_scale_benchmark_keeps_driver_memory_flat(tmp_path):
     assert large["output_files"] == 14 and small["output_files"] == 4
     assert large["driver_rss_vs_smallest"] < 1.5
     assert large["object_store_peak_mb"] > 0  # Ray's own figure: the test extras install grpcio
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_benchmark_compares_plain_vllm_with_engine_vllm_in_process_and_as_a_job(tmp_path):
+    """The vllm variants at a toy size (a model shape whose heads vLLM's CPU attention runs): plain vLLM, the
+    same engine through lmbatch's requests, and the whole engine=vllm job, with the same greedy texts."""
+    pytest.importorskip("vllm")
+    cfg = BenchmarkConfig(model_shape="small", num_prompts=16, max_prompt_tokens=128, max_new_tokens=16,
+                          variants=["vllm", "vllm_engine", "vllm_job"], output_dir=str(tmp_path))
+    cfg.vllm.cpu_kvcache_space_gb = 1
+    report = run_benchmark(cfg)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert rows["vllm"]["x_vllm"] == 1.0 and all(r["rows_per_s"] > 0 for r in rows.values())
+    assert report["greedy_rows_differing_from_bucketed"] == {"vllm": 0, "vllm_engine": 0, "vllm_job": 0}
+    assert any(n.startswith("engine=vllm job vs plain vLLM: ") for n in report["notes"]), report["notes"]

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
@@ -24,7 +23,7 @@ from helpers.config import REPO
 from helpers.data import corrupt_column, one_prompt, rows_in_row_groups, write_prompts
 from helpers.models import llama_with_remote_code
 from helpers.oracles import oracle
-from helpers.processes import finish, parts, run_job, slow_job, start_job, wait_for_parts
+from helpers.processes import descendants_named, finish, parts, run_job, slow_job, start_job, wait_for_parts
 from helpers.tally import TALLY, account
 from lmbatch.replica.faults import CRASHED
 
@@ -133,14 +132,7 @@ def test_a_replica_whose_check_of_the_output_hangs_ends_its_process(tmp_path):
 
 # -- faults during the run ------------------------------------------------------------------------
 def replica_pids(root_pid):
-    found = []
-    for p in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "Replica" in " ".join(p.cmdline()) or "Replica" in p.name():
-                found.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return descendants_named(root_pid, "Replica")
 
 
 def test_a_killed_replica_is_replaced_and_nothing_is_lost(tmp_path, long_input):
