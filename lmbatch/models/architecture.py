@@ -54,13 +54,18 @@ def cross_encoder_function(config) -> Optional[str]:
     return named.rsplit(".", 1)[-1].lower() if isinstance(named, str) else None
 
 
+def head_size(config) -> Optional[int]:
+    """Dimensions of each attention head, from a model's (text) config; None where the config does not say."""
+    heads = getattr(config, "num_attention_heads", None)
+    return getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
+
+
 def kv_cache_bytes_per_token(config, dtype: str) -> Optional[int]:
     """Bytes of KV cache one token of a sequence takes: layers x 2 (keys, values) x KV heads x head
     dim x bytes per value, from a model's (text) config; None where the config does not say. Models
     with sliding-window or compressed attention take less."""
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    head_dim = head_size(config)
     layers = getattr(config, "num_hidden_layers", None)
     if not (layers and kv_heads and head_dim):
         return None

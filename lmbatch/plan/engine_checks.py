@@ -9,6 +9,7 @@ import importlib.util
 
 from lmbatch.config import JobConfig
 from lmbatch.errors import JobError
+from lmbatch.models.architecture import head_size
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Attention head sizes vLLM's CPU attention serves (0.32: "Unsupported CPU attention configuration"
@@ -27,8 +28,8 @@ def check_vllm_installed(job: JobConfig) -> None:
         raise JobError(f"engine=vllm needs vLLM, which is not installed here: {INSTALL}")
 
 
-def check_vllm(job: JobConfig, config) -> None:
-    """engine=vllm for this job and model (its config), or a JobError naming what it cannot do."""
+def check_vllm(job: JobConfig, text_config) -> None:
+    """engine=vllm for this job and model (its text config), or a JobError naming what it cannot do."""
     g = job.generation
     for key in NOT_YET:
         per_row = key in job.input.param_columns
@@ -38,9 +39,7 @@ def check_vllm(job: JobConfig, config) -> None:
     if job.model.adapters or job.model.adapter:
         raise JobError("engine=vllm does not do model.adapter or model.adapters yet; engine=hf does")
     if not job.cluster.gpus_per_replica:
-        text = getattr(config, "get_text_config", lambda: config)()
-        heads = getattr(text, "num_attention_heads", None)
-        head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+        head_dim = head_size(text_config)
         if head_dim and head_dim not in CPU_HEAD_SIZES:
             raise JobError(f"model.path {job.model.path} has attention heads of {head_dim} dimensions, which vLLM's "
                            f"CPU attention does not run (it runs {', '.join(map(str, CPU_HEAD_SIZES))}): use "

@@ -103,7 +103,7 @@ def check_model(job: JobConfig) -> tuple[ModelConfig, Optional[int], Optional[in
                            templated=job.input.chat and not job.input.chat_template)
     check_model_use(job, config, text_config)
     if job.engine == "vllm":
-        check_vllm(job, config)
+        check_vllm(job, text_config)
     if notes := sentence_transformers_notes(job, local, revision, limit):
         print(f"lmbatch: warning: {job.model.path} is a sentence-transformers model whose own pipeline (modules.json) "
               f"differs from this job's, so its vectors will differ from its encode(): it {'; it '.join(notes)}")
