@@ -33,7 +33,7 @@ from lmbatch.engine.prefix import layout, prefix_cache
 from lmbatch.engine.requests import padded_tokens, plan_requests, row_seed, shared_prefix
 from lmbatch.engine.scoring import cache_keyword, score_choices, score_prompts
 from lmbatch.engine.texts import Texts
-from lmbatch.engine.types import Completion, EngineStats, Request
+from lmbatch.engine.types import Completion, EngineStats, Request, error_rows
 from lmbatch.models import is_classifier, reads_both_ways
 from lmbatch.models.architecture import ending_ids, special_tokens_only
 
@@ -150,16 +150,14 @@ class HFEngine:
             if self.cannot_generate and r.max_new_tokens:  # the job's own setting was refused as it started
                 message = (f"invalid parameter: max_new_tokens must be 0: the model ({type(self.model).__name__}) is "
                            f"{self.cannot_generate}, and cannot generate")
-                failed += [Completion(r.key, s, None, 0, "error", message)
-                           for s in range(r.params.num_return_sequences)]
+                failed += error_rows(r, message)
             elif r.pattern is not None:
                 try:
                     if self._indexes is None:
                         self._indexes = Indexes(self.tokenizer, self.eos_ids)
                     self._indexes.index(r.pattern)
                 except PatternError as e:
-                    failed += [Completion(r.key, s, None, 0, "error", str(e)[:500])
-                               for s in range(r.params.num_return_sequences)]
+                    failed += error_rows(r, str(e)[:500])
         return failed
 
     # -- failure isolation ------------------------------------------------------------------
@@ -176,9 +174,7 @@ class HFEngine:
             if len(batch) == 1:
                 kind = "out of memory" if oom else f"generation failed: {type(error).__name__}"
                 log.warning("row %s: %s: %s", batch[0].key, kind, error)
-                message = f"{kind}: {error}".strip()[:500]
-                n = batch[0].params.num_return_sequences
-                return [Completion(batch[0].key, s, None, 0, "error", message) for s in range(n)]
+                return error_rows(batch[0], f"{kind}: {error}".strip()[:500])
             log.warning("micro-batch of %d rows failed (%s%s); retrying in halves", len(batch),
                         "out of memory: " if oom else "", type(error).__name__)
             self.stats.split_retries += 1

@@ -94,6 +94,11 @@ class Completion:
     """With generation.classify: every label's score (float32 values, in the model's label order)."""
 
 
+def error_rows(r: Request, message: str) -> list[Completion]:
+    """A request's completions when it cannot be generated: one error row per sample it asked for."""
+    return [Completion(r.key, s, None, 0, "error", message) for s in range(r.params.num_return_sequences)]
+
+
 @dataclass
 class EngineStats:
     """Counters for the efficiency figures of the benchmark and the run summary."""

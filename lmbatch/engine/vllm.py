@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from lmbatch.config import JobConfig
 from lmbatch.engine.texts import Texts
-from lmbatch.engine.types import Completion, EngineStats, Request
+from lmbatch.engine.types import Completion, EngineStats, Request, error_rows
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ class VLLMEngine:
                 if _engine_dead(e):
                     _end_process(e)
                 message = f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                refused += [Completion(r.key, s, None, 0, "error", message)
-                            for s in range(r.params.num_return_sequences)]
+                refused += error_rows(r, message)
         return queued, refused
 
     def _finish(self, r: Request, output) -> list[Completion]:

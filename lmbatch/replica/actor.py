@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from lmbatch.config import JobConfig
 from lmbatch.engine.requests import identical_requests, with_repeats
-from lmbatch.engine.types import Completion, Request
+from lmbatch.engine.types import Completion, Request, error_rows
 from lmbatch.errors import error_kind
 from lmbatch.output.columns import list_column, output_columns, split_reasoning
 from lmbatch.output.directory import OutputDir, with_part_metadata
@@ -182,8 +182,7 @@ class Replica:
         completions = []
         for r in requests:
             if r.key in crashing:
-                completions += [Completion(r.key, s, None, 0, "error", CRASHED)
-                                for s in range(r.params.num_return_sequences)]
+                completions += error_rows(r, CRASHED)
             else:
                 ray.get(self.live_chunks.row_started.remote(chunk_id, r.key))
                 completions += self.engine.generate([r], on_batch)
