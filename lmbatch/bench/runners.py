@@ -180,6 +180,11 @@ class Bench:
         tokens = sum(map(len, self.ids))  # it pads each batch of 32 (by length) to its longest: not counted here
         return Result("sentence_transformers", seconds, list(vectors), 0, tokens, 0, 0)
 
+    def text_until_eos(self, tokens: list[int]) -> str:
+        """A generator's new tokens as the row's text: decoded up to the first EOS."""
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
+
     def run_continuous(self) -> Result:
         import torch
         from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -199,13 +204,11 @@ class Bench:
                 if r is not None and r.is_finished():
                     results[r.request_id] = r
         seconds = time.perf_counter() - start
-        eos = self.tokenizer.eos_token_id
         texts, generated = [], 0
         for rid in ids:
             tokens = list(results[rid].generated_tokens)
             generated += len(tokens)
-            texts.append(self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens,
-                                               skip_special_tokens=True))
+            texts.append(self.text_until_eos(tokens))
         total = sum(map(len, self.ids))
         return Result("continuous", seconds, texts, generated, total, total, generated)  # packed: no padding
 
@@ -279,8 +282,7 @@ class Bench:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        eos = self.tokenizer.eos_token_id
-        texts = [self.tokenizer.decode(t[: t.index(eos)] if eos in t else t, skip_special_tokens=True) for t in tokens]
+        texts = list(map(self.text_until_eos, tokens))
         generated, total = sum(map(len, tokens)), sum(map(len, self.ids))
         return Result("vllm", seconds, texts, generated, total, total, generated, startup_seconds=self.vllm_startup)
 
