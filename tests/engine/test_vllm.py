@@ -6,10 +6,10 @@ by .ci/run. Each module's engines start once (about 30 s each on 2 cores).
 """
 
 import pytest
-import torch
 
 from helpers.config import compose
 from helpers.data import varied_prompts
+from helpers.engines import alone, make_engine
 from lmbatch.engine.types import Request, SamplingParams
 from lmbatch.plan.job import to_job_config
 
@@ -20,8 +20,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
 def engine(request, tmp_path_factory):
     """A VLLMEngine on a tiny model whose heads (32 dimensions) vLLM's CPU attention runs, in float32."""
-    from transformers import AutoModelForCausalLM
-
     from lmbatch.engine.vllm import VLLMEngine
     from lmbatch.models import build_tiny_model
 
@@ -30,15 +28,9 @@ def engine(request, tmp_path_factory):
                                 f"output.path={tmp_path_factory.mktemp('out')}", "vllm.cpu_kvcache_space_gb=1",
                                 "vllm.max_num_seqs=64"))
     engine = VLLMEngine.load(path, job)
-    engine.oracle = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    engine.oracle = make_engine(path)  # float32 HFEngine, whose model.generate is the oracle
     yield engine
     engine.close()
-
-
-def alone(engine, r: Request) -> list[int]:
-    out = engine.oracle.generate(torch.tensor([r.prompt_ids]), max_new_tokens=r.max_new_tokens, do_sample=False,
-                                 pad_token_id=engine.tokenizer.pad_token_id)
-    return out[0, len(r.prompt_ids):].tolist()
 
 
 def test_greedy_output_equals_each_prompt_alone(engine, monkeypatch):
@@ -51,7 +43,7 @@ def test_greedy_output_equals_each_prompt_alone(engine, monkeypatch):
     completions = {c.key: c for c in engine.generate(requests, on_batch=told.append)}
     assert len(completions) == sum(map(len, told)) == len(requests) and len(told) > 1  # inside the chunk
     for r in requests:
-        expected = engine.texts.finish(r, 0, alone(engine, r))
+        expected = engine.texts.finish(r, 0, alone(engine.oracle, r))
         got = completions[r.key]
         assert (got.text, got.num_generated_tokens, got.finish_reason) == (
             expected.text, expected.num_generated_tokens, expected.finish_reason), f"row {r.key}"
